@@ -1,0 +1,16 @@
+"""Recurrent layers under one contract, and their registry.
+
+Example:
+    >>> import rnnkit
+    >>> layer = rnnkit.layers.build("lstm", d_model=64)
+    >>> y, state = layer(torch.randn(8, 100, 64))
+    >>> rnnkit.layers.names()
+"""
+
+from rnnkit.layers.base import MODE_NAMES, Recurrence, flatten_state, map_state
+from rnnkit.layers.registry import LayerSpec, build, names, register, spec
+
+# Importing a layer module registers it: adding a recurrence is its file plus one line here.
+from rnnkit.layers import elman, gru, lstm  # noqa: E402,F401
+
+__all__ = ["MODE_NAMES", "LayerSpec", "Recurrence", "build", "flatten_state", "map_state", "names", "register", "spec"]

@@ -1,0 +1,254 @@
+"""The Recurrence contract shared by every layer in rnnkit.
+
+Shapes: ``B`` batch, ``T`` time, ``D`` features; inputs are batch-first.
+
+    y, state = layer(x, state=None, lengths=None, mode="auto")   # x (B, T, D_in) -> y (B, T, D_out)
+    y_t, state = layer.step(x_t, state)                            # x_t (B, D_in) -> y_t (B, D_out)
+    state = layer.init_state(batch_size)
+    layer.state_size                                               # floats of state per sequence
+    layer.modes                                                    # e.g. ("recurrent", "fused")
+
+The base class validates everything at the public boundary (raising :class:`rnnkit.InputError`),
+zeroes right padding so that nothing written there can reach valid outputs, resolves ``mode="auto"``
+and fills in a zero initial state; subclasses implement ``_forward``, ``_step`` and ``_init_state``
+on clean inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from rnnkit.errors import (
+    InputError,
+    check_choice,
+    check_device,
+    check_floating,
+    check_lengths,
+    check_positive_int,
+    check_shape,
+    check_tensor,
+    describe,
+)
+
+#: Every mode name rnnkit knows, in DESIGN.md's order.
+MODE_NAMES = ("recurrent", "parallel", "chunk", "conv", "fused")
+
+State = Any  # a tensor, or a (named) tuple of states
+
+
+def map_state(fn: Callable[..., torch.Tensor], *states: State) -> State:
+    """Apply ``fn`` leaf-wise over one or more states of identical structure.
+
+    Example:
+        >>> detached = map_state(torch.Tensor.detach, state)
+    """
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        return fn(*states)
+    if isinstance(first, tuple):
+        parts = [map_state(fn, *group) for group in zip(*states)]
+        # NamedTuples rebuild from positional fields, plain tuples from an iterable.
+        return type(first)(*parts) if hasattr(first, "_fields") else tuple(parts)
+    raise InputError(f"state: expected a tensor or a tuple of tensors, got {describe(first)}")
+
+
+def flatten_state(state: State) -> list[torch.Tensor]:
+    """All tensors of a state in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    return [leaf for part in state for leaf in flatten_state(part)]
+
+
+def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``(B, T)`` bool mask, True at valid (non-padding) steps."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class Recurrence(nn.Module):
+    """Base class of every rnnkit recurrence (see the module docstring for the contract).
+
+    Subclasses set ``d_input`` and ``d_output`` and implement:
+
+    - ``_forward(x, state, lengths, mode) -> (y, state)`` with ``x`` (B, T, D_in) already validated,
+      padding already zeroed, ``state`` never ``None`` and ``mode`` one of ``self.modes``;
+    - ``_step(x_t, state) -> (y_t, state)``;
+    - ``_init_state(batch_size, device, dtype) -> state``.
+
+    Outputs past a sequence's length are zeroed here; subclasses must return the state at each
+    sequence's last valid step.
+    """
+
+    #: Modes this layer class implements; ``recurrent`` (the reference) is always first.
+    MODES: ClassVar[tuple[str, ...]] = ("recurrent",)
+    #: False for layers (bidirectional) whose output at t depends on inputs after t.
+    causal: ClassVar[bool] = True
+    #: Set by :func:`rnnkit.layers.register`.
+    name: ClassVar[str] = ""
+
+    d_input: int
+    d_output: int
+
+    # ----------------------------------------------------------------- public contract
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """Modes this instance can run, ``recurrent`` first."""
+        return type(self).MODES
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: State | None = None,
+        lengths: torch.Tensor | Sequence[int] | None = None,
+        mode: str = "auto",
+        check_finite: bool = False,
+    ) -> tuple[torch.Tensor, State]:
+        """Run the recurrence over a whole sequence.
+
+        Args:
+            x: ``(B, T, D_in)`` input, same dtype and device as the layer's parameters.
+            state: initial state as returned by :meth:`init_state` or a previous call; zeros if None.
+            lengths: optional ``(B,)`` integers in ``[1, T]`` for right-padded batches. Outputs past a
+                sequence's length are zero and the returned state is the one at its last valid step.
+            mode: one of :attr:`modes` or ``"auto"`` (the fastest for this device and shape).
+            check_finite: raise :class:`InputError` if a valid (non-padding) input is NaN or Inf.
+
+        Returns:
+            ``y`` of shape ``(B, T, D_out)`` and the final state.
+        """
+        x = self._check_x("x", x, rank=3)
+        batch_size, max_len = x.shape[0], x.shape[1]
+        if max_len < 1:
+            raise InputError(f"x: expected at least one time step (T >= 1), got shape {tuple(x.shape)}")
+        lengths = check_lengths(lengths, batch_size, max_len, x.device)
+        mask = None
+        if lengths is not None:
+            mask = length_mask(lengths, max_len)
+            # Zero the padding so that no value written there (NaN, Inf) can reach a valid output,
+            # a final state or a gradient: every mode then computes on identical valid inputs.
+            x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        if check_finite and not bool(torch.isfinite(x).all()):
+            raise InputError("x: expected finite values at valid steps (check_finite=True), got NaN or Inf")
+        mode = self._resolve_mode(mode, x)
+        state = self._check_or_init_state(state, batch_size, x)
+        y, state = self._forward(x, state, lengths, mode)
+        if mask is not None:
+            y = torch.where(mask[..., None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+        return y, state
+
+    def step(self, x_t: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Advance the recurrence by one time step with constant memory.
+
+        Args:
+            x_t: ``(B, D_in)`` input at one step.
+            state: current state (zeros if None).
+
+        Returns:
+            ``y_t`` of shape ``(B, D_out)`` and the next state.
+        """
+        if not self.causal:
+            raise InputError(
+                f"step: {type(self).__name__} is not causal (its output needs the whole sequence); "
+                "use forward on complete sequences"
+            )
+        x_t = self._check_x("x_t", x_t, rank=2)
+        state = self._check_or_init_state(state, x_t.shape[0], x_t)
+        return self._step(x_t, state)
+
+    def init_state(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> State:
+        """The initial state for ``batch_size`` sequences (zeros unless a layer learns it).
+
+        Args:
+            batch_size: ``B``.
+            device: defaults to the parameters' device.
+            dtype: defaults to the parameters' dtype.
+        """
+        check_positive_int("batch_size", batch_size, minimum=0)
+        ref = self._reference_tensor()
+        device = torch.device(device) if device is not None else (ref.device if ref is not None else torch.device("cpu"))
+        dtype = dtype if dtype is not None else (ref.dtype if ref is not None else torch.get_default_dtype())
+        return self._init_state(batch_size, device, dtype)
+
+    @property
+    def state_size(self) -> int:
+        """Number of floats of recurrent state per sequence."""
+        return sum(t.numel() for t in flatten_state(self.init_state(1, device="meta")))
+
+    # ----------------------------------------------------------------- subclass hooks
+    def _forward(self, x: torch.Tensor, state: State, lengths: torch.Tensor | None, mode: str):
+        raise NotImplementedError
+
+    def _step(self, x_t: torch.Tensor, state: State):
+        raise NotImplementedError
+
+    def _init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> State:
+        raise NotImplementedError
+
+    def _auto_mode(self, x: torch.Tensor) -> str:
+        """The mode ``"auto"`` resolves to; by default the last (fastest) declared mode."""
+        return self.modes[-1]
+
+    # ----------------------------------------------------------------- validation helpers
+    def _reference_tensor(self) -> torch.Tensor | None:
+        for p in self.parameters():
+            return p
+        for b in self.buffers():
+            return b
+        return None
+
+    def _check_x(self, name: str, x: object, rank: int) -> torch.Tensor:
+        x = check_tensor(name, x)
+        symbols = "(B, T, D_in)" if rank == 3 else "(B, D_in)"
+        check_shape(name, x, [None] * (rank - 1) + [self.d_input], symbols)
+        ref = self._reference_tensor()
+        if ref is not None:
+            autocast = torch.is_autocast_enabled(x.device.type) if x.device.type != "meta" else False
+            check_floating(name, x, None if autocast else ref.dtype)
+            check_device(name, x, ref.device)
+        else:
+            check_floating(name, x)
+        return x
+
+    def _resolve_mode(self, mode: object, x: torch.Tensor) -> str:
+        if mode == "auto":
+            return self._auto_mode(x)
+        check_choice("mode", mode, ("auto",) + tuple(self.modes))
+        return mode  # type: ignore[return-value]
+
+    def _check_or_init_state(self, state: State | None, batch_size: int, x: torch.Tensor) -> State:
+        if state is None:
+            return self.init_state(batch_size, device=x.device, dtype=x.dtype)
+        expected = self.init_state(batch_size, device="meta", dtype=x.dtype)
+        self._check_state_like(state, expected, "state", x)
+        return state
+
+    def _check_state_like(self, state: State, expected: State, path: str, x: torch.Tensor) -> None:
+        if isinstance(expected, torch.Tensor):
+            if not isinstance(state, torch.Tensor):
+                raise InputError(f"{path}: expected a tensor of shape {tuple(expected.shape)}, got {describe(state)}")
+            if state.shape != expected.shape:
+                raise InputError(
+                    f"{path}: expected shape {tuple(expected.shape)} (batch first), got {tuple(state.shape)}"
+                )
+            if state.dtype != expected.dtype:
+                raise InputError(f"{path}: expected dtype {expected.dtype}, got {state.dtype}")
+            check_device(path, state, x.device)
+            return
+        if not isinstance(state, tuple) or len(state) != len(expected):
+            raise InputError(
+                f"{path}: expected {type(expected).__name__} of {len(expected)} tensors, got {describe(state)}"
+            )
+        fields = getattr(expected, "_fields", None)
+        for i, (part, want) in enumerate(zip(state, expected)):
+            self._check_state_like(part, want, f"{path}.{fields[i]}" if fields else f"{path}[{i}]", x)
+
+    def extra_repr(self) -> str:
+        return f"d_input={self.d_input}, d_output={self.d_output}, modes={self.modes}"

@@ -1,0 +1,104 @@
+"""Elman recurrent network: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), act = tanh or ReLU.
+
+Elman, "Finding Structure in Time", Cognitive Science 14 (1990). Parameters and their
+initialisation, U(-1/sqrt(H), 1/sqrt(H)), follow ``torch.nn.RNN`` so its state dicts load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rnnkit.errors import check_choice
+from rnnkit.layers._classic import ClassicConfig, ClassicRNN, freeze_padding
+from rnnkit.layers.registry import make_config, register
+from rnnkit.ops.classic_rnn import elman_sequence
+
+
+@dataclass
+class ElmanConfig(ClassicConfig):
+    """Elman options (see :class:`ClassicConfig` for the shared ones)."""
+
+    nonlinearity: str = "tanh"  # "tanh" or "relu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("nonlinearity", self.nonlinearity, ("tanh", "relu"))
+
+
+def elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity: str):
+    """One Elman step: ``x_t`` (B, D), ``h`` (B, H) -> next ``h`` (B, H)."""
+    pre = F.linear(x_t, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)
+    return torch.relu(pre) if nonlinearity == "relu" else torch.tanh(pre)
+
+
+def elman_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity="tanh", lengths=None):
+    """The plain loop that defines the layer.
+
+    Args:
+        x: ``(B, T, D)``; h0: ``(B, H)``; weights as ``torch.nn.RNN`` layer 0; lengths: ``(B,)`` or None.
+
+    Returns:
+        ``y`` ``(B, T, H)`` and the final ``h`` ``(B, H)`` (at each sequence's last valid step).
+    """
+    h, ys = h0, []
+    for t, x_t in enumerate(x.unbind(1)):
+        h = freeze_padding(t, lengths, elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity), h)
+        ys.append(h)
+    return torch.stack(ys, 1), h
+
+
+@register(
+    "elman",
+    description="Elman RNN (1990), tanh or ReLU",
+    test_configs={
+        "tanh": {"hidden_size": 6},
+        "relu": {"nonlinearity": "relu"},
+        "tanh-rnnkit": {"hidden_size": 6, "kernel": "rnnkit"},
+        "relu-rnnkit-nobias": {"nonlinearity": "relu", "kernel": "rnnkit", "bias": False},
+    },
+)
+class Elman(ClassicRNN):
+    """Elman RNN, h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh).
+
+    Args:
+        d_model: input width D.
+        hidden_size: H (default D).
+        nonlinearity: ``"tanh"`` or ``"relu"``.
+        bias: learn biases.
+        kernel: fused-mode kernel, ``"auto"``, ``"torch"`` or ``"rnnkit"``.
+
+    Shapes: x ``(B, T, D)`` -> y ``(B, T, H)``; state ``h`` ``(B, H)``.
+
+    Example:
+        >>> layer = Elman(d_model=16, hidden_size=32)
+        >>> y, h = layer(torch.randn(4, 10, 16))   # y (4, 10, 32), h (4, 32)
+    """
+
+    GATES = 1
+
+    def __init__(self, **config) -> None:
+        super().__init__(make_config(ElmanConfig, "elman", config))
+        self.reset_parameters()
+
+    def torch_kind(self) -> str | None:
+        return "rnn_relu" if self.config.nonlinearity == "relu" else "rnn_tanh"
+
+    def _params(self):
+        return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
+
+    def _init_state(self, batch_size, device, dtype):
+        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+    def _recurrent(self, x, state, lengths):
+        return elman_recurrent(x, state, *self._params(), self.config.nonlinearity, lengths)
+
+    def _native(self, x, state, mask):
+        xp = self.input_projection(x, fold_hidden_bias=True)  # (T, B, H)
+        return elman_sequence(xp, state, self.weight_hh_l0, self.config.nonlinearity == "relu", mask)
+
+    def _step(self, x_t, state):
+        h = elman_cell(x_t, state, *self._params(), self.config.nonlinearity)
+        return h, h

@@ -1,0 +1,109 @@
+"""Gated recurrent unit, in ``torch.nn.GRU``'s formulation (reset gate applied after W_hn):
+
+    r_t = σ(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)        z_t = σ(W_iz x_t + b_iz + W_hz h_{t-1} + b_hz)
+    n_t = tanh(W_in x_t + b_in + r_t ⊙ (W_hn h_{t-1} + b_hn))        h_t = (1 - z_t) ⊙ n_t + z_t ⊙ h_{t-1}
+
+Cho et al., "Learning Phrase Representations using RNN Encoder-Decoder for Statistical Machine
+Translation" (2014), Eq. 5-8, with the reset gate placed as in cuDNN and ``torch.nn.GRU`` (same
+parameter names, so its state dicts load). Initialisation U(-1/sqrt(H), 1/sqrt(H)) as torch.nn.GRU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rnnkit.layers._classic import ClassicConfig, ClassicRNN, freeze_padding
+from rnnkit.layers.registry import make_config, register
+from rnnkit.ops.classic_rnn import gru_sequence
+
+
+@dataclass
+class GRUConfig(ClassicConfig):
+    """GRU options: only the shared ones (see :class:`ClassicConfig`)."""
+
+
+def gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh):
+    """One GRU step: ``x_t`` (B, D), ``h`` (B, H) -> next ``h`` (B, H)."""
+    xr, xz, xn = F.linear(x_t, weight_ih, bias_ih).chunk(3, 1)
+    hr, hz, hn = F.linear(h, weight_hh, bias_hh).chunk(3, 1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h
+
+
+def gru_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths=None):
+    """The plain loop that defines the layer.
+
+    Args:
+        x: ``(B, T, D)``; h0: ``(B, H)``; weights as ``torch.nn.GRU`` layer 0; lengths: ``(B,)`` or None.
+
+    Returns:
+        ``y`` ``(B, T, H)`` and the final ``h`` ``(B, H)`` (at each sequence's last valid step).
+    """
+    h, ys = h0, []
+    for t, x_t in enumerate(x.unbind(1)):
+        h = freeze_padding(t, lengths, gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh), h)
+        ys.append(h)
+    return torch.stack(ys, 1), h
+
+
+@register(
+    "gru",
+    description="GRU (Cho et al. 2014), torch.nn.GRU formulation",
+    test_configs={
+        "default": {"hidden_size": 6},
+        "torch": {"hidden_size": 6, "kernel": "torch"},
+        "rnnkit-nobias": {"kernel": "rnnkit", "bias": False},
+    },
+)
+class GRU(ClassicRNN):
+    """GRU layer (see the module docstring for the equations and reference).
+
+    Args:
+        d_model: input width D.
+        hidden_size: H (default D).
+        bias: learn biases.
+        kernel: fused-mode kernel, ``"auto"`` (rnnkit's own on CPU, where it is faster than
+            torch.nn.GRU; cuDNN on GPU), ``"torch"`` or ``"rnnkit"``.
+
+    Shapes: x ``(B, T, D)`` -> y ``(B, T, H)``; state ``h`` ``(B, H)``.
+
+    Example:
+        >>> layer = GRU(d_model=16, hidden_size=32)
+        >>> y, h = layer(torch.randn(4, 10, 16))   # y (4, 10, 32), h (4, 32)
+    """
+
+    GATES = 3
+
+    def __init__(self, **config) -> None:
+        super().__init__(make_config(GRUConfig, "gru", config))
+        self.reset_parameters()
+
+    def torch_kind(self) -> str | None:
+        return "gru"
+
+    def prefers_torch_kernel(self, device: torch.device) -> bool:
+        # torch.nn.GRU's CPU kernel reaches only 35-54% of the matmul peak here; rnnkit's loop is
+        # faster (benchmarks/classic_speed.py). On GPU cuDNN wins.
+        return device.type != "cpu"
+
+    def _params(self):
+        return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
+
+    def _init_state(self, batch_size, device, dtype):
+        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+    def _recurrent(self, x, state, lengths):
+        return gru_recurrent(x, state, *self._params(), lengths)
+
+    def _native(self, x, state, mask):
+        xp = self.input_projection(x, fold_hidden_bias=False)  # (T, B, 3H); b_hn is gated by r
+        return gru_sequence(xp, state, self.weight_hh_l0, self.bias_hh_l0, mask)
+
+    def _step(self, x_t, state):
+        h = gru_cell(x_t, state, *self._params())
+        return h, h

@@ -1,0 +1,1 @@
+"""Pure tensor functions: sequence kernels and scans (no nn.Module)."""
