@@ -1,0 +1,325 @@
+"""SequenceModel: input embedding or projection -> a stack of blocks -> a head.
+
+Blocks are either ``stacked`` (the classic deep RNN: layer after layer with dropout between) or
+``residual`` (pre-norm blocks ``x + mixer(norm(x))``, ``x + MLP(norm(x))`` with any registered
+recurrence as the mixer). Heads: ``lm`` (next-token logits at every step, optionally tied to the
+embedding; Press & Wolf 2017), ``classify`` and ``regress`` (one prediction per sequence from the
+last valid step or the masked mean over time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_probability, describe
+from rnnkit.layers import build, spec
+from rnnkit.layers.base import Recurrence, length_mask
+
+
+@dataclass
+class ModelConfig:
+    """Configuration of a :class:`SequenceModel` (saved as JSON with checkpoints)."""
+
+    vocab_size: int | None = None  # token input: ids in [0, vocab_size) are embedded
+    d_input: int | None = None  # feature input: (B, T, d_input) floats are projected
+    d_model: int = 256  # width of the blocks
+    block: str = "stacked"  # "stacked" (classic RNN stack) or "residual" (pre-norm mixer + MLP)
+    layer: str = "lstm"  # registered recurrence used in every block
+    num_layers: int = 1  # L
+    layer_options: dict = field(default_factory=dict)  # extra options of each layer
+    bidirectional: bool = False  # run every layer in both directions (not causal: no step/generate)
+    dropout: float = 0.0  # between layers (stacked) / on block outputs (residual), training only
+    mlp_ratio: float = 4.0  # residual blocks: MLP hidden width = mlp_ratio * d_model
+    head: str = "lm"  # "lm", "classify" or "regress"
+    n_outputs: int | None = None  # classes (classify) or targets (regress); lm: vocab_size
+    pooling: str = "last"  # classify/regress: "last" valid step or masked "mean"
+    tie_embeddings: bool = False  # lm with token input: share the embedding and output matrices
+
+    def __post_init__(self) -> None:
+        if (self.vocab_size is None) == (self.d_input is None):
+            raise InputError(
+                f"vocab_size/d_input: expected exactly one of them (tokens or features), "
+                f"got vocab_size={self.vocab_size!r}, d_input={self.d_input!r}"
+            )
+        for name in ("vocab_size", "d_input"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
+        check_positive_int("d_model", self.d_model)
+        check_choice("block", self.block, ("stacked", "residual"))
+        spec(self.layer)
+        check_positive_int("num_layers", self.num_layers)
+        if not isinstance(self.layer_options, dict):
+            raise InputError(f"layer_options: expected a dict, got {describe(self.layer_options)}")
+        reserved = sorted({"d_model", "layer", "num_layers", "dropout", "bidirectional"} & set(self.layer_options))
+        if reserved:
+            raise InputError(
+                f"layer_options: expected only the layer's own options, got {reserved} "
+                "(set these as ModelConfig fields: layer, num_layers, dropout, bidirectional)"
+            )
+        if not isinstance(self.bidirectional, bool):
+            raise InputError(f"bidirectional: expected a bool, got {self.bidirectional!r}")
+        check_probability("dropout", self.dropout)
+        if not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
+            raise InputError(f"mlp_ratio: expected a positive number, got {self.mlp_ratio!r}")
+        check_choice("head", self.head, ("lm", "classify", "regress"))
+        check_choice("pooling", self.pooling, ("last", "mean"))
+        if self.head == "lm":
+            if self.vocab_size is None and self.n_outputs is None:
+                raise InputError("n_outputs: expected the number of classes per step for an lm head on features, got None")
+            self.n_outputs = self.n_outputs or self.vocab_size
+        elif self.n_outputs is None:
+            raise InputError(f"n_outputs: expected an int for head={self.head!r}, got None")
+        check_positive_int("n_outputs", self.n_outputs)
+        if self.tie_embeddings and (self.head != "lm" or self.vocab_size is None or self.n_outputs != self.vocab_size):
+            raise InputError("tie_embeddings: expected head='lm' with token input (vocab_size set), got otherwise")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"model config: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm block: ``x + mixer(norm(x))`` then ``x + MLP(norm(x))``."""
+
+    def __init__(
+        self, d_model: int, layer: str, options: dict, mlp_ratio: float, dropout: float, bidirectional: bool = False
+    ) -> None:
+        super().__init__()
+        self.mixer_norm = nn.LayerNorm(d_model)
+        if bidirectional:
+            self.mixer = build("bidirectional", d_model=d_model, layer=layer, **options)
+        else:
+            self.mixer = build(layer, d_model=d_model, **options)
+        # A mixer wider than the block (e.g. a bidirectional concat) is projected back.
+        self.mixer_out = nn.Linear(self.mixer.d_output, d_model) if self.mixer.d_output != d_model else nn.Identity()
+        self.mlp_norm = nn.LayerNorm(d_model)
+        hidden = max(1, int(round(mlp_ratio * d_model)))
+        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, state, lengths, mode):
+        y, state = self.mixer(self.mixer_norm(x), state, lengths, mode)
+        x = x + self.dropout(self.mixer_out(y))
+        return x + self.dropout(self.mlp(self.mlp_norm(x))), state
+
+    def step(self, x_t, state):
+        y_t, state = self.mixer.step(self.mixer_norm(x_t), state)
+        x_t = x_t + self.dropout(self.mixer_out(y_t))
+        return x_t + self.dropout(self.mlp(self.mlp_norm(x_t))), state
+
+
+class ResidualStack(Recurrence):
+    """L residual blocks, as one recurrence whose state is the tuple of the mixers' states."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            ResidualBlock(config.d_model, config.layer, config.layer_options, config.mlp_ratio, config.dropout,
+                          config.bidirectional)
+            for _ in range(config.num_layers)
+        )
+        self.final_norm = nn.LayerNorm(config.d_model)
+        self.d_input = self.d_output = config.d_model
+        self.causal = all(block.mixer.causal for block in self.blocks)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return self.blocks[0].mixer.modes
+
+    def _resolve_mode(self, mode, x):
+        return mode if mode == "auto" else super()._resolve_mode(mode, x)
+
+    def _init_state(self, batch_size, device, dtype):
+        return tuple(b.mixer.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks)
+
+    def _forward(self, x, state, lengths, mode):
+        finals = []
+        for block, block_state in zip(self.blocks, state):
+            x, final = block(x, block_state, lengths, mode)
+            finals.append(final)
+        return self.final_norm(x), tuple(finals)
+
+    def _step(self, x_t, state):
+        finals = []
+        for block, block_state in zip(self.blocks, state):
+            x_t, final = block.step(x_t, block_state)
+            finals.append(final)
+        return self.final_norm(x_t), tuple(finals)
+
+
+class SequenceModel(nn.Module):
+    """Embedding/projection -> blocks -> head, any registered recurrence inside.
+
+    Args:
+        config: a :class:`ModelConfig`, or its fields as keywords.
+
+    Shapes:
+        tokens ``(B, T)`` int64 or features ``(B, T, d_input)`` ->
+        ``lm``: logits ``(B, T, n_outputs)``; ``classify``: logits ``(B, n_outputs)``;
+        ``regress``: ``(B, n_outputs)``. The state is the body's state (see :meth:`init_state`).
+
+    Example:
+        >>> model = SequenceModel(vocab_size=84, d_model=256, layer="lstm", num_layers=2)
+        >>> logits, state = model(torch.randint(0, 84, (8, 128)))    # (8, 128, 84)
+        >>> logits, state = model(torch.randint(0, 84, (8, 128)), state)  # continues the streams
+    """
+
+    def __init__(self, config: ModelConfig | None = None, **fields: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = ModelConfig(**fields)
+        elif fields:
+            raise InputError(f"SequenceModel: expected a config or keywords, got both ({sorted(fields)})")
+        self.config = config
+        if config.vocab_size is not None:
+            self.embedding: nn.Module = nn.Embedding(config.vocab_size, config.d_model)
+        else:
+            self.embedding = nn.Linear(config.d_input, config.d_model)
+        if config.block == "stacked":
+            # Layers default their width to d_model, so layer_options may widen them (hidden_size).
+            self.body: Recurrence = build(
+                "stacked", d_model=config.d_model, layer=config.layer, num_layers=config.num_layers,
+                dropout=config.dropout, bidirectional=config.bidirectional, **config.layer_options,
+            )
+        else:
+            self.body = ResidualStack(config)
+        self.head_dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(self.body.d_output, config.n_outputs)
+        if config.tie_embeddings:
+            if self.body.d_output != config.d_model:
+                raise InputError(
+                    f"tie_embeddings: expected the body's output width to equal d_model = {config.d_model}, "
+                    f"got {self.body.d_output}"
+                )
+            self.head.weight = self.embedding.weight
+
+    # ------------------------------------------------------------------ contract
+    def init_state(self, batch_size: int, *, device=None, dtype=None):
+        """The body's initial state for ``batch_size`` sequences."""
+        return self.body.init_state(batch_size, device=device, dtype=dtype)
+
+    def _embed(self, inputs: torch.Tensor, per_step: bool) -> torch.Tensor:
+        """Embed ids / project features: ``(B, T)`` or ``(B, T, d_input)`` -> ``(B, T, D)``
+        (without the T axis when ``per_step``)."""
+        name = "x_t" if per_step else "x"
+        if not isinstance(inputs, torch.Tensor):
+            raise InputError(f"{name}: expected a tensor, got {describe(inputs)}")
+        if self.config.vocab_size is not None:
+            if inputs.dim() != (1 if per_step else 2) or inputs.dtype not in (torch.int64, torch.int32):
+                want = "(B,)" if per_step else "(B, T)"
+                raise InputError(f"{name}: expected integer token ids of shape {want}, got {describe(inputs)}")
+            if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self.config.vocab_size):
+                raise InputError(
+                    f"{name}: expected token ids in [0, {self.config.vocab_size}), "
+                    f"got min {int(inputs.min())}, max {int(inputs.max())}"
+                )
+            return self.embedding(inputs)
+        if inputs.dim() != (2 if per_step else 3) or inputs.shape[-1] != self.config.d_input:
+            want = "(B, D_in)" if per_step else "(B, T, D_in)"
+            raise InputError(
+                f"{name}: expected features of shape {want} with D_in = {self.config.d_input}, got {describe(inputs)}"
+            )
+        return self.embedding(inputs)
+
+    def forward(self, x: torch.Tensor, state=None, lengths=None, mode: str = "auto"):
+        """Run the model over whole sequences.
+
+        Args:
+            x: ``(B, T)`` token ids or ``(B, T, d_input)`` features.
+            state: the body's state from a previous call (TBPTT) or None.
+            lengths: ``(B,)`` valid lengths of a right-padded batch, or None.
+            mode: forwarded to every layer.
+
+        Returns:
+            Head output (see the class docstring) and the final state.
+        """
+        h = self._embed(x, per_step=False)  # (B, T, D)
+        if h.dim() != 3 or h.shape[1] < 1:
+            raise InputError(f"x: expected at least one time step, got {describe(x)}")
+        lengths = check_lengths(lengths, h.shape[0], h.shape[1], h.device)
+        y, state = self.body(h, state, lengths, mode)  # (B, T, D_out)
+        y = self.head_dropout(y)
+        if self.config.head == "lm":
+            return self.head(y), state  # (B, T, n_outputs)
+        return self.head(self._pool(y, lengths)), state  # (B, n_outputs)
+
+    def _pool(self, y: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        batch, max_len = y.shape[0], y.shape[1]
+        if self.config.pooling == "last":
+            if lengths is None:
+                return y[:, -1]
+            return y[torch.arange(batch, device=y.device), lengths - 1]  # (B, D)
+        if lengths is None:
+            return y.mean(1)
+        mask = length_mask(lengths, max_len).to(y.dtype)[..., None]  # (B, T, 1)
+        return (y * mask).sum(1) / lengths.to(y.dtype)[:, None]
+
+    def step(self, x_t: torch.Tensor, state=None):
+        """One step of an ``lm`` model: ``x_t`` (B,) ids or (B, d_input) -> logits (B, n_outputs)."""
+        if self.config.head != "lm":
+            raise InputError(f"step: expected a model with head='lm', got head={self.config.head!r}")
+        h = self._embed(x_t, per_step=True)  # (B, D)
+        y, state = self.body.step(h, state)
+        return self.head(y), state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Sample a continuation of token prompts with constant memory per token.
+
+        Args:
+            prompt: ``(B, T0)`` token ids (T0 >= 1).
+            max_new_tokens: number of tokens to sample.
+            temperature: softmax temperature (> 0); lower is greedier.
+            top_k: sample only among the k most likely tokens.
+            seed: seed of the sampling generator (reproducible samples).
+
+        Returns:
+            ``(B, max_new_tokens)`` sampled ids.
+        """
+        return torch.stack(list(self.stream(prompt, max_new_tokens, temperature, top_k, seed)), 1)
+
+    @torch.no_grad()
+    def stream(self, prompt, max_new_tokens, temperature=1.0, top_k=None, seed=None) -> Iterator[torch.Tensor]:
+        """Like :meth:`generate` but yields each ``(B,)`` token as soon as it is sampled."""
+        if self.config.head != "lm" or self.config.vocab_size is None:
+            raise InputError("generate: expected an lm model with token input")
+        check_positive_int("max_new_tokens", max_new_tokens, minimum=0)
+        if not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise InputError(f"temperature: expected a number > 0, got {temperature!r}")
+        if top_k is not None:
+            check_positive_int("top_k", top_k)
+        device = next(self.parameters()).device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+        # The prompt goes through the parallel forward; then every new token is one `step`.
+        logits, state = self(prompt.to(device))
+        logits = logits[:, -1]
+        for _ in range(max_new_tokens):
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.shape[-1]:
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = torch.multinomial(F.softmax(logits.float(), -1), 1, generator=generator).squeeze(1)
+            yield token
+            logits, state = self.step(token, state)
+
