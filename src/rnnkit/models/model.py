@@ -206,6 +206,25 @@ class SequenceModel(nn.Module):
                 )
             self.head.weight = self.embedding.weight
 
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, out_dir) -> "Path":
+        """Write ``config.json`` and ``model.safetensors`` to ``out_dir`` (atomically)."""
+        from rnnkit.models.io import save_model
+
+        return save_model(self, {"model": self.config.to_dict(), "rnnkit_version": _version()}, out_dir)
+
+    @classmethod
+    def from_pretrained(cls, directory, device: str | torch.device = "cpu") -> "SequenceModel":
+        """Load a model saved by :meth:`save_pretrained` (or a Trainer checkpoint) onto ``device``."""
+        from rnnkit.models.io import load_weights, read_config
+
+        data = read_config(directory)
+        if "model" not in data:
+            raise InputError(f"checkpoint: expected a 'model' entry in {directory}/config.json, got keys {sorted(data)}")
+        model = cls(ModelConfig.from_dict(data["model"]))
+        load_weights(model, directory, device="cpu")
+        return model.to(device)
+
     # ------------------------------------------------------------------ contract
     def init_state(self, batch_size: int, *, device=None, dtype=None):
         """The body's initial state for ``batch_size`` sequences."""
@@ -323,3 +342,9 @@ class SequenceModel(nn.Module):
             yield token
             logits, state = self.step(token, state)
 
+
+
+def _version() -> str:
+    from rnnkit import __version__
+
+    return __version__

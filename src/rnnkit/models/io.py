@@ -1,0 +1,113 @@
+"""Saving and loading models: ``config.json`` + ``model.safetensors``, the layout users know.
+
+Writes are atomic (a temporary file in the same directory, fsync, then ``os.replace``), so a crash
+mid-write never leaves a truncated file under the final name. Loading validates everything before
+touching the model, so a mismatched or corrupted file is a clear error, never a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from rnnkit.errors import InputError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+
+    _write_atomic(Path(path), write)
+
+
+def save_model(model: torch.nn.Module, config: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Save ``model``'s weights and its config dict to ``out_dir``.
+
+    Tied parameters (one tensor under two names) are stored once, under their first name.
+    """
+    out_dir = Path(out_dir)
+    seen: dict[int, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.data_ptr()
+        if key in seen and tensor.numel():
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().cpu().contiguous()
+    _write_atomic(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_json_atomic(out_dir / CONFIG_NAME, config)
+    return out_dir
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a saved model directory."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise InputError(f"checkpoint: expected {path} to exist, got no such file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"checkpoint: expected valid JSON in {path}, got {error}") from None
+
+
+def load_weights(model: torch.nn.Module, directory: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    """Load ``model.safetensors`` into ``model``, all or nothing.
+
+    Raises:
+        InputError: missing or corrupted file, missing or unexpected tensors, or shape mismatches.
+    """
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise InputError(f"checkpoint: expected {path} to exist, got no such file")
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"checkpoint: expected a readable safetensors file at {path}, got error: {error}") from None
+    expected = model.state_dict()
+    # Tied parameters were stored once; give every alias the stored tensor.
+    by_ptr: dict[int, str] = {}
+    for name, tensor in expected.items():
+        by_ptr.setdefault(tensor.data_ptr(), name)
+    for name, tensor in expected.items():
+        first = by_ptr[tensor.data_ptr()]
+        if name not in tensors and first in tensors:
+            tensors[name] = tensors[first]
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise InputError(
+            f"checkpoint: expected the tensors of this model, got missing {missing[:8]} and unexpected {unexpected[:8]}"
+        )
+    for name, tensor in expected.items():
+        if tensors[name].shape != tensor.shape:
+            raise InputError(
+                f"checkpoint: tensor {name}: expected shape {tuple(tensor.shape)}, got {tuple(tensors[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=True)

@@ -1,0 +1,40 @@
+"""Tasks: synthetic probes and real data sets, each a :class:`Task` in a registry.
+
+Example:
+    >>> from rnnkit.tasks import build_task, task_names
+    >>> task_names()
+    ['adding', 'copy', 'parity', 'shakespeare']
+    >>> task = build_task("parity", variable_length=True)
+    >>> batch = next(task.train_batches(batch_size=16, seed=0))
+    >>> batch.x.shape, batch.y.shape, batch.lengths.shape
+    (torch.Size([16, 64]), torch.Size([16]), torch.Size([16]))
+
+Adding a task is one module here with a ``@register_task("name")`` class and one import line below.
+"""
+
+from rnnkit.tasks.base import (
+    IGNORE_INDEX,
+    Batch,
+    SyntheticTask,
+    Task,
+    build_task,
+    derive_seed,
+    register_task,
+    task_names,
+    task_options,
+)
+
+# Imported for their registration side effect.
+from rnnkit.tasks import adding, copy_memory, parity, shakespeare  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Batch",
+    "SyntheticTask",
+    "Task",
+    "build_task",
+    "derive_seed",
+    "register_task",
+    "task_names",
+    "task_options",
+]
