@@ -20,6 +20,7 @@ from rnnkit.tasks.base import (
     build_task,
     derive_seed,
     register_task,
+    task_class,
     task_names,
     task_options,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "build_task",
     "derive_seed",
     "register_task",
+    "task_class",
     "task_names",
     "task_options",
 ]

@@ -200,7 +200,7 @@ def task_names() -> list[str]:
 
 def task_options(name: str) -> list[str]:
     """The option names that :func:`build_task` accepts for task ``name``, sorted."""
-    cls = _lookup(name)
+    cls = task_class(name)
     params = inspect.signature(cls.__init__).parameters.values()
     kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return sorted(p.name for p in params if p.name != "self" and p.kind in kinds)
@@ -226,10 +226,11 @@ def build_task(name: str, **options: Any) -> Task:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise InputError(f"build_task({name!r}): expected options from {valid}, got unknown {unknown}")
-    return _lookup(name)(**options)
+    return task_class(name)(**options)
 
 
-def _lookup(name: str) -> type[Task]:
+def task_class(name: str) -> type[Task]:
+    """The registered :class:`Task` subclass called ``name`` (its class attributes describe it)."""
     if name not in _REGISTRY:
         raise InputError(f"task: expected one of {task_names()}, got {name!r}")
     return _REGISTRY[name]

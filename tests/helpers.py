@@ -1,0 +1,101 @@
+"""Shared test helpers: the one tolerance table every numerical comparison in the suite uses.
+
+Tolerances come from DESIGN.md ("Contract tests"):
+
+| dtype    | values (outputs, states)  | gradients                 |
+|----------|---------------------------|---------------------------|
+| float64  | max-abs <= 1e-10          | max-abs <= 1e-10          |
+| float32  | max-abs <= 1e-5           | relative RMS <= 1e-4      |
+| bfloat16 | relative RMS <= 5e-3      | relative RMS <= 5e-3      |
+
+Relative RMS is ``||actual - expected|| / ||expected||`` (Frobenius norms over the whole tensor).
+Any NaN or Inf in either tensor fails: a comparison that "passes" on NaN proves nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: (dtype, kind) -> (metric, bound); metric is "max_abs" or "rel_rms".
+TOLERANCES: dict[tuple[torch.dtype, str], tuple[str, float]] = {
+    (torch.float64, "value"): ("max_abs", 1e-10),
+    (torch.float64, "grad"): ("max_abs", 1e-10),
+    (torch.float32, "value"): ("max_abs", 1e-5),
+    (torch.float32, "grad"): ("rel_rms", 1e-4),
+    (torch.bfloat16, "value"): ("rel_rms", 5e-3),
+    (torch.bfloat16, "grad"): ("rel_rms", 5e-3),
+}
+
+#: Below this norm (in fp32/bf16) a gradient has underflowed to denormal noise: relative error is
+#: meaningless there, so a difference this small in absolute terms passes a relative-RMS check.
+_UNDERFLOW = 1e-30
+
+
+def errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """``(max-abs error, relative RMS error)`` of ``actual`` against ``expected``, computed in fp64."""
+    a, e = actual.detach().double(), expected.detach().double()
+    diff = a - e
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    diff_norm, ref_norm = diff.norm().item(), e.norm().item()
+    if diff_norm == 0.0:
+        rel_rms = 0.0
+    elif ref_norm == 0.0:
+        rel_rms = math.inf
+    else:
+        rel_rms = diff_norm / ref_norm
+    return max_abs, rel_rms
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+    kind: str = "value",
+    what: str = "tensor",
+) -> None:
+    """Assert ``actual`` matches ``expected`` within the tolerance for ``dtype`` and ``kind``.
+
+    Args:
+        actual: tensor under test.
+        expected: reference tensor, same shape.
+        dtype: row of the tolerance table; defaults to ``expected.dtype``.
+        kind: ``"value"`` (outputs, states) or ``"grad"`` (gradients).
+        what: name printed in the failure message, e.g. ``"y (fused vs recurrent)"``.
+
+    Raises:
+        AssertionError: on a shape mismatch, any non-finite entry, or an error above tolerance; the
+            message gives max-abs and relative RMS errors, the tolerance and the worst entry.
+    """
+    dtype = dtype or expected.dtype
+    if (dtype, kind) not in TOLERANCES:
+        raise ValueError(
+            f"assert_close: expected (dtype, kind) among {sorted((str(d), k) for d, k in TOLERANCES)}, "
+            f"got ({dtype}, {kind!r})"
+        )
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    for name, t in (("actual", actual), ("expected", expected)):
+        bad = ~torch.isfinite(t.detach())
+        if bad.any():
+            first = tuple(bad.nonzero()[0].tolist())
+            raise AssertionError(
+                f"{what}: {name} has {int(bad.sum())} non-finite entries (first at index {first}: "
+                f"{t.detach()[first].item()})"
+            )
+    metric, bound = TOLERANCES[(dtype, kind)]
+    max_abs, rel_rms = errors(actual, expected)
+    value = max_abs if metric == "max_abs" else rel_rms
+    if metric == "rel_rms" and (actual - expected).detach().double().norm().item() <= _UNDERFLOW:
+        value = 0.0
+    if value > bound:
+        diff = (actual.detach().double() - expected.detach().double()).abs()
+        worst = tuple(torch.unravel_index(diff.argmax(), diff.shape)) if diff.dim() else ()
+        worst = tuple(int(i) for i in worst)
+        raise AssertionError(
+            f"{what} ({dtype}, {kind}): max-abs error {max_abs:.3e}, rel-RMS error {rel_rms:.3e}; "
+            f"tolerance {metric.replace('_', '-')} <= {bound:.0e}. Worst entry at {worst}: "
+            f"actual {actual.detach()[worst].item():.10g}, expected {expected.detach()[worst].item():.10g}"
+        )
