@@ -7,92 +7,29 @@ below. The checks themselves live in ``tests/layers/harness.py``; ids spell the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import rnnkit
 from tests.layers import harness
-from tests.layers.harness import Shape, staggered_lengths
+from tests.layers.harness import LayerCase, Shape, staggered_lengths
 
 D = 5  # odd on purpose
 DTYPES = (torch.float32, torch.float64)
 T_ALL = (1, 2, 7, 63, 64, 65, 257)  # T=257 (> 256, odd) only in the mode-equivalence grid
+LAYERS = harness.registry_cases(D)
 
 
-@dataclass(frozen=True)
-class LayerCase:
-    """One registered layer in one of its test configurations."""
-
-    name: str
-    config_name: str
-    config: dict[str, Any]
-    modes: tuple[str, ...]  # the instance's modes (a config may offer fewer than the class)
-    causal: bool
-
-    @property
-    def id(self) -> str:
-        return f"{self.name}-{self.config_name}"
-
-    def make(self, d_model: int, dtype: torch.dtype) -> rnnkit.layers.Recurrence:
-        return harness.registry_factory(self.name, self.config)(d_model, dtype)
-
-
-def _layer_cases() -> list[LayerCase]:
-    cases = []
-    for name in rnnkit.layers.names():
-        spec = rnnkit.layers.spec(name)
-        for config_name, config in spec.test_configs.items():
-            try:
-                modes = rnnkit.layers.build(name, d_model=D, **config).modes
-            except Exception:  # noqa: BLE001 - the class's modes; test_declaration reports the error
-                modes = spec.modes
-            cases.append(LayerCase(name, config_name, dict(config), tuple(modes), spec.cls.causal))
-    return cases
-
-
-LAYERS = _layer_cases()
-
-
-def _params(modes: str | None, shapes: list[Any] = (None,), causal_only: bool = False) -> list[Any]:
-    """pytest params (layer, [mode], [shape]) with ids ``<layer>-<config>[-<mode>][-<shape>]``.
-
-    Args:
-        modes: ``"all"`` (every mode), ``"fast"`` (every mode but the reference) or None (no mode).
-        shapes: Shape objects, (Shape, extra) pairs, or (None,) for none.
-        causal_only: skip non-causal (bidirectional) layers, with the reason.
-    """
-    params = []
-    for case in LAYERS:
-        marks = []
-        if causal_only and not case.causal:
-            marks = [pytest.mark.skip(reason=f"{case.name} is not causal: its output at t depends on inputs "
-                                             "after t, so step and split-sequence state carry are undefined")]
-        mode_list = [None] if modes is None else list(case.modes if modes == "all" else case.modes[1:])
-        for mode in mode_list:
-            for shape in shapes:
-                values = [case] + ([mode] if mode is not None else [])
-                shape_id = None
-                if isinstance(shape, Shape):
-                    values.append(shape)
-                    shape_id = shape.id
-                elif shape is not None:
-                    values += list(shape)
-                    shape_id = shape[0].id
-                ident = "-".join(p for p in (case.id, mode, shape_id) if p)
-                params.append(pytest.param(*values, id=ident, marks=marks))
-    return params
+def _params(modes: str | None, shapes=(None,), causal_only: bool = False) -> list:
+    return harness.pytest_params(LAYERS, modes, shapes, causal_only)
 
 
 # Full T list at B=3, T in {1, 64} at B=1, and padded batches (lengths [T, T//2+1, 1]).
 EQUIV_SHAPES = (
     [Shape(3, T, D, dt) for dt in DTYPES for T in T_ALL]
     + [Shape(1, T, D, dt) for dt in DTYPES for T in (1, 64)]
-    + [Shape(3, T, D, dt, staggered_lengths(T)) for dt in DTYPES for T in (7, 65, 257)]
+    + [Shape(3, T, D, dt, staggered_lengths(T)) for dt in DTYPES for T in (7, 65)]
 )
 CARRY_SHAPES = [(Shape(3, 65, D, dt), (1, 32, 64)) for dt in DTYPES] + [(Shape(1, 7, D, dt), (3,)) for dt in DTYPES]
 LENGTH_SHAPES = [Shape(3, T, D, dt, staggered_lengths(T)) for dt in DTYPES for T in (7, 65)]
