@@ -68,7 +68,8 @@ class Elman(ClassicRNN):
         hidden_size: H (default D).
         nonlinearity: ``"tanh"`` or ``"relu"``.
         bias: learn biases.
-        kernel: fused-mode kernel, ``"auto"``, ``"torch"`` or ``"rnnkit"``.
+        kernel: fused-mode kernel, ``"auto"`` (rnnkit's own on CPU, where it is faster than
+            torch.nn.RNN; cuDNN on GPU), ``"torch"`` or ``"rnnkit"``.
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, H)``; state ``h`` ``(B, H)``.
 
@@ -85,6 +86,11 @@ class Elman(ClassicRNN):
 
     def torch_kind(self) -> str | None:
         return "rnn_relu" if self.config.nonlinearity == "relu" else "rnn_tanh"
+
+    def prefers_torch_kernel(self, device: torch.device) -> bool:
+        # On CPU rnnkit's loop trains 1.35-1.45x faster than torch.nn.RNN's kernel at D = 256..1024
+        # (benchmarks/classic_speed.py); on GPU cuDNN wins.
+        return device.type != "cpu"
 
     def _params(self):
         return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0

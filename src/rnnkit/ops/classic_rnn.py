@@ -7,9 +7,28 @@ gate math, stack the gate gradients, and form every weight gradient with one lar
 end. The input projection ``x @ W_ih^T + b`` is hoisted out of the time loop by the caller (it is a
 single batched matmul and autograd differentiates it well), so the kernels take ``xp`` directly.
 
+Why they look the way they do: at the widths these layers run at on CPU (D = 256..1024, B ~ 16), an
+elementwise op on a ``(B, H)`` slice costs a few microseconds of dispatch, as much as its arithmetic,
+so the time loops issue as few ops as possible:
+
+- buffers are preallocated; ops write with ``out=`` or in place into views made with one ``unbind``
+  per block of steps (made per block, not per sequence, so that thousands of views do not outlive
+  Python's young GC generations and trigger full collections, ~65 ms each with torch imported);
+- the backward never differentiates op by op: whatever does not depend on the incoming gradient
+  (activation derivatives, peephole terms, the padding mask) is folded, a block of steps at a time
+  with large ops, into coefficients, so that a backward step is one broadcast multiply per group of
+  gates and the ``(B, G) @ (G, R)`` matmul, whose bias slot adds ``dy``. Gate gradients land where
+  the next op reads them, e.g. the LSTM's row ``[dc_prev, di, df, dg, do]`` serves both the matmul
+  (``[di..do]``, also ``d xp``) and the next step (``dc_prev``);
+- the per-step matmul gets its weight copied once per call into the layout MKL's 16-row GEMM runs
+  fastest on, which depends on whether the weight fits in cache (``_step_matmul``);
+- padding costs the GRU nothing (a +inf update-gate bias makes ``z = 1``, which copies the state
+  exactly and zeroes every gate gradient there) and the others one ``torch.where`` per step.
+
 All tensors here are time-major: ``xp`` is ``(T, B, G)``, which keeps each step's slice contiguous.
 ``mask`` is ``(T, B, 1)`` bool (True at valid steps) or None; at an invalid step the state is frozen
-and the output is zero, exactly as the layers' ``*_recurrent`` reference loops define.
+(and the output is that frozen state; the layers zero it), exactly as the layers' ``*_recurrent``
+reference loops define.
 
 The plain loops in ``rnnkit.layers.{elman,lstm,gru}`` are the specification; the contract tests
 compare these kernels against them, gradients included, and run ``gradcheck`` on them in fp64.
@@ -20,119 +39,384 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+#: Steps per block of the forward loops (bounds how many views are alive at once).
+_STEPS = 32
+#: Target size of one block of backward coefficients: big enough to amortise the ops that compute
+#: them, small enough to still be in cache when the time loop reads them.
+_BLOCK_BYTES = 2 << 20
+#: Above this size, a step's matmul runs with the weight as the wide operand (see _step_matmul).
+_WIDE_WEIGHT_BYTES = 6 << 20
 
-def _freeze(mask_t: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> None:
-    """In place: keep ``old`` where the step is padding (``new`` is a preallocated slot)."""
-    if mask_t is not None:
-        new.copy_(torch.where(mask_t, new, old))
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _rows(weight: torch.Tensor) -> torch.Tensor:
+    """``weight^T`` laid out row-major, for ``h @ W^T`` as a plain (NN) GEMM."""
+    return weight.t().contiguous()
+
+
+def _step_matmul(m: torch.Tensor, batch: int):
+    """``f(out, bias, a)`` computing ``out = bias + a @ m`` for one step's ``a`` ``(B, K)``, ``m`` ``(K, N)``.
+
+    ``out`` may be ``bias`` (accumulate in place). A weight that fits in cache goes to MKL row-major
+    as is (an NN GEMM, 1.3-1.8x faster than with the transposed view). A larger one is multiplied
+    the other way round, ``(m^T a^T)^T``, so that the weight is the GEMM's tall operand: measured
+    1.3-2x faster at 9-16 MiB for B = 16, slower below ~6 MiB (2 MiB of L2 per core here), hence
+    the threshold; the two transposing copies it costs are ``(B, K)`` and ``(B, N)`` small.
+    """
+    K, N = m.shape
+    if m.numel() * m.element_size() <= _WIDE_WEIGHT_BYTES:
+        m = m.contiguous()
+
+        def row_major(out, bias, a):
+            return torch.addmm(bias, a, m, out=out)
+
+        return row_major
+    mt = m.t().contiguous()  # (N, K)
+    at, prod = m.new_empty(K, batch), m.new_empty(N, batch)
+
+    def weight_major(out, bias, a):
+        at.copy_(a.t())
+        torch.mm(mt, at, out=prod)
+        return torch.add(bias, prod.t(), out=out)
+
+    return weight_major
+
+
+def _block_size(T: int, step_bytes: int) -> int:
+    """Steps per block of backward coefficients that take ``step_bytes`` per step."""
+    return max(1, min(T, _BLOCK_BYTES // step_bytes))
+
+
+def _blocks_backward(T: int, size: int) -> list[tuple[int, int]]:
+    """``(t0, t1)`` blocks of ``size`` steps covering ``0..T-1``, last block first."""
+    return [(max(t1 - size, 0), t1) for t1 in range(T, 0, -size)]
+
+
+def _per_step(buf: torch.Tensor, t0: int, t1: int, save: bool):
+    """Views of steps ``t0..t1-1`` of ``buf``, or ``t1 - t0`` views of its single scratch slot."""
+    return buf[t0:t1].unbind(0) if save else buf.expand(t1 - t0, *buf.shape[1:]).unbind(0)
+
+
+def _grad_y(grad_y: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_zeros(like.shape) if grad_y is None else grad_y
+
+
+def _last_grad(grad_y: torch.Tensor, grad_last: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """Total gradient w.r.t. the last output: through ``y`` and through the final state."""
+    if grad_last is None:
+        return out.copy_(grad_y[-1])
+    return torch.add(grad_y[-1], grad_last, out=out)
+
+
+# ------------------------------------------------------------------------------------------ Elman
+def _elman_loop(xp, h0, w_hh, relu: bool, mask):
+    """Forward recurrence; returns ``hs`` ``(T + 1, B, H)`` with ``hs[0] = h0``."""
+    T, B, H = xp.shape
+    hs = xp.new_empty(T + 1, B, H)
+    hs[0] = h0
+    matmul = _step_matmul(w_hh.t(), B)
+    act = torch.relu_ if relu else torch.tanh_
+    new = xp.new_empty(B, H) if mask is not None else None
+    for t0 in range(0, T, _STEPS):
+        t1 = min(t0 + _STEPS, T)
+        x_, h_ = xp[t0:t1].unbind(0), hs[t0 : t1 + 1].unbind(0)
+        if mask is None:
+            for j in range(t1 - t0):
+                act(matmul(h_[j + 1], x_[j], h_[j]))
+        else:
+            valid_ = mask[t0:t1].unbind(0)
+            for j in range(t1 - t0):
+                act(matmul(new, x_[j], h_[j]))
+                torch.where(valid_[j], new, h_[j], out=h_[j + 1])
+    return hs
 
 
 class _ElmanSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xp, h0, w_hh, relu: bool, mask):
         # xp (T, B, H) includes both biases; h0 (B, H); w_hh (H, H)
-        T, B, H = xp.shape
-        hs = xp.new_empty(T + 1, B, H)  # hs[t + 1] is h_t; hs[0] the initial state
-        hs[0] = h0
-        w_hh_t = w_hh.t()
-        for t in range(T):
-            h = hs[t + 1]
-            torch.addmm(xp[t], hs[t], w_hh_t, out=h)
-            h.relu_() if relu else h.tanh_()
-            _freeze(None if mask is None else mask[t], h, hs[t])
+        hs = _elman_loop(xp, h0, w_hh, relu, mask)
         ctx.relu = relu
         ctx.save_for_backward(hs, w_hh, mask)
-        return hs[1:].clone(), hs[T].clone()
+        return hs[1:].clone(), hs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dh_last):
         hs, w_hh, mask = ctx.saved_tensors
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-        da = hs.new_empty(T, B, H)  # gradient w.r.t. the pre-activation at each step
-        dh = dh_last.clone() if dh_last is not None else hs.new_zeros(B, H)
-        for t in range(T - 1, -1, -1):
-            h = hs[t + 1]
-            dr = dh if dy is None else dh + dy[t]
-            if ctx.relu:
-                torch.mul(dr, h > 0, out=da[t])
-            else:
-                torch.mul(dr, 1 - h * h, out=da[t])
-            dh_prev = da[t] @ w_hh
-            if mask is not None:
-                da[t].mul_(mask[t])
-                dh_prev = torch.where(mask[t], dh_prev, dh)
-            dh = dh_prev
+        h = hs[1:]
+        dy = _grad_y(dy, h)
+        # da_t = dh_t k_t with k = act'(pre), for every step at once; 0 at padding, where h_t is
+        # copied, not computed (the copy passes dh_t on to h_{t-1}: `keep`).
+        k = (h > 0).to(h.dtype) if ctx.relu else torch.addcmul(h.new_ones(()), h, h, value=-1)
+        keep = None
+        if mask is not None:
+            k.mul_(mask)
+            keep = (~mask).to(h.dtype)  # (T, B, 1)
+        da = torch.empty_like(h)  # gradient w.r.t. each step's pre-activation; also d xp
+        pair = h.new_empty(2, B, H)  # the total gradient w.r.t. h_t, two buffers taking turns
+        dh = _last_grad(dy, dh_last, pair[(T - 1) % 2])  # dh_t lives in pair[t % 2]
+        matmul = _step_matmul(w_hh, B)
+        for t0, t1 in _blocks_backward(T, _STEPS):
+            lo = max(t0 - 1, 0)
+            da_, k_, dy_ = da[t0:t1].unbind(0), k[t0:t1].unbind(0), dy[lo:t1].unbind(0)
+            keep_ = keep[t0:t1].unbind(0) if keep is not None else None
+            for t in range(t1 - 1, t0 - 1, -1):
+                j = t - t0
+                torch.mul(dh, k_[j], out=da_[j])
+                if t > 0:
+                    nxt = matmul(pair[(t - 1) % 2], dy_[t - 1 - lo], da_[j])
+                    if keep_ is not None:
+                        nxt.addcmul_(dh, keep_[j])
+                    dh = nxt
+        dh0 = da[0] @ w_hh
+        if keep is not None:
+            dh0.addcmul_(dh, keep[0])
         dw_hh = da.reshape(T * B, H).t() @ hs[:-1].reshape(T * B, H)
-        return da, dh, dw_hh, None, None
+        return da, dh0, dw_hh, None, None
+
+
+# ------------------------------------------------------------------------------------------- GRU
+def _gru_loop(xp, h0, w_hh, b_hh, mask, save: bool):
+    """Forward recurrence.
+
+    Returns ``hs`` ``(T + 1, B, H)`` (``hs[0] = h0``), ``a`` ``(T, B, 3H)`` holding ``[r, z, W_hn h +
+    b_hn]`` per step, and ``ns`` the candidates ``n``: ``(T, B, H)`` when ``save``, else scratch.
+    """
+    T, B, H3 = xp.shape
+    H = H3 // 3
+    if mask is not None:
+        xp = xp.masked_fill(~mask, 0)  # padding may hold anything; the z = 1 freeze needs finite n
+    # Bias of the per-step matmul, which then runs in place: r and z take their whole input there;
+    # n's input half stays out because r gates only the hidden half.
+    a = xp.new_empty(T, B, H3)
+    if b_hh is None:
+        a[..., : 2 * H] = xp[..., : 2 * H]
+        a[..., 2 * H :] = 0
+    else:
+        torch.add(xp[..., : 2 * H], b_hh[: 2 * H], out=a[..., : 2 * H])
+        a[..., 2 * H :] = b_hh[2 * H :]
+    if mask is not None:
+        # z = sigmoid(+inf) = 1 exactly, and lerp(n, h, 1) == h exactly (lerp computes
+        # end - (end - start)(1 - weight) for weight >= 0.5): padding copies the state.
+        a[..., H : 2 * H].masked_fill_(~mask, float("inf"))
+    hs = xp.new_empty(T + 1, B, H)
+    hs[0] = h0
+    ns = xp.new_empty(T if save else 1, B, H)
+    matmul = _step_matmul(w_hh.t(), B)
+    for t0 in range(0, T, _STEPS):
+        t1 = min(t0 + _STEPS, T)
+        blk = a[t0:t1]
+        a_, rz_, r_ = blk.unbind(0), blk[..., : 2 * H].unbind(0), blk[..., :H].unbind(0)
+        z_, hn_ = blk[..., H : 2 * H].unbind(0), blk[..., 2 * H :].unbind(0)
+        xn_, h_, n_ = xp[t0:t1, :, 2 * H :].unbind(0), hs[t0 : t1 + 1].unbind(0), _per_step(ns, t0, t1, save)
+        for j in range(t1 - t0):
+            matmul(a_[j], a_[j], h_[j])
+            rz_[j].sigmoid_()
+            torch.addcmul(xn_[j], r_[j], hn_[j], out=n_[j]).tanh_()
+            torch.lerp(n_[j], h_[j], z_[j], out=h_[j + 1])  # (1 - z) n + z h
+    return hs, a, ns
+
+
+def _gru_coefficients(k, a, n, h_prev) -> None:
+    """Fill ``k`` ``(T', B, 3, H)`` with what multiplies dh_t in ``[d r_pre, d z_pre, d hn]``.
+
+    With h_t = n + z (h_{t-1} - n) and kn = (1 - z)(1 - n^2) (so that d n_pre = dh kn):
+    d hn = dh kn r,  d r_pre = dh kn r hn (1 - r),  d z_pre = dh (h_{t-1} - n) z (1 - z); the
+    direct path is d h_{t-1} = dh z. At padding z = 1 exactly, so all three are 0 there.
+    """
+    H = n.shape[-1]
+    r, z, hn = a[..., :H], a[..., H : 2 * H], a[..., 2 * H :]
+    kr, kz, khn = k.unbind(2)
+    # x - x y == x (1 - y): written in place, without a temporary
+    torch.addcmul(n.new_ones(()), n, n, value=-1, out=khn)
+    khn.addcmul_(khn, z, value=-1).mul_(r)
+    torch.mul(khn, hn, out=kr).addcmul_(kr, r, value=-1)
+    torch.sub(h_prev, n, out=kz).mul_(z).addcmul_(kz, z, value=-1)
 
 
 class _GRUSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xp, h0, w_hh, b_hh, mask):
         # xp (T, B, 3H) = x W_ih^T + b_ih, gate order r, z, n as torch.nn.GRU; h0 (B, H); w_hh (3H, H)
-        T, B, H3 = xp.shape
-        H = H3 // 3
-        hs = xp.new_empty(T + 1, B, H)
-        hs[0] = h0
-        rz = xp.new_empty(T, B, 2 * H)  # activated reset and update gates
-        ns = xp.new_empty(T, B, H)  # candidate state
-        hn = xp.new_empty(T, B, H)  # W_hn h + b_hn, needed for the reset gate's gradient
-        w_hh_t = w_hh.t()
-        hp = xp.new_empty(B, H3)
-        for t in range(T):
-            h_prev = hs[t]
-            if b_hh is None:
-                torch.mm(h_prev, w_hh_t, out=hp)
-            else:
-                torch.addmm(b_hh, h_prev, w_hh_t, out=hp)
-            torch.add(xp[t, :, : 2 * H], hp[:, : 2 * H], out=rz[t]).sigmoid_()
-            r, z = rz[t, :, :H], rz[t, :, H:]
-            hn[t] = hp[:, 2 * H :]
-            n = ns[t]
-            torch.addcmul(xp[t, :, 2 * H :], r, hn[t], out=n).tanh_()
-            h = hs[t + 1]
-            # h = (1 - z) * n + z * h_prev = n + z * (h_prev - n)
-            torch.sub(h_prev, n, out=h)
-            h.mul_(z).add_(n)
-            _freeze(None if mask is None else mask[t], h, h_prev)
-        ctx.save_for_backward(hs, rz, ns, hn, w_hh, mask)
+        hs, a, ns = _gru_loop(xp, h0, w_hh, b_hh, mask, save=True)
+        ctx.save_for_backward(hs, a, ns, w_hh)
         ctx.has_bias = b_hh is not None
-        return hs[1:].clone(), hs[T].clone()
+        return hs[1:].clone(), hs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dh_last):
-        hs, rz, ns, hn, w_hh, mask = ctx.saved_tensors
-        T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-        dxp = hs.new_empty(T, B, 3 * H)  # gradient w.r.t. the pre-activations (r, z, n) on the input side
-        dhp = hs.new_empty(T, B, 3 * H)  # ... and on the hidden side (n differs: it is gated by r)
-        dh = dh_last.clone() if dh_last is not None else hs.new_zeros(B, H)
-        for t in range(T - 1, -1, -1):
-            h_prev, n = hs[t], ns[t]
-            r, z = rz[t, :, :H], rz[t, :, H:]
-            dr_total = dh if dy is None else dh + dy[t]
-            dn_pre = dxp[t, :, 2 * H :]
-            torch.mul(dr_total, 1 - z, out=dn_pre)
-            dn_pre.mul_(1 - n * n)
-            # reset gate
-            torch.mul(dn_pre, hn[t], out=dxp[t, :, :H])
-            dxp[t, :, :H].mul_(r * (1 - r))
-            # update gate
-            torch.mul(dr_total, h_prev - n, out=dxp[t, :, H : 2 * H])
-            dxp[t, :, H : 2 * H].mul_(z * (1 - z))
-            dhp[t, :, : 2 * H] = dxp[t, :, : 2 * H]
-            torch.mul(dn_pre, r, out=dhp[t, :, 2 * H :])
-            dh_prev = torch.addcmul(dhp[t] @ w_hh, dr_total, z)
+        hs, a, ns, w_hh = ctx.saved_tensors
+        T, B, H = ns.shape
+        z = a[..., H : 2 * H]
+        dy = _grad_y(dy, ns)
+        dhs = ns.new_empty(T, B, H)  # total gradient w.r.t. each h_t
+        _last_grad(dy, dh_last, dhs[-1])
+        g = a.new_empty(T, B, 3 * H)  # per step [d r_pre, d z_pre, d hn]; turned into d xp at the end
+        size = _block_size(T, 3 * B * H * a.element_size())
+        coef = a.new_empty(size, B, 3, H)
+        tmp = a.new_empty(B, H)
+        matmul = _step_matmul(w_hh, B)
+        for t0, t1 in _blocks_backward(T, size):
+            _gru_coefficients(coef[: t1 - t0], a[t0:t1], ns[t0:t1], hs[t0:t1])
+            lo = max(t0 - 1, 0)
+            g_, g3_ = g[t0:t1].unbind(0), g[t0:t1].unflatten(-1, (3, H)).unbind(0)
+            k_, z_ = coef.unbind(0), z[t0:t1].unbind(0)
+            dh_, dhu_, dy_ = dhs[lo:t1].unbind(0), dhs[t0:t1].unsqueeze(2).unbind(0), dy[lo:t1].unbind(0)
+            for t in range(t1 - 1, t0 - 1, -1):
+                j = t - t0
+                torch.mul(dhu_[j], k_[j], out=g3_[j])
+                if t > 0:
+                    # dh_{t-1} = dy_{t-1} + dh_t z_t + [d r_pre, d z_pre, d hn] W_hh
+                    torch.addcmul(dy_[t - 1 - lo], dh_[t - lo], z_[j], out=tmp)
+                    matmul(dh_[t - 1 - lo], tmp, g_[j])
+        dh0 = torch.addmm(dhs[0] * z[0], g[0], w_hh)
+        flat = g.view(T * B, 3 * H)
+        dw_hh = flat.t() @ hs[:-1].reshape(T * B, H)
+        db_hh = flat.sum(0) if ctx.has_bias else None
+        # n's input half is not gated by r: its gradient is dh kn, written over d hn, which only
+        # the weight gradients above needed.
+        dn = g[..., 2 * H :]
+        torch.addcmul(ns.new_ones(()), ns, ns, value=-1, out=dn)
+        dn.addcmul_(dn, z, value=-1).mul_(dhs)
+        return g, dh0, dw_hh, db_hh, None
+
+
+# ------------------------------------------------------------------------------------------ LSTM
+def _lstm_loop(xp, h0, c0, w_hh, peephole, w_hr, mask, save: bool):
+    """Forward recurrence.
+
+    Returns ``s`` ``(T + 1, B, R + H)`` holding ``[h_t, c_t]`` (``s[0]`` the initial state), the
+    activated gates ``(T, B, 4H)``, ``tanh(c_t)`` ``(T, B, H)`` and, with a projection, the
+    unprojected outputs ``(T, B, H)``; without ``save`` the last three are one step of scratch.
+    """
+    T, B, H4 = xp.shape
+    H, R = H4 // 4, h0.shape[1]
+    # h and c side by side, so that one torch.where freezes both at a padding step
+    s = xp.new_empty(T + 1, B, R + H)
+    s[0, :, :R] = h0
+    s[0, :, R:] = c0
+    # The per-step matmul accumulates in place into a copy of xp, made with one large op when the
+    # gates are kept for the backward (cheaper than copying a bias slot at every step), else a step
+    # at a time into one slot of scratch that stays in cache. In fp32/fp64 the copy also doubles
+    # g's pre-activation (as does W_hh^T below) so that one sigmoid over the contiguous row
+    # activates all four gates, with tanh(x) = 2 sigmoid(2x) - 1 (absolute error ~1 ulp of 1; too
+    # coarse in bf16/fp16).
+    fold = xp.element_size() >= 4
+    steps = T if save else 1
+    gates = xp.new_empty(steps, B, H4)
+    scale = xp.new_ones(H4)
+    if fold:
+        scale[2 * H : 3 * H] = 2
+        minus_one = xp.new_full((), -1)
+    matmul = _step_matmul(w_hh.t() * scale, B)
+    if save:
+        torch.mul(xp, scale, out=gates)
+    tanh_c = xp.new_empty(steps, B, H)
+    ms = xp.new_empty(steps, B, H) if w_hr is not None else None
+    w_hr_t = _rows(w_hr) if w_hr is not None else None
+    if peephole is not None:
+        p_if, p_o = peephole[:2], peephole[2]  # (2, H), (H,)
+    if mask is not None:
+        new = xp.new_empty(B, R + H)
+        new_h, new_c = new[:, :R], new[:, R:]
+    for t0 in range(0, T, _STEPS):
+        t1 = min(t0 + _STEPS, T)
+        s_, h_, c_ = s[t0 : t1 + 1].unbind(0), s[t0 : t1 + 1, :, :R].unbind(0), s[t0 : t1 + 1, :, R:].unbind(0)
+        g = gates[t0:t1] if save else gates.expand(t1 - t0, B, H4)
+        x_ = xp[t0:t1].unbind(0)
+        g_, if_, gi_ = g.unbind(0), g[..., : 2 * H].unbind(0), g[..., :H].unbind(0)
+        gf_, gg_, go_ = g[..., H : 2 * H].unbind(0), g[..., 2 * H : 3 * H].unbind(0), g[..., 3 * H :].unbind(0)
+        sig_ = g_ if peephole is None else g[..., : 3 * H].unbind(0)  # o waits for its peephole
+        tc_ = _per_step(tanh_c, t0, t1, save)
+        if w_hr is not None:
+            m_ = _per_step(ms, t0, t1, save)
+        if peephole is not None:
+            if2_ = g[..., : 2 * H].unflatten(-1, (2, H)).unbind(0)  # (B, 2, H)
+            cu_ = s[t0:t1, :, R:].unsqueeze(2).unbind(0)  # (B, 1, H)
+        if mask is not None:
+            valid_ = mask[t0:t1].unbind(0)
+        for j in range(t1 - t0):
+            c, h = (c_[j + 1], h_[j + 1]) if mask is None else (new_c, new_h)
+            if not save:
+                torch.mul(x_[j], scale, out=g_[j])
+            matmul(g_[j], g_[j], h_[j])
+            if peephole is not None:
+                if2_[j].addcmul_(p_if, cu_[j])
+            if fold:
+                sig_[j].sigmoid_()
+                torch.add(minus_one, gg_[j], alpha=2, out=gg_[j])
+            else:
+                if_[j].sigmoid_()
+                gg_[j].tanh_()
+                if peephole is None:
+                    go_[j].sigmoid_()
+            torch.mul(gf_[j], c_[j], out=c).addcmul_(gi_[j], gg_[j])
+            if peephole is not None:
+                go_[j].addcmul_(p_o, c).sigmoid_()  # the output gate peeks at the new cell (Gers et al. 2002)
+            torch.tanh(c, out=tc_[j])
+            if w_hr is None:
+                torch.mul(go_[j], tc_[j], out=h)
+            else:
+                torch.mm(torch.mul(go_[j], tc_[j], out=m_[j]), w_hr_t, out=h)
             if mask is not None:
-                dxp[t].mul_(mask[t])
-                dhp[t].mul_(mask[t])
-                dh_prev = torch.where(mask[t], dh_prev, dh)
-            dh = dh_prev
-        dhp_flat = dhp.reshape(T * B, 3 * H)
-        dw_hh = dhp_flat.t() @ hs[:-1].reshape(T * B, H)
-        db_hh = dhp_flat.sum(0) if ctx.has_bias else None
-        return dxp, dh, dw_hh, db_hh, None
+                torch.where(valid_[j], new, s_[j], out=s_[j + 1])
+    return s, gates, tanh_c, ms
+
+
+def _lstm_coefficients(k, gates, cs, tc, peephole, mask) -> None:
+    """Fill ``k`` ``(T', B, 6, H)`` with what the gradients of a step are multiples of.
+
+    With dm the gradient w.r.t. the unprojected output m_t = o tanh(c_t), dc the cell gradient
+    from step t + 1 and dct = dc + dm A_c the total one w.r.t. c_t:
+        d o_pre = dm A_o,   A_o = tanh(c) o (1 - o),   A_c = o (1 - tanh(c)^2) + A_o p_o,
+        [dc_prev, d i_pre, d f_pre, d g_pre] = dct [F, A_i, A_f, A_g],
+        A_i = g i (1 - i),  A_f = c_{t-1} f (1 - f),  A_g = i (1 - g^2),  F = f + A_i p_i + A_f p_f.
+    ``k[:, :, j]`` holds A_o, A_c, F, A_i, A_f, A_g. At padding the state is copied instead: every
+    A is 0 and F is 1 (the loop passes dh through itself).
+    """
+    H = tc.shape[-1]
+    i, f, g, o = gates.unflatten(-1, (4, H)).unbind(-2)
+    a_o, a_c, f_, a_i, a_f, a_g = k.unbind(2)
+    # x - x y == x (1 - y): written in place, without a temporary
+    torch.mul(tc, o, out=a_o).addcmul_(a_o, o, value=-1)
+    torch.addcmul(o, torch.mul(tc, tc, out=a_c), o, value=-1, out=a_c)
+    torch.mul(g, i, out=a_i).addcmul_(a_i, i, value=-1)
+    torch.mul(cs[:-1], f, out=a_f).addcmul_(a_f, f, value=-1)
+    torch.addcmul(i, torch.mul(g, g, out=a_g), i, value=-1, out=a_g)
+    f_.copy_(f)
+    if peephole is not None:
+        a_c.addcmul_(a_o, peephole[2])
+        f_.addcmul_(a_i, peephole[0]).addcmul_(a_f, peephole[1])
+    if mask is not None:
+        invalid = ~mask  # (T', B, 1)
+        k.masked_fill_(invalid.unsqueeze(-1), 0)
+        f_.masked_fill_(invalid, 1)
+
+
+def _peephole_grad(dgates, cs) -> torch.Tensor:
+    """``(3, H)``: sums over steps and batch of d i_pre c_{t-1}, d f_pre c_{t-1} and d o_pre c_t.
+
+    Chunked over time so that the products are small temporaries instead of ``(T, B, H)`` ones.
+    """
+    T, B, H4 = dgates.shape
+    H = H4 // 4
+    out = dgates.new_zeros(3, H)
+    size = _block_size(T, 3 * B * H * dgates.element_size())
+    tmp = dgates.new_empty(size, B, 3, H)
+    for t0 in range(0, T, size):
+        t1 = min(t0 + size, T)
+        d = dgates[t0:t1].unflatten(-1, (4, H))  # (T', B, 4, H)
+        p = tmp[: t1 - t0]
+        torch.mul(d[:, :, :2], cs[t0:t1].unsqueeze(2), out=p[:, :, :2])
+        torch.mul(d[:, :, 3], cs[t0 + 1 : t1 + 1], out=p[:, :, 2])
+        out.add_(p.sum((0, 1)))
+    return out
 
 
 class _LSTMSequence(torch.autograd.Function):
@@ -141,104 +425,79 @@ class _LSTMSequence(torch.autograd.Function):
         # xp (T, B, 4H) includes both biases, gate order i, f, g, o as torch.nn.LSTM;
         # h0 (B, R) with R = proj size or H; c0 (B, H); w_hh (4H, R); peephole (3, H) rows i, f, o;
         # w_hr (R, H) projection or None.
-        T, B, H4 = xp.shape
-        H = H4 // 4
+        s, gates, tanh_c, ms = _lstm_loop(xp, h0, c0, w_hh, peephole, w_hr, mask, save=True)
         R = h0.shape[1]
-        gates = torch.empty_like(xp)  # activated gates
-        cs = xp.new_empty(T + 1, B, H)
-        cs[0] = c0
-        hs = xp.new_empty(T + 1, B, R)
-        hs[0] = h0
-        tanh_c = xp.new_empty(T, B, H)
-        ms = xp.new_empty(T, B, H) if w_hr is not None else None  # pre-projection outputs
-        w_hh_t = w_hh.t()
-        for t in range(T):
-            g, c_prev, c = gates[t], cs[t], cs[t + 1]
-            torch.addmm(xp[t], hs[t], w_hh_t, out=g)
-            gi, gf, gg, go = g[:, :H], g[:, H : 2 * H], g[:, 2 * H : 3 * H], g[:, 3 * H :]
-            if peephole is None:
-                g[:, : 2 * H].sigmoid_()
-            else:
-                gi.addcmul_(peephole[0], c_prev).sigmoid_()
-                gf.addcmul_(peephole[1], c_prev).sigmoid_()
-            gg.tanh_()
-            torch.mul(gf, c_prev, out=c)
-            c.addcmul_(gi, gg)
-            if peephole is not None:
-                go.addcmul_(peephole[2], c)  # the output gate peeks at the new cell (Gers et al. 2002)
-            go.sigmoid_()
-            torch.tanh(c, out=tanh_c[t])
-            if w_hr is None:
-                torch.mul(go, tanh_c[t], out=hs[t + 1])
-            else:
-                torch.mul(go, tanh_c[t], out=ms[t])
-                torch.mm(ms[t], w_hr.t(), out=hs[t + 1])
-            if mask is not None:
-                _freeze(mask[t], c, c_prev)
-                _freeze(mask[t], hs[t + 1], hs[t])
-        ctx.save_for_backward(gates, cs, hs, tanh_c, ms, w_hh, peephole, w_hr, mask)
-        return hs[1:].clone(), hs[T].clone(), cs[T].clone()
+        ctx.save_for_backward(s, gates, tanh_c, ms, w_hh, peephole, w_hr, mask)
+        ctx.proj_size = R
+        y = s[1:, :, :R].clone(memory_format=torch.contiguous_format)
+        return y, s[-1, :, :R].clone(), s[-1, :, R:].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dh_last, dc_last):
-        gates, cs, hs, tanh_c, ms, w_hh, peephole, w_hr, mask = ctx.saved_tensors
+        s, gates, tanh_c, ms, w_hh, peephole, w_hr, mask = ctx.saved_tensors
         T, B, H4 = gates.shape
-        H, R = H4 // 4, hs.shape[2]
-        dgates = torch.empty_like(gates)  # gradient w.r.t. the gate pre-activations
-        dhs = hs.new_empty(T, B, R) if w_hr is not None else None  # gradient w.r.t. each projected output
-        dh = dh_last.clone() if dh_last is not None else hs.new_zeros(B, R)
-        dc = dc_last.clone() if dc_last is not None else hs.new_zeros(B, H)
-        for t in range(T - 1, -1, -1):
-            g, c_prev, c, tc = gates[t], cs[t], cs[t + 1], tanh_c[t]
-            gi, gf, gg, go = g[:, :H], g[:, H : 2 * H], g[:, 2 * H : 3 * H], g[:, 3 * H :]
-            dgi, dgf, dgg, dgo = (dgates[t, :, k * H : (k + 1) * H] for k in range(4))
-            dr = dh if dy is None else dh + dy[t]
-            if w_hr is not None:
-                dhs[t] = dr
-                dm = dr @ w_hr
-            else:
-                dm = dr
-            torch.mul(dm, tc, out=dgo)
-            dgo.mul_(go * (1 - go))
-            dct = torch.addcmul(dc, dm * go, 1 - tc * tc)
-            if peephole is not None:
-                dct.addcmul_(dgo, peephole[2])
-            torch.mul(dct, gg, out=dgi)
-            dgi.mul_(gi * (1 - gi))
-            torch.mul(dct, c_prev, out=dgf)
-            dgf.mul_(gf * (1 - gf))
-            torch.mul(dct, gi, out=dgg)
-            dgg.mul_(1 - gg * gg)
-            dc_prev = dct.mul_(gf)
-            if peephole is not None:
-                dc_prev.addcmul_(dgi, peephole[0]).addcmul_(dgf, peephole[1])
-            if mask is not None:
-                dgates[t].mul_(mask[t])
-                if dhs is not None:
-                    dhs[t].mul_(mask[t])
-                dh = torch.where(mask[t], dgates[t] @ w_hh, dh)
-                dc = torch.where(mask[t], dc_prev, dc)
-            else:
-                dh = dgates[t] @ w_hh
-                dc = dc_prev
-        dflat = dgates.reshape(T * B, H4)
-        dw_hh = dflat.t() @ hs[:-1].reshape(T * B, R)
-        dpeephole = None
-        if peephole is not None:
-            dpeephole = torch.stack(
-                [
-                    (dgates[:, :, :H] * cs[:-1]).sum((0, 1)),
-                    (dgates[:, :, H : 2 * H] * cs[:-1]).sum((0, 1)),
-                    (dgates[:, :, 3 * H :] * cs[1:]).sum((0, 1)),
-                ]
+        H, R = H4 // 4, ctx.proj_size
+        hs, cs = s[..., :R], s[..., R:]  # (T + 1, B, R), (T + 1, B, H)
+        dy = _grad_y(dy, hs[1:])
+        # The total gradient w.r.t. each h_t: all kept when the projection's weight gradient needs
+        # them, otherwise two buffers take turns.
+        dhs = gates.new_empty(T if w_hr is not None else 2, B, R)
+        dh = _last_grad(dy, dh_last, dhs[-1] if w_hr is not None else dhs[(T - 1) % 2])  # else dh_t in dhs[t % 2]
+        dc = dc_last if dc_last is not None else gates.new_zeros(B, H)
+        # Per step [dc_prev, d i_pre, d f_pre, d g_pre, d o_pre]: the last four are the matmul's
+        # operand and d xp, the first is the next (earlier) step's cell gradient.
+        row = gates.new_empty(T, B, 5 * H)
+        dgates = row[..., H:]  # (T, B, 4H) gate order i, f, g, o
+        size = _block_size(T, 6 * B * H * gates.element_size())
+        coef = gates.new_empty(size, B, 6, H)
+        ao_, ac_, k4_ = coef[:, :, 0].unbind(0), coef[:, :, 1].unbind(0), coef[:, :, 2:].unbind(0)
+        dct = gates.new_empty(B, H)  # total gradient w.r.t. c_t
+        dctu = dct.unsqueeze(1)
+        dm = gates.new_empty(B, H) if w_hr is not None else None
+        keep = (~mask).to(gates.dtype) if mask is not None else None  # (T, B, 1)
+        matmul = _step_matmul(w_hh, B)
+        for t0, t1 in _blocks_backward(T, size):
+            _lstm_coefficients(
+                coef[: t1 - t0], gates[t0:t1], cs[t0 : t1 + 1], tanh_c[t0:t1], peephole,
+                mask[t0:t1] if mask is not None else None,
             )
+            lo = max(t0 - 1, 0)
+            blk = row[t0:t1]
+            dc_, do_, dg_ = blk[..., :H].unbind(0), blk[..., 4 * H :].unbind(0), blk[..., H:].unbind(0)
+            fifg_ = blk[..., : 4 * H].unflatten(-1, (4, H)).unbind(0)  # (B, 4, H)
+            dy_ = dy[lo:t1].unbind(0)
+            dh_ = dhs[lo:t1].unbind(0) if w_hr is not None else None
+            keep_ = keep[t0:t1].unbind(0) if keep is not None else None
+            for t in range(t1 - 1, t0 - 1, -1):
+                j = t - t0
+                dm_t = torch.mm(dh, w_hr, out=dm) if w_hr is not None else dh  # d (o tanh c)
+                torch.addcmul(dc, dm_t, ac_[j], out=dct)
+                torch.mul(dm_t, ao_[j], out=do_[j])
+                torch.mul(dctu, k4_[j], out=fifg_[j])
+                dc = dc_[j]
+                if t > 0:
+                    out = dh_[t - 1 - lo] if dh_ is not None else dhs[(t - 1) % 2]
+                    nxt = matmul(out, dy_[t - 1 - lo], dg_[j])
+                    if keep_ is not None:
+                        nxt.addcmul_(dh, keep_[j])  # h was copied through padding
+                    dh = nxt
+        dh0 = dgates[0] @ w_hh
+        if keep is not None:
+            dh0.addcmul_(dh, keep[0])
+        dc0 = dc.clone()
+        flat = dgates.reshape(T * B, H4)
+        dw_hh = flat.t() @ hs[:-1].reshape(T * B, R)
+        dpeephole = _peephole_grad(dgates, cs) if peephole is not None else None
         dw_hr = None
         if w_hr is not None:
+            if mask is not None:
+                dhs.mul_(mask)  # a frozen output was copied, not projected
             dw_hr = dhs.reshape(T * B, R).t() @ ms.reshape(T * B, H)
-        return dgates, dh, dc, dw_hh, dpeephole, dw_hr, None
+        return dgates, dh0, dc0, dw_hh, dpeephole, dw_hr, None
 
 
+# ------------------------------------------------------------------------------------ public ops
 def elman_sequence(xp, h0, w_hh, relu: bool = False, mask=None):
     """Elman recurrence h_t = act(xp_t + h_{t-1} W_hh^T) over a whole sequence.
 
@@ -251,8 +510,14 @@ def elman_sequence(xp, h0, w_hh, relu: bool = False, mask=None):
 
     Returns:
         ``y`` ``(T, B, H)`` and the final state ``(B, H)``.
+
+    Example:
+        >>> y, h = elman_sequence(torch.randn(10, 4, 32), torch.zeros(4, 32), torch.randn(32, 32) / 8)
     """
-    return _ElmanSequence.apply(xp, h0, w_hh, relu, mask)
+    if _needs_grad(xp, h0, w_hh):
+        return _ElmanSequence.apply(xp, h0, w_hh, relu, mask)
+    hs = _elman_loop(xp, h0, w_hh, relu, mask)
+    return hs[1:], hs[-1].clone()
 
 
 def gru_sequence(xp, h0, w_hh, b_hh=None, mask=None):
@@ -264,8 +529,14 @@ def gru_sequence(xp, h0, w_hh, b_hh=None, mask=None):
 
     Returns:
         ``y`` ``(T, B, H)`` and the final state ``(B, H)``.
+
+    Example:
+        >>> y, h = gru_sequence(torch.randn(10, 4, 96), torch.zeros(4, 32), torch.randn(96, 32) / 8)
     """
-    return _GRUSequence.apply(xp, h0, w_hh, b_hh, mask)
+    if _needs_grad(xp, h0, w_hh, b_hh):
+        return _GRUSequence.apply(xp, h0, w_hh, b_hh, mask)
+    hs, _, _ = _gru_loop(xp, h0, w_hh, b_hh, mask, save=False)
+    return hs[1:], hs[-1].clone()
 
 
 def lstm_sequence(xp, h0, c0, w_hh, peephole=None, w_hr=None, mask=None):
@@ -280,5 +551,13 @@ def lstm_sequence(xp, h0, c0, w_hh, peephole=None, w_hr=None, mask=None):
 
     Returns:
         ``y`` ``(T, B, R)``, final ``h`` ``(B, R)`` and final ``c`` ``(B, H)``.
+
+    Example:
+        >>> y, h, c = lstm_sequence(torch.randn(10, 4, 128), torch.zeros(4, 32), torch.zeros(4, 32),
+        ...                         torch.randn(128, 32) / 8)
     """
-    return _LSTMSequence.apply(xp, h0, c0, w_hh, peephole, w_hr, mask)
+    if _needs_grad(xp, h0, c0, w_hh, peephole, w_hr):
+        return _LSTMSequence.apply(xp, h0, c0, w_hh, peephole, w_hr, mask)
+    s, _, _, _ = _lstm_loop(xp, h0, c0, w_hh, peephole, w_hr, mask, save=False)
+    R = h0.shape[1]
+    return s[1:, :, :R], s[-1, :, :R].clone(), s[-1, :, R:].clone()
