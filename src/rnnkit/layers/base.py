@@ -87,6 +87,9 @@ class Recurrence(nn.Module):
     causal: ClassVar[bool] = True
     #: Set by :func:`rnnkit.layers.register`.
     name: ClassVar[str] = ""
+    #: Wrappers (stacks, bidirectional) pass ``mode="auto"`` down so each inner layer resolves it
+    #: for its own device and shape.
+    delegates_auto: ClassVar[bool] = False
 
     d_input: int
     d_output: int
@@ -219,7 +222,7 @@ class Recurrence(nn.Module):
 
     def _resolve_mode(self, mode: object, x: torch.Tensor) -> str:
         if mode == "auto":
-            return self._auto_mode(x)
+            return "auto" if self.delegates_auto else self._auto_mode(x)
         check_choice("mode", mode, ("auto",) + tuple(self.modes))
         return mode  # type: ignore[return-value]
 

@@ -77,6 +77,7 @@ class Bidirectional(Recurrence):
     """
 
     causal = False
+    delegates_auto = True
 
     def __init__(self, d_model: int, layer: str = "lstm", merge: str = "concat", **options: Any) -> None:
         super().__init__()
@@ -92,15 +93,6 @@ class Bidirectional(Recurrence):
     @property
     def modes(self) -> tuple[str, ...]:
         return self.forward_layer.modes
-
-    def _auto_mode(self, x):
-        return "auto"
-
-    def _resolve_mode(self, mode, x):
-        # The wrapped layers resolve "auto" themselves, for their own device and shape.
-        if mode == "auto":
-            return mode
-        return super()._resolve_mode(mode, x)
 
     def _init_state(self, batch_size, device, dtype):
         return BidirectionalState(

@@ -65,6 +65,8 @@ class Stacked(Recurrence):
         >>> y, state = stack(torch.randn(4, 10, 16))   # y (4, 10, 32), state: 2 LSTMStates
     """
 
+    delegates_auto = True
+
     def __init__(
         self,
         d_model: int,
@@ -99,12 +101,6 @@ class Stacked(Recurrence):
         # The modes every layer offers; "recurrent" is always among them.
         common = [m for m in self.layers[0].modes if all(m in layer.modes for layer in self.layers)]
         return tuple(common)
-
-    def _resolve_mode(self, mode, x):
-        # Each layer resolves "auto" for itself.
-        if mode == "auto":
-            return mode
-        return super()._resolve_mode(mode, x)
 
     def _init_state(self, batch_size, device, dtype):
         return tuple(layer.init_state(batch_size, device=device, dtype=dtype) for layer in self.layers)

@@ -124,6 +124,8 @@ class ResidualBlock(nn.Module):
 class ResidualStack(Recurrence):
     """L residual blocks, as one recurrence whose state is the tuple of the mixers' states."""
 
+    delegates_auto = True
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -138,9 +140,6 @@ class ResidualStack(Recurrence):
     @property
     def modes(self) -> tuple[str, ...]:
         return self.blocks[0].mixer.modes
-
-    def _resolve_mode(self, mode, x):
-        return mode if mode == "auto" else super()._resolve_mode(mode, x)
 
     def _init_state(self, batch_size, device, dtype):
         return tuple(b.mixer.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks)
