@@ -62,6 +62,7 @@ def test_generate_is_reproducible_and_streams():
     assert a.shape == (2, 12) and torch.equal(a, b)
     streamed = torch.stack(list(model.stream(prompt, 12, temperature=0.9, top_k=5, seed=3)), 1)
     assert torch.equal(streamed, a)
+    assert model.generate(prompt, 0, seed=3).shape == (2, 0)
 
 
 def test_save_and_load_roundtrip(tmp_path):

@@ -314,7 +314,10 @@ class SequenceModel(nn.Module):
         Returns:
             ``(B, max_new_tokens)`` sampled ids.
         """
-        return torch.stack(list(self.stream(prompt, max_new_tokens, temperature, top_k, seed)), 1)
+        tokens = list(self.stream(prompt, max_new_tokens, temperature, top_k, seed))
+        if not tokens:
+            return torch.empty(prompt.shape[0], 0, dtype=torch.long, device=prompt.device)
+        return torch.stack(tokens, 1)
 
     @torch.no_grad()
     def stream(self, prompt, max_new_tokens, temperature=1.0, top_k=None, seed=None) -> Iterator[torch.Tensor]:
@@ -332,14 +335,15 @@ class SequenceModel(nn.Module):
         # The prompt goes through the parallel forward; then every new token is one `step`.
         logits, state = self(prompt.to(device))
         logits = logits[:, -1]
-        for _ in range(max_new_tokens):
+        for index in range(max_new_tokens):
             logits = logits / temperature
             if top_k is not None and top_k < logits.shape[-1]:
                 kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             token = torch.multinomial(F.softmax(logits.float(), -1), 1, generator=generator).squeeze(1)
             yield token
-            logits, state = self.step(token, state)
+            if index + 1 < max_new_tokens:  # no step is owed after the last token
+                logits, state = self.step(token, state)
 
 
 
