@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mode", default="auto", help="layer mode for training (default auto)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu")
+    train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16: autocast the forward pass (fp32 weights); fast on CPUs with AMX/AVX512-BF16")
     train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     train.add_argument("--out", help="checkpoint directory (default runs/<task>-<model>-<time>)")
     train.add_argument("--sample-length", type=int, default=300, help="characters sampled after training (text tasks)")
@@ -139,6 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seq_len=pick("seq_len", "seq_len"), lr=pick("lr", "lr"), warmup_steps=pick("warmup", "warmup"),
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=pick("eval_every", "eval_every"),
         eval_batch_size=args.eval_batch_size, seed=args.seed, mode=args.mode, device=args.device,
+        precision=args.precision,
         progress=not args.no_progress,
     )
     out = Path(args.out or f"runs/{args.task}-{model_config.layer}-{time.strftime('%Y%m%d-%H%M%S')}")

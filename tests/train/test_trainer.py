@@ -87,7 +87,21 @@ def test_incompatible_model_and_task_is_a_clear_error():
         Trainer(_adding_model(), build_task("parity"), _quick())
 
 
-@pytest.mark.parametrize("field, value", [("steps", 0), ("lr", -1.0), ("batch_size", 1.5), ("grad_clip", float("nan"))])
+def test_bf16_autocast_trains_a_streaming_lm_with_fp32_weights():
+    task = build_task("shakespeare")
+    torch.manual_seed(0)
+    model = SequenceModel(vocab_size=task.vocab_size, d_model=16, layer="lstm")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = _quick(steps=4, batch_size=4, seq_len=16, lr=1e-2, eval_max_batches=2, eval_batch_size=4, precision="bf16")
+    trainer = Trainer(model, task, config)
+    result = trainer.fit()  # windows 2-4 get the bf16 state of the previous window back
+    assert all(math.isfinite(r["loss"]) for r in trainer.history)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert 4 < result["val"]["bpc"] < 7
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("lr", -1.0), ("batch_size", 1.5), ("grad_clip", float("nan")), ("precision", "fp16")])
 def test_bad_train_config(field, value):
     with pytest.raises(InputError, match=field):
         TrainConfig(**{field: value})

@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rnnkit.errors import InputError, NonFiniteError, check_positive_int
+from rnnkit.errors import InputError, NonFiniteError, check_choice, check_positive_int
 from rnnkit.layers.base import map_state
 from rnnkit.models.io import write_json_atomic
 from rnnkit.models.model import SequenceModel
 from rnnkit.tasks import IGNORE_INDEX, Batch, Task
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class TrainConfig:
     seed: int = 0  # seeds parameters, data order and dropout
     mode: str = "auto"  # layer mode used for training
     device: str = "cpu"
+    precision: str = "fp32"  # "fp32", or "bf16": autocast forward + loss, fp32 weights and optimizer state
     progress: bool = True  # show a progress bar
     log_every: int = 50  # steps between metric log lines when no progress bar is shown
 
@@ -70,6 +73,7 @@ class TrainConfig:
             check_positive_int("eval_max_batches", self.eval_max_batches)
         check_positive_int("seed", self.seed, minimum=0)
         check_positive_int("log_every", self.log_every)
+        check_choice("precision", self.precision, PRECISIONS)
         self.betas = tuple(self.betas)  # JSON round trips give lists
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,18 +215,22 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         smoothed = None
+        autocast = cfg.precision == "bf16"
         try:
             while self.step < cfg.steps:
                 batch = next(batches).to(cfg.device)
                 if self.task.streaming and not batch.reset and state is not None:
-                    state = map_state(torch.Tensor.detach, state)  # truncated BPTT: keep values, cut gradients
+                    # Truncated BPTT: keep values, cut gradients. Under bf16 autocast the layers hand
+                    # back bf16 states; the next window's fp32 input expects its own dtype.
+                    state = map_state(lambda t: t.detach().to(torch.float32) if autocast else t.detach(), state)
                 else:
                     state = None
                 lr = lr_at(self.step, cfg)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                output, state = self.model(batch.x, state, batch.lengths, cfg.mode)
-                loss, _ = loss_and_counts(output, batch, self.task.target)
+                with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=autocast):
+                    output, state = self.model(batch.x, state, batch.lengths, cfg.mode)
+                    loss, _ = loss_and_counts(output, batch, self.task.target)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = self._clip()
