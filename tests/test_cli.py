@@ -50,3 +50,24 @@ def test_train_and_generate_shakespeare(tmp_path, capsys):
 def test_bad_arguments_exit_2_with_a_message(argv, match, capsys):
     assert main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ([], {"hidden_size": 512}),  # the default model: wide state, narrow embedding
+        (["--d-model", "16"], {}),  # choosing the width, model or block drops the default model's options
+        (["--model", "gru"], {}),
+        (["--block", "residual"], {}),
+        (["--model", "gru", "--layer-opt", "hidden_size=24"], {"hidden_size": 24}),
+        (["--layer-opt", "peephole=True"], {"hidden_size": 512, "peephole": True}),
+    ],
+)
+def test_default_layer_options_belong_to_the_default_model(extra, expected):
+    from rnnkit.cli import SHAKESPEARE_DEFAULTS, _model_config, build_parser
+    from rnnkit.tasks import build_task
+
+    args = build_parser().parse_args(["train", *extra])
+    config = _model_config(args, build_task("shakespeare"), SHAKESPEARE_DEFAULTS)
+    assert config.layer_options == expected

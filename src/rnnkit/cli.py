@@ -24,16 +24,21 @@ import torch
 from rnnkit.errors import InputError
 
 #: The default character model for ``rnnkit train`` on Shakespeare: the best of the configurations
-#: measured for a ~5-minute budget on 2 CPU cores (README "What the default run reaches"). At this
-#: budget the run is compute-bound: width 256 sees ~3x the characters of width 512 in the same time.
+#: measured for a ~5-minute budget on 2 CPU cores (README "What the default run reaches"). The run is
+#: compute-bound, so the budget goes where it buys the most: a wide recurrent state (hidden 512) fed by
+#: a narrow embedding (128; 84 characters need no more, and it makes the input projection 4x cheaper),
+#: with bf16 autocast where the CPU has AMX/AVX512-BF16 (2-3x the fp32 tokens/s, same loss per step).
+#: ``layer_options`` apply only while model, block and width are all left at these defaults.
 SHAKESPEARE_DEFAULTS: dict[str, Any] = {
-    "model": "lstm", "block": "stacked", "d_model": 256, "layers": 1, "steps": 2000,
-    "batch_size": 32, "seq_len": 128, "lr": 6e-3, "warmup": 50, "eval_every": 0,
+    "model": "lstm", "block": "stacked", "d_model": 128, "layers": 1, "steps": 1800,
+    "batch_size": 32, "seq_len": 128, "lr": 4e-3, "warmup": 50, "eval_every": 0,
+    "layer_options": {"hidden_size": 512}, "precision": "auto",
 }
 #: Defaults for every other task.
 GENERIC_DEFAULTS: dict[str, Any] = {
     "model": "lstm", "block": "stacked", "d_model": 128, "layers": 1, "steps": 1000,
     "batch_size": 32, "seq_len": None, "lr": 3e-3, "warmup": 100, "eval_every": 0,
+    "layer_options": {}, "precision": "fp32",
 }
 
 
@@ -77,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mode", default="auto", help="layer mode for training (default auto)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu")
-    train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                       help="bf16: autocast the forward pass (fp32 weights); fast on CPUs with AMX/AVX512-BF16")
+    train.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                       help="bf16 autocasts the forward pass (fp32 weights and optimizer); auto picks bf16 where "
+                            "the device runs it fast (CPU with AMX/AVX512-BF16, CUDA). Default: auto on "
+                            "shakespeare, fp32 elsewhere")
     train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     train.add_argument("--out", help="checkpoint directory (default runs/<task>-<model>-<time>)")
     train.add_argument("--sample-length", type=int, default=300, help="characters sampled after training (text tasks)")
@@ -101,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _layer_options(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``--layer-opt`` values over the defaults' layer options; those defaults belong to the default
+    model, so they are dropped as soon as the model, block or width is chosen on the command line."""
+    chosen = args.model is not None or args.block is not None or args.d_model is not None
+    options = {} if chosen else dict(defaults["layer_options"])
+    options.update(_parse_option(o) for o in args.layer_opt)
+    return options
+
+
 def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
     from rnnkit.models import ModelConfig
 
@@ -113,7 +129,7 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
         block=args.block or defaults["block"],
         layer=args.model or defaults["model"],
         num_layers=args.layers or defaults["layers"],
-        layer_options=dict(_parse_option(o) for o in args.layer_opt),
+        layer_options=_layer_options(args, defaults),
         bidirectional=args.bidirectional,
         dropout=args.dropout,
         head=head,
@@ -126,7 +142,7 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
 def cmd_train(args: argparse.Namespace) -> int:
     from rnnkit.models import SequenceModel
     from rnnkit.tasks import build_task
-    from rnnkit.train import TrainConfig, Trainer, describe_metrics, seed_everything
+    from rnnkit.train import TrainConfig, Trainer, describe_metrics, resolve_precision, seed_everything
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seq_len=pick("seq_len", "seq_len"), lr=pick("lr", "lr"), warmup_steps=pick("warmup", "warmup"),
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=pick("eval_every", "eval_every"),
         eval_batch_size=args.eval_batch_size, seed=args.seed, mode=args.mode, device=args.device,
-        precision=args.precision,
+        precision=resolve_precision(pick("precision", "precision"), args.device),
         progress=not args.no_progress,
     )
     out = Path(args.out or f"runs/{args.task}-{model_config.layer}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -149,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"rnnkit train: task {task.name}, model {model_config.block}/{model_config.layer} "
           f"d_model={model_config.d_model} layers={model_config.num_layers} ({params:,} parameters), "
           f"{config.steps} steps of batch {config.batch_size} x {config.seq_len or task.default_seq_len}, "
-          f"lr {config.lr}, {torch.get_num_threads()} threads", flush=True)
+          f"lr {config.lr}, {config.precision}, {torch.get_num_threads()} threads", flush=True)
     trainer = Trainer(model, task, config, out_dir=out, run_info={"argv": sys.argv[1:]})
     result = trainer.fit()
     print(f"done in {result['seconds']:.0f} s ({result['tokens_per_second']:,.0f} tokens/s); "

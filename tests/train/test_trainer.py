@@ -94,7 +94,7 @@ def test_bf16_autocast_trains_a_streaming_lm_with_fp32_weights():
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     config = _quick(steps=4, batch_size=4, seq_len=16, lr=1e-2, eval_max_batches=2, eval_batch_size=4, precision="bf16")
     trainer = Trainer(model, task, config)
-    result = trainer.fit()  # windows 2-4 get the bf16 state of the previous window back
+    result = trainer.fit()  # windows 2-4 continue from the bf16 state the previous window handed back
     assert all(math.isfinite(r["loss"]) for r in trainer.history)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(before[name], p) for name, p in model.named_parameters())

@@ -55,6 +55,17 @@ def map_state(fn: Callable[..., torch.Tensor], *states: State) -> State:
     raise InputError(f"state: expected a tensor or a tuple of tensors, got {describe(first)}")
 
 
+def _cast_state(state: State, dtype: torch.dtype, accepted: tuple[torch.dtype, ...]) -> State:
+    """``state`` with every tensor of an ``accepted`` dtype cast to ``dtype``; anything else (including
+    malformed parts, which validation reports next) is left as it is."""
+    if isinstance(state, torch.Tensor):
+        return state.to(dtype) if state.dtype in accepted else state
+    if isinstance(state, tuple):
+        parts = [_cast_state(part, dtype, accepted) for part in state]
+        return type(state)(*parts) if hasattr(state, "_fields") else tuple(parts)
+    return state
+
+
 def flatten_state(state: State) -> list[torch.Tensor]:
     """All tensors of a state in a fixed order."""
     if isinstance(state, torch.Tensor):
@@ -229,6 +240,11 @@ class Recurrence(nn.Module):
     def _check_or_init_state(self, state: State | None, batch_size: int, x: torch.Tensor) -> State:
         if state is None:
             return self.init_state(batch_size, device=x.device, dtype=x.dtype)
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+            # Under autocast a layer hands back its state in the autocast dtype (bf16); feeding it
+            # back continues the stream in the dtype a fresh state of this call would have.
+            lower = torch.get_autocast_dtype(x.device.type)
+            state = _cast_state(state, x.dtype, (lower, torch.float16, torch.bfloat16, torch.float32))
         expected = self.init_state(batch_size, device="meta", dtype=x.dtype)
         self._check_state_like(state, expected, "state", x)
         return state

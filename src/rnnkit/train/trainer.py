@@ -32,6 +32,29 @@ from rnnkit.tasks import IGNORE_INDEX, Batch, Task
 PRECISIONS = ("fp32", "bf16")
 
 
+def fast_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 autocast is a speed-up on ``device``: a CUDA device with bf16 support, or a CPU
+    with AMX tiles or AVX512-BF16 (elsewhere oneDNN emulates bf16 and it is slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        return any(probe() for probe in probes if probe is not None)
+    except RuntimeError:  # a build without the CPU feature probes
+        return False
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """``"auto"`` -> ``"bf16"`` where :func:`fast_bf16`, else ``"fp32"``; other values pass through."""
+    check_choice("precision", precision, PRECISIONS + ("auto",))
+    if precision == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    return precision
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping of one training run (saved with the checkpoint)."""
@@ -220,9 +243,7 @@ class Trainer:
             while self.step < cfg.steps:
                 batch = next(batches).to(cfg.device)
                 if self.task.streaming and not batch.reset and state is not None:
-                    # Truncated BPTT: keep values, cut gradients. Under bf16 autocast the layers hand
-                    # back bf16 states; the next window's fp32 input expects its own dtype.
-                    state = map_state(lambda t: t.detach().to(torch.float32) if autocast else t.detach(), state)
+                    state = map_state(torch.Tensor.detach, state)  # truncated BPTT: keep values, cut gradients
                 else:
                     state = None
                 lr = lr_at(self.step, cfg)
