@@ -115,7 +115,7 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
         bidirectional=args.bidirectional,
         dropout=args.dropout,
         head=head,
-        n_outputs=task.d_output if head == "regress" else task.n_classes,
+        n_outputs=task.d_output if head == "regress" else task.n_classes * task.n_heads,
         pooling=args.pooling,
         tie_embeddings=args.tie_embeddings,
     )

