@@ -7,6 +7,8 @@ Examples::
     rnnkit generate --checkpoint runs/shakespeare-lstm --prompt "ROMEO:"
     rnnkit eval --checkpoint runs/shakespeare-lstm --split test
     rnnkit list
+    rnnkit bench tasks --models lstm,gru --tasks mqar,parity --budget small --seeds 3 --out RESULTS.jsonl
+    rnnkit report RESULTS.jsonl --out report
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
 
     sub.add_parser("list", help="registered layers (with modes) and tasks")
+
+    from rnnkit.bench.commands import add_parsers as add_bench_parsers
+
+    add_bench_parsers(sub)  # bench tasks, report
     return parser
 
 
@@ -215,7 +221,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "list": cmd_list}
+    from rnnkit.bench.commands import cmd_bench, cmd_report
+
+    commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "list": cmd_list,
+                "bench": cmd_bench, "report": cmd_report}
     try:
         return commands[args.command](args)
     except InputError as error:
