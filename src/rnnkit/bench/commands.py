@@ -36,6 +36,7 @@ def add_parsers(sub) -> None:
     grid.add_argument("--max-seconds", type=float, help="override the budget's training-time cap per cell")
     grid.add_argument("--layers", type=int, help="override the budget's number of residual blocks")
     grid.add_argument("--lr", type=float, help="override the budget's peak learning rate")
+    grid.add_argument("--block", choices=["residual", "stacked"], help="override the budget's block type (default residual)")
     grid.add_argument("--out", default="RESULTS.jsonl", help="results file; appended to, finished cells skipped")
     grid.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     grid.add_argument("--no-progress", action="store_true", help="one log line per cell instead of a progress bar")
@@ -55,7 +56,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.budget not in BUDGETS:
         raise InputError(f"--budget: expected one of {sorted(BUDGETS)}, got {args.budget!r}")
     overrides = {k: v for k, v in (("steps", args.steps), ("max_seconds", args.max_seconds),
-                                   ("num_layers", args.layers), ("lr", args.lr)) if v is not None}
+                                   ("num_layers", args.layers), ("lr", args.lr), ("block", args.block))
+                 if v is not None}
     budget = BUDGETS[args.budget]
     if overrides:
         # A changed budget gets its own name, so its cells never pass for the stock budget's on resume.

@@ -45,6 +45,7 @@ class Budget:
     eval_examples: int  # test examples per length (synthetic tasks); real tasks use their whole test split
     max_length_factor: int  # test lengths up to this multiple of the training length
     curve_points: int = 60  # loss-curve points kept per cell
+    block: str = "residual"  # "residual" (pre-norm mixer + MLP) or "stacked" (the classic deep RNN)
 
 
 #: ``small`` is sized for ~20 layers x the default task list in 30 minutes on 2 CPU cores (see
@@ -212,7 +213,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     seed_everything(cell.seed)
     model = SequenceModel(ModelConfig(
         vocab_size=task.vocab_size if tokens else None, d_input=None if tokens else task.d_input,
-        d_model=cell.d_model, block="residual", layer=cell.model, num_layers=b.num_layers, head=head,
+        d_model=cell.d_model, block=b.block, layer=cell.model, num_layers=b.num_layers, head=head,
         n_outputs=task.d_output if head == "regress" else task.n_classes * task.n_heads,
     ))
     config = TrainConfig(
@@ -249,7 +250,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     return {
         "key": cell.key, "status": "ok", "model": cell.model, "task": cell.task.name, "task_label": cell.task.label,
         "task_options": dict(cell.task.options), "d_model": cell.d_model, "num_layers": b.num_layers,
-        "block": "residual", "seed": cell.seed, "budget": b.name, "steps": trainer.step, "planned_steps": b.steps,
+        "block": b.block, "seed": cell.seed, "budget": b.name, "steps": trainer.step, "planned_steps": b.steps,
         "time_capped": trainer.step < b.steps, "train_len": train_len, "metric": metric,
         "score": first[metric], "test_loss": first["loss"], "test": test, "val": fit["val"],
         "params": sum(p.numel() for p in model.parameters()), "state_size": _state_size(model),
