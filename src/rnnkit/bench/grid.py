@@ -52,7 +52,7 @@ class Budget:
 #: docs/findings.md for the measured per-cell cost); ``medium`` trains ~8x longer per cell.
 BUDGETS = {
     "small": Budget("small", d_model=32, num_layers=1, steps=150, batch_size=32, lr=1e-2, warmup=15,
-                    max_seconds=5.0, eval_examples=256, max_length_factor=2),
+                    max_seconds=4.0, eval_examples=256, max_length_factor=2),
     "medium": Budget("medium", d_model=64, num_layers=2, steps=1000, batch_size=64, lr=2e-3, warmup=50,
                      max_seconds=90.0, eval_examples=1000, max_length_factor=4),
 }
