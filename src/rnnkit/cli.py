@@ -7,6 +7,8 @@ Examples::
     rnnkit generate --checkpoint runs/shakespeare-lstm --prompt "ROMEO:"
     rnnkit eval --checkpoint runs/shakespeare-lstm --split test
     rnnkit list
+    rnnkit bench tasks --models lstm,gru --tasks mqar,parity --budget small --seeds 3 --out RESULTS.jsonl
+    rnnkit report RESULTS.jsonl --out report
 """
 
 from __future__ import annotations
@@ -105,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
 
     sub.add_parser("list", help="registered layers (with modes) and tasks")
+
+    from rnnkit.bench.commands import add_parsers as add_bench_parsers
+
+    add_bench_parsers(sub)  # bench tasks, report
     return parser
 
 
@@ -133,7 +139,7 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
         bidirectional=args.bidirectional,
         dropout=args.dropout,
         head=head,
-        n_outputs=task.d_output if head == "regress" else task.n_classes,
+        n_outputs=task.d_output if head == "regress" else task.n_classes * task.n_heads,
         pooling=args.pooling,
         tie_embeddings=args.tie_embeddings,
     )
@@ -234,7 +240,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "list": cmd_list}
+    from rnnkit.bench.commands import cmd_bench, cmd_report
+
+    commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "list": cmd_list,
+                "bench": cmd_bench, "report": cmd_report}
     try:
         return commands[args.command](args)
     except InputError as error:

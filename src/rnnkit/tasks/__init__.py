@@ -2,8 +2,8 @@
 
 Example:
     >>> from rnnkit.tasks import build_task, task_names
-    >>> task_names()
-    ['adding', 'copy', 'parity', 'shakespeare']
+    >>> task_names()[:4]
+    ['adding', 'copy', 'induction_heads', 'modular_sum']
     >>> task = build_task("parity", variable_length=True)
     >>> batch = next(task.train_batches(batch_size=16, seed=0))
     >>> batch.x.shape, batch.y.shape, batch.lengths.shape
@@ -27,6 +27,9 @@ from rnnkit.tasks.base import (
 
 # Imported for their registration side effect.
 from rnnkit.tasks import adding, copy_memory, parity, shakespeare  # noqa: E402,F401  isort: skip
+from rnnkit.tasks import (  # noqa: E402,F401  isort: skip
+    fashion_mnist, forecast, induction_heads, memory_curricula, mqar, selective_copy, set_disjointness, state_tracking, ucr,
+)
 
 __all__ = [
     "IGNORE_INDEX",

@@ -43,7 +43,8 @@ class Batch:
         x: inputs. ``(B, T)`` int64 token ids when the task's ``input_kind`` is ``"tokens"``, else
             ``(B, T, D_in)`` float32 features.
         y: targets. ``(B, T)`` int64 class ids with ``IGNORE_INDEX`` (-100) where nothing is predicted
-            for ``target == "per_step"``; ``(B,)`` int64 classes for ``"classify"``; ``(B, d_output)``
+            for ``target == "per_step"`` (``(B, T, H)`` for a task with ``n_heads = H > 1``: one class
+            per head per step); ``(B,)`` int64 classes for ``"classify"``; ``(B, d_output)``
             float32 for ``"regress"``.
         lengths: ``(B,)`` int64 valid lengths, each in ``[1, T]``, for right-padded batches; ``None``
             when every sequence fills all ``T`` steps.
@@ -61,10 +62,10 @@ class Batch:
     def num_tokens(self) -> int:
         """Number of predicted targets, for throughput figures such as tokens/s.
 
-        Per-step targets (2-D integer ``y``) count the entries that are not ``IGNORE_INDEX``;
+        Per-step targets (2-D or 3-D integer ``y``) count the entries that are not ``IGNORE_INDEX``;
         per-sequence targets (classification, regression) count one per sequence.
         """
-        if self.y.dim() == 2 and not self.y.is_floating_point():
+        if self.y.dim() >= 2 and not self.y.is_floating_point():
             return int((self.y != IGNORE_INDEX).sum())
         return int(self.y.shape[0])
 
@@ -90,6 +91,10 @@ class Task:
             whose recurrent state the trainer carries across windows (truncated BPTT).
         metrics: what the trainer reports, from ``("loss", "bpc", "accuracy", "mse")``.
         default_seq_len: the ``T`` used when ``seq_len=None``.
+        n_heads: ``H``, per-step targets per step (multi-head curricula); the model's head then emits
+            ``H * n_classes`` logits per step, read as ``(H, n_classes)``. 1 for every other task.
+        test_lengths: the ``T`` values at which the benchmark evaluates the test split; lengths beyond
+            the training ``T`` measure length generalisation. Default ``(default_seq_len,)``.
 
     Instances also carry ``options``: the resolved constructor options, enough to rebuild the task
     with ``build_task(task.name, **task.options)``.
@@ -106,6 +111,11 @@ class Task:
     streaming: bool = False
     metrics: tuple[str, ...] = ("loss",)
     default_seq_len: int = 0
+    n_heads: int = 1
+
+    @property
+    def test_lengths(self) -> tuple[int, ...]:
+        return (self.default_seq_len,)
 
     def __init__(self, **options: Any) -> None:
         self.options: dict[str, Any] = dict(options)
@@ -278,6 +288,20 @@ class SyntheticTask(Task):
     seeds keyed by the split's name (never a train key), cached per ``T``, and cut into batches in
     order; the last batch holds the remainder.
     """
+
+    #: Test lengths as multiples of the default (training) length: 2x and 4x probe length generalisation.
+    length_factors: tuple[int, ...] = (1, 2, 4)
+
+    @property
+    def test_lengths(self) -> tuple[int, ...]:
+        # Only the lengths this task's options can build (e.g. a set that outgrows its alphabet is left out).
+        lengths = []
+        for factor in self.length_factors:
+            try:
+                lengths.append(self.resolve_seq_len(factor * self.default_seq_len))
+            except InputError:
+                continue
+        return tuple(lengths)
 
     def __init__(self, *, eval_examples: int = 1000, **options: Any) -> None:
         check_positive_int("eval_examples", eval_examples)

@@ -1,0 +1,219 @@
+"""The task grid (cells, resumable JSON lines, one real cell per target kind) and its report."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+
+import pytest
+
+from rnnkit.bench import BUDGETS, DEFAULT_TASKS, TaskSpec, build_cells, default_models, read_results, run_cell, run_grid
+from rnnkit.bench.grid import append_line, downsample
+from rnnkit.bench.report import fmt, markdown_tables, mean_spread, write_report
+from rnnkit.cli import main
+from rnnkit.errors import InputError
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+NEEDS_MPL = pytest.mark.skipif(not HAS_MPL, reason="matplotlib missing: pip install -c constraints.txt 'rnnkit[bench]'")
+HAS_AEON = importlib.util.find_spec("aeon") is not None
+
+TINY = dataclasses.replace(BUDGETS["small"], name="tiny", steps=3, warmup=1, eval_examples=16, max_seconds=60.0)
+
+
+# ------------------------------------------------------------------------------------------ cells
+
+
+def test_task_spec_parse():
+    spec = TaskSpec.parse("copy:delay=20:seq_len=31")
+    assert spec.name == "copy" and spec.options == (("delay", 20),) and spec.seq_len == 31
+    assert spec.label == "copy:delay=20:seq_len=31"
+    assert TaskSpec.parse("ucr:dataset=GunPoint").options == (("dataset", "GunPoint"),)
+    assert TaskSpec.parse("set_disjointness:repeat_context=True").options == (("repeat_context", True),)
+    with pytest.raises(InputError, match="expected one of"):
+        TaskSpec.parse("nope")
+    with pytest.raises(InputError, match="expected options from"):
+        TaskSpec.parse("copy:dely=3")
+    with pytest.raises(InputError, match="key=value"):
+        TaskSpec.parse("copy:20")
+    for text in DEFAULT_TASKS:
+        TaskSpec.parse(text)  # the default list is valid
+
+
+def test_build_cells():
+    cells = build_cells(["lstm", "gru"], ["mqar", "parity"], "small", 3, widths=[16, 32])
+    assert len(cells) == 2 * 2 * 2 * 3 and len({c.key for c in cells}) == len(cells)
+    assert [c.task.name for c in cells[:12]] == ["mqar"] * 12  # task-major order
+    assert cells[0].key == "lstm|mqar|d16|s0|small"
+    assert "stacked" not in default_models() and "bidirectional" not in default_models()
+    assert {"lstm", "gru", "elman"} <= set(default_models())
+    with pytest.raises(InputError, match="budget"):
+        build_cells(["lstm"], ["mqar"], "huge", 1)
+    with pytest.raises(InputError):
+        build_cells(["no_such_layer"], ["mqar"], "small", 1)
+    with pytest.raises(InputError, match="seeds"):
+        build_cells(["lstm"], ["mqar"], "small", 0)
+
+
+def test_downsample():
+    assert downsample([1.0, 2.0, 3.0, 4.0], 2) == [[2, 1.5], [4, 3.5]]
+    assert downsample([5.0], 10) == [[1, 5.0]]
+    assert downsample([], 3) == []
+    assert len(downsample([0.0] * 1000, 60)) == 60
+
+
+# ------------------------------------------------------------------------------- results file
+
+
+def test_append_line_and_torn_lines(tmp_path):
+    path = tmp_path / "r.jsonl"
+    append_line(path, {"key": "a", "status": "ok"})
+    with open(path, "ab") as handle:
+        handle.write(b'{"key": "b", "sta')  # a run killed in the middle of a write
+    append_line(path, {"key": "c", "status": "ok"})
+    assert [r["key"] for r in read_results(path)] == ["a", "c"]
+    assert path.read_text().count("\n") == 3
+    assert read_results(tmp_path / "missing.jsonl") == []
+
+
+def test_run_grid_resumes(tmp_path):
+    out = tmp_path / "r.jsonl"
+    cells = build_cells(["lstm", "gru"], ["parity"], "small", 2)
+    calls = []
+    broken = {"gru|parity|d32|s1|small"}
+
+    def runner(cell):
+        calls.append(cell.key)
+        if cell.key in broken:
+            raise RuntimeError("boom")
+        return {"key": cell.key, "status": "ok", "metric": "accuracy", "score": 0.5}
+
+    counts = run_grid(cells, out, progress=False, runner=runner, log=lambda s: None)
+    assert counts == {"total": 4, "skipped": 0, "ok": 3, "error": 1}
+    rows = read_results(out)
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error"] and "boom" in rows[3]["error"]
+    # a rerun only runs the failed cell
+    calls.clear()
+    broken.clear()
+    counts = run_grid(cells, out, progress=False, runner=runner, log=lambda s: None)
+    assert calls == ["gru|parity|d32|s1|small"] and counts["skipped"] == 3 and counts["ok"] == 1
+    # a cell whose run crashed before writing (no line) is run again
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[1:]) + "\n")
+    calls.clear()
+    run_grid(cells, out, progress=False, runner=runner, log=lambda s: None)
+    assert calls == ["lstm|parity|d32|s0|small"]
+
+
+# --------------------------------------------------------------------------------------- real cells
+
+
+@pytest.mark.parametrize("task", ["mqar", "n_dms:n=2:curriculum=multi:stage_steps=1", "adding:seq_len=12"])
+def test_run_cell(task):
+    (cell,) = build_cells(["gru"], [task], "small", 1)
+    cell = dataclasses.replace(cell, budget=TINY, d_model=8)
+    row = run_cell(cell)
+    assert row["status"] == "ok" and row["steps"] == 3 and not row["time_capped"]
+    assert row["key"] == cell.key.replace("small", "tiny") and row["d_model"] == 8
+    assert row["params"] > 0 and row["state_size"] == 8  # one GRU block of width 8
+    assert row["tokens_per_second"] > 0 and row["wall_seconds"] >= row["train_seconds"] > 0
+    assert [p[0] for p in row["loss_curve"]] == [1, 2, 3]
+    lengths = [int(T) for T in row["test"]]
+    assert lengths[0] == row["train_len"] and lengths == sorted(lengths) and len(lengths) == 2
+    assert lengths[1] == 2 * lengths[0]
+    metric = "mse" if task.startswith("adding") else "accuracy"
+    assert row["metric"] == metric and row["score"] == row["test"][str(row["train_len"])][metric]
+    json.dumps(row)  # serialisable
+
+
+def test_run_cell_time_cap():
+    (cell,) = build_cells(["elman"], ["parity"], "small", 1)
+    cell = dataclasses.replace(cell, budget=dataclasses.replace(TINY, steps=50, max_seconds=0.0), d_model=4)
+    row = run_cell(cell)
+    assert row["steps"] == 1 and row["time_capped"] and row["planned_steps"] == 50
+
+
+@pytest.mark.skipif(not HAS_AEON, reason="aeon wheel missing: pip install -c constraints.txt --no-deps aeon==1.6.0")
+def test_run_cell_ucr():
+    (cell,) = build_cells(["lstm"], ["ucr:dataset=UnitTest"], "small", 1)
+    row = run_cell(dataclasses.replace(cell, budget=TINY, d_model=4))
+    assert list(row["test"]) == ["24"] and 0 <= row["score"] <= 1
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def fake_rows():
+    rows = []
+    for model, base in (("lstm", 0.5), ("gru", 0.7)):
+        for seed, delta in enumerate((-0.1, 0.1)):
+            for width, bonus in ((16, 0.0), (32, 0.2)):
+                score = base + delta + bonus
+                rows.append({
+                    "key": f"{model}|mqar|d{width}|s{seed}|small", "status": "ok", "model": model, "task": "mqar",
+                    "task_label": "mqar", "d_model": width, "seed": seed, "budget": "small", "metric": "accuracy",
+                    "score": score, "train_len": 64, "state_size": width * (2 if model == "lstm" else 1),
+                    "test": {"64": {"accuracy": score, "loss": 1.0}, "128": {"accuracy": score / 2, "loss": 2.0}},
+                    "params": 1000 * width, "tokens_per_second": 100.0, "train_seconds": 2.0,
+                    "loss_curve": [[1, 3.0], [2, 2.0 + delta]],
+                })
+    return rows
+
+
+def test_mean_spread_and_fmt():
+    mean, spread, n = mean_spread([0.4, 0.6])
+    assert mean == pytest.approx(0.5) and spread == pytest.approx(0.1414, abs=1e-4) and n == 2
+    assert fmt([0.4, 0.6]) == "0.500 ± 0.141" and fmt([0.25]) == "0.250" and fmt([]) == "–"
+    assert mean_spread([float("nan"), 1.0])[2] == 1
+
+
+def test_markdown_tables():
+    text = markdown_tables(fake_rows())
+    assert "| task | metric | d_model | gru | lstm |" in text
+    assert "| mqar | accuracy | 16 | 0.700 ± 0.141 | 0.500 ± 0.141 |" in text
+    assert "| mqar | accuracy | 32 | 0.900 ± 0.141 | 0.700 ± 0.141 |" in text
+    assert "0.350 ± 0.071 (T=128)" in text  # gru, width 32, at twice the length
+    assert "| lstm | 32 | 32,000 | 64 |" in text
+    assert "Seeds: 2" in text
+
+
+@NEEDS_MPL
+def test_write_report(tmp_path):
+    results = tmp_path / "r.jsonl"
+    for row in fake_rows():
+        append_line(results, row)
+    append_line(results, {"key": "elman|mqar|d16|s0|small", "status": "error", "error": "x"})
+    paths = write_report(results, tmp_path / "rep")
+    names = sorted(p.name for p in paths)
+    assert names == ["length_generalisation.png", "loss_curves.png", "mqar_state_size.png", "report.html", "report.md"]
+    for p in paths:
+        assert p.stat().st_size > 0
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "<table>" in page and "src='mqar" not in page
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Failed cells" in md and "elman|mqar|d16|s0|small" in md
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(InputError, match="non-empty"):
+        write_report(empty, tmp_path / "x")
+
+
+@NEEDS_MPL
+def test_cli_bench_and_report(tmp_path, capsys):
+    out = tmp_path / "R.jsonl"
+    argv = ["bench", "tasks", "--models", "elman,gru", "--tasks", "modular_sum:modulus=3", "--budget", "small",
+            "--seeds", "2", "--steps", "2", "--widths", "4", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    rows = read_results(out)
+    assert len(rows) == 4 and {r["budget"] for r in rows} == {"small+steps=2"}
+    assert {(r["model"], r["seed"]) for r in rows} == {("elman", 0), ("elman", 1), ("gru", 0), ("gru", 1)}
+    assert main(argv) == 0  # resumed: nothing left to run
+    assert len(read_results(out)) == 4
+    assert "4 skipped" in capsys.readouterr().out
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.html").is_file()
+    assert main(["bench", "tasks", "--budget", "huge", "--out", str(out)]) == 2
+    assert os.path.getsize(out) > 0
