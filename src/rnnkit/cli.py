@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-clip", type=float, default=1.0)
     train.add_argument("--eval-every", type=int)
     train.add_argument("--eval-batch-size", type=int, default=64)
+    train.add_argument("--eval-max-batches", type=int, help="cap on val batches per evaluation (default: all)")
     train.add_argument("--mode", default="auto", help="layer mode for training (default auto)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu")
@@ -81,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="checkpoint directory (default runs/<task>-<model>-<time>)")
     train.add_argument("--sample-length", type=int, default=300, help="characters sampled after training (text tasks)")
     train.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    train.add_argument("--log-every", type=int, default=50, help="steps between log lines with --no-progress")
+    train.add_argument("--log-dir", help="write metrics to CSV and TensorBoard event files here")
+    train.add_argument("--checkpoint-every", type=int, default=0,
+                       help="write a resumable checkpoint to <out>/checkpoints every N steps (SIGTERM/SIGINT always do)")
+    train.add_argument("--keep-last", type=int, default=3, help="resumable checkpoints kept (0: all)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue exactly from the latest checkpoint in --out (start fresh if there is none)")
+    train.add_argument("--nan-policy", choices=["raise", "skip"], default="raise",
+                       help="non-finite loss or gradient norm: raise (default) or skip the step")
+    train.add_argument("--max-skips", type=int, default=10, help="--nan-policy skip: consecutive skips tolerated")
 
     gen = sub.add_parser("generate", help="sample text from a trained character model")
     gen.add_argument("--checkpoint", required=True, help="directory written by `rnnkit train`")
@@ -124,10 +135,14 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
 def cmd_train(args: argparse.Namespace) -> int:
     from rnnkit.models import SequenceModel
     from rnnkit.tasks import build_task
-    from rnnkit.train import TrainConfig, Trainer, describe_metrics, seed_everything
+    from rnnkit.train import TrainConfig, Trainer, describe_metrics, distributed, seed_everything
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.resume and not args.out:
+        raise InputError("--resume: expected --out DIR naming the run to continue, got no --out")
+    device = distributed.init_from_env(args.device)  # joins torchrun's process group, if any
+    lead = distributed.rank_and_world()[0] == 0
     task = build_task(args.task, **dict(_parse_option(o) for o in args.task_opt))
     defaults = SHAKESPEARE_DEFAULTS if args.task == "shakespeare" else GENERIC_DEFAULTS
     seed_everything(args.seed)  # parameters are initialised from the run's seed
@@ -138,17 +153,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=pick("steps", "steps"), batch_size=pick("batch_size", "batch_size"),
         seq_len=pick("seq_len", "seq_len"), lr=pick("lr", "lr"), warmup_steps=pick("warmup", "warmup"),
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=pick("eval_every", "eval_every"),
-        eval_batch_size=args.eval_batch_size, seed=args.seed, mode=args.mode, device=args.device,
-        progress=not args.no_progress,
+        eval_batch_size=args.eval_batch_size, eval_max_batches=args.eval_max_batches, seed=args.seed, mode=args.mode, device=device,
+        progress=not args.no_progress, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+        keep_last=args.keep_last, nan_policy=args.nan_policy, max_skips=args.max_skips,
     )
     out = Path(args.out or f"runs/{args.task}-{model_config.layer}-{time.strftime('%Y%m%d-%H%M%S')}")
     params = sum(p.numel() for p in model.parameters())
-    print(f"rnnkit train: task {task.name}, model {model_config.block}/{model_config.layer} "
+    say = print if lead else (lambda *a, **k: None)
+    say(f"rnnkit train: task {task.name}, model {model_config.block}/{model_config.layer} "
           f"d_model={model_config.d_model} layers={model_config.num_layers} ({params:,} parameters), "
           f"{config.steps} steps of batch {config.batch_size} x {config.seq_len or task.default_seq_len}, "
           f"lr {config.lr}, {torch.get_num_threads()} threads", flush=True)
-    trainer = Trainer(model, task, config, out_dir=out, run_info={"argv": sys.argv[1:]})
+    trainer = Trainer(model, task, config, out_dir=out, run_info={"argv": sys.argv[1:]}, log_dir=args.log_dir)
+    if args.resume:
+        restored = trainer.resume()
+        say(f"resumed from {restored} at step {trainer.step}" if restored else "no checkpoint to resume: starting fresh",
+            flush=True)
     result = trainer.fit()
+    distributed.shutdown()
+    if result["interrupted"]:
+        say(f"stopped by {result['interrupted']} at step {result['steps']}; checkpoint in {out / 'checkpoints'} "
+            "(continue with --resume)", flush=True)
+        return 0
+    if not lead:
+        return 0
     print(f"done in {result['seconds']:.0f} s ({result['tokens_per_second']:,.0f} tokens/s); "
           f"val: {describe_metrics(result['val'])}")
     print(f"checkpoint: {out}")
