@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--length", type=int, default=500, help="characters to generate")
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
     gen.add_argument("--seed", type=int, default=0)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a split")
@@ -186,11 +187,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample(model, task, prompt: str, length: int, temperature: float, top_k: int | None, seed: int) -> str:
+def _sample(model, task, prompt: str, length: int, temperature: float, top_k: int | None, seed: int,
+            top_p: float | None = None) -> str:
     model.eval()
     ids = task.encode(prompt)[None, :]  # (1, T0)
     pieces = [prompt]
-    for token in model.stream(ids, length, temperature=temperature, top_k=top_k, seed=seed):
+    for token in model.stream(ids, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
         pieces.append(task.decode(token))
     return "".join(pieces)
 
@@ -212,7 +214,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, task, _ = _load_checkpoint(args.checkpoint)
     if not hasattr(task, "vocab"):
         raise InputError(f"--checkpoint: expected a character language model, got one trained on {task.name!r}")
-    print(_sample(model, task, args.prompt, args.length, args.temperature, args.top_k, args.seed))
+    print(_sample(model, task, args.prompt, args.length, args.temperature, args.top_k, args.seed, args.top_p))
     return 0
 
 
