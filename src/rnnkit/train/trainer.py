@@ -97,6 +97,10 @@ class TrainConfig:
         for name in ("mode", "device"):
             if not isinstance(getattr(self, name), str):
                 raise InputError(f"{name}: expected a string, got {getattr(self, name)!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise InputError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from None
         betas = self.betas
         if (not isinstance(betas, (tuple, list)) or len(betas) != 2
                 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
