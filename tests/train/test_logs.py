@@ -74,10 +74,22 @@ def read_events(path) -> list[dict]:
                 for _, raw_value in _fields(value):
                     parts = dict(_fields(raw_value))
                     event["scalars"][parts[1].decode()] = struct.unpack("<f", parts[2])[0]
-            elif field == 6:
+            elif field == 7:  # session_log
                 event["session_start"] = dict(_fields(value)).get(1) == 1
         events.append(event)
     return events
+
+
+def test_event_bytes_follow_the_proto_field_numbers():
+    """Golden bytes from tensorflow/core/util/event.proto (Event: wall_time=1 double, step=2 int64,
+    summary=5, session_log=7; SessionLog.status=1, START=1) and summary.proto (Summary.value=1;
+    Value: tag=1, simple_value=2 float)."""
+    from rnnkit.train.events import encode_event
+
+    wall = b"\x09" + struct.pack("<d", 1.5)
+    assert encode_event(1.5, 3, session_start=True) == wall + b"\x10\x03" + b"\x3a\x02\x08\x01"
+    value = b"\x0a\x01a" + b"\x15" + struct.pack("<f", 2.0)
+    assert encode_event(1.5, 300, scalars={"a": 2.0}) == wall + b"\x10\xac\x02" + b"\x2a\x0b" + b"\x0a\x09" + value
 
 
 def test_event_writer_round_trips_through_an_independent_decoder(tmp_path):
@@ -106,6 +118,17 @@ def test_tensorboard_reads_our_event_files(tmp_path):
     acc = accumulator.EventAccumulator(str(tmp_path))
     acc.Reload()
     assert [(e.step, round(e.value, 6)) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.333333)]
+    # A resumed run (from step 2) marks the restart; TensorBoard then drops the old step 3.
+    resumed = tmp_path / "resumed"
+    writer = EventWriter(resumed)
+    for step in range(1, 4):
+        writer.add_scalars(step, {"train/loss": 1.0 / step})
+    writer.session_start(3)
+    writer.add_scalars(3, {"train/loss": 7.0})
+    writer.close()
+    acc = accumulator.EventAccumulator(str(resumed))
+    acc.Reload()
+    assert [(e.step, round(e.value, 6)) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 7.0)]
 
 
 def test_trainer_logs_every_step_to_csv_and_tensorboard(tmp_path):

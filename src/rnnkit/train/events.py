@@ -8,7 +8,7 @@ against their published test vectors and, where ``tensorboard`` is installed, it
 - TFRecord framing: ``uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)``
   (little-endian), CRC-32C (Castagnoli) masked as ``((crc >> 15) | (crc << 17)) + 0xa282ead8``;
 - ``tensorflow.Event`` protobuf: ``wall_time`` (1, double), ``step`` (2, int64), ``file_version``
-  (3, string), ``summary`` (5), ``session_log`` (6);
+  (3, string), ``summary`` (5), ``session_log`` (7, with ``status`` = 1 for START);
 - ``Summary.Value``: ``tag`` (1, string), ``simple_value`` (2, float).
 
 A ``SessionLog.START`` event at step ``s`` tells TensorBoard to discard older events with step >= s,
@@ -85,7 +85,7 @@ def encode_event(wall_time: float, step: int, *, file_version: str | None = None
         )
         out += _bytes_field(5, values)
     if session_start:
-        out += _bytes_field(6, _key(1, 0) + _varint(1))  # SessionLog{status: START}
+        out += _bytes_field(7, _key(1, 0) + _varint(1))  # session_log = SessionLog{status: START}
     return out
 
 
