@@ -89,7 +89,7 @@ def test_event_bytes_follow_the_proto_field_numbers():
     wall = b"\x09" + struct.pack("<d", 1.5)
     assert encode_event(1.5, 3, session_start=True) == wall + b"\x10\x03" + b"\x3a\x02\x08\x01"
     value = b"\x0a\x01a" + b"\x15" + struct.pack("<f", 2.0)
-    assert encode_event(1.5, 300, scalars={"a": 2.0}) == wall + b"\x10\xac\x02" + b"\x2a\x0b" + b"\x0a\x09" + value
+    assert encode_event(1.5, 300, scalars={"a": 2.0}) == wall + b"\x10\xac\x02" + b"\x2a\x0a" + b"\x0a\x08" + value
 
 
 def test_event_writer_round_trips_through_an_independent_decoder(tmp_path):
