@@ -63,8 +63,8 @@ class MetricsLogger:
         self._train_csv = csv.DictWriter(self._train, fieldnames=TRAIN_FIELDS, lineterminator="\n", extrasaction="ignore")
         self._eval_csv = csv.DictWriter(self._eval, fieldnames=EVAL_FIELDS, lineterminator="\n")
         self.events = EventWriter(self.log_dir)
-        if resume_step > 0:
-            self.events.session_start(resume_step + 1)
+        # Tell TensorBoard to forget steps this session redoes (those of a killed earlier session).
+        self.events.session_start(resume_step + 1)
 
     def log_train(self, record: dict[str, float]) -> None:
         """One step's record (keys of ``TRAIN_FIELDS``)."""

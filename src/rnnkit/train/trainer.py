@@ -402,10 +402,12 @@ class Trainer:
                         interrupted = signal.Signals(self._stop_signal or signal.SIGTERM).name
                         self.save_checkpoint()
                         break
+        except BaseException:
+            if logger is not None:
+                logger.close()
+            raise
         finally:
             bar.close()
-            if logger is not None:
-                logger.flush()
         seconds = time.perf_counter() - session_start
         result = {
             "steps": self.step,
