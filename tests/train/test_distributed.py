@@ -158,3 +158,16 @@ def test_torchrun_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("rnnkit train:") == 1  # only rank 0 talks
     assert [s for s, _ in CheckpointManager(out / "checkpoints").committed()] == [4, 6]
+
+
+def test_two_ranks_carry_their_own_tbptt_streams(tmp_path):
+    """Streaming LM under DDP: each rank carries the state of its own rows across windows."""
+    argv = lambda out: ["train", "--task", "shakespeare", "--model", "lstm", "--d-model", "8", "--steps", "4",  # noqa: E731
+                        "--batch-size", "4", "--seq-len", "8", "--sample-length", "0", "--eval-max-batches", "1",
+                        "--eval-batch-size", "2", "--no-progress", "--threads", "1", "--out", str(out),
+                        "--log-dir", str(out / "logs")]
+    from rnnkit.cli import main
+
+    _fork_ranks(_cli_rank, _free_port(), argv(tmp_path / "ddp"))
+    assert main(argv(tmp_path / "single")) == 0
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-5)
