@@ -4,6 +4,8 @@ Examples::
 
     rnnkit train                                   # the default Shakespeare character model (~5 min on 2 cores)
     rnnkit train --task adding --model gru --steps 2000
+    rnnkit train --out runs/lm --checkpoint-every 200 --log-dir runs/lm/logs --resume   # survives kills
+    torchrun --nproc_per_node=2 -m rnnkit train --task parity --batch-size 64          # data parallel
     rnnkit generate --checkpoint runs/shakespeare-lstm --prompt "ROMEO:"
     rnnkit eval --checkpoint runs/shakespeare-lstm --split test
     rnnkit list

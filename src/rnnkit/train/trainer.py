@@ -394,7 +394,8 @@ class Trainer:
                         last_val = self.evaluate("val")
                         if logger is not None:
                             logger.log_eval(self.step, "val", last_val)
-                        bar.write(f"step {self.step}: val " + describe_metrics(last_val)) if lead else None
+                        if lead:
+                            bar.write(f"step {self.step}: val " + describe_metrics(last_val))
                         self.model.train()
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
