@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -136,9 +138,41 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from rnnkit.train import describe_metrics, distributed
+
+    # A SIGTERM/SIGINT during set-up is held back and honoured after the first step, like one in training.
+    pending: list[int] = []
+    held = _hold_signals(pending.append)
+    try:
+        trainer, say = _prepare_training(args)
+    finally:
+        _restore_signals(held)
+    if pending:
+        trainer.request_stop(pending[0])
+    result = trainer.fit()
+    distributed.shutdown()
+    out, model, task = trainer.out_dir, trainer.model, trainer.task
+    if result["interrupted"]:
+        say(f"stopped by {result['interrupted']} at step {result['steps']}; checkpoint in {out / 'checkpoints'} "
+            "(continue with --resume)", flush=True)
+        return 0
+    if trainer.rank != 0:
+        return 0
+    print(f"done in {result['seconds']:.0f} s ({result['tokens_per_second']:,.0f} tokens/s); "
+          f"val: {describe_metrics(result['val'])}")
+    print(f"checkpoint: {out}")
+    if task.input_kind == "tokens" and task.target == "per_step" and hasattr(task, "vocab") and args.sample_length > 0:
+        print("sample:")
+        print(_sample(model, task, "\n", args.sample_length, 0.8, None, args.seed))
+    return 0
+
+
+def _prepare_training(args: argparse.Namespace):
+    """Task, model, config and Trainer of ``rnnkit train`` (resumed with ``--resume``), and a ``say``
+    that prints on rank 0 only."""
     from rnnkit.models import SequenceModel
     from rnnkit.tasks import build_task
-    from rnnkit.train import TrainConfig, Trainer, describe_metrics, distributed, seed_everything
+    from rnnkit.train import TrainConfig, Trainer, distributed, seed_everything
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,37 +190,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=pick("steps", "steps"), batch_size=pick("batch_size", "batch_size"),
         seq_len=pick("seq_len", "seq_len"), lr=pick("lr", "lr"), warmup_steps=pick("warmup", "warmup"),
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=pick("eval_every", "eval_every"),
-        eval_batch_size=args.eval_batch_size, eval_max_batches=args.eval_max_batches, seed=args.seed, mode=args.mode, device=device,
-        progress=not args.no_progress, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-        keep_last=args.keep_last, nan_policy=args.nan_policy, max_skips=args.max_skips,
+        eval_batch_size=args.eval_batch_size, eval_max_batches=args.eval_max_batches, seed=args.seed,
+        mode=args.mode, device=device, progress=not args.no_progress, log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, nan_policy=args.nan_policy,
+        max_skips=args.max_skips,
     )
     out = Path(args.out or f"runs/{args.task}-{model_config.layer}-{time.strftime('%Y%m%d-%H%M%S')}")
     params = sum(p.numel() for p in model.parameters())
     say = print if lead else (lambda *a, **k: None)
     say(f"rnnkit train: task {task.name}, model {model_config.block}/{model_config.layer} "
-          f"d_model={model_config.d_model} layers={model_config.num_layers} ({params:,} parameters), "
-          f"{config.steps} steps of batch {config.batch_size} x {config.seq_len or task.default_seq_len}, "
-          f"lr {config.lr}, {torch.get_num_threads()} threads", flush=True)
+        f"d_model={model_config.d_model} layers={model_config.num_layers} ({params:,} parameters), "
+        f"{config.steps} steps of batch {config.batch_size} x {config.seq_len or task.default_seq_len}, "
+        f"lr {config.lr}, {torch.get_num_threads()} threads", flush=True)
     trainer = Trainer(model, task, config, out_dir=out, run_info={"argv": sys.argv[1:]}, log_dir=args.log_dir)
     if args.resume:
         restored = trainer.resume()
         say(f"resumed from {restored} at step {trainer.step}" if restored else "no checkpoint to resume: starting fresh",
             flush=True)
-    result = trainer.fit()
-    distributed.shutdown()
-    if result["interrupted"]:
-        say(f"stopped by {result['interrupted']} at step {result['steps']}; checkpoint in {out / 'checkpoints'} "
-            "(continue with --resume)", flush=True)
-        return 0
-    if not lead:
-        return 0
-    print(f"done in {result['seconds']:.0f} s ({result['tokens_per_second']:,.0f} tokens/s); "
-          f"val: {describe_metrics(result['val'])}")
-    print(f"checkpoint: {out}")
-    if task.input_kind == "tokens" and task.target == "per_step" and hasattr(task, "vocab") and args.sample_length > 0:
-        print("sample:")
-        print(_sample(model, task, "\n", args.sample_length, 0.8, None, args.seed))
-    return 0
+    return trainer, say
+
+
+def _hold_signals(record) -> dict:
+    """Route SIGTERM/SIGINT to ``record`` (main thread only); returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda signum, frame: record(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _sample(model, task, prompt: str, length: int, temperature: float, top_k: int | None, seed: int,

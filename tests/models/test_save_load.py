@@ -49,7 +49,7 @@ def test_checkpoint_written_on_gpu_resumes_on_cpu(tmp_path):
 
     def on_step(step, record):
         if step == stop["at"]:
-            partial._stop_signal = 15  # as if SIGTERM arrived: checkpoint at this boundary and return
+            partial.request_stop()  # as SIGTERM would: checkpoint at this boundary and return
 
     assert partial.fit(on_step)["interrupted"] == "SIGTERM"
     latest = CheckpointManager(tmp_path / "run" / "checkpoints").latest()

@@ -227,3 +227,21 @@ def test_resume_rejects_a_torn_or_foreign_checkpoint(tmp_path):
     with pytest.raises(InputError, match="committed checkpoint"):
         same.resume(tmp_path / "nowhere")
     assert json.loads((latest / "train.json").read_text())["rnnkit_version"]
+
+
+def test_a_signal_during_set_up_is_honoured_after_the_first_step(tmp_path, monkeypatch):
+    import rnnkit.cli as cli
+
+    prepare = cli._prepare_training
+
+    def prepare_then_signal(args):
+        result = prepare(args)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives before training starts
+        return result
+
+    monkeypatch.setattr(cli, "_prepare_training", prepare_then_signal)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    assert main(train_argv("adding-gru2-dropout", out, 6, 0)) == 0
+    assert [s for s, _ in CheckpointManager(out / "checkpoints").committed()] == [1]
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the CLI restores what it replaced

@@ -522,6 +522,10 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask :meth:`fit` to checkpoint and return at the next step boundary (what SIGTERM does)."""
+        self._stop_signal = int(signum)
+
     def _stop_requested(self) -> bool:
         flag = float(self._stop_signal is not None)
         if self.world_size > 1:  # torchrun signals every rank, maybe at different steps: agree on one
