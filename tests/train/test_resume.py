@@ -100,6 +100,7 @@ def test_sigkill_many_times_fresh_interpreters(tmp_path):
         stats = _killed_and_resumed(out, name, steps, every, 6, duration, random.Random(100 + index), launch)
         assert stats["kills"] >= 1
         assert_identical(run_state(reference), run_state(out))
+        print(f"{name}: reference {duration:.2f} s, {stats}, bit-identical")
 
 
 def _resume_after_signal(tmp_path, sig, launch_real_interpreter):
