@@ -4,6 +4,8 @@ Examples::
 
     rnnkit train                                   # the default Shakespeare character model (~5 min on 2 cores)
     rnnkit train --task adding --model gru --steps 2000
+    rnnkit train --out runs/lm --checkpoint-every 200 --log-dir runs/lm/logs --resume   # survives kills
+    torchrun --nproc_per_node=2 -m rnnkit train --task parity --batch-size 64          # data parallel
     rnnkit generate --checkpoint runs/shakespeare-lstm --prompt "ROMEO:"
     rnnkit eval --checkpoint runs/shakespeare-lstm --split test
     rnnkit list
@@ -16,7 +18,9 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-clip", type=float, default=1.0)
     train.add_argument("--eval-every", type=int)
     train.add_argument("--eval-batch-size", type=int, default=64)
+    train.add_argument("--eval-max-batches", type=int, help="cap on val batches per evaluation (default: all)")
     train.add_argument("--mode", default="auto", help="layer mode for training (default auto)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu")
@@ -92,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="checkpoint directory (default runs/<task>-<model>-<time>)")
     train.add_argument("--sample-length", type=int, default=300, help="characters sampled after training (text tasks)")
     train.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    train.add_argument("--log-every", type=int, default=50, help="steps between log lines with --no-progress")
+    train.add_argument("--log-dir", help="write metrics to CSV and TensorBoard event files here")
+    train.add_argument("--checkpoint-every", type=int, default=0,
+                       help="write a resumable checkpoint to <out>/checkpoints every N steps (SIGTERM/SIGINT always do)")
+    train.add_argument("--keep-last", type=int, default=3, help="resumable checkpoints kept (0: all)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue exactly from the latest checkpoint in --out (start fresh if there is none)")
+    train.add_argument("--nan-policy", choices=["raise", "skip"], default="raise",
+                       help="non-finite loss or gradient norm: raise (default) or skip the step")
+    train.add_argument("--max-skips", type=int, default=10, help="--nan-policy skip: consecutive skips tolerated")
 
     gen = sub.add_parser("generate", help="sample text from a trained character model")
     gen.add_argument("--checkpoint", required=True, help="directory written by `rnnkit train`")
@@ -99,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--length", type=int, default=500, help="characters to generate")
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
     gen.add_argument("--seed", type=int, default=0)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a split")
@@ -146,12 +162,48 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from rnnkit.train import describe_metrics, distributed
+
+    # A SIGTERM/SIGINT during set-up is held back and honoured after the first step, like one in training.
+    pending: list[int] = []
+    held = _hold_signals(pending.append)
+    try:
+        trainer, say = _prepare_training(args)
+    finally:
+        _restore_signals(held)
+    if pending:
+        trainer.request_stop(pending[0])
+    result = trainer.fit()
+    distributed.shutdown()
+    out, model, task = trainer.out_dir, trainer.model, trainer.task
+    if result["interrupted"]:
+        say(f"stopped by {result['interrupted']} at step {result['steps']}; checkpoint in {out / 'checkpoints'} "
+            "(continue with --resume)", flush=True)
+        return 0
+    if trainer.rank != 0:
+        return 0
+    print(f"done in {result['seconds']:.0f} s ({result['tokens_per_second']:,.0f} tokens/s); "
+          f"val: {describe_metrics(result['val'])}")
+    print(f"checkpoint: {out}")
+    if task.input_kind == "tokens" and task.target == "per_step" and hasattr(task, "vocab") and args.sample_length > 0:
+        print("sample:")
+        print(_sample(model, task, "\n", args.sample_length, 0.8, None, args.seed))
+    return 0
+
+
+def _prepare_training(args: argparse.Namespace):
+    """Task, model, config and Trainer of ``rnnkit train`` (resumed with ``--resume``), and a ``say``
+    that prints on rank 0 only."""
     from rnnkit.models import SequenceModel
     from rnnkit.tasks import build_task
-    from rnnkit.train import TrainConfig, Trainer, describe_metrics, resolve_precision, seed_everything
+    from rnnkit.train import TrainConfig, Trainer, distributed, resolve_precision, seed_everything
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.resume and not args.out:
+        raise InputError("--resume: expected --out DIR naming the run to continue, got no --out")
+    device = distributed.init_from_env(args.device)  # joins torchrun's process group, if any
+    lead = distributed.rank_and_world()[0] == 0
     task = build_task(args.task, **dict(_parse_option(o) for o in args.task_opt))
     defaults = SHAKESPEARE_DEFAULTS if args.task == "shakespeare" else GENERIC_DEFAULTS
     seed_everything(args.seed)  # parameters are initialised from the run's seed
@@ -162,32 +214,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=pick("steps", "steps"), batch_size=pick("batch_size", "batch_size"),
         seq_len=pick("seq_len", "seq_len"), lr=pick("lr", "lr"), warmup_steps=pick("warmup", "warmup"),
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=pick("eval_every", "eval_every"),
-        eval_batch_size=args.eval_batch_size, seed=args.seed, mode=args.mode, device=args.device,
-        precision=resolve_precision(pick("precision", "precision"), args.device),
-        progress=not args.no_progress,
+        eval_batch_size=args.eval_batch_size, eval_max_batches=args.eval_max_batches, seed=args.seed,
+        mode=args.mode, device=device, precision=resolve_precision(pick("precision", "precision"), device),
+        progress=not args.no_progress, log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, nan_policy=args.nan_policy,
+        max_skips=args.max_skips,
     )
     out = Path(args.out or f"runs/{args.task}-{model_config.layer}-{time.strftime('%Y%m%d-%H%M%S')}")
     params = sum(p.numel() for p in model.parameters())
-    print(f"rnnkit train: task {task.name}, model {model_config.block}/{model_config.layer} "
-          f"d_model={model_config.d_model} layers={model_config.num_layers} ({params:,} parameters), "
-          f"{config.steps} steps of batch {config.batch_size} x {config.seq_len or task.default_seq_len}, "
-          f"lr {config.lr}, {config.precision}, {torch.get_num_threads()} threads", flush=True)
-    trainer = Trainer(model, task, config, out_dir=out, run_info={"argv": sys.argv[1:]})
-    result = trainer.fit()
-    print(f"done in {result['seconds']:.0f} s ({result['tokens_per_second']:,.0f} tokens/s); "
-          f"val: {describe_metrics(result['val'])}")
-    print(f"checkpoint: {out}")
-    if task.input_kind == "tokens" and task.target == "per_step" and hasattr(task, "vocab") and args.sample_length > 0:
-        print("sample:")
-        print(_sample(model, task, "\n", args.sample_length, 0.8, None, args.seed))
-    return 0
+    say = print if lead else (lambda *a, **k: None)
+    say(f"rnnkit train: task {task.name}, model {model_config.block}/{model_config.layer} "
+        f"d_model={model_config.d_model} layers={model_config.num_layers} ({params:,} parameters), "
+        f"{config.steps} steps of batch {config.batch_size} x {config.seq_len or task.default_seq_len}, "
+        f"lr {config.lr}, {config.precision}, {torch.get_num_threads()} threads", flush=True)
+    trainer = Trainer(model, task, config, out_dir=out, run_info={"argv": sys.argv[1:]}, log_dir=args.log_dir)
+    if args.resume:
+        restored = trainer.resume()
+        say(f"resumed from {restored} at step {trainer.step}" if restored else "no checkpoint to resume: starting fresh",
+            flush=True)
+    return trainer, say
 
 
-def _sample(model, task, prompt: str, length: int, temperature: float, top_k: int | None, seed: int) -> str:
+def _hold_signals(record) -> dict:
+    """Route SIGTERM/SIGINT to ``record`` (main thread only); returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda signum, frame: record(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _sample(model, task, prompt: str, length: int, temperature: float, top_k: int | None, seed: int,
+            top_p: float | None = None) -> str:
     model.eval()
     ids = task.encode(prompt)[None, :]  # (1, T0)
     pieces = [prompt]
-    for token in model.stream(ids, length, temperature=temperature, top_k=top_k, seed=seed):
+    for token in model.stream(ids, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
         pieces.append(task.decode(token))
     return "".join(pieces)
 
@@ -209,7 +274,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, task, _ = _load_checkpoint(args.checkpoint)
     if not hasattr(task, "vocab"):
         raise InputError(f"--checkpoint: expected a character language model, got one trained on {task.name!r}")
-    print(_sample(model, task, args.prompt, args.length, args.temperature, args.top_k, args.seed))
+    print(_sample(model, task, args.prompt, args.length, args.temperature, args.top_k, args.seed, args.top_p))
     return 0
 
 

@@ -164,8 +164,8 @@ class Recurrence(nn.Module):
         """
         if not self.causal:
             raise InputError(
-                f"step: {type(self).__name__} is not causal (its output needs the whole sequence); "
-                "use forward on complete sequences"
+                f"step: expected a causal layer, got {type(self).__name__}, which is not causal (its output "
+                "needs the whole sequence); use forward on complete sequences"
             )
         x_t = self._check_x("x_t", x_t, rank=2)
         state = self._check_or_init_state(state, x_t.shape[0], x_t)

@@ -23,7 +23,10 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def _write_atomic(path: Path, write: Any) -> None:
+def write_atomic(path: str | os.PathLike, write: Any) -> None:
+    """Create ``path`` atomically: ``write(tmp_name)`` fills a temporary file in the same directory,
+    which is fsynced and then renamed over ``path`` (a crash leaves the old file or the new, never half)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -44,7 +47,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         with open(tmp, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
 
-    _write_atomic(Path(path), write)
+    write_atomic(path, write)
 
 
 def save_model(model: torch.nn.Module, config: dict[str, Any], out_dir: str | os.PathLike) -> Path:
@@ -61,7 +64,7 @@ def save_model(model: torch.nn.Module, config: dict[str, Any], out_dir: str | os
             continue
         seen[key] = name
         tensors[name] = tensor.detach().cpu().contiguous()
-    _write_atomic(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json_atomic(out_dir / CONFIG_NAME, config)
     return out_dir
 
@@ -77,18 +80,20 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"checkpoint: expected valid JSON in {path}, got {error}") from None
 
 
-def load_weights(model: torch.nn.Module, directory: str | os.PathLike, device: str | torch.device = "cpu") -> None:
-    """Load ``model.safetensors`` into ``model``, all or nothing.
+def read_weights(model: torch.nn.Module, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read ``model.safetensors`` onto the CPU and check it fits ``model``; the model is not touched.
+
+    Tensors are always read to the CPU first, so weights saved from a GPU load on a CPU-only machine.
 
     Raises:
-        InputError: missing or corrupted file, missing or unexpected tensors, or shape mismatches.
+        InputError: missing or corrupted file, missing or unexpected tensors, shape or dtype mismatches.
     """
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise InputError(f"checkpoint: expected {path} to exist, got no such file")
     try:
-        tensors = load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as error:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise InputError(f"checkpoint: expected a readable safetensors file at {path}, got error: {error}") from None
     expected = model.state_dict()
     # Tied parameters were stored once; give every alias the stored tensor.
@@ -110,4 +115,18 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike, device: s
             raise InputError(
                 f"checkpoint: tensor {name}: expected shape {tuple(tensor.shape)}, got {tuple(tensors[name].shape)}"
             )
-    model.load_state_dict(tensors, strict=True)
+        if tensors[name].dtype.is_floating_point != tensor.dtype.is_floating_point:
+            raise InputError(f"checkpoint: tensor {name}: expected dtype {tensor.dtype}, got {tensors[name].dtype}")
+    return tensors
+
+
+def load_weights(model: torch.nn.Module, directory: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    """Load ``model.safetensors`` into ``model``, all or nothing (everything is checked first).
+
+    ``device`` is accepted for backward compatibility; tensors are copied to wherever the model's
+    parameters live.
+
+    Raises:
+        InputError: missing or corrupted file, missing or unexpected tensors, or shape mismatches.
+    """
+    model.load_state_dict(read_weights(model, directory), strict=True)

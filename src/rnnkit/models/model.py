@@ -10,8 +10,9 @@ last valid step or the masked mean over time).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -296,55 +297,142 @@ class SequenceModel(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        prompt: torch.Tensor,
+        prompt: torch.Tensor | Sequence[torch.Tensor | Sequence[int]],
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
+        prompt_lengths: torch.Tensor | Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Sample a continuation of token prompts with constant memory per token.
+        """Sample continuations of token prompts with constant memory per token.
+
+        The prompts are read by one parallel ``forward`` (prefill); every new token is then one
+        :meth:`step` on the recurrent state, so memory does not grow with the number of tokens.
 
         Args:
-            prompt: ``(B, T0)`` token ids (T0 >= 1).
-            max_new_tokens: number of tokens to sample.
+            prompt: ``(B, T0)`` int64 token ids, or a list of ``B`` 1-D id sequences of different
+                lengths (right-padded internally).
+            max_new_tokens: number of tokens to sample per sequence.
             temperature: softmax temperature (> 0); lower is greedier.
-            top_k: sample only among the k most likely tokens.
-            seed: seed of the sampling generator (reproducible samples).
+            top_k: sample only among the k most likely tokens (``top_k=1`` is greedy decoding).
+            top_p: nucleus sampling (Holtzman et al. 2020, "The Curious Case of Neural Text
+                Degeneration"): sample from the smallest set of tokens whose probability reaches
+                ``top_p``, in (0, 1].
+            seed: seed of the sampling generator (same seed, same samples); None draws a fresh one
+                without touching the global RNG.
+            prompt_lengths: ``(B,)`` valid lengths of a right-padded ``(B, T0)`` prompt.
 
         Returns:
             ``(B, max_new_tokens)`` sampled ids.
+
+        Example:
+            >>> ids = model.generate([torch.tensor([5, 2, 9]), torch.tensor([7])], 20, top_p=0.9, seed=0)
         """
-        tokens = list(self.stream(prompt, max_new_tokens, temperature, top_k, seed))
+        tokens = list(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, prompt_lengths))
         if not tokens:
-            return torch.empty(prompt.shape[0], 0, dtype=torch.long, device=prompt.device)
+            batch = len(prompt) if not isinstance(prompt, torch.Tensor) else prompt.shape[0]
+            return torch.empty(batch, 0, dtype=torch.long, device=next(self.parameters()).device)
         return torch.stack(tokens, 1)
 
     @torch.no_grad()
-    def stream(self, prompt, max_new_tokens, temperature=1.0, top_k=None, seed=None) -> Iterator[torch.Tensor]:
-        """Like :meth:`generate` but yields each ``(B,)`` token as soon as it is sampled."""
+    def stream(
+        self,
+        prompt,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        prompt_lengths=None,
+    ) -> Iterator[torch.Tensor]:
+        """Like :meth:`generate` but yields each ``(B,)`` token as soon as it is sampled.
+
+        Example:
+            >>> for token in model.stream(prompt, 100, temperature=0.8, seed=0):
+            ...     print(task.decode(token), end="", flush=True)
+        """
         if self.config.head != "lm" or self.config.vocab_size is None:
-            raise InputError("generate: expected an lm model with token input")
+            raise InputError(f"generate: expected an lm model with token input, got head={self.config.head!r} "
+                             f"and vocab_size={self.config.vocab_size!r}")
+        if not self.body.causal:
+            raise InputError("generate: expected a causal model, got a bidirectional one (it needs the whole sequence)")
         check_positive_int("max_new_tokens", max_new_tokens, minimum=0)
-        if not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise InputError(f"temperature: expected a number > 0, got {temperature!r}")
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0 \
+                or not math.isfinite(temperature):
+            raise InputError(f"temperature: expected a finite number > 0, got {temperature!r}")
         if top_k is not None:
             check_positive_int("top_k", top_k)
+        if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
+            raise InputError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+        if seed is not None:
+            check_positive_int("seed", seed, minimum=0)
         device = next(self.parameters()).device
+        ids, lengths = _prompt_batch(prompt, prompt_lengths, device)
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
-        # The prompt goes through the parallel forward; then every new token is one `step`.
-        logits, state = self(prompt.to(device))
-        logits = logits[:, -1]
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()  # fresh entropy for this generator only; the global RNG is left alone
+        # Prefill: one parallel pass; with ragged prompts the state is each sequence's at its own end.
+        logits, state = self(ids, lengths=lengths)  # (B, T0, V)
+        if lengths is None:
+            logits = logits[:, -1]
+        else:
+            logits = logits[torch.arange(ids.shape[0], device=device), lengths - 1]  # (B, V)
         for index in range(max_new_tokens):
-            logits = logits / temperature
-            if top_k is not None and top_k < logits.shape[-1]:
-                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = torch.multinomial(F.softmax(logits.float(), -1), 1, generator=generator).squeeze(1)
+            token = _sample_token(logits, temperature, top_k, top_p, generator)
             yield token
             if index + 1 < max_new_tokens:  # no step is owed after the last token
                 logits, state = self.step(token, state)
 
+
+def _prompt_batch(prompt, prompt_lengths, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(B, T0)`` ids on ``device`` and ``(B,)`` lengths (None when every prompt fills ``T0``)."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 2 or prompt.shape[0] < 1 or prompt.shape[1] < 1:
+            raise InputError(f"prompt: expected token ids of shape (B, T0) with B, T0 >= 1, got {describe(prompt)}")
+        ids = prompt.to(device)
+        lengths = check_lengths(prompt_lengths, ids.shape[0], ids.shape[1], device)
+        return ids, lengths
+    if prompt_lengths is not None:
+        raise InputError("prompt_lengths: expected None for a list of prompts (their lengths are known), got lengths")
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise InputError(f"prompt: expected a (B, T0) tensor or a non-empty list of 1-D id sequences, got {describe(prompt)}")
+    rows = []
+    for b, row in enumerate(prompt):
+        if isinstance(row, torch.Tensor):
+            if row.dim() != 1 or row.dtype not in (torch.int64, torch.int32):
+                raise InputError(f"prompt[{b}]: expected a 1-D integer tensor, got {describe(row)}")
+            row = row.long().cpu()
+        elif isinstance(row, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in row):
+            row = torch.tensor(row, dtype=torch.long)
+        else:
+            raise InputError(f"prompt[{b}]: expected a 1-D sequence of token ids, got {describe(row)}")
+        if row.numel() < 1:
+            raise InputError(f"prompt[{b}]: expected at least one token, got none")
+        rows.append(row)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)  # padding id 0 never reaches a valid output
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = row
+    return ids.to(device), lengths.to(device)
+
+
+def _sample_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                  generator: torch.Generator) -> torch.Tensor:
+    """One ``(B,)`` sample from ``(B, V)`` logits after temperature, top-k and nucleus filtering."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, -1)
+        # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
 
 
 def _version() -> str:

@@ -1,0 +1,94 @@
+"""Training metrics to CSV files and TensorBoard event files (``--log-dir``).
+
+``train.csv`` has one row per optimizer step (``step, loss, lr, grad_norm, skipped, tokens_per_second,
+elapsed``), ``eval.csv`` one row per evaluation (``step, split, metric, value``); TensorBoard shows
+``train/*`` and ``<split>/*`` scalars. Floats are written with ``repr`` so the CSV round-trips the
+exact values. On resume ``train.csv`` is rewritten from the checkpoint's history and ``eval.csv``
+loses rows past the checkpoint, so the logs of a resumed run equal those of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from rnnkit.models.io import write_atomic
+from rnnkit.train.events import EventWriter
+
+TRAIN_FIELDS = ("step", "loss", "lr", "grad_norm", "skipped", "tokens_per_second", "elapsed")
+EVAL_FIELDS = ("step", "split", "metric", "value")
+
+
+def _csv_text(fields: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(row[k]) for k in fields})
+    return buffer.getvalue()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+class MetricsLogger:
+    """Writes ``train.csv``, ``eval.csv`` and TensorBoard events under ``log_dir``.
+
+    Args:
+        log_dir: the directory (created).
+        history: the per-step records already done (a resumed run), rewritten to ``train.csv``.
+        resume_step: the step the run resumes from (0 for a fresh run).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, history: list[dict[str, float]], resume_step: int) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        train_path, eval_path = self.log_dir / "train.csv", self.log_dir / "eval.csv"
+        text = _csv_text(TRAIN_FIELDS, history)
+        write_atomic(train_path, lambda tmp: Path(tmp).write_text(text))
+        kept: list[dict[str, Any]] = []
+        if eval_path.is_file() and resume_step > 0:
+            with open(eval_path, newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if row.get("step", "").isdigit() and int(row["step"]) <= resume_step]
+        eval_text = _csv_text(EVAL_FIELDS, kept)
+        write_atomic(eval_path, lambda tmp: Path(tmp).write_text(eval_text))
+        self._train = open(train_path, "a", newline="")
+        self._eval = open(eval_path, "a", newline="")
+        self._train_csv = csv.DictWriter(self._train, fieldnames=TRAIN_FIELDS, lineterminator="\n", extrasaction="ignore")
+        self._eval_csv = csv.DictWriter(self._eval, fieldnames=EVAL_FIELDS, lineterminator="\n")
+        self.events = EventWriter(self.log_dir)
+        # Tell TensorBoard to forget steps this session redoes (those of a killed earlier session).
+        self.events.session_start(resume_step + 1)
+
+    def log_train(self, record: dict[str, float]) -> None:
+        """One step's record (keys of ``TRAIN_FIELDS``)."""
+        self._train_csv.writerow({k: _fmt(record[k]) for k in TRAIN_FIELDS})
+        self._train.flush()
+        step = int(record["step"])
+        scalars = {f"train/{k}": float(record[k]) for k in ("loss", "lr", "grad_norm", "tokens_per_second")}
+        self.events.add_scalars(step, scalars)
+
+    def log_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        """An evaluation's metrics at ``step``."""
+        for name, value in metrics.items():
+            self._eval_csv.writerow({"step": step, "split": split, "metric": name, "value": _fmt(float(value))})
+        self._eval.flush()
+        self.events.add_scalars(step, {f"{split}/{k}": float(v) for k, v in metrics.items()})
+        self.events.flush()
+
+    def flush(self) -> None:
+        self._train.flush()
+        self._eval.flush()
+        self.events.flush()
+
+    def close(self) -> None:
+        for handle in (self._train, self._eval):
+            if not handle.closed:
+                handle.close()
+        self.events.close()
