@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rnnkit.layers.mingru import MinGRUConfig, MinRNN, g, log_g, min_rnn_loop
+from rnnkit.layers.mingru import MinGRUConfig, MinRNN, g, log_g, min_rnn_loop, softplus
 from rnnkit.layers.registry import make_config, register
 
 
@@ -76,7 +76,7 @@ class MinLSTM(MinRNN):
     def _gate_difference(self, k):
         k_f, k_i, k_h = k.chunk(3, -1)  # (B, T, H) each
         # d = log i - log f, computed from softplus so neither log underflows.
-        return F.softplus(-k_f) - F.softplus(-k_i), k_h
+        return softplus(-k_f) - softplus(-k_i), k_h
 
     def _coefficients(self, k):
         d, k_h = self._gate_difference(k)
@@ -85,7 +85,7 @@ class MinLSTM(MinRNN):
 
     def _log_coefficients(self, k):
         d, k_h = self._gate_difference(k)
-        return -F.softplus(d), -F.softplus(-d) + log_g(k_h)
+        return -softplus(d), -softplus(-d) + log_g(k_h)
 
 
 __all__ = ["MinLSTM", "MinLSTMConfig", "minlstm_cell", "minlstm_recurrent"]
