@@ -35,7 +35,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
 #: Flags retried without ``-march=native`` for compilers that do not know it.
 FALLBACK_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
 DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.complex64: "c64", torch.complex128: "c128"}
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -127,6 +127,7 @@ def _load() -> ctypes.CDLL:
         fwd.argtypes, fwd.restype = [p, p, p, p, i64, i64, i64, c_int], None
         bwd = getattr(lib, f"rnnkit_scan_bwd_{suffix}")
         bwd.argtypes, bwd.restype = [p, p, p, p, p, p, p, i64, i64, i64, c_int], None
+    lib.rnnkit_advise_huge_pages.argtypes, lib.rnnkit_advise_huge_pages.restype = [p, i64], None
     return lib
 
 
@@ -173,13 +174,26 @@ def _dims(x: torch.Tensor) -> tuple[int, int, int]:
     return B, T, S
 
 
+#: Outputs at least this large are advised to use huge pages before their first write.
+HUGE_PAGE_MIN_BYTES = 8 << 20
+
+
+def _empty(like: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    """A fresh contiguous output; large ones get huge pages (see ``rnnkit_advise_huge_pages``)."""
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    nbytes = out.numel() * out.element_size()
+    if nbytes >= HUGE_PAGE_MIN_BYTES:
+        lib.rnnkit_advise_huge_pages(out.data_ptr(), nbytes)
+    return out
+
+
 def forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``h`` (B, T, S) from contiguous ``a``, ``b`` (B, T, S) and ``h0`` (B, S) or None.
 
     ``out``, when given, is a contiguous (B, T, S) tensor of the same dtype to write ``h`` into.
     """
     lib = _library()
-    h = torch.empty_like(b, memory_format=torch.contiguous_format) if out is None else out
+    h = _empty(b, lib) if out is None else out
     fn = getattr(lib, f"rnnkit_scan_fwd_{DTYPES[a.dtype]}")
     fn(_ptr(a), _ptr(b), _ptr(h0), _ptr(h), *_dims(a), torch.get_num_threads())
     return h
@@ -188,8 +202,8 @@ def forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torc
 def backward(a, h, h0, g_out, need_a: bool, need_h0: bool):
     """``(da, db, dh0)`` of the scan (None where not needed) from contiguous tensors."""
     lib = _library()
-    db = torch.empty_like(g_out, memory_format=torch.contiguous_format)
-    da = torch.empty_like(a, memory_format=torch.contiguous_format) if need_a else None
+    db = _empty(g_out, lib)
+    da = _empty(a, lib) if need_a else None
     dh0 = torch.empty_like(h0, memory_format=torch.contiguous_format) if need_h0 else None
     fn = getattr(lib, f"rnnkit_scan_bwd_{DTYPES[a.dtype]}")
     fn(_ptr(a), _ptr(h), _ptr(h0), _ptr(g_out), _ptr(da), _ptr(db), _ptr(dh0), *_dims(a), torch.get_num_threads())

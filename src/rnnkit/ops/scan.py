@@ -109,8 +109,10 @@ def linear_scan_recurrent(
     a, b, h0, lengths = _check_inputs(a, b, h0, lengths)
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0
     hs = []
-    for t in range(a.shape[1]):
-        new = a[:, t] * h + b[:, t]
+    # unbind, not a[:, t]: the backward of one unbind stacks T gradients once, while each a[:, t]
+    # would scatter into its own zero-filled (B, T, *S) buffer, O(T^2) memory traffic in all.
+    for t, (a_t, b_t) in enumerate(zip(a.unbind(1), b.unbind(1))):
+        new = a_t * h + b_t
         if lengths is not None:
             valid = (t < lengths).view((-1,) + (1,) * (h.dim() - 1))  # (B, 1, ...)
             new = torch.where(valid, new, h)
@@ -122,16 +124,6 @@ def linear_scan_recurrent(
 # ----------------------------------------------------------------------------------- PyTorch forms
 # Each form takes contiguous ``a``, ``b`` of shape (B, T, S) and ``h0`` (B, S) or None, and returns
 # ``h`` (B, T, S). They run without autograd (inside _LinearScan) and never modify their inputs.
-def _scan_loop(a, b, h0):
-    """Sequential scan writing into one preallocated output (the fallback's reverse pass uses it)."""
-    h = torch.empty_like(b)
-    prev = h0 if h0 is not None else torch.zeros_like(b[:, 0])
-    for t in range(a.shape[1]):
-        torch.addcmul(b[:, t], a[:, t], prev, out=h[:, t])
-        prev = h[:, t]
-    return h
-
-
 def _scan_parallel(a, b, h0):
     """Hillis-Steele inclusive scan over T: after the pass with offset d, (A_t, H_t) compose steps t-2d+1..t."""
     A, H = a, b
