@@ -13,7 +13,8 @@
    (``torch.add(..., out=)``, and the fused kernel's ``out``), which is the copy's pure bandwidth.
 2. The layers, B=16, fp32, T=512: training (forward + backward w.r.t. input and parameters) tokens/s of
    each registered diagonal-recurrence layer in every mode next to ``torch.nn.LSTM`` and
-   ``torch.nn.GRU`` of the same width.
+   ``torch.nn.GRU`` of the same width, and lucidrains' ``mingru-pytorch`` minGRU when installed
+   (``pip install -c constraints.txt -e ".[bench]"``; it is pure PyTorch and CPU-only friendly).
 
 Every candidate runs once per repetition, interleaved, so load from other processes hits all alike;
 the figure is the best repetition. The run ends with the share of CPU other processes took.
@@ -132,11 +133,33 @@ def layer_table(widths, B: int, T: int, reps: int, names: list[str]) -> None:
         for name, cls in (("torch.nn.LSTM", torch.nn.LSTM), ("torch.nn.GRU", torch.nn.GRU)):
             candidates[name] = train_step(cls(d, d, batch_first=True), x, torch.randn(B, T, d))
             rows.append((name, "", name))
+        peer = _peer_mingru(d)
+        if peer is not None:
+            candidates["peer"] = train_step(peer, x, torch.randn(B, T, d))
+            rows.append(("mingru-pytorch minGRU (peer)", "log-space", "peer"))
         times = best_of(candidates, reps)
         for name, mode, key in rows:
             print(f"{d:>5}  {name:<28} {mode:<10} {B * T / times[key]:>12,.0f} "
                   f"{times['torch.nn.LSTM'] / times[key]:>7.2f}x {times['torch.nn.GRU'] / times[key]:>6.2f}x")
         print()
+
+
+def _peer_mingru(d: int) -> torch.nn.Module | None:
+    """lucidrains' ``mingru-pytorch`` minGRU (optional extra ``bench``), or None when not installed."""
+    try:
+        from minGRU_pytorch import minGRU
+    except ImportError:
+        return None
+
+    class Peer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = minGRU(d)  # expansion 1: no output projection, same parameters as rnnkit's
+
+        def forward(self, x):
+            return (self.layer(x),)
+
+    return Peer()
 
 
 class _ModeCall(torch.nn.Module):
