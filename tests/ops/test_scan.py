@@ -334,3 +334,26 @@ def test_compile_into_fresh_cache(fresh_kernel, tmp_path):
     a, b, h0 = _inputs(2, 33, (5,), torch.complex64)
     assert_close(torch.view_as_real(linear_scan(a, b, h0, mode="fused")),
                  torch.view_as_real(linear_scan_recurrent(a, b, h0)), dtype=torch.float32)
+
+
+@pytest.mark.skipif(not FUSED, reason=NO_FUSED)
+@pytest.mark.parametrize("shape", [(1, 300, 256), (3, 400, 100), (5, 50, 1)], ids=lambda s: "B{}-T{}-S{}".format(*s))
+def test_fused_threads_split_channels_identically(shape):
+    """Threads split the B x S channels (rows, or s-blocks of one row when B is small): same bits as 1 thread."""
+    B, T, S = shape
+    a, b, h0 = _inputs(B, T, (S,), torch.float32)
+    g = torch.randn(B, T, S)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            a_, b_, h0_ = (t.clone().requires_grad_() for t in (a, b, h0))
+            h = linear_scan(a_, b_, h0_, mode="fused")
+            h.backward(g)
+            results.append([h.detach(), a_.grad, b_.grad, h0_.grad])
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+    assert_close(results[0][0], linear_scan_recurrent(a, b, h0))
