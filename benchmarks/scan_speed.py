@@ -180,13 +180,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per candidate (default 3, quick 2)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: scan, layers")
+    parser.add_argument("--lengths", default=None, help="scan T values, comma-separated (default 512,2048,8192)")
+    parser.add_argument("--widths", default=None, help="D values, comma-separated (default 256,1024)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     B, dtype = 16, torch.float32
-    scan_shapes = [(T, D) for D in (256,) for T in (512, 2048)] if args.quick else \
-        [(T, D) for D in (256, 1024) for T in (512, 2048, 8192)]
-    widths = (256,) if args.quick else (256, 1024)
+    lengths = [int(v) for v in args.lengths.split(",")] if args.lengths else ([512, 2048] if args.quick else [512, 2048, 8192])
+    widths = [int(v) for v in args.widths.split(",")] if args.widths else ([256] if args.quick else [256, 1024])
+    scan_shapes = [(T, D) for D in widths for T in lengths]
     reps = args.reps or (2 if args.quick else 3)
     forms = ["parallel", "chunk"] + (["fused"] if _cpu_scan.available() else []) + ["auto"]
     names = [n for n in DIAGONAL_LAYERS if n in rnnkit.layers.names()]
