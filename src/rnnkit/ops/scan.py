@@ -181,6 +181,25 @@ def _reverse_with(form: Form, a_next: torch.Tensor, g_out: torch.Tensor) -> torc
     return form(a_next.flip(1), g_out.flip(1), None).flip(1)
 
 
+def _conj(x: torch.Tensor) -> torch.Tensor:
+    return x.conj() if x.is_complex() else x
+
+
+def _scan_backward(a, h, h0, g_out, need_a: bool, need_h0: bool, reverse: Callable):
+    """``(da, db, dh0)`` from ``g = reverse(a_next, g_out)``, the reverse scan over ``a_next_t = conj(a_{t+1})``."""
+    ac = _conj(a)
+    # The last entry multiplies g_T = 0: any value will do.
+    a_next = torch.cat([ac[:, 1:], torch.zeros_like(ac[:, :1])], 1)
+    g = reverse(a_next, g_out)
+    da = dh0 = None
+    if need_a:
+        h_prev = torch.cat([(h0 if h0 is not None else torch.zeros_like(h[:, 0]))[:, None], h[:, :-1]], 1)
+        da = g * _conj(h_prev)
+    if need_h0:
+        dh0 = ac[:, 0] * g[:, 0]
+    return da, g, dh0
+
+
 # ----------------------------------------------------------------------------------- autograd
 def _forms(mode: str, chunk_size: int):
     """``(forward(a, b, h0) -> h, backward(a, h, h0, g_out, need_a, need_h0) -> (da, db, dh0))``."""
@@ -196,17 +215,7 @@ def _forms(mode: str, chunk_size: int):
             return _scan_chunk(a, b, h0, chunk_size)
 
     def backward(a, h, h0, g_out, need_a, need_h0):
-        ac = a.conj() if a.is_complex() else a
-        # a_next_t = conj(a_{t+1}); the last entry multiplies g_T = 0, any value will do.
-        a_next = torch.cat([ac[:, 1:], torch.zeros_like(ac[:, :1])], 1)
-        g = _reverse_with(form, a_next, g_out)
-        da = dh0 = None
-        if need_a:
-            h_prev = torch.cat([(h0 if h0 is not None else torch.zeros_like(h[:, 0]))[:, None], h[:, :-1]], 1)
-            da = g * (h_prev.conj() if h_prev.is_complex() else h_prev)
-        if need_h0:
-            dh0 = ac[:, 0] * g[:, 0]
-        return da, g, dh0
+        return _scan_backward(a, h, h0, g_out, need_a, need_h0, lambda a_next, g: _reverse_with(form, a_next, g))
 
     return form, backward
 
@@ -238,13 +247,11 @@ class _LinearScan(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: the same reverse scan, assembled from differentiable pieces (this
             # function again, in the same form) so that second derivatives exist.
-            ac = a.conj() if a.is_complex() else a
-            a_next = torch.cat([ac[:, 1:], torch.zeros_like(ac[:, :1])], 1)
-            g = _LinearScan.apply(a_next.flip(1), g_out.flip(1), None, ctx.mode, ctx.chunk_size).flip(1)
-            h_prev = torch.cat([(h0 if h0 is not None else torch.zeros_like(h[:, 0]))[:, None], h[:, :-1]], 1)
-            da = g * (h_prev.conj() if h_prev.is_complex() else h_prev) if need_a else None
-            dh0 = ac[:, 0] * g[:, 0] if need_h0 else None
-            return da, g, dh0, None, None
+            def reverse(a_next, g):
+                return _LinearScan.apply(a_next.flip(1), g.flip(1), None, ctx.mode, ctx.chunk_size).flip(1)
+
+            da, db, dh0 = _scan_backward(a, h, h0, g_out, need_a, need_h0, reverse)
+            return da, db, dh0, None, None
         da, db, dh0 = ctx.backward_form(a, h, h0, _dense(g_out), need_a, need_h0)
         return da, db, dh0, None, None
 
