@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import rnnkit
 from rnnkit.errors import InputError
 from rnnkit.ops import _cpu_scan, linear_scan, linear_scan_log, linear_scan_recurrent
 from rnnkit.ops.scan import resolve_mode
@@ -357,3 +358,12 @@ def test_fused_threads_split_channels_identically(shape):
     for one, two in zip(*results):
         assert torch.equal(one, two)
     assert_close(results[0][0], linear_scan_recurrent(a, b, h0))
+
+
+def test_no_compiler_on_path_falls_back(fresh_kernel, tmp_path):
+    for var in ("RNNKIT_NO_COMPILE", "RNNKIT_CXX", "CXX"):
+        fresh_kernel.delenv(var, raising=False)
+    fresh_kernel.setenv("PATH", str(tmp_path))  # an empty directory: no g++, c++ or clang++
+    assert not _cpu_scan.available()
+    assert "no C++ compiler" in _cpu_scan.unavailable_reason()
+    assert "fused" not in rnnkit.layers.build("mingru", d_model=3).modes  # layers drop the mode
