@@ -367,3 +367,36 @@ def test_no_compiler_on_path_falls_back(fresh_kernel, tmp_path):
     assert not _cpu_scan.available()
     assert "no C++ compiler" in _cpu_scan.unavailable_reason()
     assert "fused" not in rnnkit.layers.build("mingru", d_model=3).modes  # layers drop the mode
+
+
+@pytest.mark.skipif(not FUSED, reason=NO_FUSED)
+def test_output_pool_reuses_only_released_buffers(monkeypatch):
+    """Large fused outputs are recycled once nothing else references their storage."""
+    monkeypatch.setattr(_cpu_scan, "HUGE_PAGE_MIN_BYTES", 1 << 10)  # pool small tensors for the test
+    monkeypatch.setattr(_cpu_scan, "POOL", _cpu_scan.OutputPool(1 << 20))
+    a, b, h0 = _inputs(2, 64, (8,), torch.float32)  # 4 KiB outputs
+    ref = linear_scan_recurrent(a, b, h0)
+    h1 = linear_scan(a, b, h0, mode="fused")
+    h2 = linear_scan(a, b, h0, mode="fused")
+    assert h1.data_ptr() != h2.data_ptr(), "a buffer still held must not be handed out again"
+    first = h1.data_ptr()
+    view = h1[1]
+    del h1
+    h3 = linear_scan(a, b, h0, mode="fused")
+    assert h3.data_ptr() != first, "a view keeps its storage alive"
+    del view
+    h4 = linear_scan(2 * a, b, h0, mode="fused")
+    assert h4.data_ptr() == first, "a released buffer is reused"
+    for h in (h2, h3):
+        assert_close(h, ref)
+    assert_close(h4, linear_scan_recurrent(2 * a, b, h0))
+    # Gradients and the saved output come from the pool too, and stay correct across steps.
+    for _ in range(3):
+        a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+        linear_scan(a_, b_, h0, mode="fused").sum().backward()
+        ref_a, ref_b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        linear_scan_recurrent(ref_a, ref_b, h0).sum().backward()
+        assert_close(a_.grad, ref_a.grad, kind="grad")
+        assert_close(b_.grad, ref_b.grad, kind="grad")
+    held = sum(t.numel() * t.element_size() for t in _cpu_scan.POOL.buffers)
+    assert held <= 1 << 20

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -174,17 +175,87 @@ def _dims(x: torch.Tensor) -> tuple[int, int, int]:
     return B, T, S
 
 
-#: Outputs at least this large are advised to use huge pages before their first write.
+#: Outputs at least this large are advised to use huge pages before their first write, and pooled.
 HUGE_PAGE_MIN_BYTES = 8 << 20
 
 
-def _empty(like: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
-    """A fresh contiguous output; large ones get huge pages (see ``rnnkit_advise_huge_pages``)."""
-    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+def _storage_use_count(t: torch.Tensor) -> int | None:
+    """References to ``t``'s storage (tensors, views, saved tensors, numpy/DLPack exports), or None."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    storage = t.untyped_storage()
+    return count(storage._cdata) - 1  # minus the temporary `storage` object itself
+
+
+class OutputPool:
+    """Large kernel outputs (``h``; ``da``, ``db``), reused once nothing but the pool holds them.
+
+    Why: a fresh output over ~32 MiB comes from ``mmap`` and page-faults on its first write, which
+    costs as much as the scan itself (see ``docs/benchmarks.md``). A training loop asks for the same
+    shapes every step, so the pool hands back a buffer whose storage nobody else references any more
+    (every tensor, view, autograd saved tensor, numpy or DLPack export of it holds a reference; the
+    pool's own buffer is the only one left). At most ``max_bytes`` are kept; the oldest free
+    buffers are dropped first, and a request that does not fit is served fresh, unpooled.
+    ``RNNKIT_SCAN_POOL_MB`` sets the cap (default 1024; 0 disables the pool).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.buffers: list[torch.Tensor] = []  # flat, oldest first
+        self.lock = threading.Lock()
+
+    def _free(self, buf: torch.Tensor) -> bool:
+        return _storage_use_count(buf) == 1  # only self.buffers holds it
+
+    def empty(self, shape: torch.Size, dtype: torch.dtype, lib: ctypes.CDLL) -> torch.Tensor:
+        n = math.prod(shape)
+        nbytes = n * dtype.itemsize
+        if nbytes < HUGE_PAGE_MIN_BYTES or self.max_bytes <= 0 or _storage_use_count(torch.empty(0)) is None:
+            return _fresh(shape, dtype, lib)
+        with self.lock:
+            for i, buf in enumerate(self.buffers):
+                if buf.dtype == dtype and buf.numel() == n and self._free(buf):
+                    self.buffers.append(self.buffers.pop(i))  # most recently used last
+                    return buf.view(shape)
+            held = sum(b.numel() * b.element_size() for b in self.buffers)
+            for buf in list(self.buffers):
+                if held + nbytes <= self.max_bytes:
+                    break
+                if self._free(buf):
+                    self.buffers.remove(buf)
+                    held -= buf.numel() * buf.element_size()
+            out = _fresh((n,), dtype, lib)
+            if held + nbytes <= self.max_bytes:
+                self.buffers.append(out)
+            return out.view(shape)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.buffers.clear()
+
+
+def _fresh(shape, dtype: torch.dtype, lib: ctypes.CDLL) -> torch.Tensor:
+    """A new contiguous tensor; large ones get huge pages (see ``rnnkit_advise_huge_pages``)."""
+    out = torch.empty(shape, dtype=dtype)
     nbytes = out.numel() * out.element_size()
     if nbytes >= HUGE_PAGE_MIN_BYTES:
         lib.rnnkit_advise_huge_pages(out.data_ptr(), nbytes)
     return out
+
+
+def _pool_bytes() -> int:
+    try:
+        return int(float(os.environ.get("RNNKIT_SCAN_POOL_MB", "1024")) * (1 << 20))
+    except ValueError:
+        return 1 << 30
+
+
+POOL = OutputPool(_pool_bytes())
+
+
+def _empty(like: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    return POOL.empty(like.shape, like.dtype, lib)
 
 
 def forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
