@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: scan, layers")
     parser.add_argument("--lengths", default=None, help="scan T values, comma-separated (default 512,2048,8192)")
     parser.add_argument("--widths", default=None, help="D values, comma-separated (default 256,1024)")
+    parser.add_argument("--forms", default=None, help="linear_scan forms to time, comma-separated (default all)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -191,6 +192,8 @@ def main() -> None:
     scan_shapes = [(T, D) for D in widths for T in lengths]
     reps = args.reps or (2 if args.quick else 3)
     forms = ["parallel", "chunk"] + (["fused"] if _cpu_scan.available() else []) + ["auto"]
+    if args.forms:
+        forms = [f for f in args.forms.split(",") if f in forms]
     names = [n for n in DIAGONAL_LAYERS if n in rnnkit.layers.names()]
     skip = set(filter(None, args.skip.split(",")))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {dtype}, "
