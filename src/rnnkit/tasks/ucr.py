@@ -40,7 +40,7 @@ DATASETS = {
     "JapaneseVowels": "270/370 cases, length 7-29 (ragged), 12 channels, 9 classes",
     "UnitTest": "20/22 cases, length 24, 1 channel, 2 classes (tiny, for tests)",
 }
-INSTALL_HINT = "pip install -c constraints.txt --no-deps aeon==1.6.0 (or pip install 'rnnkit[data]')"
+INSTALL_HINT = "pip install -c constraints.txt --no-deps aeon==1.6.0"
 
 
 @dataclass
