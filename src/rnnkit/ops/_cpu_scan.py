@@ -1,0 +1,196 @@
+"""The fused CPU linear scan: ``_cpu_scan.cpp`` compiled at first use and called through ctypes.
+
+Why a compiled loop: on a CPU a linear scan is memory-bound, and every PyTorch form of it pays extra
+passes over memory (the eager loop dispatches two ops per step; the parallel forms read and write
+the sequence ``log T`` times). One C++ loop reading ``a`` and ``b`` once and writing ``h`` once runs
+at the speed of a copy. It includes no torch headers, so it builds in about a second with the
+system compiler, without network, GPU or ninja.
+
+Build: ``$RNNKIT_CXX``, ``$CXX``, ``g++``, ``c++`` or ``clang++`` (the first found) with
+``-O3 -march=native -shared -fPIC``, into ``$RNNKIT_CACHE_DIR`` (default ``~/.cache/rnnkit``, or the
+temporary directory when that is not writable) under a name keyed by a hash of the source, the
+flags, the compiler's version and the CPU, written to a temporary file and renamed into place so
+concurrent processes never load a half-written library. ``RNNKIT_NO_COMPILE=1`` disables the
+kernel. Any failure (no compiler, compile error, unloadable library) is recorded, never raised at
+import: :func:`available` returns False, :func:`unavailable_reason` says why, and ``mode="auto"``
+falls back to the PyTorch forms.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("_cpu_scan.cpp")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
+#: Flags retried without ``-march=native`` for compilers that do not know it.
+FALLBACK_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
+DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.complex64: "c64", torch.complex128: "c128"}
+ABI_VERSION = 1
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None  # why the kernel is unavailable, once tried
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("RNNKIT_CXX"), os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the machine and, on Linux, the CPU's feature flags."""
+    sig = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    sig += line
+    except OSError:
+        pass
+    return sig
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("RNNKIT_CACHE_DIR")
+    candidates = [Path(env)] if env else []
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    candidates.append(Path(xdg) / "rnnkit" if xdg else Path.home() / ".cache" / "rnnkit")
+    candidates.append(Path(tempfile.gettempdir()) / f"rnnkit-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+    for path in candidates:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if os.access(path, os.W_OK):
+                return path
+        except OSError:
+            continue
+    raise OSError(f"no writable cache directory among {[str(p) for p in candidates]}")
+
+
+def _run_compiler(cxx: str, flags: tuple[str, ...], out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [cxx, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True, timeout=300
+    )
+
+
+def build() -> Path:
+    """Compile the kernel (or find it in the cache) and return the shared library's path.
+
+    Raises:
+        RuntimeError: no compiler, or the compiler failed (its message included).
+    """
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (tried $RNNKIT_CXX, $CXX, g++, c++, clang++)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    source = SOURCE.read_bytes()
+    cache = _cache_dir()
+    errors = []
+    for flags in (FLAGS, FALLBACK_FLAGS):
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
+                                         _cpu_signature().encode()])).hexdigest()[:20]
+        target = cache / f"rnnkit_scan_{key}.so"
+        if target.exists():
+            return target
+        fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so.tmp", dir=cache)
+        os.close(fd)
+        try:
+            proc = _run_compiler(cxx, flags, Path(tmp))
+            if proc.returncode == 0:
+                os.replace(tmp, target)  # atomic: other processes see no file or the whole file
+                return target
+            errors.append(f"{cxx} {' '.join(flags)}: {proc.stderr.strip()[-2000:]}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("compiling the fused scan kernel failed:\n" + "\n".join(errors))
+
+
+def _load() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build()))
+    if lib.rnnkit_scan_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"stale kernel library: ABI {lib.rnnkit_scan_abi_version()}, expected {ABI_VERSION}")
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for suffix in DTYPES.values():
+        fwd = getattr(lib, f"rnnkit_scan_fwd_{suffix}")
+        fwd.argtypes, fwd.restype = [p, p, p, p, i64, i64, i64, c_int], None
+        bwd = getattr(lib, f"rnnkit_scan_bwd_{suffix}")
+        bwd.argtypes, bwd.restype = [p, p, p, p, p, p, p, i64, i64, i64, c_int], None
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _reason
+    if _lib is not None or _reason is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _reason is None:
+            if os.environ.get("RNNKIT_NO_COMPILE", "") not in ("", "0"):
+                _reason = "disabled by RNNKIT_NO_COMPILE"
+            else:
+                try:
+                    _lib = _load()
+                except Exception as err:  # noqa: BLE001 - any build/load failure means "fall back"
+                    _reason = f"{type(err).__name__}: {err}"
+    return _lib
+
+
+def available() -> bool:
+    """Whether the kernel is compiled and loaded (compiles it on the first call)."""
+    return _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when it is True or was never asked)."""
+    _library()
+    return _reason
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded library and any failure, so the next call re-reads the environment."""
+    global _lib, _reason
+    with _lock:
+        _lib, _reason = None, None
+
+
+def _ptr(x: torch.Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+def _dims(x: torch.Tensor) -> tuple[int, int, int]:
+    B, T, S = x.shape
+    return B, T, S
+
+
+def forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``h`` (B, T, S) from contiguous ``a``, ``b`` (B, T, S) and ``h0`` (B, S) or None.
+
+    ``out``, when given, is a contiguous (B, T, S) tensor of the same dtype to write ``h`` into.
+    """
+    lib = _library()
+    h = torch.empty_like(b, memory_format=torch.contiguous_format) if out is None else out
+    fn = getattr(lib, f"rnnkit_scan_fwd_{DTYPES[a.dtype]}")
+    fn(_ptr(a), _ptr(b), _ptr(h0), _ptr(h), *_dims(a), torch.get_num_threads())
+    return h
+
+
+def backward(a, h, h0, g_out, need_a: bool, need_h0: bool):
+    """``(da, db, dh0)`` of the scan (None where not needed) from contiguous tensors."""
+    lib = _library()
+    db = torch.empty_like(g_out, memory_format=torch.contiguous_format)
+    da = torch.empty_like(a, memory_format=torch.contiguous_format) if need_a else None
+    dh0 = torch.empty_like(h0, memory_format=torch.contiguous_format) if need_h0 else None
+    fn = getattr(lib, f"rnnkit_scan_bwd_{DTYPES[a.dtype]}")
+    fn(_ptr(a), _ptr(h), _ptr(h0), _ptr(g_out), _ptr(da), _ptr(db), _ptr(dh0), *_dims(a), torch.get_num_threads())
+    return da, db, dh0
