@@ -60,7 +60,7 @@ class LRU(DiagonalRecurrence):
     Initialisation as in the paper (Sec. 3.3 and Appendix A): ``|lambda|`` uniform on the ring
     ``[r_min, r_max]`` of the complex plane (``|lambda|^2`` uniform between ``r_min^2`` and ``r_max^2``,
     ``nu = log(-log|lambda|)``), phase uniform in ``[0, max_phase)``, ``gamma_log = log sqrt(1 -
-    |lambda|^2)``, ``B ~ CN(0, 1/H)`` (real and imaginary parts N(0, 1/(2H))), ``C ~ CN(0, 1/N)`` and
+    |lambda|^2)``, ``B``: real and imaginary parts N(0, 1/(2H)); ``C``: real and imaginary parts N(0, 1/N);
     ``D ~ N(0, 1)``. The paper tunes the ring per task; the defaults ``r_min=0.9, r_max=0.999`` are
     its long-range setting.
 
@@ -108,8 +108,8 @@ class LRU(DiagonalRecurrence):
         self.gamma_log.copy_(0.5 * torch.log1p(-r2))  # log sqrt(1 - |lambda|^2)
         nn.init.normal_(self.B_re, std=1 / math.sqrt(2 * H))
         nn.init.normal_(self.B_im, std=1 / math.sqrt(2 * H))
-        nn.init.normal_(self.C_re, std=1 / math.sqrt(2 * N))
-        nn.init.normal_(self.C_im, std=1 / math.sqrt(2 * N))
+        nn.init.normal_(self.C_re, std=1 / math.sqrt(N))
+        nn.init.normal_(self.C_im, std=1 / math.sqrt(N))
         nn.init.normal_(self.D)
 
     def _init_state(self, batch_size, device, dtype):
