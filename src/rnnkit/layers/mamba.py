@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rnnkit.errors import InputError, check_positive_int
+from rnnkit.errors import check_positive_int
 from rnnkit.layers._diagonal import DiagonalRecurrence, causal_conv, causal_conv_step, check_float, scan, valid_mask
 from rnnkit.layers.registry import make_config, register
 
