@@ -172,7 +172,8 @@ class S4D(DiagonalRecurrence):
         # its last valid step (steps before its start wrap onto its zeroed padding, so add nothing).
         L = torch.full((B,), T, device=x.device) if lengths is None else lengths
         idx = (L[:, None] - 1 - torch.arange(T, device=x.device)[None, :]) % T  # (B, T)
-        x_rev = x.gather(1, idx[..., None].expand(-1, -1, H)).permute(2, 0, 1)  # (H, B, T): x_{L-1-l}
+        x_rev = x.gather(1, idx[..., None].expand(-1, -1, H))  # (B, T, H): x_{L-1-l}
+        x_rev = x_rev.permute(2, 0, 1).contiguous()  # (H, B, T): bmm would otherwise copy per channel
         # (H, B, T) @ (H, T, M) -> (H, B, M), for the real and imaginary parts of dA^l.
         u_re = (x_rev @ p_re[..., :T].transpose(1, 2)).permute(1, 0, 2)  # (B, H, M)
         u_im = (x_rev @ p_im[..., :T].transpose(1, 2)).permute(1, 0, 2)
