@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import rnnkit
 from rnnkit.errors import InputError
 from rnnkit.ops import _cpu_scan, linear_scan, linear_scan_log, linear_scan_recurrent
 from rnnkit.ops.scan import resolve_mode
@@ -207,19 +208,39 @@ def test_non_contiguous_and_conj_views():
 
 
 # ----------------------------------------------------------------------------------- log space
+@pytest.mark.parametrize("chunk_size", (None, 7))
 @pytest.mark.parametrize("with_h0", (False, True))
-def test_log_space_form(with_h0):
+def test_log_space_form(with_h0, chunk_size):
     B, T, S = 3, 40, (2,)
     g = torch.Generator().manual_seed(5)
     a = torch.rand(B, T, *S, generator=g, dtype=torch.float64) * 0.98 + 0.01
     b = torch.rand(B, T, *S, generator=g, dtype=torch.float64) + 0.1
-    h0 = torch.rand(B, *S, generator=g, dtype=torch.float64) + 0.1 if with_h0 else None
+    h0 = torch.randn(B, *S, generator=g, dtype=torch.float64) if with_h0 else None  # any sign
     lengths = torch.tensor([40, 17, 1])
     ref = linear_scan_recurrent(a, b, h0, lengths)
-    log_h0 = None if h0 is None else h0.log()
-    assert_close(linear_scan_log(a.log(), b.log(), log_h0, lengths=lengths), ref)
-    args = [a.log().requires_grad_(), b.log().requires_grad_()] + ([log_h0.requires_grad_()] if with_h0 else [])
-    assert torch.autograd.gradcheck(lambda *x: linear_scan_log(*x, lengths=lengths), args)
+    assert_close(linear_scan_log(a.log(), b.log(), h0, lengths=lengths, chunk_size=chunk_size), ref)
+    args = [a.log().requires_grad_(), b.log().requires_grad_()] + ([h0.requires_grad_()] if with_h0 else [])
+    assert torch.autograd.gradcheck(lambda *x: linear_scan_log(*x, lengths=lengths, chunk_size=chunk_size), args)
+    # Padding holding NaN/Inf changes nothing, gradients included.
+    pad = torch.arange(T)[None, :, None] >= lengths[:, None, None]
+    la, lb = a.log().masked_fill(pad, math.nan).requires_grad_(), b.log().masked_fill(pad, math.inf).requires_grad_()
+    h = linear_scan_log(la, lb, h0, lengths=lengths, chunk_size=chunk_size)
+    assert torch.equal(h, linear_scan_log(a.log(), b.log(), h0, lengths=lengths, chunk_size=chunk_size))
+    h.sum().backward()
+    assert torch.isfinite(la.grad).all() and torch.isfinite(lb.grad).all()
+
+
+def test_log_space_chunks_bound_fp32_error():
+    """Over T = 2000 in fp32 the one-chunk form drifts by eps * |A_T|; 32-step chunks stay at the loop's error."""
+    g = torch.Generator().manual_seed(6)
+    a = torch.rand(2, 2000, 8, generator=g) * 0.5 + 0.25
+    b = torch.rand(2, 2000, 8, generator=g) + 0.1
+    ref = linear_scan_recurrent(a.double(), b.double())
+    loop_err = (linear_scan_recurrent(a, b).double() - ref).abs().max().item()
+    whole = (linear_scan_log(a.log(), b.log()).double() - ref).abs().max().item()
+    chunked = (linear_scan_log(a.log(), b.log(), chunk_size=32).double() - ref).abs().max().item()
+    assert chunked <= 10 * loop_err + 1e-6, f"chunked log-space error {chunked:.3e} vs loop {loop_err:.3e}"
+    assert whole > chunked, f"one chunk {whole:.3e} should drift more than 32-step chunks {chunked:.3e}"
 
 
 def test_log_space_rejects_complex():
@@ -314,3 +335,68 @@ def test_compile_into_fresh_cache(fresh_kernel, tmp_path):
     a, b, h0 = _inputs(2, 33, (5,), torch.complex64)
     assert_close(torch.view_as_real(linear_scan(a, b, h0, mode="fused")),
                  torch.view_as_real(linear_scan_recurrent(a, b, h0)), dtype=torch.float32)
+
+
+@pytest.mark.skipif(not FUSED, reason=NO_FUSED)
+@pytest.mark.parametrize("shape", [(1, 300, 256), (3, 400, 100), (5, 50, 1)], ids=lambda s: "B{}-T{}-S{}".format(*s))
+def test_fused_threads_split_channels_identically(shape):
+    """Threads split the B x S channels (rows, or s-blocks of one row when B is small): same bits as 1 thread."""
+    B, T, S = shape
+    a, b, h0 = _inputs(B, T, (S,), torch.float32)
+    g = torch.randn(B, T, S)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            a_, b_, h0_ = (t.clone().requires_grad_() for t in (a, b, h0))
+            h = linear_scan(a_, b_, h0_, mode="fused")
+            h.backward(g)
+            results.append([h.detach(), a_.grad, b_.grad, h0_.grad])
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+    assert_close(results[0][0], linear_scan_recurrent(a, b, h0))
+
+
+def test_no_compiler_on_path_falls_back(fresh_kernel, tmp_path):
+    for var in ("RNNKIT_NO_COMPILE", "RNNKIT_CXX", "CXX"):
+        fresh_kernel.delenv(var, raising=False)
+    fresh_kernel.setenv("PATH", str(tmp_path))  # an empty directory: no g++, c++ or clang++
+    assert not _cpu_scan.available()
+    assert "no C++ compiler" in _cpu_scan.unavailable_reason()
+    assert "fused" not in rnnkit.layers.build("mingru", d_model=3).modes  # layers drop the mode
+
+
+@pytest.mark.skipif(not FUSED, reason=NO_FUSED)
+def test_output_pool_reuses_only_released_buffers(monkeypatch):
+    """Large fused outputs are recycled once nothing else references their storage."""
+    monkeypatch.setattr(_cpu_scan, "HUGE_PAGE_MIN_BYTES", 1 << 10)  # pool small tensors for the test
+    monkeypatch.setattr(_cpu_scan, "POOL", _cpu_scan.OutputPool(1 << 20))
+    a, b, h0 = _inputs(2, 64, (8,), torch.float32)  # 4 KiB outputs
+    ref = linear_scan_recurrent(a, b, h0)
+    h1 = linear_scan(a, b, h0, mode="fused")
+    h2 = linear_scan(a, b, h0, mode="fused")
+    assert h1.data_ptr() != h2.data_ptr(), "a buffer still held must not be handed out again"
+    first = h1.data_ptr()
+    view = h1[1]
+    del h1
+    h3 = linear_scan(a, b, h0, mode="fused")
+    assert h3.data_ptr() != first, "a view keeps its storage alive"
+    del view
+    h4 = linear_scan(0.5 * a, b, h0, mode="fused")
+    assert h4.data_ptr() == first, "a released buffer is reused"
+    for h in (h2, h3):
+        assert_close(h, ref)
+    assert_close(h4, linear_scan_recurrent(0.5 * a, b, h0))
+    # Gradients and the saved output come from the pool too, and stay correct across steps.
+    for _ in range(3):
+        a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+        linear_scan(a_, b_, h0, mode="fused").sum().backward()
+        ref_a, ref_b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        linear_scan_recurrent(ref_a, ref_b, h0).sum().backward()
+        assert_close(a_.grad, ref_a.grad, kind="grad")
+        assert_close(b_.grad, ref_b.grad, kind="grad")
+    held = sum(t.numel() * t.element_size() for t in _cpu_scan.POOL.buffers)
+    assert held <= 1 << 20

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -35,7 +36,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
 #: Flags retried without ``-march=native`` for compilers that do not know it.
 FALLBACK_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
 DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.complex64: "c64", torch.complex128: "c128"}
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -127,6 +128,7 @@ def _load() -> ctypes.CDLL:
         fwd.argtypes, fwd.restype = [p, p, p, p, i64, i64, i64, c_int], None
         bwd = getattr(lib, f"rnnkit_scan_bwd_{suffix}")
         bwd.argtypes, bwd.restype = [p, p, p, p, p, p, p, i64, i64, i64, c_int], None
+    lib.rnnkit_advise_huge_pages.argtypes, lib.rnnkit_advise_huge_pages.restype = [p, i64], None
     return lib
 
 
@@ -173,13 +175,96 @@ def _dims(x: torch.Tensor) -> tuple[int, int, int]:
     return B, T, S
 
 
+#: Outputs at least this large are advised to use huge pages before their first write, and pooled.
+HUGE_PAGE_MIN_BYTES = 8 << 20
+
+
+def _storage_use_count(t: torch.Tensor) -> int | None:
+    """References to ``t``'s storage (tensors, views, saved tensors, numpy/DLPack exports), or None."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    storage = t.untyped_storage()
+    return count(storage._cdata) - 1  # minus the temporary `storage` object itself
+
+
+class OutputPool:
+    """Large kernel outputs (``h``; ``da``, ``db``), reused once nothing but the pool holds them.
+
+    Why: a fresh output over ~32 MiB comes from ``mmap`` and page-faults on its first write, which
+    costs as much as the scan itself (see ``docs/benchmarks.md``). A training loop asks for the same
+    shapes every step, so the pool hands back a buffer whose storage nobody else references any more
+    (every tensor, view, autograd saved tensor, numpy or DLPack export of it holds a reference; the
+    pool's own buffer is the only one left). At most ``max_bytes`` are kept; the oldest free
+    buffers are dropped first, and a request that does not fit is served fresh, unpooled.
+    ``RNNKIT_SCAN_POOL_MB`` sets the cap (default 1024; 0 disables the pool).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.buffers: list[torch.Tensor] = []  # flat, oldest first
+        self.lock = threading.Lock()
+
+    def _free(self, buf: torch.Tensor) -> bool:
+        return _storage_use_count(buf) == 1  # only self.buffers holds it
+
+    def empty(self, shape: torch.Size, dtype: torch.dtype, lib: ctypes.CDLL) -> torch.Tensor:
+        n = math.prod(shape)
+        nbytes = n * dtype.itemsize
+        if nbytes < HUGE_PAGE_MIN_BYTES or self.max_bytes <= 0 or _storage_use_count(torch.empty(0)) is None:
+            return _fresh(shape, dtype, lib)
+        with self.lock:
+            for i, buf in enumerate(self.buffers):
+                if buf.dtype == dtype and buf.numel() == n and self._free(buf):
+                    self.buffers.append(self.buffers.pop(i))  # most recently used last
+                    return buf.view(shape)
+            held = sum(b.numel() * b.element_size() for b in self.buffers)
+            for buf in list(self.buffers):
+                if held + nbytes <= self.max_bytes:
+                    break
+                if self._free(buf):
+                    self.buffers.remove(buf)
+                    held -= buf.numel() * buf.element_size()
+            out = _fresh((n,), dtype, lib)
+            if held + nbytes <= self.max_bytes:
+                self.buffers.append(out)
+            return out.view(shape)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.buffers.clear()
+
+
+def _fresh(shape, dtype: torch.dtype, lib: ctypes.CDLL) -> torch.Tensor:
+    """A new contiguous tensor; large ones get huge pages (see ``rnnkit_advise_huge_pages``)."""
+    out = torch.empty(shape, dtype=dtype)
+    nbytes = out.numel() * out.element_size()
+    if nbytes >= HUGE_PAGE_MIN_BYTES:
+        lib.rnnkit_advise_huge_pages(out.data_ptr(), nbytes)
+    return out
+
+
+def _pool_bytes() -> int:
+    try:
+        return int(float(os.environ.get("RNNKIT_SCAN_POOL_MB", "1024")) * (1 << 20))
+    except ValueError:
+        return 1 << 30
+
+
+POOL = OutputPool(_pool_bytes())
+
+
+def _empty(like: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    return POOL.empty(like.shape, like.dtype, lib)
+
+
 def forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``h`` (B, T, S) from contiguous ``a``, ``b`` (B, T, S) and ``h0`` (B, S) or None.
 
     ``out``, when given, is a contiguous (B, T, S) tensor of the same dtype to write ``h`` into.
     """
     lib = _library()
-    h = torch.empty_like(b, memory_format=torch.contiguous_format) if out is None else out
+    h = _empty(b, lib) if out is None else out
     fn = getattr(lib, f"rnnkit_scan_fwd_{DTYPES[a.dtype]}")
     fn(_ptr(a), _ptr(b), _ptr(h0), _ptr(h), *_dims(a), torch.get_num_threads())
     return h
@@ -188,8 +273,8 @@ def forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torc
 def backward(a, h, h0, g_out, need_a: bool, need_h0: bool):
     """``(da, db, dh0)`` of the scan (None where not needed) from contiguous tensors."""
     lib = _library()
-    db = torch.empty_like(g_out, memory_format=torch.contiguous_format)
-    da = torch.empty_like(a, memory_format=torch.contiguous_format) if need_a else None
+    db = _empty(g_out, lib)
+    da = _empty(a, lib) if need_a else None
     dh0 = torch.empty_like(h0, memory_format=torch.contiguous_format) if need_h0 else None
     fn = getattr(lib, f"rnnkit_scan_bwd_{DTYPES[a.dtype]}")
     fn(_ptr(a), _ptr(h), _ptr(h0), _ptr(g_out), _ptr(da), _ptr(db), _ptr(dh0), *_dims(a), torch.get_num_threads())

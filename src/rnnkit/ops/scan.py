@@ -109,8 +109,10 @@ def linear_scan_recurrent(
     a, b, h0, lengths = _check_inputs(a, b, h0, lengths)
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0
     hs = []
-    for t in range(a.shape[1]):
-        new = a[:, t] * h + b[:, t]
+    # unbind, not a[:, t]: the backward of one unbind stacks T gradients once, while each a[:, t]
+    # would scatter into its own zero-filled (B, T, *S) buffer, O(T^2) memory traffic in all.
+    for t, (a_t, b_t) in enumerate(zip(a.unbind(1), b.unbind(1))):
+        new = a_t * h + b_t
         if lengths is not None:
             valid = (t < lengths).view((-1,) + (1,) * (h.dim() - 1))  # (B, 1, ...)
             new = torch.where(valid, new, h)
@@ -122,16 +124,6 @@ def linear_scan_recurrent(
 # ----------------------------------------------------------------------------------- PyTorch forms
 # Each form takes contiguous ``a``, ``b`` of shape (B, T, S) and ``h0`` (B, S) or None, and returns
 # ``h`` (B, T, S). They run without autograd (inside _LinearScan) and never modify their inputs.
-def _scan_loop(a, b, h0):
-    """Sequential scan writing into one preallocated output (the fallback's reverse pass uses it)."""
-    h = torch.empty_like(b)
-    prev = h0 if h0 is not None else torch.zeros_like(b[:, 0])
-    for t in range(a.shape[1]):
-        torch.addcmul(b[:, t], a[:, t], prev, out=h[:, t])
-        prev = h[:, t]
-    return h
-
-
 def _scan_parallel(a, b, h0):
     """Hillis-Steele inclusive scan over T: after the pass with offset d, (A_t, H_t) compose steps t-2d+1..t."""
     A, H = a, b
@@ -189,6 +181,25 @@ def _reverse_with(form: Form, a_next: torch.Tensor, g_out: torch.Tensor) -> torc
     return form(a_next.flip(1), g_out.flip(1), None).flip(1)
 
 
+def _conj(x: torch.Tensor) -> torch.Tensor:
+    return x.conj() if x.is_complex() else x
+
+
+def _scan_backward(a, h, h0, g_out, need_a: bool, need_h0: bool, reverse: Callable):
+    """``(da, db, dh0)`` from ``g = reverse(a_next, g_out)``, the reverse scan over ``a_next_t = conj(a_{t+1})``."""
+    ac = _conj(a)
+    # The last entry multiplies g_T = 0: any value will do.
+    a_next = torch.cat([ac[:, 1:], torch.zeros_like(ac[:, :1])], 1)
+    g = reverse(a_next, g_out)
+    da = dh0 = None
+    if need_a:
+        h_prev = torch.cat([(h0 if h0 is not None else torch.zeros_like(h[:, 0]))[:, None], h[:, :-1]], 1)
+        da = g * _conj(h_prev)
+    if need_h0:
+        dh0 = ac[:, 0] * g[:, 0]
+    return da, g, dh0
+
+
 # ----------------------------------------------------------------------------------- autograd
 def _forms(mode: str, chunk_size: int):
     """``(forward(a, b, h0) -> h, backward(a, h, h0, g_out, need_a, need_h0) -> (da, db, dh0))``."""
@@ -204,17 +215,7 @@ def _forms(mode: str, chunk_size: int):
             return _scan_chunk(a, b, h0, chunk_size)
 
     def backward(a, h, h0, g_out, need_a, need_h0):
-        ac = a.conj() if a.is_complex() else a
-        # a_next_t = conj(a_{t+1}); the last entry multiplies g_T = 0, any value will do.
-        a_next = torch.cat([ac[:, 1:], torch.zeros_like(ac[:, :1])], 1)
-        g = _reverse_with(form, a_next, g_out)
-        da = dh0 = None
-        if need_a:
-            h_prev = torch.cat([(h0 if h0 is not None else torch.zeros_like(h[:, 0]))[:, None], h[:, :-1]], 1)
-            da = g * (h_prev.conj() if h_prev.is_complex() else h_prev)
-        if need_h0:
-            dh0 = ac[:, 0] * g[:, 0]
-        return da, g, dh0
+        return _scan_backward(a, h, h0, g_out, need_a, need_h0, lambda a_next, g: _reverse_with(form, a_next, g))
 
     return form, backward
 
@@ -246,13 +247,11 @@ class _LinearScan(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: the same reverse scan, assembled from differentiable pieces (this
             # function again, in the same form) so that second derivatives exist.
-            ac = a.conj() if a.is_complex() else a
-            a_next = torch.cat([ac[:, 1:], torch.zeros_like(ac[:, :1])], 1)
-            g = _LinearScan.apply(a_next.flip(1), g_out.flip(1), None, ctx.mode, ctx.chunk_size).flip(1)
-            h_prev = torch.cat([(h0 if h0 is not None else torch.zeros_like(h[:, 0]))[:, None], h[:, :-1]], 1)
-            da = g * (h_prev.conj() if h_prev.is_complex() else h_prev) if need_a else None
-            dh0 = ac[:, 0] * g[:, 0] if need_h0 else None
-            return da, g, dh0, None, None
+            def reverse(a_next, g):
+                return _LinearScan.apply(a_next.flip(1), g.flip(1), None, ctx.mode, ctx.chunk_size).flip(1)
+
+            da, db, dh0 = _scan_backward(a, h, h0, g_out, need_a, need_h0, reverse)
+            return da, db, dh0, None, None
         da, db, dh0 = ctx.backward_form(a, h, h0, _dense(g_out), need_a, need_h0)
         return da, db, dh0, None, None
 
@@ -338,53 +337,87 @@ def linear_scan(
 
 
 # ----------------------------------------------------------------------------------- log space
+def _log_scan_block(log_a, log_b, h0):
+    """Heinsen's form on one block: ``h_t = exp(A_t) h0 + exp(A_t + logcumsumexp(log b - A))``."""
+    a_star = torch.cumsum(log_a, 1)  # (B, T, *S), A_t = sum_{s<=t} log a_s
+    h = torch.exp(a_star + torch.logcumsumexp(log_b - a_star, 1))
+    decay = torch.exp(a_star)  # prod_{s<=t} a_s
+    return h if h0 is None else h + decay * h0[:, None], decay
+
+
 def linear_scan_log(
     log_a: torch.Tensor,
     log_b: torch.Tensor,
-    log_h0: torch.Tensor | None = None,
+    h0: torch.Tensor | None = None,
     *,
     lengths: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Heinsen's (2023) log-space parallel scan for positive ``a`` and ``b``: returns ``h``, not ``log h``.
+    """Heinsen's (2023) log-space parallel scan for ``a > 0`` and ``b > 0``, given as logarithms.
 
-    With ``A_t = sum_{s<=t} log a_s`` (a cumulative sum), ``log h_t = A_t + logcumsumexp_s<=t(log b_s - A_s)``
-    (the ``h0`` term enters as ``log h0`` at ``s = -1``). Two parallel prefix ops, differentiable by
-    autograd; this is the training form of minGRU/minLSTM in Feng et al. (2024), eq. (5)-(6), where
-    ``b_t > 0`` is kept by the ``g`` activation. ``A_t`` and ``-A_s`` cancel, so the relative error
-    of ``h_t`` grows like ``eps * |A_t|``: fine in fp64 and for moderate ``T * |log a|`` in fp32;
-    :func:`linear_scan` has forms that do not cancel.
+    With ``A_t = sum_{s<=t} log a_s``, ``h_t = exp(A_t + logcumsumexp_{s<=t}(log b_s - A_s)) + exp(A_t) h0``:
+    two parallel prefix ops (``cumsum``, ``logcumsumexp``) that autograd differentiates. This is the
+    training form of minGRU/minLSTM in Feng et al. (2024), sec. 3 and appendix B, where ``b_t > 0``
+    is kept by the ``g`` activation. ``h0`` enters linearly, so it may have any sign (a zero state
+    would have no logarithm).
+
+    Numerics: ``A_t`` and ``-A_s`` cancel, so the relative error of ``h_t`` grows like
+    ``eps * |A_t|``, which over a long fp32 sequence (``|A_T|`` in the hundreds) exceeds 1e-5.
+    ``chunk_size=C`` bounds it: the form runs inside chunks of ``C`` steps (all chunks at once, so
+    ``|A|`` never exceeds ``C`` steps' worth) and the state is carried across chunk boundaries by
+    :func:`linear_scan` in linear space. ``None`` runs the whole sequence as one chunk, exactly as
+    the paper does.
 
     Args:
         log_a: ``(B, T, *S)`` real, ``log a_t``, finite (``a_t = 0`` is outside this form's domain).
         log_b: ``(B, T, *S)`` real, ``log b_t``.
-        log_h0: ``(B, *S)`` ``log h0``, or None for ``h0 = 0``.
+        h0: ``(B, *S)`` initial state (any sign), or None for zeros.
         lengths: optional ``(B,)`` in ``[1, T]``; steps past it act as ``a = 1, b = 0``.
+        chunk_size: steps per chunk, or None for one chunk.
 
     Returns:
         ``h`` ``(B, T, *S)``.
 
     Example:
         >>> z = torch.rand(2, 100, 8)
-        >>> h = linear_scan_log(torch.log1p(-z), torch.log(z) + torch.randn(2, 100, 8))
+        >>> h = linear_scan_log(torch.log1p(-z), torch.log(z) + torch.randn(2, 100, 8), chunk_size=32)
     """
-    log_a, log_b, log_h0, lengths = _check_inputs(log_a, log_b, log_h0, lengths)
+    log_a, log_b, h0, lengths = _check_inputs(log_a, log_b, h0, lengths)
     if log_a.is_complex():
         raise InputError(f"log_a: expected a real tensor (log of positive decays), got dtype {log_a.dtype}")
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    valid = None
     if lengths is not None:
-        T = log_a.shape[1]
-        valid = torch.arange(T, device=log_a.device)[None, :] < lengths[:, None]  # (B, T)
-        valid = valid.view(valid.shape + (1,) * (log_a.dim() - 2))
+        valid = torch.arange(log_a.shape[1], device=log_a.device)[None, :] < lengths[:, None]  # (B, T)
+        valid = valid.view(valid.shape + (1,) * (log_a.dim() - 2))  # (B, T, 1, ...)
+        # Padding becomes a = b = 1: finite, so no NaN/Inf from it reaches a gradient; its states are
+        # replaced below by the state at the last valid step.
         zero = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
-        log_a = torch.where(valid, log_a, zero)  # a = 1
-        log_b = torch.where(valid, log_b, torch.full((), -math.inf, dtype=log_b.dtype, device=log_b.device))  # b = 0
-    a_star = torch.cumsum(log_a, 1)  # (B, T, *S)
-    terms = log_b - a_star
-    if log_h0 is not None:
-        terms = torch.cat([log_h0[:, None], terms], 1)  # (B, T + 1, *S)
-        log_h = a_star + torch.logcumsumexp(terms, 1)[:, 1:]
+        log_a, log_b = torch.where(valid, log_a, zero), torch.where(valid, log_b, zero)
+    shape = log_a.shape
+    B, T, S = shape[0], shape[1], shape[2:]
+    if chunk_size is None or chunk_size >= T:
+        h, _ = _log_scan_block(log_a, log_b, h0)
     else:
-        log_h = a_star + torch.logcumsumexp(terms, 1)
-    return torch.exp(log_h)
+        C = chunk_size
+        n = -(-T // C)
+        pad = n * C - T
+        if pad:  # a = b = 1 after the end: changes nothing returned
+            log_a = torch.cat([log_a, log_a.new_zeros(B, pad, *S)], 1)
+            log_b = torch.cat([log_b, log_b.new_zeros(B, pad, *S)], 1)
+        # Every chunk from a zero start, all at once: chunks folded into the batch.
+        local, decay = _log_scan_block(log_a.reshape(B * n, C, *S), log_b.reshape(B * n, C, *S), None)
+        local, decay = local.view(B, n, C, *S), decay.view(B, n, C, *S)  # (B, n, C, *S)
+        # The state at each chunk's end, carried across chunks in linear space (any sign of h0).
+        ends = linear_scan(decay[:, :, -1].contiguous(), local[:, :, -1].contiguous(), h0)  # (B, n, *S)
+        first = torch.zeros_like(ends[:, :1]) if h0 is None else h0[:, None]
+        starts = torch.cat([first, ends[:, :-1]], 1)  # (B, n, *S) the state entering each chunk
+        h = (local + decay * starts[:, :, None]).reshape(B, n * C, *S)[:, :T]
+    if valid is not None:
+        last = (lengths - 1).view((B, 1) + (1,) * len(S)).expand((B, 1) + tuple(S))
+        h = torch.where(valid, h, torch.gather(h, 1, last))
+    return h
 
 
 __all__ = ["SCAN_MODES", "fused_available", "linear_scan", "linear_scan_log", "linear_scan_recurrent", "resolve_mode"]
