@@ -293,9 +293,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rnnkit.tasks import task_class, task_names
 
     print("layers:")
+    modes = {name: ", ".join(layers.spec(name).modes) for name in layers.names()}
+    width = max(map(len, modes.values()), default=0)
     for name in layers.names():
-        layer_spec = layers.spec(name)
-        print(f"  {name:<14} modes: {', '.join(layer_spec.modes):<22} {layer_spec.description}")
+        print(f"  {name:<14} modes: {modes[name]:<{width}} {layers.spec(name).description}")
     print("tasks:")
     for name in task_names():
         print(f"  {name:<14} {task_class(name).description}")

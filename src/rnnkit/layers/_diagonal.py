@@ -1,0 +1,155 @@
+"""What the diagonal linear recurrences (LRU, S4D, RG-LRU/Hawk, Mamba) share.
+
+Each of these layers computes ``h_t = a_t * h_{t-1} + b_t`` with an elementwise ``a_t``, so besides
+its own per-step loop (mode ``recurrent``, the definition) it runs every form of
+:func:`rnnkit.ops.linear_scan` as a mode of the same name. This module holds the pieces they have in
+common: the scan call with ``lengths``, complex states stored as real tensors, the short causal
+depthwise convolution whose last inputs are part of the state, and a float-range check.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from rnnkit.errors import InputError, describe
+from rnnkit.layers.base import Recurrence, length_mask, map_state
+
+#: Forms of :func:`rnnkit.ops.linear_scan` each diagonal layer offers as a mode of the same name.
+SCAN_MODES = ("parallel", "chunk", "fused")
+
+
+def check_float(name: str, value: object, low: float = -math.inf, high: float = math.inf, *,
+                open_low: bool = False) -> float:
+    """Raise InputError unless ``value`` is a real number in ``[low, high]`` (``(low, high]`` if open_low)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise InputError(f"{name}: expected a finite number, got {describe(value)}")
+    if value > high or value < low or (open_low and value == low):
+        left = "(" if open_low else "["
+        raise InputError(f"{name}: expected a number in {left}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, lengths: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """``h_t = a_t * h_{t-1} + b_t`` for all t by :func:`rnnkit.ops.linear_scan` in ``mode``.
+
+    Args:
+        a, b: ``(B, T, *S)`` real or complex; h0: ``(B, *S)``; lengths: ``(B,)`` or None (steps past a
+        length keep the state, so ``h[:, -1]`` is the state at each sequence's last valid step).
+
+    Returns:
+        ``h`` ``(B, T, *S)``.
+    """
+    from rnnkit.ops import linear_scan
+
+    return linear_scan(a, b, h0, lengths=lengths, mode=mode)
+
+
+def freeze(valid: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` where ``valid`` (B,) is True, else ``old`` (padding steps keep the state)."""
+    if valid is None:
+        return new
+    return torch.where(valid.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+def step_valid(t: int, lengths: torch.Tensor | None) -> torch.Tensor | None:
+    """``(B,)`` True where step ``t`` is a valid (non-padding) step, or None without lengths."""
+    return None if lengths is None else t < lengths
+
+
+def to_complex(state: torch.Tensor) -> torch.Tensor:
+    """A complex state stored as real ``(..., 2)`` (real, imaginary) -> complex ``(...)``.
+
+    States are kept real so that they share the layer's dtype like every other rnnkit state.
+    """
+    return torch.complex(state[..., 0], state[..., 1])
+
+
+def to_real(h: torch.Tensor) -> torch.Tensor:
+    """Complex ``(...)`` -> real ``(..., 2)`` (inverse of :func:`to_complex`)."""
+    return torch.stack([h.real, h.imag], -1)
+
+
+def causal_conv(
+    u: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise convolution over time whose last ``W - 1`` inputs are carried as state.
+
+    Args:
+        u: ``(B, T, E)`` input.
+        window: ``(B, W - 1, E)`` the inputs before ``u[:, 0]`` (zeros at the start of a sequence).
+        weight: ``(E, 1, W)`` depthwise kernel (``torch.nn.Conv1d`` layout, ``groups=E``); bias ``(E,)``.
+        lengths: ``(B,)`` or None.
+
+    Returns:
+        ``y`` ``(B, T, E)`` with ``y_t = bias + sum_k weight[:, 0, k] * u_{t - W + 1 + k}``, and the new
+        window: the last ``W - 1`` inputs up to each sequence's last valid step.
+    """
+    W = weight.shape[-1]
+    full = torch.cat([window, u], 1)  # (B, W-1+T, E)
+    y = F.conv1d(full.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)  # (B, T, E)
+    if lengths is None:
+        new_window = full[:, full.shape[1] - (W - 1):]  # (B, W-1, E)
+    else:
+        # The last W-1 valid inputs of sequence b sit at positions lengths[b] .. lengths[b]+W-2 of full.
+        idx = lengths[:, None] + torch.arange(W - 1, device=u.device)[None, :]  # (B, W-1)
+        new_window = full.gather(1, idx[..., None].expand(-1, -1, full.shape[2]))  # (B, W-1, E)
+    return y, new_window
+
+
+def causal_conv_step(
+    u_t: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of :func:`causal_conv`: ``u_t`` (B, E), window (B, W-1, E) -> y_t (B, E), new window."""
+    full = torch.cat([window, u_t[:, None]], 1)  # (B, W, E)
+    y_t = torch.einsum("bwe,ew->be", full, weight[:, 0])  # (B, E)
+    if bias is not None:
+        y_t = y_t + bias
+    return y_t, full[:, 1:]
+
+
+def valid_mask(lengths: torch.Tensor | None, max_len: int) -> torch.Tensor | None:
+    """``(B, T)`` bool, True at valid steps, or None without lengths."""
+    return None if lengths is None else length_mask(lengths, max_len)
+
+
+class DiagonalRecurrence(Recurrence):
+    """Base of the diagonal layers: ``recurrent`` loops over ``_step``; other modes call ``_scan_forward``.
+
+    Subclasses implement ``_step`` (the cell, which defines the layer), ``_init_state`` and
+    ``_scan_forward(x, state, lengths, mode)``, which computes all of ``a_t`` and ``b_t`` at once and
+    hands them to :func:`scan`.
+    """
+
+    MODES: ClassVar[tuple[str, ...]] = ("recurrent",) + SCAN_MODES
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The class's modes, without ``fused`` where the compiled scan kernel is unavailable."""
+        from rnnkit.ops import fused_available
+
+        return tuple(m for m in type(self).MODES if m != "fused" or fused_available())
+
+    def _auto_mode(self, x: torch.Tensor) -> str:
+        # linear_scan's own choice: the fused kernel on the CPU where it compiled, else chunk.
+        from rnnkit.ops.scan import resolve_mode
+
+        return resolve_mode("auto", x.device, x.dtype)
+
+    def _forward(self, x, state, lengths, mode):
+        if mode != "recurrent":
+            return self._scan_forward(x, state, lengths, mode)
+        ys = []
+        for t, x_t in enumerate(x.unbind(1)):
+            y_t, new = self._step(x_t, state)
+            valid = step_valid(t, lengths)
+            state = map_state(lambda n, o: freeze(valid, n, o), new, state)
+            ys.append(y_t)
+        return torch.stack(ys, 1), state
+
+    def _scan_forward(self, x, state, lengths, mode):
+        raise NotImplementedError

@@ -1,0 +1,201 @@
+"""Mamba: a selective state space model, with input-dependent step size, input and output maps.
+
+    u = SiLU(conv(W_in x)),  delta_t = softplus(W_dt (W_r u_t) + b_dt),  B_t = W_B u_t,  C_t = W_C u_t
+    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,   y_t = (C_t . h_t + D u_t) * SiLU(z_t)
+
+Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", 2023
+(arXiv:2312.00752), Sec. 3 (Algorithm 2, the selective SSM), Sec. 3.4 and Fig. 3 (the block), and
+Sec. 3.6 / Appendix (initialisation: S4D-Real A, delta from [0.001, 0.1]).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from rnnkit.errors import check_positive_int
+from rnnkit.layers._diagonal import DiagonalRecurrence, causal_conv, causal_conv_step, check_float, scan, valid_mask
+from rnnkit.layers.registry import make_config, register
+
+
+@dataclass
+class MambaConfig:
+    """Mamba block options (defaults as in the paper's reference implementation)."""
+
+    d_model: int  # D: block input and output width
+    d_state: int = 16  # N: state size per channel
+    d_conv: int = 4  # W: causal depthwise convolution width
+    expand: int = 2  # E = expand * D inner channels
+    dt_rank: int | None = None  # R: rank of the delta projection; default ceil(D / 16)
+    dt_min: float = 0.001  # initial delta drawn log-uniformly from [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4  # smallest initial delta
+    chunk_size: int = 64  # time steps whose (B, chunk, E, N) expanded state exists at once in training
+
+    def __post_init__(self) -> None:
+        check_positive_int("d_model", self.d_model)
+        check_positive_int("d_state", self.d_state)
+        check_positive_int("d_conv", self.d_conv, minimum=2)
+        check_positive_int("expand", self.expand)
+        if self.dt_rank is None:
+            self.dt_rank = math.ceil(self.d_model / 16)
+        check_positive_int("dt_rank", self.dt_rank)
+        check_float("dt_min", self.dt_min, 0.0, math.inf, open_low=True)
+        check_float("dt_max", self.dt_max, self.dt_min, math.inf)
+        check_float("dt_init_floor", self.dt_init_floor, 0.0, math.inf, open_low=True)
+        check_positive_int("chunk_size", self.chunk_size)
+
+
+class MambaState(NamedTuple):
+    """State of a Mamba block: the conv's last ``W - 1`` inputs and the SSM state."""
+
+    conv: torch.Tensor  # (B, W-1, E)
+    h: torch.Tensor  # (B, E, N)
+
+
+def selective_scan_chunk(
+    delta: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, u: torch.Tensor, h0: torch.Tensor,
+    A: torch.Tensor, valid: torch.Tensor | None, mode: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selective SSM over one time chunk (Algorithm 2), without the D skip.
+
+    Args:
+        delta, u: ``(B, Tc, E)``; Bm, Cm: ``(B, Tc, N)``; h0: ``(B, E, N)``; A: ``(E, N)``;
+        valid: ``(B, Tc)`` bool or None (padding steps keep the state); mode: a linear_scan form.
+
+    Returns:
+        ``y`` ``(B, Tc, E)`` with ``y_t = C_t . h_t`` and the state after the chunk ``(B, E, N)``.
+    """
+    dA = torch.exp(delta[..., None] * A)  # (B, Tc, E, N)
+    dBu = (delta * u)[..., None] * Bm[:, :, None, :]  # (B, Tc, E, N)
+    if valid is not None:
+        keep = valid[..., None, None]
+        dA = torch.where(keep, dA, torch.ones((), dtype=dA.dtype, device=dA.device))
+        dBu = torch.where(keep, dBu, torch.zeros((), dtype=dBu.dtype, device=dBu.device))
+    h = scan(dA, dBu, h0, None, mode)  # (B, Tc, E, N)
+    y = torch.einsum("bten,btn->bte", h, Cm)  # (B, Tc, E)
+    # A copy, not a view: a view of h[:, -1] would keep the chunk's whole (B, Tc, E, N) alive.
+    return y, h[:, -1].clone()
+
+
+@register(
+    "mamba",
+    description="Mamba (Gu & Dao 2023): selective SSM, causal conv, SiLU gate; chunked so (B,T,E,N) never exists",
+    test_configs={"default": {"d_state": 3, "expand": 1, "chunk_size": 16},
+                  "w2-r2": {"d_state": 2, "d_conv": 2, "dt_rank": 2, "chunk_size": 64}},
+)
+class Mamba(DiagonalRecurrence):
+    """The Mamba block (Gu & Dao 2023, Fig. 3): projections, causal conv, selective SSM, SiLU gate.
+
+    For inner channel ``e`` of ``E`` and state index ``n`` of ``N``:
+
+    .. math::
+        [u; z] = W_{in} x, \\quad u = \\mathrm{SiLU}(\\mathrm{Conv1D}_W(u)), \\quad
+        \\Delta_t = \\mathrm{softplus}(W_\\Delta W_R u_t + b_\\Delta), \\quad B_t = W_B u_t, \\quad C_t = W_C u_t
+
+        h_t = e^{\\Delta_t A} \\odot h_{t-1} + \\Delta_t B_t u_t, \\quad
+        y_t = W_{out}((C_t \\cdot h_t + D \\odot u_t) \\odot \\mathrm{SiLU}(z_t))
+
+    Initialisation as in the paper and its reference code: ``A = -exp(A_log)`` with the S4D-Real
+    ``A_{e,n} = -(n + 1)``; ``D = 1``; ``W_Delta ~ U(-R^{-1/2}, R^{-1/2})``; ``b_Delta`` the inverse
+    softplus of ``delta ~ exp(U(log dt_min, log dt_max))`` (floored at ``dt_init_floor``) so the
+    initial step sizes span ``[0.001, 0.1]``; the other layers PyTorch's defaults.
+    ``in_proj``, ``x_proj`` and ``out_proj`` have no bias, the conv has one (the paper's defaults).
+
+    Memory: the expanded state ``(B, T, E, N)`` is never formed for the whole sequence. Time is
+    processed in chunks of ``chunk_size`` steps carrying the state; under autograd each chunk is
+    recomputed in the backward pass (activation checkpointing), so only the ``(B, T, E)``-sized
+    inputs of the scan and one ``(B, E, N)`` state per chunk are kept, and at most one chunk's
+    ``(B, chunk, E, N)`` exists at a time (``benchmarks/mamba_memory.py`` measures it).
+
+    Args:
+        d_model: D. d_state: N. d_conv: W. expand: E / D. dt_rank: R (default ``ceil(D / 16)``).
+        dt_min, dt_max, dt_init_floor: initial step sizes. chunk_size: time chunk of the training form.
+
+    Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`MambaState` ``(conv (B, W-1, E),
+    h (B, E, N))``.
+
+    Modes: ``recurrent`` (the loop over :meth:`step`), ``parallel``, ``chunk``, ``fused``: the time
+    chunks above, each scanned by that form of :func:`rnnkit.ops.linear_scan`.
+
+    Example:
+        >>> block = Mamba(d_model=16)
+        >>> y, state = block(torch.randn(4, 1000, 16))   # y (4, 1000, 16); state.h (4, 32, 16)
+    """
+
+    def __init__(self, **config) -> None:
+        super().__init__()
+        self.config = cfg = make_config(MambaConfig, "mamba", config)
+        self.d_input = self.d_output = D = cfg.d_model
+        E, N, R = cfg.expand * D, cfg.d_state, cfg.dt_rank
+        self.in_proj = nn.Linear(D, 2 * E, bias=False)
+        self.conv = nn.Conv1d(E, E, cfg.d_conv, groups=E)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E)
+        self.A_log = nn.Parameter(torch.empty(E, N))
+        self.D = nn.Parameter(torch.empty(E))
+        self.out_proj = nn.Linear(E, D, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        cfg = self.config
+        E, N, R = cfg.expand * cfg.d_model, cfg.d_state, cfg.dt_rank
+        bound = R**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        dt = torch.exp(torch.rand(E) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = dt.clamp_min(cfg.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).expand(E, N))  # S4D-Real
+        nn.init.ones_(self.D)
+
+    def _init_state(self, batch_size, device, dtype):
+        cfg = self.config
+        E = cfg.expand * cfg.d_model
+        return MambaState(torch.zeros(batch_size, cfg.d_conv - 1, E, device=device, dtype=dtype),
+                          torch.zeros(batch_size, E, cfg.d_state, device=device, dtype=dtype))
+
+    def _ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """delta ``(..., E)``, B ``(..., N)``, C ``(..., N)`` from the conv output u ``(..., E)``."""
+        R, N = self.config.dt_rank, self.config.d_state
+        dt, Bm, Cm = self.x_proj(u).split([R, N, N], -1)
+        return F.softplus(self.dt_proj(dt)), Bm, Cm
+
+    def _step(self, x_t, state):
+        u, z = self.in_proj(x_t).chunk(2, -1)  # (B, E) each
+        u, window = causal_conv_step(u, state.conv, self.conv.weight, self.conv.bias)
+        u = F.silu(u)
+        delta, Bm, Cm = self._ssm_inputs(u)  # (B, E), (B, N), (B, N)
+        A = -torch.exp(self.A_log)  # (E, N)
+        h = torch.exp(delta[..., None] * A) * state.h + (delta * u)[..., None] * Bm[:, None, :]  # (B, E, N)
+        y = (h * Cm[:, None, :]).sum(-1) + self.D * u  # (B, E)
+        return self.out_proj(y * F.silu(z)), MambaState(window, h)
+
+    def _scan_forward(self, x, state, lengths, mode):
+        B, T, _ = x.shape
+        u, z = self.in_proj(x).chunk(2, -1)  # (B, T, E) each
+        u, window = causal_conv(u, state.conv, self.conv.weight, self.conv.bias, lengths)
+        u = F.silu(u)
+        delta, Bm, Cm = self._ssm_inputs(u)  # (B, T, E), (B, T, N), (B, T, N)
+        A = -torch.exp(self.A_log)  # (E, N)
+        valid = valid_mask(lengths, T)
+        recompute = torch.is_grad_enabled()
+        h, ys = state.h, []
+        for start in range(0, T, self.config.chunk_size):
+            sl = slice(start, start + self.config.chunk_size)
+            args = (delta[:, sl], Bm[:, sl], Cm[:, sl], u[:, sl], h, A, None if valid is None else valid[:, sl], mode)
+            if recompute:
+                # Keep only the chunk's (B, chunk, E)-sized inputs; rebuild its (B, chunk, E, N)
+                # expanded state in the backward pass instead of storing it.
+                y_c, h = checkpoint(selective_scan_chunk, *args, use_reentrant=False)
+            else:
+                y_c, h = selective_scan_chunk(*args)
+            ys.append(y_c)
+        y = torch.cat(ys, 1) + self.D * u  # (B, T, E)
+        return self.out_proj(y * F.silu(z)), MambaState(window, h)

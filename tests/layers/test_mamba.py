@@ -1,0 +1,84 @@
+"""Mamba's training form never holds the (B, T, E, N) expanded state of the whole sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import rnnkit
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in elements) any op returns, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def saved_numel(fn) -> int:
+    """Elements of the distinct tensors autograd saves for backward while ``fn`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+B, T, D, N, CHUNK = 2, 1024, 8, 64, 32
+E = 2 * D
+
+
+def _run(layer, mode):
+    x = torch.randn(B, T, D, requires_grad=True)
+    y, state = layer(x, mode=mode)
+    return (y.square().sum() + state.h.sum())
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunk", "fused"])
+def test_expanded_state_is_never_formed_for_the_whole_sequence(mode: str) -> None:
+    torch.manual_seed(0)
+    layer = rnnkit.layers.build("mamba", d_model=D, d_state=N, chunk_size=CHUNK)
+    if mode not in layer.modes:
+        pytest.skip(f"mode {mode!r} unavailable here (no compiled scan kernel)")
+    full = B * T * E * N
+    with LargestTensor() as probe:
+        _run(layer, mode).backward()
+    # One chunk's (B, CHUNK, E, N) exists at a time (2x: a parallel scan may pad it) and the
+    # (B, T, dt_rank + 2N) projection is formed once; nothing near the whole (B, T, E, N).
+    assert probe.largest < full // 4, (probe.largest, full)
+
+
+def test_backward_keeps_only_sequence_sized_activations() -> None:
+    torch.manual_seed(0)
+    layer = rnnkit.layers.build("mamba", d_model=D, d_state=N, chunk_size=CHUNK)
+    loss, saved = saved_numel(lambda: _run(layer, "chunk"))
+    loss.backward()
+    # The (B, T, E)-sized activations of the block (projections, conv, gate, delta; the x_proj
+    # output is (B, T, dt_rank + 2N)) and one (B, E, N) state per chunk: a fraction of one
+    # (B, T, E, N) tensor, which a scan over the whole sequence would save (as a and h) twice.
+    assert saved < B * T * E * N // 2, (saved, B * T * E * N)
+
+
+def test_chunking_changes_nothing() -> None:
+    torch.manual_seed(0)
+    layer = rnnkit.layers.build("mamba", d_model=D, d_state=4, chunk_size=7).double()
+    x = torch.randn(2, 50, D, dtype=torch.float64)
+    y_ref, s_ref = layer(x, mode="recurrent")
+    for chunk_size in (1, 7, 50, 64):
+        layer.config.chunk_size = chunk_size
+        y, s = layer(x, mode="chunk")
+        assert torch.allclose(y, y_ref, atol=1e-12) and torch.allclose(s.h, s_ref.h, atol=1e-12), chunk_size
