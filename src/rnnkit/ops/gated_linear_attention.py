@@ -224,30 +224,34 @@ def _intra_scalar(q, k, v, g):
 
 
 def _intra_per_dim(q, k, v, g):
-    """Within-chunk part for per-key-dimension decay by recursive halving; g (G, N, C, K), C = 2^p."""
+    """Within-chunk part for per-key-dimension decay by recursive halving; g (G, N, C, K), C = 2^p.
+
+    Bottom-up over block sizes s = 2, 4, ..., C: the rows of each block's second half receive the
+    scores against its first half, one batched matmul per level.
+    """
     G, N, C, K = q.shape
     V = v.shape[-1]
     y = (q * k).sum(-1, keepdim=True) * v  # i == j: decay factor exp(0) = 1
-    s = C
-    while s >= 2:
+    s = 2
+    while s <= C:
         h = s // 2
-        qs = q.reshape(G, N, C // s, 2, h, K)
-        ks = k.reshape(G, N, C // s, 2, h, K)
-        gs = g.reshape(G, N, C // s, 2, h, K)
+        q1, q2 = q.reshape(G, N, C // s, 2, h, K).unbind(3)  # (G, N, C/s, h, K) each
+        k1, _ = k.reshape(G, N, C // s, 2, h, K).unbind(3)
+        g1, g2 = g.reshape(G, N, C // s, 2, h, K).unbind(3)
+        v1, _ = v.reshape(G, N, C // s, 2, h, V).unbind(3)
         # Decay from the midpoint m (last step of the first half) to i in the second half, and from
-        # j in the first half to m, each summed within its half (precision of the segment, not of
-        # the chunk's cumulative sum).
-        q2 = qs[:, :, :, 1] * torch.exp(gs[:, :, :, 1].cumsum(-2))  # (G, N, C/s, h, K), factors <= 1
-        k1 = ks[:, :, :, 0] * torch.exp(suffix_sum(gs[:, :, :, 0]))  # (G, N, C/s, h, K), factors <= 1
-        v1 = v.reshape(G, N, C // s, 2, h, V)[:, :, :, 0]  # (G, N, C/s, h, V)
+        # j in the first half to m, each summed within its half: the rounding is that of a half
+        # block's total decay, not of the chunk's cumulative sum.
+        c1 = g1.cumsum(-2)
+        q2 = q2 * torch.exp(g2.cumsum(-2))  # factors <= 1
+        k1 = k1 * torch.exp(c1[..., -1:, :] - c1)  # factors <= 1
         if h <= 2:
             # Tiny blocks: elementwise beats a batch of 1x1 / 2x2 matmuls.
             scores = (q2[..., :, None, :] * k1[..., None, :, :]).sum(-1)  # (G, N, C/s, h, h)
             part = (scores[..., None] * v1[..., None, :, :]).sum(-2)  # (G, N, C/s, h, V)
         else:
             part = (q2 @ k1.transpose(-1, -2)) @ v1  # (G, N, C/s, h, V)
-        # Rows of the second half receive the contribution; the first half gets zeros.
-        part = torch.stack([torch.zeros_like(part), part], 3).reshape(G, N, C, V)
-        y = y + part
-        s = h
+        y1, y2 = y.reshape(G, N, C // s, 2, h, V).unbind(3)
+        y = torch.stack([y1, y2 + part], 3).reshape(G, N, C, V)
+        s *= 2
     return y
