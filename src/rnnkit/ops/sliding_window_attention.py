@@ -3,7 +3,8 @@
     y_t = sum_{s in (t - w, t]} softmax_s(q_t . k_s / sqrt(K)) v_s
 
 The state is the last ``w - 1`` keys and values before the sequence and a validity flag per slot
-(zeros at the start: no history), so a sequence can be split anywhere and ``step`` attends over the
+(zeros at the start: no history; a slot counts when its flag is > 0.5, a step function whose
+gradient is zero everywhere, as finite differences see it too), so a sequence can be split anywhere and ``step`` attends over the
 same keys as the whole-sequence forms. Three forms with one signature:
 
 - :func:`sliding_window_attention_recurrent`: one query at a time over the shifting window;
@@ -108,7 +109,7 @@ def sliding_window_attention_parallel(q, k, v, window, state=None, lengths=None)
     pos_q = W + torch.arange(T, device=q.device)[:, None]  # (T, 1) position of query t among all keys
     pos_k = torch.arange(W + T, device=q.device)[None, :]  # (1, W+T)
     band = (pos_k <= pos_q) & (pos_k > pos_q - window)  # (T, W+T)
-    mask = band & (valid[:, None, None, :] > 0)  # (B, 1, T, W+T)
+    mask = band & (valid[:, None, None, :] > 0.5)  # (B, 1, T, W+T)
     y = _attend(q @ k_all.transpose(-1, -2) * q.shape[-1] ** -0.5, mask, v_all)
     return y, _final_window(k_all, v_all, valid, lengths, W)
 
@@ -137,7 +138,7 @@ def sliding_window_attention_chunk(q, k, v, window, state=None, lengths=None, ch
     pos_q = W + torch.arange(C, device=q.device)[:, None]  # within a block
     pos_k = torch.arange(C + W, device=q.device)[None, :]
     band = (pos_k <= pos_q) & (pos_k > pos_q - window)  # (C, C+W)
-    mask = band & (valid_blocks[:, None, :, None, :] > 0)  # (B, 1, N, C, C+W)
+    mask = band & (valid_blocks[:, None, :, None, :] > 0.5)  # (B, 1, N, C, C+W)
     y = _attend(qb @ k_blocks.transpose(-1, -2) * K**-0.5, mask, v_blocks)  # (B, H, N, C, V)
     return y.reshape(B, H, N * C, -1)[:, :, :T], final
 
@@ -162,7 +163,7 @@ def sliding_window_attention_recurrent(q, k, v, window, state=None, lengths=None
         vals = torch.cat([wv, v[:, :, t, None]], 2)
         valid = torch.cat([wvalid, wvalid.new_ones(wvalid.shape[0], 1)], 1)  # (B, w)
         scores = (keys @ q[:, :, t, :, None])[..., 0] * q.shape[-1] ** -0.5  # (B, H, w)
-        ys.append(_attend(scores[:, :, None], (valid > 0)[:, None, None], vals)[:, :, 0])
+        ys.append(_attend(scores[:, :, None], (valid > 0.5)[:, None, None], vals)[:, :, 0])
         new = (keys[:, :, 1:], vals[:, :, 1:], valid[:, 1:])
         if lengths is not None:
             keep = t < lengths  # (B,)
