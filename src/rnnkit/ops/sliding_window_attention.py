@@ -83,6 +83,18 @@ def _all_keys(k, v, state):
     return k_all, v_all, valid
 
 
+def _trim_empty(k_all, v_all, valid, W):
+    """Drop leading history slots that are empty in every sequence (a fresh or short cache).
+
+    Relative positions, hence the band, are unchanged; returns the arrays and the new history size.
+    """
+    used = (valid[:, :W] > 0.5).any(0)  # (W,)
+    if W == 0 or bool(used[0]):
+        return k_all, v_all, valid, W
+    d = int(used.nonzero()[0]) if bool(used.any()) else W
+    return k_all[:, :, d:], v_all[:, :, d:], valid[:, d:], W - d
+
+
 def _final_window(k_all, v_all, valid, lengths, W):
     """The ``W`` slots ending at each sequence's last valid step (positions ``[L, L + W)``)."""
     T_all = k_all.shape[2]
@@ -106,12 +118,14 @@ def sliding_window_attention_parallel(q, k, v, window, state=None, lengths=None)
     state, lengths = _check(q, k, v, window, state, lengths)
     T, W = q.shape[2], window - 1
     k_all, v_all, valid = _all_keys(k, v, state)
+    final = _final_window(k_all, v_all, valid, lengths, W)
+    k_all, v_all, valid, W = _trim_empty(k_all, v_all, valid, W)
     pos_q = W + torch.arange(T, device=q.device)[:, None]  # (T, 1) position of query t among all keys
     pos_k = torch.arange(W + T, device=q.device)[None, :]  # (1, W+T)
     band = (pos_k <= pos_q) & (pos_k > pos_q - window)  # (T, W+T)
     mask = band & (valid[:, None, None, :] > 0.5)  # (B, 1, T, W+T)
     y = _attend(q @ k_all.transpose(-1, -2) * q.shape[-1] ** -0.5, mask, v_all)
-    return y, _final_window(k_all, v_all, valid, lengths, W)
+    return y, final
 
 
 def sliding_window_attention_chunk(q, k, v, window, state=None, lengths=None, chunk_size: int = 64):
@@ -124,6 +138,14 @@ def sliding_window_attention_chunk(q, k, v, window, state=None, lengths=None, ch
     pad = N * C - T
     k_all, v_all, valid = _all_keys(k, v, state)
     final = _final_window(k_all, v_all, valid, lengths, W)
+    k_all, v_all, valid, used = _trim_empty(k_all, v_all, valid, W)
+    # Each block looks back W slots; no further than the data goes (a short or fresh cache and a
+    # short sequence need far fewer than window - 1), with empty slots in front where needed.
+    W = min(W, used + T - 1)
+    if W > used:
+        front = lambda t: t.new_zeros(*t.shape[:2], W - used, t.shape[-1])  # noqa: E731
+        k_all, v_all = torch.cat([front(k_all), k_all], 2), torch.cat([front(v_all), v_all], 2)
+        valid = torch.cat([valid.new_zeros(B, W - used), valid], 1)
     if pad:
         zeros = lambda t: t.new_zeros(*t.shape[:2], pad, t.shape[-1])  # noqa: E731
         q, k_all, v_all = torch.cat([q, zeros(q)], 2), torch.cat([k_all, zeros(k_all)], 2), torch.cat([v_all, zeros(v_all)], 2)
