@@ -221,6 +221,9 @@ def main() -> None:
             tok = B * T / dt
             rec = best.get((layer, "recurrent"))
             ratio = f"{rec / dt:11.1f}x" if rec else f"{'-':>12s}"
+            if form == "recurrent":  # elementwise loop: no matmul FLOPs; one more pass would cost minutes
+                print(f"{layer:18s} {form:28s} {tok:10.0f} {ratio} {'-':>9s} {'-':>8s} {'-':>8s}")
+                continue
             mb = saved_bytes(fn, inputs) / 2**20
             gf = flops(fn, inputs) / dt / 1e9
             print(f"{layer:18s} {form:28s} {tok:10.0f} {ratio} {mb:9.0f} {gf:8.1f} {100 * gf / mm:7.0f}%")

@@ -104,11 +104,13 @@ def gated_linear_attention_recurrent(q, k, v, log_decay, state=None, lengths=Non
     q, k, v, g, S, _ = _check_inputs(q, k, v, log_decay, state, lengths)
     per_dim = g.dim() == 4
     ys = []
-    for t in range(q.shape[2]):
-        decay = torch.exp(g[:, :, t])  # (B, H, K) or (B, H)
+    # unbind once: indexing x[:, :, t] in the loop would make backward write a full-size zero
+    # gradient per step (O(T^2) memory traffic).
+    for q_t, k_t, v_t, g_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), g.unbind(2)):
+        decay = torch.exp(g_t)  # (B, H, K) or (B, H)
         decay = decay[..., None] if per_dim else decay[..., None, None]
-        S = decay * S + k[:, :, t, :, None] * v[:, :, t, None, :]  # (B, H, K, V)
-        ys.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
+        S = decay * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, K, V)
+        ys.append((q_t[..., None, :] @ S)[..., 0, :])  # S^T q_t (B, H, V)
     return torch.stack(ys, 2), S
 
 

@@ -16,8 +16,7 @@ Chunkwise: ``m_t`` unrolls to ``max(m_0 + b_t, max_{j<=t} (b_t - b_j + log i_j))
 cumulative log forget gate, so each step's stabiliser is a row maximum of the intra-chunk log-weight
 matrix and the carried one; every exponential taken is of a log weight minus its row's maximum
 (``<= 0``), and the chunk form reproduces the loop's ``m_t``, ``C_t``, ``n_t`` and ``h_t`` (up to
-rounding), not an approximation with a different stabiliser. The normaliser ``n`` rides along as
-an extra column of ones in ``v``.
+rounding), not an approximation with a different stabiliser.
 
 Padding (``lengths``): steps past a length have ``log f = 0``, ``log i = -inf`` and ``q = k = v =
 0``, so the state (``m`` included) is left as it was.
@@ -101,16 +100,16 @@ def mlstm_recurrent(q, k, v, log_i, log_f, state=None, lengths=None, eps: float 
     """
     q, k, v, log_i, log_f, (C, n, m) = _check_inputs(q, k, v, log_i, log_f, state, lengths)
     hs = []
-    for t in range(q.shape[2]):
-        m_new = torch.maximum(log_f[:, :, t] + m, log_i[:, :, t])  # (B, H)
-        i_gate = torch.exp(log_i[:, :, t] - m_new)[..., None]  # (B, H, 1)
-        f_gate = torch.exp(log_f[:, :, t] + m - m_new)[..., None]  # (B, H, 1)
-        k_t = k[:, :, t]
-        C = f_gate[..., None] * C + (i_gate * k_t)[..., None] * v[:, :, t, None, :]  # (B, H, K, V)
+    # unbind once: indexing x[:, :, t] in the loop would make backward write a full-size zero
+    # gradient per step (O(T^2) memory traffic).
+    for q_t, k_t, v_t, li_t, lf_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), log_i.unbind(2), log_f.unbind(2)):
+        m_new = torch.maximum(lf_t + m, li_t)  # (B, H)
+        i_gate = torch.exp(li_t - m_new)[..., None]  # (B, H, 1)
+        f_gate = torch.exp(lf_t + m - m_new)[..., None]  # (B, H, 1)
+        C = f_gate[..., None] * C + (i_gate * k_t)[..., None] * v_t[..., None, :]  # (B, H, K, V)
         n = f_gate * n + i_gate * k_t  # (B, H, K)
         m = m_new
-        q_t = q[:, :, t]
-        num = torch.einsum("bhk,bhkv->bhv", q_t, C)
+        num = (q_t[..., None, :] @ C)[..., 0, :]  # C^T q_t (B, H, V)
         den = torch.maximum((q_t * n).sum(-1).abs(), torch.exp(-m))[..., None] + eps
         hs.append(num / den)
     return torch.stack(hs, 2), MLSTMState(C, n, m)
@@ -141,7 +140,7 @@ def _chunked(q, k, v, log_i, log_f, state, C, eps):
         log_i = F.pad(log_i, (0, pad), value=-math.inf)
     q = q.reshape(G, N, C, K)
     k = k.reshape(G, N, C, K)
-    v = torch.cat([v, torch.ones_like(v[..., :1])], -1).reshape(G, N, C, V + 1)  # last column: normaliser
+    v = v.reshape(G, N, C, V)
     log_f = log_f.reshape(G, N, C)
     log_i = log_i.reshape(G, N, C)
     b = log_f.cumsum(-1)  # (G, N, C) cumulative log forget gate from the chunk start
@@ -151,28 +150,32 @@ def _chunked(q, k, v, log_i, log_f, state, C, eps):
     w_end = suffix_sum(log_f[..., None])[..., 0] + log_i  # (G, N, C) log weight of step j at the chunk end
     a = w_end.amax(-1)  # (G, N); -inf for a chunk of padding only
     a_safe = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
-    U = (k * torch.exp(w_end - a_safe[..., None])[..., None]).transpose(-1, -2) @ v  # (G, N, K, V+1)
+    k_end = k * torch.exp(w_end - a_safe[..., None])[..., None]  # (G, N, C, K)
+    U = k_end.transpose(-1, -2) @ v  # (G, N, K, V)
+    u = k_end.sum(2)  # (G, N, K) the normaliser's share
 
-    S = torch.cat([state.C, state.n[..., None]], -1).reshape(G, K, V + 1)
-    m = state.m.reshape(G)
-    S_starts, m_starts = [], []
-    for n in range(N):
+    S, n, m = state.C.reshape(G, K, V), state.n.reshape(G, K), state.m.reshape(G)
+    S_starts, n_starts, m_starts = [], [], []
+    for i in range(N):
         S_starts.append(S)
+        n_starts.append(n)
         m_starts.append(m)
-        m_new = torch.maximum(m + b_last[:, n], a[:, n])
-        S = torch.exp(m + b_last[:, n] - m_new)[:, None, None] * S + torch.exp(a[:, n] - m_new)[:, None, None] * U[:, n]
+        m_new = torch.maximum(m + b_last[:, i], a[:, i])
+        carry, new = torch.exp(m + b_last[:, i] - m_new)[:, None], torch.exp(a[:, i] - m_new)[:, None]  # (G, 1)
+        S = carry[..., None] * S + new[..., None] * U[:, i]
+        n = carry * n + new * u[:, i]
         m = m_new
-    S_start = torch.stack(S_starts, 1)  # (G, N, K, V+1)
+    S_start = torch.stack(S_starts, 1)  # (G, N, K, V)
+    n_start = torch.stack(n_starts, 1)  # (G, N, K)
     m_start = torch.stack(m_starts, 1)  # (G, N)
 
     log_w = segment_sum(log_f) + log_i[..., None, :]  # (G, N, C, C) log weight of j at row i, -inf for j > i
     m_inter = m_start[..., None] + b  # (G, N, C) the carried stabiliser decayed to step i
     m_row = torch.maximum(m_inter, log_w.amax(-1))  # (G, N, C) = the loop's m_t
-    W = torch.exp(log_w - m_row[..., None])  # (G, N, C, C), entries <= 1
-    out = ((q @ k.transpose(-1, -2)) * W) @ v  # (G, N, C, V+1)
-    out = out + (q * torch.exp(m_inter - m_row)[..., None]) @ S_start
-    num, den = out[..., :V], out[..., V]
+    scores = (q @ k.transpose(-1, -2)) * torch.exp(log_w - m_row[..., None])  # (G, N, C, C), weights <= 1
+    q_inter = q * torch.exp(m_inter - m_row)[..., None]  # (G, N, C, K)
+    num = scores @ v + q_inter @ S_start  # (G, N, C, V)
+    den = scores.sum(-1) + (q_inter * n_start[:, :, None, :]).sum(-1)  # (G, N, C) n_t^T q_t
     h = num / (torch.maximum(den.abs(), torch.exp(-m_row)) + eps)[..., None]
     h = h.reshape(B, H, N * C, V)[:, :, :T]
-    C_fin, n_fin = S.reshape(B, H, K, V + 1).split([V, 1], -1)
-    return h, MLSTMState(C_fin, n_fin[..., 0], m.reshape(B, H))
+    return h, MLSTMState(S.reshape(B, H, K, V), n.reshape(B, H, K), m.reshape(B, H))
