@@ -58,6 +58,8 @@ def gla_inputs(T: int, decay: str, gen: torch.Generator) -> list[torch.Tensor]:
         g = F.logsigmoid(torch.randn(B, H, T, generator=gen) + 3)
     else:  # per key dimension, GLA's gate scale
         g = F.logsigmoid(torch.randn(B, H, T, K, generator=gen)) / 16
+    # linear_attention's and retnet's decays are not learned: no gradient flows to them.
+    g.constant = decay in ("none", "fixed")
     return [q, k, v, g]
 
 
@@ -105,6 +107,7 @@ def candidates(T: int) -> list[tuple[str, str, Callable, list[torch.Tensor]]]:
         if fla is not None and decay != "per_dim":
             # fla's layout is (B, T, H, K) and it scales q by K^-1/2 itself; same work.
             bt = [t.transpose(1, 2).contiguous() for t in inputs]
+            bt[3].constant = inputs[3].constant
             out.append((layer, "fla chunk (ref)",
                         lambda q, k, v, g: _loss(*fla(q, k, v, g, output_final_state=True, scale=1.0)), bt))
     if mlstm_chunk is not None:
@@ -135,8 +138,13 @@ def too_big(layer: str, form: str, T: int, max_gb: float, max_steps: int) -> str
 
 
 # ------------------------------------------------------------------------------- measurement
+def _leaves(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Fresh leaves; those marked ``constant`` (fixed decays: no gradient in the layer) take none."""
+    return [t.detach().requires_grad_(not getattr(t, "constant", False)) for t in inputs]
+
+
 def fwd_bwd(fn: Callable, inputs: list[torch.Tensor]) -> float:
-    leaves = [t.detach().requires_grad_() for t in inputs]
+    leaves = _leaves(inputs)
     start = time.perf_counter()
     fn(*leaves).backward()
     return time.perf_counter() - start
@@ -153,7 +161,7 @@ def saved_bytes(fn: Callable, inputs: list[torch.Tensor]) -> int:
             pass
         return t
 
-    leaves = [t.detach().requires_grad_() for t in inputs]
+    leaves = _leaves(inputs)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = fn(*leaves)
     del loss
@@ -161,7 +169,7 @@ def saved_bytes(fn: Callable, inputs: list[torch.Tensor]) -> int:
 
 
 def flops(fn: Callable, inputs: list[torch.Tensor]) -> int:
-    leaves = [t.detach().requires_grad_() for t in inputs]
+    leaves = _leaves(inputs)
     with FlopCounterMode(display=False) as counter:
         fn(*leaves).backward()
     return counter.get_total_flops()
