@@ -180,9 +180,10 @@ def _chunked(q, k, v, g, S, C):
     # The only sequential part: carry the state across chunk boundaries.
     S = S.reshape(G, K, V)
     starts = []
-    for n in range(N):
+    # unbind, not U[:, n]: each indexed slice's backward would zero-fill a full-size gradient.
+    for decay_n, U_n in zip(chunk_decay.unbind(1), U.unbind(1)):
         starts.append(S)
-        S = chunk_decay[:, n] * S + U[:, n]
+        S = decay_n * S + U_n
     S_start = torch.stack(starts, 1)  # (G, N, K, V) state entering each chunk
 
     y = (q * torch.exp(b)) @ S_start  # (G, N, C, V) the carried state read out, decayed to step i

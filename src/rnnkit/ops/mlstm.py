@@ -156,14 +156,15 @@ def _chunked(q, k, v, log_i, log_f, state, C, eps):
 
     S, n, m = state.C.reshape(G, K, V), state.n.reshape(G, K), state.m.reshape(G)
     S_starts, n_starts, m_starts = [], [], []
-    for i in range(N):
+    # unbind, not U[:, i]: each indexed slice's backward would zero-fill a full-size gradient.
+    for b_i, a_i, U_i, u_i in zip(b_last.unbind(1), a.unbind(1), U.unbind(1), u.unbind(1)):
         S_starts.append(S)
         n_starts.append(n)
         m_starts.append(m)
-        m_new = torch.maximum(m + b_last[:, i], a[:, i])
-        carry, new = torch.exp(m + b_last[:, i] - m_new)[:, None], torch.exp(a[:, i] - m_new)[:, None]  # (G, 1)
-        S = carry[..., None] * S + new[..., None] * U[:, i]
-        n = carry * n + new * u[:, i]
+        m_new = torch.maximum(m + b_i, a_i)
+        carry, new = torch.exp(m + b_i - m_new)[:, None], torch.exp(a_i - m_new)[:, None]  # (G, 1)
+        S = carry[..., None] * S + new[..., None] * U_i
+        n = carry * n + new * u_i
         m = m_new
     S_start = torch.stack(S_starts, 1)  # (G, N, K, V)
     n_start = torch.stack(n_starts, 1)  # (G, N, K)
