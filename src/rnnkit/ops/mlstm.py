@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
-from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK, _pad_time, segment_sum, suffix_sum
+from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK, _pad_time, decay_matrix_log, suffix_sum
 
 
 class MLSTMState(NamedTuple):
@@ -170,7 +170,7 @@ def _chunked(q, k, v, log_i, log_f, state, C, eps):
     n_start = torch.stack(n_starts, 1)  # (G, N, K)
     m_start = torch.stack(m_starts, 1)  # (G, N)
 
-    log_w = segment_sum(log_f) + log_i[..., None, :]  # (G, N, C, C) log weight of j at row i, -inf for j > i
+    log_w = decay_matrix_log(log_f, b) + log_i[..., None, :]  # (G, N, C, C) log weight of j at row i, -inf for j > i
     m_inter = m_start[..., None] + b  # (G, N, C) the carried stabiliser decayed to step i
     m_row = torch.maximum(m_inter, log_w.amax(-1))  # (G, N, C) = the loop's m_t
     scores = (q @ k.transpose(-1, -2)) * torch.exp(log_w - m_row[..., None])  # (G, N, C, C), weights <= 1
