@@ -113,7 +113,8 @@ def candidates(T: int) -> list[tuple[str, str, Callable, list[torch.Tensor]]]:
     if mlstm_chunk is not None:
         inputs = mlstm_inputs(T, gen)
         for form, fn in (("chunk", mlstm_chunk), ("recurrent", mlstm_recurrent), ("parallel", mlstm_parallel)):
-            out.append(("mlstm", form, lambda q, k, v, i, f, fn=fn: _loss(*fn(q, k, v, i, f)), inputs))
+            # rnnkit's op takes log f; the peer takes the pre-activation and applies logsigmoid itself.
+            out.append(("mlstm", form, lambda q, k, v, i, f, fn=fn: _loss(*fn(q, k, v, i, F.logsigmoid(f))), inputs))
         peer = mlstm_kernels_chunkwise()
         if peer is not None:
             out.append(("mlstm", "mlstm_kernels chunk (ref)",
