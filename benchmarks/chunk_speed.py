@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--max-recurrent-steps", type=int, default=512,
                         help="skip recurrent forms above this T (the loop's tokens/s does not depend on T)")
     parser.add_argument("--layers", nargs="+", default=None, help="only these layers")
+    parser.add_argument("--no-loops", action="store_true", help="skip the recurrent and parallel forms")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lengths = args.lengths or ([512] if args.quick else [512, 2048, 8192])
@@ -209,6 +210,8 @@ def main() -> None:
         print(f"{'layer':18s} {'form':28s} {'tok/s':>10s} {'vs recurrent':>12s} {'saved MB':>9s} "
               f"{'GFLOP/s':>8s} {'% matmul':>8s}")
         rows = [c for c in candidates(T) if args.layers is None or c[0] in args.layers]
+        if args.no_loops:
+            rows = [c for c in rows if c[1] not in ("recurrent", "parallel")]
         best: dict[tuple[str, str], float] = {}
         skipped: dict[tuple[str, str], str] = {}
         for layer, form, fn, inputs in rows:
