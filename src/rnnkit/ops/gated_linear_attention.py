@@ -195,11 +195,12 @@ def _chunked(q, k, v, g, S, C):
         S = decay_n * S + U_n
     S_start = torch.stack(starts, 1)  # (G, N, K, V) state entering each chunk
 
-    y = (q * torch.exp(b)) @ S_start  # (G, N, C, V) the carried state read out, decayed to step i
+    q_dec = q * torch.exp(b)  # (G, N, C, K) queries decayed from the chunk start, factors <= 1
+    y = q_dec @ S_start  # (G, N, C, V) the carried state read out, decayed to step i
     if per_dim and mild:
         # Mild decays (the usual GLA regime): exp(b_i - b_j) = exp(b_i) exp(-b_j) with every factor
         # within exp(+-FACTOR_BOUND), far from fp32 overflow or denormals: one matmul, as for scalars.
-        scores = (q * torch.exp(b)) @ (k * torch.exp(-b)).transpose(-1, -2)  # (G, N, C, C)
+        scores = q_dec @ (k * torch.exp(-b)).transpose(-1, -2)  # (G, N, C, C)
         y = y + scores.masked_fill(~causal_mask(C, q.device), 0) @ v
     elif per_dim:
         y = y + _intra_per_dim(q, k, v, g)
