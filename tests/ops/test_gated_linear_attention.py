@@ -115,3 +115,19 @@ def test_bad_inputs():
         gated_linear_attention_chunk(q, k, v, torch.zeros(1, 1, 5, 4), chunk_size=24)
     with pytest.raises(InputError, match="lengths"):
         gated_linear_attention_chunk(q, k, v, g, lengths=[6])
+
+
+@pytest.mark.parametrize("T", [1, 20, 64])
+def test_no_decay_path_matches_loop(T):
+    """Zero log decay without gradient (plain linear attention) takes a shortcut; same result."""
+    q, k, v, _, S0 = inputs(2, 2, T, 3, 4, False, torch.float64)
+    g = torch.zeros(2, 2, T, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (q, k, v, S0)]
+    y_ref, S_ref = gated_linear_attention_recurrent(q, k, v, g, S0, lengths=[T, 1])
+    g_ref = torch.autograd.grad(y_ref.sin().sum() + S_ref.sum(), leaves)
+    for form in FORMS.values():
+        y, S = form(q, k, v, g, S0, lengths=[T, 1])
+        assert_close(y, y_ref, what="y")
+        assert_close(S, S_ref, what="final state")
+        for a, b in zip(torch.autograd.grad(y.sin().sum() + S.sum(), leaves), g_ref):
+            assert_close(a, b, kind="grad", what="gradient")
