@@ -266,7 +266,11 @@ def causal_mask(C: int, device: torch.device) -> torch.Tensor:
 
 def _intra_scalar(q, k, v, g, b):
     """Within-chunk part for scalar decay: ``((q k^T) ⊙ exp(b_i - b_j) [j <= i]) v``; g, b (G, N, C, 1)."""
-    D = torch.exp(decay_matrix_log(g[..., 0], b[..., 0]))  # (G, N, C, C), zero above the diagonal
+    g, b = g[..., 0], b[..., 0]  # (G, N, C)
+    if not g.requires_grad and g.shape[1] > 1 and bool((g == g[:, :1, :1]).all()):
+        # A fixed decay per head (RetNet): every chunk has the same matrix; build it once.
+        g, b = g[:, :1], b[:, :1]
+    D = torch.exp(decay_matrix_log(g, b))  # (G, N or 1, C, C), zero above the diagonal
     return ((q @ k.transpose(-1, -2)) * D) @ v
 
 
