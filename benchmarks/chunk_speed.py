@@ -10,7 +10,7 @@ forward + backward tokens/s of the ``chunk``, ``recurrent`` and ``parallel`` for
 for backward (autograd's saved tensors: what training holds between the passes; linear in T for
 ``chunk``), the matmul GFLOP/s achieved (FLOPs counted by ``torch.utils.flop_counter``) next to a
 plain ``(2048 x 2048) @ (2048 x 2048)`` matmul measured in the same run, and, when installed (the
-``bench`` extra), the peers: flash-linear-attention's pure-PyTorch chunked simple-GLA reference
+``peers`` extra), the peers: flash-linear-attention's pure-PyTorch chunked simple-GLA reference
 (``naive_chunk_simple_gla``, loaded from its file since the package imports Triton) and
 mlstm_kernels' native chunkwise mLSTM.
 

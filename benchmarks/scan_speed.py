@@ -145,7 +145,7 @@ def layer_table(widths, B: int, T: int, reps: int, names: list[str]) -> None:
 
 
 def _peer_mingru(d: int) -> torch.nn.Module | None:
-    """lucidrains' ``mingru-pytorch`` minGRU (optional extra ``bench``), or None when not installed."""
+    """lucidrains' ``mingru-pytorch`` minGRU (optional extra ``peers``), or None when not installed."""
     try:
         from minGRU_pytorch import minGRU
     except ImportError:
