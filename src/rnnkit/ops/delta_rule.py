@@ -201,54 +201,57 @@ def _wy_chunks(q, k, v, beta, log_gate, initial_state, C):
     N = (T + pad) // C
 
     def chunked(t: torch.Tensor) -> torch.Tensor:
-        # (B, T, H, ...) -> (B, H, N, C, ...); padded steps are zeros: beta = 0 and log gate 0
-        # make them identities.
-        t = t.movedim(1, 2)  # (B, H, T, ...)
+        # (B, T, H, ...) -> (N, B, H, C, ...), chunk-major so that the loop over chunks reads
+        # contiguous slices and autograd stacks their gradients once (indexing a (B, H, N, ...)
+        # tensor per chunk costs a full-size zero gradient per chunk in the backward).
+        # Padded steps are zeros: beta = 0 and log gate 0 make them identities.
         if pad:
-            t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 3) + (0, pad))
-        return t.reshape(B, H, N, C, *t.shape[3:])
+            t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        t = t.reshape(B, N, C, H, *t.shape[3:])  # (B, N, C, H, ...)
+        return t.permute(1, 0, 3, 2, *range(4, t.dim())).contiguous()
 
-    q, k, v, beta = chunked(q), chunked(k), chunked(v), chunked(beta)  # (B, H, N, C, K|V), (B, H, N, C)
-    kb = k * beta[..., None]  # (B, H, N, C, K)
-    kk = kb @ k.transpose(-1, -2)  # (B, H, N, C, C): beta_i k_i . k_j
-    qk = q @ k.transpose(-1, -2)  # (B, H, N, C, C): q_i . k_j
+    q, k, v, beta = chunked(q), chunked(k), chunked(v), chunked(beta)  # (N, B, H, C, K|V), (N, B, H, C)
+    kb = k * beta[..., None]  # (N, B, H, C, K)
+    kk = kb @ k.transpose(-1, -2)  # (N, B, H, C, C): beta_i k_i . k_j
+    qk = q @ k.transpose(-1, -2)  # (N, B, H, C, C): q_i . k_j
     if log_gate is None:
         # The solve only reads the strictly lower triangle (unit diagonal assumed), so kk is used as is.
         qk = qk.tril()
-        rhs = torch.cat([v * beta[..., None], kb], -1)  # (B, H, N, C, V + K)
+        rhs = torch.cat([v * beta[..., None], kb], -1)  # (N, B, H, C, V + K)
         k_end = k
         qg = q
         gate_end = None
     else:
-        log_gate = chunked(log_gate)  # (B, H, N, C)
-        gamma = log_gate.cumsum(-1)  # (B, H, N, C): inclusive cumulative log gate
-        seg = _segment_sums(log_gate)  # (B, H, N, C, C): gamma_i - gamma_j for i >= j, else -inf
-        decay = seg.exp()  # (B, H, N, C, C)
+        log_gate = chunked(log_gate)  # (N, B, H, C)
+        gamma = log_gate.cumsum(-1)  # (N, B, H, C): inclusive cumulative log gate
+        seg = _segment_sums(log_gate)  # (N, B, H, C, C): gamma_i - gamma_j for i >= j, else -inf
+        decay = seg.exp()  # (N, B, H, C, C)
         kk = kk * decay
         qk = qk * decay
-        g_in = gamma.exp()[..., None]  # (B, H, N, C, 1): decay from the chunk start to step i
+        g_in = gamma.exp()[..., None]  # (N, B, H, C, 1): decay from the chunk start to step i
         rhs = torch.cat([v * beta[..., None], kb * g_in], -1)
         qg = q * g_in
         k_end = k * decay[..., -1, :, None]  # decay from step i to the chunk end, exp(gamma_C - gamma_i)
-        gate_end = gamma[..., -1].exp()[..., None, None]  # (B, H, N, 1, 1)
+        gate_end = gamma[..., -1].exp().reshape(N, B * H, 1, 1)
     uw = torch.linalg.solve_triangular(kk, rhs, upper=False, unitriangular=True)
-    u, w = uw[..., :V], uw[..., V:]  # (B, H, N, C, V), (B, H, N, C, K)
+    u, w = uw[..., :V], uw[..., V:]  # (N, B, H, C, V), (N, B, H, C, K)
     # y = qg S_0 + qk (u - w S_0) = (qg - qk w) S_0 + qk u: all but the S_0 product batched.
-    y_local = qk @ u  # (B, H, N, C, V)
-    q_state = qg - qk @ w  # (B, H, N, C, K)
+    y_local = qk @ u  # (N, B, H, C, V)
+    q_state = qg - qk @ w  # (N, B, H, C, K)
 
-    S = initial_state if initial_state is not None else q.new_zeros(B, H, K, V)
+    S = initial_state.reshape(B * H, K, V) if initial_state is not None else q.new_zeros(B * H, K, V)
     starts = []
-    k_end_t = k_end.transpose(-1, -2)  # (B, H, N, K, C)
+    us = u.reshape(N, B * H, C, V).unbind(0)
+    ws = w.reshape(N, B * H, C, K).unbind(0)
+    k_ends = k_end.reshape(N, B * H, C, K).transpose(-1, -2).unbind(0)  # (B H, K, C) each
     for n in range(N):
         starts.append(S)
-        delta = u[:, :, n] - w[:, :, n] @ S  # (B, H, C, V): what the chunk actually writes
-        carried = S if gate_end is None else S * gate_end[:, :, n]
-        S = torch.baddbmm(carried.reshape(B * H, K, V), k_end_t[:, :, n].reshape(B * H, K, C),
-                          delta.reshape(B * H, C, V)).view(B, H, K, V)
-    y = y_local + q_state @ torch.stack(starts, 2)  # (B, H, N, C, V)
-    y = y.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)  # (B, T, H, V)
-    return y, S
+        delta = torch.baddbmm(us[n], ws[n], S, alpha=-1)  # (B H, C, V): what the chunk actually writes
+        carried = S if gate_end is None else S * gate_end[n]
+        S = torch.baddbmm(carried, k_ends[n], delta)  # (B H, K, V)
+    y = y_local + q_state @ torch.stack(starts).view(N, B, H, K, V)  # (N, B, H, C, V)
+    y = y.permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]  # (B, T, H, V)
+    return y, S.view(B, H, K, V)
 
 
 def _segment_sums(log_gate: torch.Tensor) -> torch.Tensor:
