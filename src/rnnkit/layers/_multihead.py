@@ -1,0 +1,205 @@
+"""What the multi-head matrix-state layers share (linear attention, RetNet, GLA, Mamba-2, mLSTM, Based,
+DeltaNet, Gated DeltaNet, attention).
+
+- :class:`MultiHeadRecurrence`: the base class: modes ``recurrent`` / ``parallel`` / ``chunk``,
+  ``auto`` (``chunk`` for sequences, ``recurrent`` for a single step), ``step`` as a one-step forward;
+- :func:`split_heads` / :func:`merge_heads`: ``(B, T, H*K) <-> (B, H, T, K)``;
+- :class:`ShortConv`: causal depthwise convolution over time whose last ``W - 1`` inputs are state
+  (Mamba, GLA, DeltaNet put one in front of q/k/v);
+- :func:`feature_map` / :func:`feature_dim`: the kernel feature maps of linear attention
+  (identity, elu+1, relu, 2nd-order Taylor);
+- :class:`HeadNorm`: per-head RMS or layer norm of the read-out, optionally multiplied by a SiLU
+  gate (before or after the norm), as RetNet's group norm, GLA's and Mamba-2's gated RMSNorm;
+- :func:`check_head_config`: validation of the usual ``num_heads`` / head dimension options.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnnkit.errors import InputError, check_choice, check_positive_int
+from rnnkit.layers.base import Recurrence, State
+
+
+# --------------------------------------------------------------------------- heads
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``(B, T, H*K)`` -> ``(B, H, T, K)`` (a copy, contiguous for the batched matmuls)."""
+    B, T, D = x.shape
+    return x.view(B, T, num_heads, D // num_heads).transpose(1, 2).contiguous()  # (B, H, T, K)
+
+
+def merge_heads(y: torch.Tensor) -> torch.Tensor:
+    """``(B, H, T, V)`` -> ``(B, T, H*V)``."""
+    B, H, T, V = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * V)
+
+
+def check_head_config(d_model: int, num_heads: int, head_dim: int | None, field: str = "head_dim") -> int:
+    """Validate ``num_heads`` and a head dimension; returns the head dimension (``d_model // H``
+    when ``head_dim`` is None, which requires ``H`` to divide ``d_model``)."""
+    check_positive_int("d_model", d_model)
+    check_positive_int("num_heads", num_heads)
+    if head_dim is None:
+        if d_model % num_heads:
+            raise InputError(
+                f"num_heads: expected a divisor of d_model = {d_model} when {field} is not given, got {num_heads}"
+            )
+        return d_model // num_heads
+    check_positive_int(field, head_dim)
+    return head_dim
+
+
+# --------------------------------------------------------------------------- base class
+class MultiHeadRecurrence(Recurrence):
+    """Base of the matrix-state layers: three modes, ``auto`` and ``step`` defined once.
+
+    Subclasses implement ``_forward(x, state, lengths, mode)`` for the three modes and
+    ``_init_state``; ``_step`` defaults to a one-step ``recurrent`` forward (the recurrent form of
+    these layers is already one update per step, so this is the constant-memory inference path).
+    """
+
+    MODES: ClassVar[tuple[str, ...]] = ("recurrent", "parallel", "chunk")
+
+    def _auto_mode(self, x: torch.Tensor) -> str:
+        # One step: the update itself; otherwise the chunkwise form (measured fastest from T ~ 64
+        # on, and memory linear in T unlike parallel): benchmarks/chunk_speed.py.
+        return "recurrent" if x.shape[1] == 1 else "chunk"
+
+    def _step(self, x_t: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        y, state = self._forward(x_t[:, None], state, None, "recurrent")
+        return y[:, 0], state
+
+
+# --------------------------------------------------------------------------- short convolution
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time with its input history as state.
+
+        y_t = act(bias + sum_{s=0}^{W-1} w_s ⊙ x_{t-W+1+s})
+
+    The state is the last ``W - 1`` inputs, ``(B, D, W-1)``, oldest first; zeros at the start.
+    Initialised as ``torch.nn.Conv1d`` (as in Mamba / Mamba-2).
+
+    Args:
+        channels: ``D``.
+        kernel_size: ``W >= 2``.
+        activation: ``"silu"`` (Mamba-2, GLA, DeltaNet) or ``"identity"``.
+        bias: learn a bias.
+
+    Example:
+        >>> conv = ShortConv(8, 4)
+        >>> y, state = conv(torch.randn(2, 10, 8), conv.init_state(2))   # y (2, 10, 8), state (2, 8, 3)
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, activation: str = "silu", bias: bool = True) -> None:
+        super().__init__()
+        check_positive_int("conv_size", kernel_size, minimum=2)
+        check_choice("conv_activation", activation, ("silu", "identity"))
+        self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
+        conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=bias)
+        self.weight = nn.Parameter(conv.weight.detach()[:, 0].clone())  # (D, W)
+        self.bias = nn.Parameter(conv.bias.detach().clone()) if bias else None
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(batch_size, self.channels, self.kernel_size - 1, device=device, dtype=dtype)
+
+    def _act(self, y: torch.Tensor) -> torch.Tensor:
+        return F.silu(y) if self.activation == "silu" else y
+
+    def forward(
+        self, x: torch.Tensor, state: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (B, T, D), ``state`` (B, D, W-1) -> ``y`` (B, T, D) and the state after each
+        sequence's last valid step (``lengths`` (B,) or None)."""
+        B, T, D = x.shape
+        W = self.kernel_size
+        xs = torch.cat([state, x.transpose(1, 2)], 2)  # (B, D, W-1+T)
+        y = F.conv1d(xs, self.weight[:, None], self.bias, groups=D).transpose(1, 2)  # (B, T, D)
+        if lengths is None:
+            new_state = xs[:, :, T:]
+        else:
+            # The W-1 inputs ending at each sequence's last valid step: xs[:, :, L : L+W-1].
+            idx = lengths[:, None, None] + torch.arange(W - 1, device=x.device)  # (B, 1, W-1)
+            new_state = xs.gather(2, idx.expand(B, D, W - 1))
+        return self._act(y), new_state
+
+
+# --------------------------------------------------------------------------- feature maps
+FEATURE_MAPS = ("identity", "elu+1", "relu", "taylor")
+
+
+def feature_dim(name: str, dim: int) -> int:
+    """Width of ``feature_map(name, x)`` for ``x`` of width ``dim``."""
+    return 1 + dim + dim * dim if name == "taylor" else dim
+
+
+def feature_map(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Apply a linear-attention feature map to the last dimension of ``x``.
+
+    - ``identity``: ``x``;
+    - ``elu+1``: ``elu(x) + 1 > 0`` (Katharopoulos et al. 2020, eq. 7);
+    - ``relu``: ``max(x, 0)``;
+    - ``taylor``: ``[1, x / d^(1/4), (x ⊗ x) / (sqrt(2) sqrt(d))]`` so that
+      ``phi(q) . phi(k) = 1 + s + s^2 / 2`` with ``s = q . k / sqrt(d)``, the 2nd-order Taylor
+      expansion of ``exp(s)`` (Arora et al. 2024, "Simple linear attention language models balance
+      the recall-throughput tradeoff", section 3.1). Width ``1 + d + d^2``.
+    """
+    if name == "identity":
+        return x
+    if name == "elu+1":
+        return F.elu(x) + 1
+    if name == "relu":
+        return F.relu(x)
+    if name == "taylor":
+        d = x.shape[-1]
+        x = x / d**0.25
+        second = (x[..., :, None] * x[..., None, :]).flatten(-2) / 2**0.5  # (..., d*d)
+        return torch.cat([torch.ones_like(x[..., :1]), x, second], -1)
+    raise InputError(f"feature_map: expected one of {FEATURE_MAPS}, got {name!r}")
+
+
+# --------------------------------------------------------------------------- output norm and gate
+class HeadNorm(nn.Module):
+    """Normalise each head's read-out separately, optionally with a SiLU gate.
+
+    ``kind="rms"``: ``y / rms(y) * w`` (RMSNorm, Zhang & Sennrich 2019); ``kind="layer"``:
+    ``(y - mean) / std * w + b`` per head (RetNet's GroupNorm with one group per head). With a gate
+    ``z``: ``norm(y) * silu(z)`` (GLA, RetNet) or, ``gate_first=True``, ``norm(y * silu(z))``
+    (Mamba-2's gated RMSNorm, Dao & Gu 2024, section 7).
+
+    Args:
+        num_heads: ``H``.
+        head_dim: ``V``, the per-head width normalised together.
+        kind: ``"rms"`` or ``"layer"``.
+        eps: added to the variance.
+        gate_first: apply the gate before the norm.
+
+    Shapes: ``y`` ``(B, T, H*V)`` (heads merged), ``z`` same or None -> ``(B, T, H*V)``.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, kind: str = "rms", eps: float = 1e-5, gate_first: bool = False):
+        super().__init__()
+        check_choice("norm", kind, ("rms", "layer"))
+        self.num_heads, self.head_dim, self.kind, self.eps, self.gate_first = num_heads, head_dim, kind, eps, gate_first
+        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads * head_dim)) if kind == "layer" else None
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        if z is not None and self.gate_first:
+            y = y * F.silu(z)
+        shape = y.shape
+        h = y.reshape(*shape[:-1], self.num_heads, self.head_dim)  # (..., H, V)
+        if self.kind == "layer":
+            h = h - h.mean(-1, keepdim=True)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = h.reshape(shape) * self.weight
+        if self.bias is not None:
+            out = out + self.bias
+        if z is not None and not self.gate_first:
+            out = out * F.silu(z)
+        return out
+
+

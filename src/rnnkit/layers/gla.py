@@ -1,0 +1,105 @@
+"""Gated linear attention (Yang et al. 2024, "Gated Linear Attention Transformers with
+Hardware-Efficient Training", eq. 3 and section 4.1):
+
+    alpha_t = sigmoid(W_a2 W_a1 x_t + b_a)^(1/tau)            (B, H, K) data-dependent forget gate
+    S_t = (alpha_t 1^T) ⊙ S_{t-1} + k_t v_t^T                 o_t = S_t^T q_t   (q scaled by K^-1/2)
+    y_t = W_o (swish(W_r x_t) ⊙ RMSNorm_h(o_t))
+
+with a low-rank gate projection (rank 16) and temperature ``tau = 16`` so that the gates start close
+to 1 (long memory), key width ``d_model / 2`` and value width ``d_model`` over all heads (the paper's
+``d_k = d/2``, ``d_v = d``). The gate lives in log space, ``log alpha = logsigmoid(.) / tau``, and
+the three forms are :mod:`rnnkit.ops.gated_linear_attention` with per-key-dimension decay.
+Projections are Xavier-uniform with gain ``2^-2.5`` as in the authors' flash-linear-attention code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnnkit.errors import InputError, check_positive_int
+from rnnkit.layers._multihead import HeadNorm, MultiHeadRecurrence, check_head_config, merge_heads, split_heads
+from rnnkit.layers.linear_attention import run_gla
+from rnnkit.layers.registry import make_config, register
+from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
+
+
+@dataclass
+class GLAConfig:
+    """Options of :class:`GLA`."""
+
+    d_model: int  # input and output width D
+    num_heads: int = 4  # H
+    key_dim: int | None = None  # K per head; default d_model // (2 H) (the paper's d_k = d / 2), at least 1
+    value_dim: int | None = None  # V per head; default d_model // H
+    gate_rank: int = 16  # rank of the gate projection W_a2 W_a1
+    gate_temperature: float = 16.0  # tau: log alpha = logsigmoid(.) / tau
+    chunk_size: int = DEFAULT_CHUNK  # C of the chunk mode (a power of two)
+
+    def __post_init__(self) -> None:
+        self.value_dim = check_head_config(self.d_model, self.num_heads, self.value_dim, "value_dim")
+        if self.key_dim is None:
+            self.key_dim = max(1, self.d_model // (2 * self.num_heads))
+        check_positive_int("key_dim", self.key_dim)
+        check_positive_int("gate_rank", self.gate_rank)
+        if not isinstance(self.gate_temperature, (int, float)) or self.gate_temperature <= 0:
+            raise InputError(f"gate_temperature: expected a positive number, got {self.gate_temperature!r}")
+        check_positive_int("chunk_size", self.chunk_size)
+        if self.chunk_size & (self.chunk_size - 1):
+            raise InputError(f"chunk_size: expected a power of two, got {self.chunk_size}")
+
+
+@register(
+    "gla",
+    description="Gated linear attention (Yang et al. 2024): data-dependent per-key-dim gates, low-rank",
+    test_configs={"default": {"num_heads": 2, "key_dim": 2, "value_dim": 3, "gate_rank": 2, "chunk_size": 16}},
+)
+class GLA(MultiHeadRecurrence):
+    """Gated linear attention layer (see the module docstring for the math and reference).
+
+    Args: the fields of :class:`GLAConfig`.
+
+    Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state ``(B, H, K, V)``.
+
+    Example:
+        >>> layer = GLA(d_model=64, num_heads=4)
+        >>> y, S = layer(torch.randn(2, 100, 64))      # y (2, 100, 64), S (2, 4, 8, 16)
+    """
+
+    def __init__(self, **config) -> None:
+        super().__init__()
+        self.config = c = make_config(GLAConfig, "gla", config)
+        self.d_input = self.d_output = c.d_model
+        H, K, V = c.num_heads, c.key_dim, c.value_dim
+        self.q_proj = nn.Linear(c.d_model, H * K, bias=False)
+        self.k_proj = nn.Linear(c.d_model, H * K, bias=False)
+        self.v_proj = nn.Linear(c.d_model, H * V, bias=False)
+        self.gate_down = nn.Linear(c.d_model, c.gate_rank, bias=False)  # W_a1
+        self.gate_up = nn.Linear(c.gate_rank, H * K, bias=True)  # W_a2, b_a
+        self.r_proj = nn.Linear(c.d_model, H * V, bias=False)  # output gate W_r
+        self.o_proj = nn.Linear(H * V, c.d_model, bias=False)
+        self.norm = HeadNorm(H, V, kind="rms")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.gate_down, self.gate_up, self.r_proj, self.o_proj):
+            nn.init.xavier_uniform_(lin.weight, gain=2**-2.5)
+        nn.init.zeros_(self.gate_up.bias)
+
+    def _init_state(self, batch_size, device, dtype):
+        c = self.config
+        return torch.zeros(batch_size, c.num_heads, c.key_dim, c.value_dim, device=device, dtype=dtype)
+
+    def _forward(self, x, state, lengths, mode):
+        c = self.config
+        q = split_heads(self.q_proj(x), c.num_heads) * c.key_dim**-0.5  # (B, H, T, K)
+        k = split_heads(self.k_proj(x), c.num_heads)  # (B, H, T, K)
+        v = split_heads(self.v_proj(x), c.num_heads)  # (B, H, T, V)
+        gate = F.logsigmoid(self.gate_up(self.gate_down(x))) / c.gate_temperature  # (B, T, H*K), log alpha
+        log_decay = split_heads(gate, c.num_heads)  # (B, H, T, K)
+        o, state = run_gla(mode, q, k, v, log_decay, state, lengths, c.chunk_size)
+        y = self.norm(merge_heads(o), self.r_proj(x))  # swish(W_r x) ⊙ RMSNorm(o)
+        return self.o_proj(y), state

@@ -1,0 +1,132 @@
+"""Linear attention as a recurrence (Katharopoulos et al. 2020, "Transformers are RNNs", eq. 16-20).
+
+    S_t = S_{t-1} + phi(k_t) v_t^T        z_t = z_{t-1} + phi(k_t)
+    o_t = S_t^T phi(q_t) / (z_t^T phi(q_t) + eps)   (or S_t^T phi(q_t) / sqrt(K) without normaliser)
+    y_t = W_o [o_t^(1); ...; o_t^(H)]
+
+per head, with ``q = W_q x``, ``k = W_k x``, ``v = W_v x`` and a feature map ``phi`` (identity,
+``elu+1`` as in the paper, relu, or the 2nd-order Taylor map of Based). The normaliser ``z`` rides
+along as an extra column of ones in ``v``, so the three forms are those of
+:mod:`rnnkit.ops.gated_linear_attention` with zero log-decay. Projections are initialised as
+``torch.nn.Linear`` (the paper uses the transformer's standard initialisation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rnnkit.errors import InputError, check_choice
+from rnnkit.layers._multihead import (
+    FEATURE_MAPS,
+    MultiHeadRecurrence,
+    check_head_config,
+    feature_dim,
+    feature_map,
+    merge_heads,
+    split_heads,
+)
+from rnnkit.layers.registry import make_config, register
+from rnnkit.ops.gated_linear_attention import (
+    DEFAULT_CHUNK,
+    gated_linear_attention_chunk,
+    gated_linear_attention_parallel,
+    gated_linear_attention_recurrent,
+)
+
+GLA_FORMS = {
+    "recurrent": gated_linear_attention_recurrent,
+    "parallel": gated_linear_attention_parallel,
+    "chunk": gated_linear_attention_chunk,
+}
+
+
+def run_gla(mode: str, q, k, v, log_decay, state, lengths, chunk_size: int = DEFAULT_CHUNK):
+    """Dispatch to the ``mode`` form of the gated linear attention op (shapes as in the op)."""
+    if mode == "chunk":
+        return gated_linear_attention_chunk(q, k, v, log_decay, state, lengths, chunk_size=chunk_size)
+    return GLA_FORMS[mode](q, k, v, log_decay, state, lengths)
+
+
+@dataclass
+class LinearAttentionConfig:
+    """Options of :class:`LinearAttention`."""
+
+    d_model: int  # input and output width D
+    num_heads: int = 4  # H
+    head_dim: int | None = None  # K = V per head; default d_model // num_heads
+    feature_map: str = "elu+1"  # phi: "identity", "elu+1" (the paper), "relu", "taylor"
+    normalize: bool = True  # divide by z_t^T phi(q_t) (the paper); needs a non-negative phi
+    eps: float = 1e-6  # added to the normaliser
+    chunk_size: int = DEFAULT_CHUNK  # C of the chunk mode
+
+    def __post_init__(self) -> None:
+        self.head_dim = check_head_config(self.d_model, self.num_heads, self.head_dim)
+        check_choice("feature_map", self.feature_map, FEATURE_MAPS)
+        if not isinstance(self.normalize, bool):
+            raise InputError(f"normalize: expected a bool, got {self.normalize!r}")
+        if self.normalize and self.feature_map == "identity":
+            raise InputError(
+                "feature_map: expected a non-negative map ('elu+1', 'relu', 'taylor') with normalize=True, "
+                "got 'identity' (its normaliser can cross zero)"
+            )
+        if not isinstance(self.eps, (int, float)) or self.eps <= 0:
+            raise InputError(f"eps: expected a positive number, got {self.eps!r}")
+
+
+@register(
+    "linear_attention",
+    description="Linear attention (Katharopoulos et al. 2020), multi-head, feature maps identity/elu+1",
+    test_configs={
+        "elu": {"num_heads": 2, "head_dim": 3},
+        "identity-unnormalized": {"num_heads": 1, "head_dim": 4, "feature_map": "identity", "normalize": False,
+                                  "chunk_size": 16},
+    },
+)
+class LinearAttention(MultiHeadRecurrence):
+    """Multi-head linear attention (see the module docstring for the math and reference).
+
+    Args: the fields of :class:`LinearAttentionConfig`.
+
+    Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state ``(B, H, F, V + n)`` with ``F`` the feature
+    width (``K``, or ``1 + K + K^2`` for ``taylor``) and ``n = 1`` when normalised: the last column
+    is then the normaliser ``z``.
+
+    Example:
+        >>> layer = LinearAttention(d_model=64, num_heads=4)
+        >>> y, S = layer(torch.randn(2, 100, 64))          # y (2, 100, 64), S (2, 4, 16, 17)
+        >>> y_t, S = layer.step(torch.randn(2, 64), S)
+    """
+
+    def __init__(self, **config) -> None:
+        super().__init__()
+        self.config = c = make_config(LinearAttentionConfig, "linear_attention", config)
+        self.d_input = self.d_output = c.d_model
+        inner = c.num_heads * c.head_dim
+        self.q_proj = nn.Linear(c.d_model, inner, bias=False)
+        self.k_proj = nn.Linear(c.d_model, inner, bias=False)
+        self.v_proj = nn.Linear(c.d_model, inner, bias=False)
+        self.o_proj = nn.Linear(inner, c.d_model, bias=False)
+        self.feature_width = feature_dim(c.feature_map, c.head_dim)
+
+    def _init_state(self, batch_size, device, dtype):
+        c = self.config
+        return torch.zeros(batch_size, c.num_heads, self.feature_width, c.head_dim + int(c.normalize),
+                           device=device, dtype=dtype)
+
+    def _forward(self, x, state, lengths, mode):
+        c = self.config
+        q = feature_map(c.feature_map, split_heads(self.q_proj(x), c.num_heads))  # (B, H, T, F)
+        k = feature_map(c.feature_map, split_heads(self.k_proj(x), c.num_heads))  # (B, H, T, F)
+        v = split_heads(self.v_proj(x), c.num_heads)  # (B, H, T, V)
+        if c.normalize:
+            v = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (B, H, T, V+1): last column accumulates z
+        else:
+            q = q * self.feature_width**-0.5
+        log_decay = q.new_zeros(q.shape[:3])  # (B, H, T): no forgetting
+        o, state = run_gla(mode, q, k, v, log_decay, state, lengths, c.chunk_size)
+        if c.normalize:
+            o = o[..., :-1] / (o[..., -1:] + c.eps)  # (B, H, T, V)
+        return self.o_proj(merge_heads(o)), state

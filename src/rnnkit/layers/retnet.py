@@ -1,0 +1,100 @@
+"""Multi-scale retention (Sun et al. 2023, "Retentive Network: A Successor to Transformer for Large
+Language Models", eq. 1-8), the recurrent form:
+
+    S_t = gamma_h S_{t-1} + k_t v_t^T        o_t = S_t^T q_t            (per head h, k scaled by K^-1/2)
+    y_t = W_O (swish(W_G x_t) ⊙ GroupNorm_h(o_t))
+
+with fixed per-head decays ``gamma_h = 1 - 2^(-5-h)`` (section 2.2, "multi-scale": every head its own
+memory length, from 32 to ``2^(4+H)`` steps), one normalisation group per head, value heads twice the
+key width (``V = 2K``, as the paper's ``d_v = 2 d``), and a swish output gate. Projections are
+Xavier-uniform with gain ``2^-2.5`` (q, k, v, g) and 1 (out), as in the authors' torchscale
+implementation. The paper's xPos relative position rotation of q and k is not included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rnnkit.errors import check_positive_int
+from rnnkit.layers._multihead import HeadNorm, MultiHeadRecurrence, check_head_config, merge_heads, split_heads
+from rnnkit.layers.linear_attention import run_gla
+from rnnkit.layers.registry import make_config, register
+from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
+
+
+@dataclass
+class RetNetConfig:
+    """Options of :class:`RetNet`."""
+
+    d_model: int  # input and output width D
+    num_heads: int = 4  # H, each with its own decay gamma_h = 1 - 2^(-5-h)
+    head_dim: int | None = None  # K per head; default d_model // num_heads
+    value_factor: int = 2  # V = value_factor * K (the paper's d_v = 2 d)
+    chunk_size: int = DEFAULT_CHUNK  # C of the chunk mode
+
+    def __post_init__(self) -> None:
+        self.head_dim = check_head_config(self.d_model, self.num_heads, self.head_dim)
+        check_positive_int("value_factor", self.value_factor)
+        check_positive_int("chunk_size", self.chunk_size)
+
+
+def retention_log_decay(num_heads: int) -> torch.Tensor:
+    """``log(gamma_h)`` with ``gamma_h = 1 - 2^(-5-h)``, ``h = 0..H-1`` (Sun et al. 2023, section 2.2)."""
+    return torch.log1p(-torch.exp2(-5.0 - torch.arange(num_heads, dtype=torch.float64)))
+
+
+@register(
+    "retnet",
+    description="RetNet multi-scale retention (Sun et al. 2023): fixed per-head decays, group norm, swish gate",
+    test_configs={"default": {"num_heads": 2, "head_dim": 2, "chunk_size": 16}},
+)
+class RetNet(MultiHeadRecurrence):
+    """Multi-scale retention layer (see the module docstring for the math and reference).
+
+    Args: the fields of :class:`RetNetConfig`.
+
+    Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state ``(B, H, K, V)``.
+
+    Example:
+        >>> layer = RetNet(d_model=64, num_heads=4)
+        >>> y, S = layer(torch.randn(2, 100, 64))      # y (2, 100, 64), S (2, 4, 16, 32)
+    """
+
+    def __init__(self, **config) -> None:
+        super().__init__()
+        self.config = c = make_config(RetNetConfig, "retnet", config)
+        self.d_input = self.d_output = c.d_model
+        self.value_dim = c.value_factor * c.head_dim
+        key_width, value_width = c.num_heads * c.head_dim, c.num_heads * self.value_dim
+        self.q_proj = nn.Linear(c.d_model, key_width, bias=False)
+        self.k_proj = nn.Linear(c.d_model, key_width, bias=False)
+        self.v_proj = nn.Linear(c.d_model, value_width, bias=False)
+        self.g_proj = nn.Linear(c.d_model, value_width, bias=False)
+        self.o_proj = nn.Linear(value_width, c.d_model, bias=False)
+        self.norm = HeadNorm(c.num_heads, self.value_dim, kind="layer")
+        # Fixed, not learned: a buffer (kept in fp64 precision until cast with the layer).
+        self.register_buffer("log_gamma", retention_log_decay(c.num_heads).to(torch.get_default_dtype()))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=2**-2.5)
+        nn.init.xavier_uniform_(self.o_proj.weight)
+
+    def _init_state(self, batch_size, device, dtype):
+        c = self.config
+        return torch.zeros(batch_size, c.num_heads, c.head_dim, self.value_dim, device=device, dtype=dtype)
+
+    def _forward(self, x, state, lengths, mode):
+        c = self.config
+        B, T, _ = x.shape
+        q = split_heads(self.q_proj(x), c.num_heads)  # (B, H, T, K)
+        k = split_heads(self.k_proj(x), c.num_heads) * c.head_dim**-0.5  # (B, H, T, K)
+        v = split_heads(self.v_proj(x), c.num_heads)  # (B, H, T, V)
+        log_decay = self.log_gamma[None, :, None].expand(B, c.num_heads, T)  # (B, H, T)
+        o, state = run_gla(mode, q, k, v, log_decay, state, lengths, c.chunk_size)
+        y = self.norm(merge_heads(o), self.g_proj(x))  # swish(W_G x) ⊙ GroupNorm(o)
+        return self.o_proj(y), state
