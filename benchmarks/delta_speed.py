@@ -64,18 +64,18 @@ def best_of(candidates: dict[str, Callable[[], object]], reps: int) -> dict[str,
     return best
 
 
-def inputs(B: int, T: int, H: int, K: int, V: int, gated: bool, head_first: bool = False):
-    shape = (B, H, T) if head_first else (B, T, H)
+def inputs(B: int, T: int, H: int, K: int, V: int, gated: bool):
+    shape = (B, H, T)  # head-first, as both rnnkit's op and fla's reference take it
     q = torch.randn(*shape, K, requires_grad=True)
     k = F.normalize(torch.randn(*shape, K), dim=-1).requires_grad_()
     v = torch.randn(*shape, V, requires_grad=True)
     beta = torch.rand(*shape).requires_grad_()
-    log_gate = (-torch.rand(*shape) * 0.1).requires_grad_() if gated else None
-    return q, k, v, beta, log_gate
+    log_decay = (-torch.rand(*shape) * 0.1).requires_grad_() if gated else None
+    return q, k, v, beta, log_decay
 
 
 def train_step(fn: Callable, args: tuple, with_state: bool) -> Callable[[], None]:
-    B, H, K, V = args[0].shape[0], args[0].shape[2], args[0].shape[3], args[2].shape[3]
+    B, H, K, V = args[0].shape[0], args[0].shape[1], args[0].shape[3], args[2].shape[3]
     state = torch.zeros(B, H, K, V, requires_grad=True) if with_state else None
 
     def run() -> None:
@@ -130,7 +130,7 @@ def main() -> None:
                 candidates[name] = train_step(delta_rule_parallel, p, with_state=True)
                 tokens[name] = Bp * T
         if fla is not None:
-            q, k, v, beta, _ = inputs(B, T, H, K, V, False, head_first=True)
+            q, k, v, beta, _ = inputs(B, T, H, K, V, False)
             candidates["fla chunk (reference)"] = train_step(lambda *x: fla(*x, chunk_size=32), (q, k, v, beta), False)
             tokens["fla chunk (reference)"] = B * T
         reps = args.reps if T <= 2048 else 2

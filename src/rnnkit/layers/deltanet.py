@@ -18,7 +18,6 @@ The kernel is :mod:`rnnkit.ops.delta_rule`; see there for the orientation of ``S
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,13 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int
-from rnnkit.layers.base import Recurrence
+from rnnkit.layers._multihead import HeadNorm, MultiHeadRecurrence, ShortConv, check_head_config, merge_heads, split_heads
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.delta_rule import CHUNK_SIZE, delta_rule_chunk, delta_rule_parallel, delta_rule_recurrent, delta_rule_step
+from rnnkit.ops.delta_rule import CHUNK_SIZE, delta_rule_chunk, delta_rule_parallel, delta_rule_recurrent
+
+_FORMS = {"recurrent": delta_rule_recurrent, "parallel": delta_rule_parallel}
 
 
 class DeltaNetState(NamedTuple):
-    """DeltaNet state: ``S`` (B, H, K, V) the matrix memory of every head, ``conv`` (B, W - 1, 2HK + HV)
+    """DeltaNet state: ``S`` (B, H, K, V) the matrix memory of every head, ``conv`` (B, 2HK + HV, W - 1)
     the last ``W - 1`` projected inputs that the short convolution still needs."""
 
     S: torch.Tensor
@@ -46,7 +47,7 @@ class DeltaNetConfig:
 
     d_model: int  # input and output width D
     num_heads: int = 4  # H
-    head_dim: int | None = None  # K, the key/query width per head; default max(1, D // H)
+    head_dim: int | None = None  # K, the key/query width per head; default D // H
     expand_v: float = 1.0  # V = round(expand_v * K), the value width per head
     conv_size: int = 4  # W, width of the short causal convolution on q, k, v (>= 2)
     allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1) (Grazzi et al. 2025)
@@ -55,11 +56,7 @@ class DeltaNetConfig:
     chunk_size: int = CHUNK_SIZE  # C, steps per chunk in mode "chunk"
 
     def __post_init__(self) -> None:
-        check_positive_int("d_model", self.d_model)
-        check_positive_int("num_heads", self.num_heads)
-        if self.head_dim is None:
-            self.head_dim = max(1, self.d_model // self.num_heads)
-        check_positive_int("head_dim", self.head_dim)
+        self.head_dim = check_head_config(self.d_model, self.num_heads, self.head_dim)
         if not isinstance(self.expand_v, (int, float)) or isinstance(self.expand_v, bool) or self.expand_v <= 0:
             raise InputError(f"expand_v: expected a positive number, got {self.expand_v!r}")
         if round(self.expand_v * self.head_dim) < 1:
@@ -73,14 +70,12 @@ class DeltaNetConfig:
         check_positive_int("chunk_size", self.chunk_size)
 
 
-_KERNELS = {"recurrent": delta_rule_recurrent, "parallel": delta_rule_parallel, "chunk": delta_rule_chunk}
+class DeltaRuleLayer(MultiHeadRecurrence):
+    """Shared body of DeltaNet and Gated DeltaNet; subclasses choose the decay (``_log_decay``).
 
-
-class DeltaRuleLayer(Recurrence):
-    """Shared body of DeltaNet and Gated DeltaNet; subclasses choose the decay (``_log_gate``)."""
-
-    # "parallel" is the WY/UT form of the whole sequence as one chunk: quadratic in T, loop-free.
-    MODES = ("recurrent", "parallel", "chunk")
+    Modes: ``recurrent`` (the loop), ``parallel`` (the WY/UT form of the whole sequence as one
+    chunk: quadratic in T, no loop), ``chunk``.
+    """
 
     def __init__(self, config: DeltaNetConfig) -> None:
         super().__init__()
@@ -89,81 +84,51 @@ class DeltaRuleLayer(Recurrence):
         V = round(config.expand_v * K)
         self.num_heads, self.head_dim, self.value_dim = H, K, V
         self.d_input = self.d_output = D
-        self.qkv_width = 2 * H * K + H * V
-        self.qkv_proj = nn.Linear(D, self.qkv_width, bias=False)  # [q | k | v]
-        # Depthwise causal convolution, weight[c, w] multiplies the input w - (W - 1) steps back.
-        self.conv_weight = nn.Parameter(torch.empty(self.qkv_width, config.conv_size))
+        self.qkv_proj = nn.Linear(D, 2 * H * K + H * V, bias=False)  # [q | k | v]
+        # One depthwise convolution over the concatenation = one per projection (no bias, as in fla).
+        self.conv = ShortConv(2 * H * K + H * V, config.conv_size, activation="silu", bias=False)
         self.beta_proj = nn.Linear(D, H, bias=False)
         self.gate_proj = nn.Linear(D, H * V, bias=False) if config.use_gate else None
-        self.norm_weight = nn.Parameter(torch.empty(V))
+        self.norm = HeadNorm(H, V, kind="rms", eps=config.norm_eps)
         self.out_proj = nn.Linear(H * V, D, bias=False)
 
     def reset_parameters(self) -> None:
-        """Linear weights N(0, 0.02^2) and unit norm weights, as in the flash-linear-attention training
-        setup the papers use; the convolution as ``torch.nn.Conv1d`` (U(-1/sqrt(W), 1/sqrt(W)))."""
+        """Linear weights N(0, 0.02^2), as in the flash-linear-attention training setup the papers
+        use; the convolution as ``torch.nn.Conv1d``; unit norm weights."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
-        bound = 1.0 / math.sqrt(self.config.conv_size)
-        nn.init.uniform_(self.conv_weight, -bound, bound)
-        nn.init.ones_(self.norm_weight)
 
-    # ---------------------------------------------------------------- pieces shared by forward and step
-    def _log_gate(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``(..., H)`` log decay per head, or None for no decay (DeltaNet)."""
+    def _log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``(B, T, H)`` log decay per head, or None for no decay (DeltaNet)."""
         return None
 
-    def _beta(self, x: torch.Tensor) -> torch.Tensor:
-        beta = torch.sigmoid(self.beta_proj(x))  # (..., H)
-        return 2.0 * beta if self.config.allow_neg_eigval else beta
-
-    def _qkv(self, mixed: torch.Tensor):
-        """Convolved projections ``(..., 2HK + HV)`` -> q, k (..., H, K) and v (..., H, V)."""
-        H, K, V = self.num_heads, self.head_dim, self.value_dim
-        mixed = F.silu(mixed)
-        q, k, v = mixed.split([H * K, H * K, H * V], -1)
-        q = F.normalize(q.unflatten(-1, (H, K)), dim=-1) * K**-0.5  # (..., H, K); attention's 1/sqrt(K)
-        k = F.normalize(k.unflatten(-1, (H, K)), dim=-1)  # (..., H, K): unit keys keep |1 - beta| <= 1
-        return q, k, v.unflatten(-1, (H, V))
-
-    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``o`` (..., H, V) -> per-head RMSNorm (and gate) -> output projection (..., D)."""
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.config.norm_eps) * self.norm_weight
-        o = o.flatten(-2)  # (..., H * V)
-        if self.gate_proj is not None:
-            o = o * F.silu(self.gate_proj(x))
-        return self.out_proj(o)
-
-    # ---------------------------------------------------------------- Recurrence hooks
     def _init_state(self, batch_size, device, dtype):
-        H, K, V, W = self.num_heads, self.head_dim, self.value_dim, self.config.conv_size
+        H, K, V = self.num_heads, self.head_dim, self.value_dim
         return DeltaNetState(
             torch.zeros(batch_size, H, K, V, device=device, dtype=dtype),
-            torch.zeros(batch_size, W - 1, self.qkv_width, device=device, dtype=dtype),
+            self.conv.init_state(batch_size, device=device, dtype=dtype),
         )
 
     def _forward(self, x, state, lengths, mode):
-        B, T, _ = x.shape
-        W = self.config.conv_size
-        proj = torch.cat([state.conv, self.qkv_proj(x)], 1)  # (B, W - 1 + T, 2HK + HV)
-        mixed = sum(proj[:, w : w + T] * self.conv_weight[:, w] for w in range(W))  # (B, T, 2HK + HV)
-        q, k, v = self._qkv(mixed)  # (B, T, H, K), (B, T, H, K), (B, T, H, V)
-        kwargs = {"chunk_size": self.config.chunk_size} if mode == "chunk" else {}
-        o, S = _KERNELS[mode](q, k, v, self._beta(x), self._log_gate(x), state.S, lengths, **kwargs)
-        # The convolution's next state: the W - 1 projections ending at each sequence's last valid step.
-        if lengths is None:
-            conv = proj[:, T:]
+        H, K, V = self.num_heads, self.head_dim, self.value_dim
+        mixed, conv = self.conv(self.qkv_proj(x), state.conv, lengths)  # (B, T, 2HK + HV), SiLU applied
+        q, k, v = mixed.split([H * K, H * K, H * V], -1)
+        q = F.normalize(split_heads(q, H), dim=-1) * K**-0.5  # (B, H, T, K); attention's 1/sqrt(K)
+        k = F.normalize(split_heads(k, H), dim=-1)  # (B, H, T, K): unit keys keep |1 - beta| <= 1
+        v = split_heads(v, H)  # (B, H, T, V)
+        beta = torch.sigmoid(self.beta_proj(x)).transpose(1, 2)  # (B, H, T)
+        if self.config.allow_neg_eigval:
+            beta = 2.0 * beta
+        log_decay = self._log_decay(x)
+        if log_decay is not None:
+            log_decay = log_decay.transpose(1, 2)  # (B, H, T)
+        if mode == "chunk":
+            o, S = delta_rule_chunk(q, k, v, beta, log_decay, state.S, lengths, chunk_size=self.config.chunk_size)
         else:
-            index = lengths[:, None] + torch.arange(W - 1, device=x.device)  # (B, W - 1)
-            conv = proj.gather(1, index[..., None].expand(B, W - 1, self.qkv_width))
-        return self._output(o, x), DeltaNetState(S, conv)
-
-    def _step(self, x_t, state):
-        window = torch.cat([state.conv, self.qkv_proj(x_t)[:, None]], 1)  # (B, W, 2HK + HV)
-        q, k, v = self._qkv((window * self.conv_weight.t()).sum(1))
-        log_gate = self._log_gate(x_t)
-        o, S = delta_rule_step(q, k, v, self._beta(x_t), log_gate, state.S)
-        return self._output(o, x_t), DeltaNetState(S, window[:, 1:])
+            o, S = _FORMS[mode](q, k, v, beta, log_decay, state.S, lengths)
+        gate = self.gate_proj(x) if self.gate_proj is not None else None
+        return self.out_proj(self.norm(merge_heads(o), gate)), DeltaNetState(S, conv)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self.config).items())
@@ -184,7 +149,7 @@ class DeltaNet(DeltaRuleLayer):
     Args:
         d_model: input and output width D.
         num_heads: H.
-        head_dim: K per head (default ``max(1, D // H)``).
+        head_dim: K per head (default ``D // H``).
         expand_v: value width per head V = ``round(expand_v * K)``.
         conv_size: W of the short causal convolution on q, k, v.
         allow_neg_eigval: ``beta = 2 sigmoid(.)`` in ``(0, 2)`` instead of ``sigmoid(.)``.
@@ -193,7 +158,7 @@ class DeltaNet(DeltaRuleLayer):
         chunk_size: C for ``mode="chunk"``.
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`DeltaNetState` (``S`` (B, H, K, V),
-    ``conv`` (B, W - 1, 2HK + HV)). Modes: ``recurrent`` (the loop), ``parallel`` (one ``(T, T)``
+    ``conv`` (B, 2HK + HV, W - 1)). Modes: ``recurrent`` (the loop), ``parallel`` (one ``(T, T)``
     WY/UT block), ``chunk`` (the default).
 
     Example:

@@ -88,5 +88,5 @@ class GatedDeltaNet(DeltaRuleLayer):
             dt = log_dt.exp().clamp(min=1e-4)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
-    def _log_gate(self, x):
+    def _log_decay(self, x):
         return -self.A_log.exp() * F.softplus(self.decay_proj(x) + self.dt_bias)  # (..., H), <= 0
