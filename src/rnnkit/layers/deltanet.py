@@ -99,6 +99,12 @@ class DeltaRuleLayer(MultiHeadRecurrence):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
 
+    def beta(self, x: torch.Tensor) -> torch.Tensor:
+        """Write strengths ``(B, H, T)`` for ``x`` (B, T, D): ``sigmoid(W_beta x)``, doubled with
+        ``allow_neg_eigval`` so that ``I - beta k k^T`` has eigenvalues in ``(-1, 1]``."""
+        beta = torch.sigmoid(self.beta_proj(x)).transpose(1, 2)  # (B, H, T)
+        return 2.0 * beta if self.config.allow_neg_eigval else beta
+
     def _log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
         """``(B, T, H)`` log decay per head, or None for no decay (DeltaNet)."""
         return None
@@ -117,9 +123,7 @@ class DeltaRuleLayer(MultiHeadRecurrence):
         q = F.normalize(split_heads(q, H), dim=-1) * K**-0.5  # (B, H, T, K); attention's 1/sqrt(K)
         k = F.normalize(split_heads(k, H), dim=-1)  # (B, H, T, K): unit keys keep |1 - beta| <= 1
         v = split_heads(v, H)  # (B, H, T, V)
-        beta = torch.sigmoid(self.beta_proj(x)).transpose(1, 2)  # (B, H, T)
-        if self.config.allow_neg_eigval:
-            beta = 2.0 * beta
+        beta = self.beta(x)  # (B, H, T)
         log_decay = self._log_decay(x)
         if log_decay is not None:
             log_decay = log_decay.transpose(1, 2)  # (B, H, T)
