@@ -22,16 +22,26 @@ TEST_LEN = 4 * TRAIN_LEN
 STEPS = 1000
 
 
-def parity_extrapolation(allow_neg_eigval: bool, seed: int = 0, steps: int = STEPS) -> dict[str, float]:
-    """Train a 1-layer DeltaNet on parity (lengths 1..TRAIN_LEN); accuracies at TRAIN_LEN and 4x."""
+def parity_extrapolation(
+    allow_neg_eigval: bool,
+    seed: int = 0,
+    steps: int = STEPS,
+    train_len: int = TRAIN_LEN,
+    d_model: int = 32,
+    num_layers: int = 1,
+    lr: float = 3e-3,
+    weight_decay: float = 0.01,
+    **layer_options,
+) -> dict[str, float]:
+    """Train DeltaNet on parity (lengths 1..train_len); test accuracies at train_len and 4 x train_len."""
     torch.manual_seed(seed)
+    options = {"num_heads": 2, "head_dim": 16, **layer_options, "allow_neg_eigval": allow_neg_eigval}
     model = SequenceModel(
-        vocab_size=2, d_model=32, block="residual", layer="deltanet", num_layers=1, mlp_ratio=2.0,
-        layer_options={"num_heads": 2, "head_dim": 16, "allow_neg_eigval": allow_neg_eigval},
-        head="classify", n_outputs=2,
+        vocab_size=2, d_model=d_model, block="residual", layer="deltanet", num_layers=num_layers, mlp_ratio=2.0,
+        layer_options=options, head="classify", n_outputs=2,
     )
-    config = TrainConfig(steps=steps, batch_size=64, seq_len=TRAIN_LEN, lr=3e-3, warmup_steps=50,
-                         seed=seed, progress=False, log_every=10**9)
+    config = TrainConfig(steps=steps, batch_size=64, seq_len=train_len, lr=lr, warmup_steps=50,
+                         weight_decay=weight_decay, seed=seed, progress=False, log_every=10**9)
     trainer = Trainer(model, build_task("parity"), config)
     trainer.fit()
     result = {"train_len": trainer.evaluate("test")["accuracy"]}
@@ -40,7 +50,7 @@ def parity_extrapolation(allow_neg_eigval: bool, seed: int = 0, steps: int = STE
     model.eval()
     correct = 0
     with torch.no_grad():
-        for batch in long.eval_batches("test", batch_size=500, seq_len=TEST_LEN):
+        for batch in long.eval_batches("test", batch_size=500, seq_len=4 * train_len):
             logits, _ = model(batch.x)
             correct += int((logits.argmax(-1) == batch.y).sum())
     result["4x"] = correct / long.eval_examples
@@ -55,13 +65,3 @@ def test_negative_eigenvalues_learn_parity_and_extrapolate():
     assert without["4x"] < 0.75, f"allow_neg_eigval=False: {without}"
 
 
-if __name__ == "__main__":  # quick exploration: python -m tests.layers.test_deltanet_parity [steps]
-    import sys
-    import time
-
-    torch.set_num_threads(1)
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else STEPS
-    for neg in (True, False):
-        for seed in (0, 1):
-            t0 = time.perf_counter()
-            print(neg, seed, parity_extrapolation(neg, seed, steps), f"{time.perf_counter() - t0:.0f}s", flush=True)
