@@ -104,11 +104,13 @@ def gated_linear_attention_recurrent(q, k, v, log_decay, state=None, lengths=Non
     q, k, v, g, S, _ = _check_inputs(q, k, v, log_decay, state, lengths)
     per_dim = g.dim() == 4
     ys = []
-    for t in range(q.shape[2]):
-        decay = torch.exp(g[:, :, t])  # (B, H, K) or (B, H)
+    # unbind once: indexing x[:, :, t] in the loop would make backward write a full-size zero
+    # gradient per step (O(T^2) memory traffic).
+    for q_t, k_t, v_t, g_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), g.unbind(2)):
+        decay = torch.exp(g_t)  # (B, H, K) or (B, H)
         decay = decay[..., None] if per_dim else decay[..., None, None]
-        S = decay * S + k[:, :, t, :, None] * v[:, :, t, None, :]  # (B, H, K, V)
-        ys.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
+        S = decay * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, K, V)
+        ys.append((q_t[..., None, :] @ S)[..., 0, :])  # S^T q_t (B, H, V)
     return torch.stack(ys, 2), S
 
 
@@ -178,16 +180,17 @@ def _chunked(q, k, v, g, S, C):
     # The only sequential part: carry the state across chunk boundaries.
     S = S.reshape(G, K, V)
     starts = []
-    for n in range(N):
+    # unbind, not U[:, n]: each indexed slice's backward would zero-fill a full-size gradient.
+    for decay_n, U_n in zip(chunk_decay.unbind(1), U.unbind(1)):
         starts.append(S)
-        S = chunk_decay[:, n] * S + U[:, n]
+        S = decay_n * S + U_n
     S_start = torch.stack(starts, 1)  # (G, N, K, V) state entering each chunk
 
     y = (q * torch.exp(b)) @ S_start  # (G, N, C, V) the carried state read out, decayed to step i
     if per_dim:
         y = y + _intra_per_dim(q, k, v, g)
     else:
-        y = y + _intra_scalar(q, k, v, g)
+        y = y + _intra_scalar(q, k, v, g, b)
     y = y.reshape(B, H, N * C, V)[:, :, :T]
     return y, S.reshape(B, H, K, V)
 
@@ -212,42 +215,58 @@ def segment_sum(g: torch.Tensor) -> torch.Tensor:
     return seg.masked_fill(~causal_mask(C, g.device), -math.inf)
 
 
+def decay_matrix_log(g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``b_i - b_j`` for ``j <= i`` and ``-inf`` above the diagonal; ``g`` (..., C), ``b`` its cumsum.
+
+    When every ``|b|`` is at most 16 the difference of cumulative sums is exact to ~1e-6 in the
+    exponent and takes one pass; otherwise (strong decays) :func:`segment_sum` keeps the rounding
+    to that of each segment. Both give the same matrix up to rounding.
+    """
+    if b.numel() and bool(b.detach().abs().max() <= 16):
+        return (b[..., :, None] - b[..., None, :]).masked_fill(~causal_mask(b.shape[-1], b.device), -math.inf)
+    return segment_sum(g)
+
+
 def causal_mask(C: int, device: torch.device) -> torch.Tensor:
     """``(C, C)`` bool, True where ``j <= i``."""
     return torch.ones(C, C, dtype=torch.bool, device=device).tril()
 
 
-def _intra_scalar(q, k, v, g):
-    """Within-chunk part for scalar decay: ``((q k^T) ⊙ exp(b_i - b_j) [j <= i]) v``; g (G, N, C, 1)."""
-    D = torch.exp(segment_sum(g[..., 0]))  # (G, N, C, C), zero above the diagonal
+def _intra_scalar(q, k, v, g, b):
+    """Within-chunk part for scalar decay: ``((q k^T) ⊙ exp(b_i - b_j) [j <= i]) v``; g, b (G, N, C, 1)."""
+    D = torch.exp(decay_matrix_log(g[..., 0], b[..., 0]))  # (G, N, C, C), zero above the diagonal
     return ((q @ k.transpose(-1, -2)) * D) @ v
 
 
 def _intra_per_dim(q, k, v, g):
-    """Within-chunk part for per-key-dimension decay by recursive halving; g (G, N, C, K), C = 2^p."""
+    """Within-chunk part for per-key-dimension decay by recursive halving; g (G, N, C, K), C = 2^p.
+
+    Bottom-up over block sizes s = 2, 4, ..., C: the rows of each block's second half receive the
+    scores against its first half, one batched matmul per level.
+    """
     G, N, C, K = q.shape
     V = v.shape[-1]
     y = (q * k).sum(-1, keepdim=True) * v  # i == j: decay factor exp(0) = 1
-    s = C
-    while s >= 2:
+    s = 2
+    while s <= C:
         h = s // 2
-        qs = q.reshape(G, N, C // s, 2, h, K)
-        ks = k.reshape(G, N, C // s, 2, h, K)
-        gs = g.reshape(G, N, C // s, 2, h, K)
+        q1, q2 = q.reshape(G, N, C // s, 2, h, K).unbind(3)  # (G, N, C/s, h, K) each
+        k1, _ = k.reshape(G, N, C // s, 2, h, K).unbind(3)
+        g1, g2 = g.reshape(G, N, C // s, 2, h, K).unbind(3)
+        v1, _ = v.reshape(G, N, C // s, 2, h, V).unbind(3)
         # Decay from the midpoint m (last step of the first half) to i in the second half, and from
-        # j in the first half to m, each summed within its half (precision of the segment, not of
-        # the chunk's cumulative sum).
-        q2 = qs[:, :, :, 1] * torch.exp(gs[:, :, :, 1].cumsum(-2))  # (G, N, C/s, h, K), factors <= 1
-        k1 = ks[:, :, :, 0] * torch.exp(suffix_sum(gs[:, :, :, 0]))  # (G, N, C/s, h, K), factors <= 1
-        v1 = v.reshape(G, N, C // s, 2, h, V)[:, :, :, 0]  # (G, N, C/s, h, V)
+        # j in the first half to m, each summed within its half: the rounding is that of a half
+        # block's total decay, not of the chunk's cumulative sum.
+        c1 = g1.cumsum(-2)
+        q2 = q2 * torch.exp(g2.cumsum(-2))  # factors <= 1
+        k1 = k1 * torch.exp(c1[..., -1:, :] - c1)  # factors <= 1
         if h <= 2:
             # Tiny blocks: elementwise beats a batch of 1x1 / 2x2 matmuls.
             scores = (q2[..., :, None, :] * k1[..., None, :, :]).sum(-1)  # (G, N, C/s, h, h)
             part = (scores[..., None] * v1[..., None, :, :]).sum(-2)  # (G, N, C/s, h, V)
         else:
             part = (q2 @ k1.transpose(-1, -2)) @ v1  # (G, N, C/s, h, V)
-        # Rows of the second half receive the contribution; the first half gets zeros.
-        part = torch.stack([torch.zeros_like(part), part], 3).reshape(G, N, C, V)
-        y = y + part
-        s = h
+        y1, y2 = y.reshape(G, N, C // s, 2, h, V).unbind(3)
+        y = torch.stack([y1, y2 + part], 3).reshape(G, N, C, V)
+        s *= 2
     return y

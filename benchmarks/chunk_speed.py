@@ -1,0 +1,248 @@
+"""Training speed of the matrix-state kernels: chunk vs recurrent vs parallel, against peers, one run.
+
+    flock /tmp/rnnkit-cpu.lock python benchmarks/chunk_speed.py           # T in 512, 2048, 8192
+    flock /tmp/rnnkit-cpu.lock python benchmarks/chunk_speed.py --quick   # T = 512 only, fewer repeats
+
+For each layer's kernel (the op with that layer's kind of decay: none for ``linear_attention``,
+fixed per head for ``retnet``, data-dependent scalar for ``mamba2``, per key dimension for ``gla``,
+the stabilised exponential gating of ``mlstm``), at B=16, H=4, K=V=64, fp32, 2 threads, it measures
+forward + backward tokens/s of the ``chunk``, ``recurrent`` and ``parallel`` forms, the memory saved
+for backward (autograd's saved tensors: what training holds between the passes; linear in T for
+``chunk``), the matmul GFLOP/s achieved (FLOPs counted by ``torch.utils.flop_counter``) next to a
+plain ``(2048 x 2048) @ (2048 x 2048)`` matmul measured in the same run, and, when installed (the
+``bench`` extra), the peers: flash-linear-attention's pure-PyTorch chunked simple-GLA reference
+(``naive_chunk_simple_gla``, loaded from its file since the package imports Triton) and
+mlstm_kernels' native chunkwise mLSTM.
+
+Forms that would take too long (or, for ``parallel``, too much memory) print ``skipped (...)``.
+Candidates of one shape run interleaved, one repetition each in turn, and the figure is the best
+(minimum-time) repetition, so that load from other processes hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from rnnkit.ops.gated_linear_attention import (
+    gated_linear_attention_chunk,
+    gated_linear_attention_parallel,
+    gated_linear_attention_recurrent,
+)
+
+try:
+    from rnnkit.ops.mlstm import mlstm_chunk, mlstm_parallel, mlstm_recurrent
+except ImportError:  # pragma: no cover - before the mLSTM op exists
+    mlstm_chunk = mlstm_parallel = mlstm_recurrent = None
+
+B, H, K, V = 16, 4, 64, 64
+
+
+# ------------------------------------------------------------------------------- inputs per kernel
+def gla_inputs(T: int, decay: str, gen: torch.Generator) -> list[torch.Tensor]:
+    q, k = (torch.randn(B, H, T, K, generator=gen) * K**-0.5 for _ in range(2))
+    v = torch.randn(B, H, T, V, generator=gen)
+    if decay == "none":
+        g = torch.zeros(B, H, T)
+    elif decay == "fixed":
+        g = torch.log1p(-torch.exp2(-5.0 - torch.arange(H, dtype=torch.float32)))[None, :, None].expand(B, H, T).contiguous()
+    elif decay == "scalar":
+        g = F.logsigmoid(torch.randn(B, H, T, generator=gen) + 3)
+    else:  # per key dimension, GLA's gate scale
+        g = F.logsigmoid(torch.randn(B, H, T, K, generator=gen)) / 16
+    # linear_attention's and retnet's decays are not learned: no gradient flows to them.
+    g.constant = decay in ("none", "fixed")
+    return [q, k, v, g]
+
+
+def mlstm_inputs(T: int, gen: torch.Generator) -> list[torch.Tensor]:
+    q, k, v = (torch.randn(B, H, T, d, generator=gen) for d in (K, K, V))
+    i = torch.randn(B, H, T, generator=gen)
+    f = torch.randn(B, H, T, generator=gen) + 3.0
+    return [q, k, v, i, f]
+
+
+def fla_simple_gla():
+    """fla's ``naive_chunk_simple_gla`` loaded from its file (the fla package imports Triton)."""
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "ops", "simple_gla", "naive.py")
+    if not os.path.exists(path):
+        return None
+    module_spec = importlib.util.spec_from_file_location("_fla_simple_gla_naive", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.naive_chunk_simple_gla
+
+
+def mlstm_kernels_chunkwise():
+    try:
+        from mlstm_kernels.torch.chunkwise.native import mlstm_chunkwise__native_autograd
+    except ImportError:
+        return None
+    return mlstm_chunkwise__native_autograd
+
+
+# ------------------------------------------------------------------------------- candidates
+def candidates(T: int) -> list[tuple[str, str, Callable, list[torch.Tensor]]]:
+    """(layer, form, fn(*inputs) -> loss, inputs); inputs are leaves that take gradients."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    forms = {"chunk": gated_linear_attention_chunk, "recurrent": gated_linear_attention_recurrent,
+             "parallel": gated_linear_attention_parallel}
+    fla = fla_simple_gla()
+    for layer, decay in (("linear_attention", "none"), ("retnet", "fixed"), ("mamba2", "scalar"), ("gla", "per_dim")):
+        inputs = gla_inputs(T, decay, gen)
+        for form, fn in forms.items():
+            out.append((layer, form, lambda q, k, v, g, fn=fn: _loss(*fn(q, k, v, g)), inputs))
+        if fla is not None and decay != "per_dim":
+            # fla's layout is (B, T, H, K) and it scales q by K^-1/2 itself; same work.
+            bt = [t.transpose(1, 2).contiguous() for t in inputs]
+            bt[3].constant = inputs[3].constant
+            out.append((layer, "fla chunk (ref)",
+                        lambda q, k, v, g: _loss(*fla(q, k, v, g, output_final_state=True, scale=1.0)), bt))
+    if mlstm_chunk is not None:
+        inputs = mlstm_inputs(T, gen)
+        for form, fn in (("chunk", mlstm_chunk), ("recurrent", mlstm_recurrent), ("parallel", mlstm_parallel)):
+            # rnnkit's op takes log f; the peer takes the pre-activation and applies logsigmoid itself.
+            out.append(("mlstm", form, lambda q, k, v, i, f, fn=fn: _loss(*fn(q, k, v, i, F.logsigmoid(f))), inputs))
+        peer = mlstm_kernels_chunkwise()
+        if peer is not None:
+            out.append(("mlstm", "mlstm_kernels chunk (ref)",
+                        lambda q, k, v, i, f: _loss(*peer(q, k, v, i, f, return_last_states=True, chunk_size=64)),
+                        inputs))
+    return out
+
+
+def _loss(y, state) -> torch.Tensor:
+    states = state if isinstance(state, (tuple, list)) else (state,)
+    return y.sum() + sum(s.sum() for s in states if s is not None)
+
+
+def too_big(layer: str, form: str, T: int, max_gb: float, max_steps: int) -> str | None:
+    if form == "parallel":
+        gb = 6 * B * H * T * T * 4 / 1e9  # a handful of (B, H, T, T) fp32 tensors live at once
+        if gb > max_gb:
+            return f"skipped (~{gb:.0f} GB > {max_gb:g} GB)"
+    if form == "recurrent" and T > max_steps:
+        return f"skipped (T > {max_steps} steps: too slow)"
+    return None
+
+
+# ------------------------------------------------------------------------------- measurement
+def _leaves(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Fresh leaves; those marked ``constant`` (fixed decays: no gradient in the layer) take none."""
+    return [t.detach().requires_grad_(not getattr(t, "constant", False)) for t in inputs]
+
+
+def fwd_bwd(fn: Callable, inputs: list[torch.Tensor]) -> float:
+    leaves = _leaves(inputs)
+    start = time.perf_counter()
+    fn(*leaves).backward()
+    return time.perf_counter() - start
+
+
+def saved_bytes(fn: Callable, inputs: list[torch.Tensor]) -> int:
+    """Bytes autograd saves for backward (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        except RuntimeError:
+            pass
+        return t
+
+    leaves = _leaves(inputs)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn(*leaves)
+    del loss
+    return sum(seen.values())
+
+
+def flops(fn: Callable, inputs: list[torch.Tensor]) -> int:
+    leaves = _leaves(inputs)
+    with FlopCounterMode(display=False) as counter:
+        fn(*leaves).backward()
+    return counter.get_total_flops()
+
+
+def matmul_gflops(repeats: int) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="T=512 only, 2 repeats")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths T")
+    parser.add_argument("--repeats", type=int, default=None, help="repetitions per candidate (best counts)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-gb", type=float, default=8.0, help="skip parallel forms estimated above this")
+    parser.add_argument("--max-recurrent-steps", type=int, default=512,
+                        help="skip recurrent forms above this T (the loop's tokens/s does not depend on T)")
+    parser.add_argument("--layers", nargs="+", default=None, help="only these layers")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lengths = args.lengths or ([512] if args.quick else [512, 2048, 8192])
+    repeats = args.repeats or (2 if args.quick else 3)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, B={B}, H={H}, K=V={K}, "
+          f"best of {repeats}; fwd+bwd")
+    for T in lengths:
+        mm = matmul_gflops(5)
+        print(f"\nT={T}: plain matmul 2048^3: {mm:.1f} GFLOP/s")
+        print(f"{'layer':18s} {'form':28s} {'tok/s':>10s} {'vs recurrent':>12s} {'saved MB':>9s} "
+              f"{'GFLOP/s':>8s} {'% matmul':>8s}")
+        rows = [c for c in candidates(T) if args.layers is None or c[0] in args.layers]
+        best: dict[tuple[str, str], float] = {}
+        skipped: dict[tuple[str, str], str] = {}
+        for layer, form, fn, inputs in rows:
+            why = too_big(layer, form, T, args.max_gb, args.max_recurrent_steps)
+            if why:
+                skipped[(layer, form)] = why
+        live = [r for r in rows if (r[0], r[1]) not in skipped]
+        for rep in range(repeats):
+            for layer, form, fn, inputs in live:
+                if form == "recurrent" and rep > 0 and best.get((layer, form), 0) > 20:
+                    continue  # one repetition of a slow loop is enough
+                dt = fwd_bwd(fn, inputs)
+                best[(layer, form)] = min(best.get((layer, form), math.inf), dt)
+        for layer, form, fn, inputs in rows:
+            key = (layer, form)
+            if key in skipped:
+                print(f"{layer:18s} {form:28s} {skipped[key]}")
+                continue
+            dt = best[key]
+            tok = B * T / dt
+            rec = best.get((layer, "recurrent"))
+            ratio = f"{rec / dt:11.1f}x" if rec else f"{'-':>12s}"
+            if form == "recurrent":  # elementwise loop: no matmul FLOPs; one more pass would cost minutes
+                print(f"{layer:18s} {form:28s} {tok:10.0f} {ratio} {'-':>9s} {'-':>8s} {'-':>8s}")
+                continue
+            mb = saved_bytes(fn, inputs) / 2**20
+            gf = flops(fn, inputs) / dt / 1e9
+            print(f"{layer:18s} {form:28s} {tok:10.0f} {ratio} {mb:9.0f} {gf:8.1f} {100 * gf / mm:7.0f}%")
+        for layer in dict.fromkeys(r[0] for r in rows):
+            chunk = best.get((layer, "chunk"))
+            for form in ("parallel", "fla chunk (ref)", "mlstm_kernels chunk (ref)"):
+                if chunk and (layer, form) in best:
+                    print(f"  {layer}: chunk / {form} = {best[(layer, form)] / chunk:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
