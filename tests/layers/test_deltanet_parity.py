@@ -19,7 +19,7 @@ from rnnkit.train import TrainConfig, Trainer
 
 TRAIN_LEN = 32
 TEST_LEN = 4 * TRAIN_LEN
-STEPS = 1000
+STEPS = 1500
 
 
 def parity_extrapolation(
@@ -59,6 +59,13 @@ def parity_extrapolation(
 
 @pytest.mark.slow
 def test_negative_eigenvalues_learn_parity_and_extrapolate():
+    """The issue's bar: >= 99% at 4x with negative eigenvalues, chance without.
+
+    Measured (1 thread, this config): allow_neg_eigval=True 100% at the training length and 96.1% at
+    4x; False 66% and 52.7%. The separation reproduces; the 99% bar at 4x is not reached yet (lr 1e-2
+    gave 97.2%, training length 16 gave 96.2%), so this test fails until a config that saturates
+    beta closer to 2 is found.
+    """
     with_neg = parity_extrapolation(allow_neg_eigval=True)
     without = parity_extrapolation(allow_neg_eigval=False)
     assert with_neg["4x"] >= 0.99, f"allow_neg_eigval=True: {with_neg}"
