@@ -38,6 +38,8 @@ from rnnkit.ops.gated_linear_attention import (
     gated_linear_attention_recurrent,
 )
 
+from rnnkit.ops.delta_rule import delta_rule_chunk, delta_rule_parallel, delta_rule_recurrent
+
 try:
     from rnnkit.ops.mlstm import mlstm_chunk, mlstm_parallel, mlstm_recurrent
 except ImportError:  # pragma: no cover - before the mLSTM op exists
@@ -70,18 +72,18 @@ def mlstm_inputs(T: int, gen: torch.Generator) -> list[torch.Tensor]:
     return [q, k, v, i, f]
 
 
-def fla_simple_gla():
-    """fla's ``naive_chunk_simple_gla`` loaded from its file (the fla package imports Triton)."""
+def fla_naive(op: str = "simple_gla", name: str = "naive_chunk_simple_gla"):
+    """A function of fla's ``ops/<op>/naive.py`` loaded from its file (the fla package imports Triton)."""
     spec = importlib.util.find_spec("fla")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = os.path.join(spec.submodule_search_locations[0], "ops", "simple_gla", "naive.py")
+    path = os.path.join(spec.submodule_search_locations[0], "ops", op, "naive.py")
     if not os.path.exists(path):
         return None
-    module_spec = importlib.util.spec_from_file_location("_fla_simple_gla_naive", path)
+    module_spec = importlib.util.spec_from_file_location(f"_fla_{op}_naive", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.naive_chunk_simple_gla
+    return getattr(module, name)
 
 
 def mlstm_kernels_chunkwise():
@@ -99,7 +101,7 @@ def candidates(T: int) -> list[tuple[str, str, Callable, list[torch.Tensor]]]:
     out = []
     forms = {"chunk": gated_linear_attention_chunk, "recurrent": gated_linear_attention_recurrent,
              "parallel": gated_linear_attention_parallel}
-    fla = fla_simple_gla()
+    fla = fla_naive()
     for layer, decay in (("linear_attention", "none"), ("retnet", "fixed"), ("mamba2", "scalar"), ("gla", "per_dim")):
         inputs = gla_inputs(T, decay, gen)
         for form, fn in forms.items():
@@ -120,6 +122,14 @@ def candidates(T: int) -> list[tuple[str, str, Callable, list[torch.Tensor]]]:
             out.append(("mlstm", "mlstm_kernels chunk (ref)",
                         lambda q, k, v, i, f: _loss(*peer(q, k, v, i, f, return_last_states=True, chunk_size=64)),
                         inputs))
+    # DeltaNet: unit keys, beta in (0, 1); fla's chunkwise delta-rule reference (chunk 32, no state in).
+    q, v = torch.randn(B, H, T, K, generator=gen) * K**-0.5, torch.randn(B, H, T, V, generator=gen)
+    delta = [q, F.normalize(torch.randn(B, H, T, K, generator=gen), dim=-1), v, torch.rand(B, H, T, generator=gen)]
+    for form, fn in (("chunk", delta_rule_chunk), ("recurrent", delta_rule_recurrent), ("parallel", delta_rule_parallel)):
+        out.append(("deltanet", form, lambda q, k, v, b, fn=fn: _loss(*fn(q, k, v, b)), delta))
+    fla_delta = fla_naive("delta_rule", "delta_rule_chunkwise")
+    if fla_delta is not None:
+        out.append(("deltanet", "fla chunk (ref)", lambda q, k, v, b: _loss(*fla_delta(q, k, v, b, chunk_size=32)), delta))
     return out
 
 

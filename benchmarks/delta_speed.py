@@ -1,0 +1,149 @@
+"""Training speed of rnnkit's delta-rule kernels against their own loop and the flash-linear-attention reference.
+
+    python benchmarks/delta_speed.py            # B=16, H=4, K=V=64, T in (512, 2048, 8192); ~4 min
+    python benchmarks/delta_speed.py --quick    # T=512 only
+
+Rows, each forward + backward of the op alone (``rnnkit.ops.delta_rule``), fp32, 2 threads:
+
+- ``chunk``: :func:`delta_rule_chunk` (WY/UT inside chunks of 32), plain and gated (Gated DeltaNet);
+- ``recurrent``: the loop over time (T <= 2048);
+- ``parallel``: one ``(T, T)`` WY/UT block; ``O(T^2)`` memory, so at T = 2048 it runs at B = 2 (the
+  row says so) and not at all beyond;
+- ``fla``: ``delta_rule_chunkwise`` of ``flash-linear-attention`` 0.6.0 (pure PyTorch, chunk 32,
+  ``fla/ops/delta_rule/naive.py``), when the optional ``fla-core`` package is installed; loaded from
+  its file because ``import fla.ops`` needs triton. It takes no initial state and returns no state
+  gradient, so it does a little less work than the rnnkit rows.
+
+Ratios are against ``fla`` (and ``recurrent``) measured in the same run; candidates are interleaved
+and the best repetition counts, so load from other processes hits all of them alike. GFLOP/s counts
+the chunk algorithm's matmul work (forward, times 3 for forward + backward) and is printed next to
+a plain ``(2048 x 2048) @ (2048 x 2048)`` matmul measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from rnnkit.ops.delta_rule import CHUNK_SIZE, delta_rule_chunk, delta_rule_parallel, delta_rule_recurrent
+
+
+def load_fla_reference() -> Callable | None:
+    """``fla.ops.delta_rule.naive.delta_rule_chunkwise`` without importing ``fla.ops`` (triton)."""
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "ops" / "delta_rule" / "naive.py"
+    if not path.is_file():
+        return None
+    module_spec = importlib.util.spec_from_file_location("fla_delta_rule_naive", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.delta_rule_chunkwise
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def best_of(candidates: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    for fn in candidates.values():  # warm up
+        fn()
+    best = {name: float("inf") for name in candidates}
+    for _ in range(reps):
+        for name, fn in candidates.items():
+            best[name] = min(best[name], timed(fn))
+    return best
+
+
+def inputs(B: int, T: int, H: int, K: int, V: int, gated: bool):
+    shape = (B, H, T)  # head-first, as both rnnkit's op and fla's reference take it
+    q = torch.randn(*shape, K, requires_grad=True)
+    k = F.normalize(torch.randn(*shape, K), dim=-1).requires_grad_()
+    v = torch.randn(*shape, V, requires_grad=True)
+    beta = torch.rand(*shape).requires_grad_()
+    log_decay = (-torch.rand(*shape) * 0.1).requires_grad_() if gated else None
+    return q, k, v, beta, log_decay
+
+
+def train_step(fn: Callable, args: tuple, with_state: bool) -> Callable[[], None]:
+    B, H, K, V = args[0].shape[0], args[0].shape[1], args[0].shape[3], args[2].shape[3]
+    state = torch.zeros(B, H, K, V, requires_grad=True) if with_state else None
+
+    def run() -> None:
+        y, S = fn(*args, state) if with_state else fn(*args)
+        (y.sum() + S.sum()).backward()
+
+    return run
+
+
+def chunk_flops(T: int, K: int, V: int, C: int) -> float:
+    """Forward matmul FLOPs of the chunk algorithm per (batch, head)."""
+    per_chunk = 2 * C * C * K * 2 + C * C * (K + V) + 2 * C * C * (K + V) + 3 * 2 * C * K * V
+    return per_chunk * T / C
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return 2 * n**3 / min(timed(lambda: a @ b) for _ in range(reps)) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="T=512 only")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    B, H, K, V, C = 16, 4, 64, 64, CHUNK_SIZE
+    fla = load_fla_reference()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, fwd+bwd, B={B} H={H} K={K} V={V}, "
+          f"chunk {C}; fla reference: {'flash-linear-attention naive.py' if fla else 'not installed'}")
+    mm = matmul_gflops()
+    print(f"plain matmul 2048^3: {mm:.1f} GFLOP/s")
+    header = f"{'T':>5} {'row':<22} {'tok/s':>10} {'vs fla':>7} {'vs recurrent':>12} {'GFLOP/s':>8} {'% matmul':>8}"
+    for T in (512,) if args.quick else (512, 2048, 8192):
+        print(header)
+        candidates: dict[str, Callable[[], None]] = {}
+        tokens: dict[str, int] = {}
+        for gated in (False, True):
+            tag = "gated " if gated else ""
+            a = inputs(B, T, H, K, V, gated)
+            candidates[f"{tag}chunk"] = train_step(delta_rule_chunk, a, with_state=True)
+            tokens[f"{tag}chunk"] = B * T
+            if T <= 2048:
+                candidates[f"{tag}recurrent"] = train_step(delta_rule_recurrent, a, with_state=True)
+                tokens[f"{tag}recurrent"] = B * T
+                Bp = B if T <= 512 else 2
+                p = inputs(Bp, T, H, K, V, gated)
+                name = f"{tag}parallel" + (f" (B={Bp})" if Bp != B else "")
+                candidates[name] = train_step(delta_rule_parallel, p, with_state=True)
+                tokens[name] = Bp * T
+        if fla is not None:
+            q, k, v, beta, _ = inputs(B, T, H, K, V, False)
+            candidates["fla chunk (reference)"] = train_step(lambda *x: fla(*x, chunk_size=32), (q, k, v, beta), False)
+            tokens["fla chunk (reference)"] = B * T
+        reps = args.reps if T <= 2048 else 2
+        best = best_of(candidates, reps)
+        rate = {name: tokens[name] / best[name] for name in candidates}
+        for name in candidates:
+            vs_fla = rate[name] / rate["fla chunk (reference)"] if fla is not None else float("nan")
+            base = "gated recurrent" if name.startswith("gated") else "recurrent"
+            vs_rec = rate[name] / rate[base] if base in rate else float("nan")
+            gflops = 3 * chunk_flops(T, K, V, C) * H * tokens[name] / T / best[name] / 1e9 if "chunk" in name else None
+            flops_cols = f"{gflops:8.1f} {100 * gflops / mm:7.0f}%" if gflops else f"{'':8} {'':8}"
+            print(f"{T:>5} {name:<22} {rate[name]:>10,.0f} {vs_fla:>6.2f}x {vs_rec:>11.1f}x {flops_cols}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
