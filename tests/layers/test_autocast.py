@@ -12,7 +12,7 @@ import torch
 
 from tests.layers import harness
 
-D = 6
+D = 5  # odd, as in the contract suite (the test configs are sized for it)
 LAYERS = harness.registry_cases(D)
 
 

@@ -16,7 +16,8 @@ on clean inputs.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Sequence
+import contextlib
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -101,6 +102,9 @@ class Recurrence(nn.Module):
     #: Wrappers (stacks, bidirectional) pass ``mode="auto"`` down so each inner layer resolves it
     #: for its own device and shape.
     delegates_auto: ClassVar[bool] = False
+    #: False for layers whose kernels need one dtype throughout (compiled scans, complex FFT
+    #: convolutions): under ``torch.autocast`` they run with autocast off, in the parameters' dtype.
+    autocast_safe: ClassVar[bool] = True
 
     d_input: int
     d_output: int
@@ -147,7 +151,8 @@ class Recurrence(nn.Module):
             raise InputError("x: expected finite values at valid steps (check_finite=True), got NaN or Inf")
         mode = self._resolve_mode(mode, x)
         state = self._check_or_init_state(state, batch_size, x)
-        y, state = self._forward(x, state, lengths, mode)
+        with self._autocast_guard(x) as cast:
+            y, state = self._forward(cast(x), cast(state), lengths, mode)
         if mask is not None:
             y = torch.where(mask[..., None], y, torch.zeros((), dtype=y.dtype, device=y.device))
         return y, state
@@ -169,7 +174,8 @@ class Recurrence(nn.Module):
             )
         x_t = self._check_x("x_t", x_t, rank=2)
         state = self._check_or_init_state(state, x_t.shape[0], x_t)
-        return self._step(x_t, state)
+        with self._autocast_guard(x_t) as cast:
+            return self._step(cast(x_t), cast(state))
 
     def init_state(
         self,
@@ -230,6 +236,17 @@ class Recurrence(nn.Module):
         else:
             check_floating(name, x)
         return x
+
+    @contextlib.contextmanager
+    def _autocast_guard(self, x: torch.Tensor) -> Iterator[Callable[[State], State]]:
+        """Context for running a kernel: yields a cast for its inputs. Under autocast, a layer that is
+        not :attr:`autocast_safe` runs with autocast off, its inputs cast to the parameters' dtype."""
+        ref = self._reference_tensor()
+        if self.autocast_safe or ref is None or not torch.is_autocast_enabled(x.device.type):
+            yield lambda value: value
+            return
+        with torch.autocast(x.device.type, enabled=False):
+            yield lambda value: _cast_state(value, ref.dtype, (torch.float16, torch.bfloat16))
 
     def _resolve_mode(self, mode: object, x: torch.Tensor) -> str:
         if mode == "auto":

@@ -77,6 +77,8 @@ class DeltaRuleLayer(MultiHeadRecurrence):
     chunk: quadratic in T, no loop), ``chunk``.
     """
 
+    autocast_safe = False  # the delta-rule kernel takes one dtype; see Recurrence.autocast_safe
+
     def __init__(self, config: DeltaNetConfig) -> None:
         super().__init__()
         self.config = config

@@ -129,6 +129,8 @@ class Mamba(DiagonalRecurrence):
         >>> y, state = block(torch.randn(4, 1000, 16))   # y (4, 1000, 16); state.h (4, 32, 16)
     """
 
+    autocast_safe = False  # its scan/convolution kernels take one dtype; see Recurrence.autocast_safe
+
     def __init__(self, **config) -> None:
         super().__init__()
         self.config = cfg = make_config(MambaConfig, "mamba", config)

@@ -91,6 +91,8 @@ class S4D(DiagonalRecurrence):
         >>> y, s = layer(torch.randn(4, 1000, 16), mode="conv")   # y (4, 1000, 16), s (4, 16, 32, 2)
     """
 
+    autocast_safe = False  # its scan/convolution kernels take one dtype; see Recurrence.autocast_safe
+
     MODES = ("recurrent",) + SCAN_MODES + ("conv",)
 
     def __init__(self, **config) -> None:

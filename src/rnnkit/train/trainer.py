@@ -175,8 +175,9 @@ def loss_and_counts(
         ``count`` is the number of predictions (non-ignored targets, sequences or regression values).
     """
     if target == "per_step":
-        logits = output.reshape(-1, output.shape[-1])  # (B*T, C)
-        labels = batch.y.reshape(-1)  # (B*T,)
+        heads = batch.y.shape[2] if batch.y.dim() == 3 else 1  # multi-head tasks: y (B, T, H)
+        logits = output.reshape(-1, output.shape[-1] // heads)  # (B*T*H, C)
+        labels = batch.y.reshape(-1)  # (B*T*H,)
         loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
         valid = labels != IGNORE_INDEX
         count = int(valid.sum())
@@ -356,7 +357,7 @@ class Trainer:
             raise InputError(f"model.vocab_size: expected {task.vocab_size} for task {task.name!r}, got {cfg.vocab_size}")
         if task.input_kind == "features" and cfg.d_input != task.d_input:
             raise InputError(f"model.d_input: expected {task.d_input} for task {task.name!r}, got {cfg.d_input}")
-        expected_out = task.n_classes if task.target != "regress" else task.d_output
+        expected_out = task.n_classes * task.n_heads if task.target != "regress" else task.d_output
         if cfg.n_outputs != expected_out:
             raise InputError(f"model.n_outputs: expected {expected_out} for task {task.name!r}, got {cfg.n_outputs}")
 
