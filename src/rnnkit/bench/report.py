@@ -113,6 +113,25 @@ def _colors(models: list[str]) -> dict[str, Any]:
     return {m: cmap(i % cmap.N) for i, m in enumerate(models)}
 
 
+def _panel_grid(plt, count: int, panel_height: float):
+    """A figure with ``count`` panels, at most 4 a row."""
+    cols = min(4, count)
+    nrows = math.ceil(count / cols)
+    return plt.subplots(nrows, cols, figsize=(4.2 * cols, panel_height * nrows), squeeze=False)
+
+
+def _save_panels(plt, fig, axes, used: int, path: Path) -> Path:
+    """Blank the unused panels, add one legend for all of them below, write ``path``."""
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(8, len(names)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_mqar_state(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Accuracy vs state size (log x) on MQAR, one line per model through its widths; error bars = seed std."""
     mqar = [r for r in rows if r["task"] == "mqar" and r.get("state_size")]
@@ -154,9 +173,7 @@ def plot_lengths(rows: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     plt = _pyplot()
     panels = sorted({(r["task_label"], r["d_model"]) for r in lengthy})
-    cols = min(4, len(panels))
-    nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = _panel_grid(plt, len(panels), panel_height=3.4)
     colors = _colors(_models(lengthy))
     for ax, (label, width) in zip(axes.flat, panels):
         group = [r for r in lengthy if r["task_label"] == label and r["d_model"] == width]
@@ -174,14 +191,7 @@ def plot_lengths(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_xlabel("test length T (dotted: training T)", fontsize=8)
         ax.set_ylabel("accuracy", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(8, len(names)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_panels(plt, fig, axes, len(panels), path)
 
 
 def plot_loss_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -191,9 +201,7 @@ def plot_loss_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     plt = _pyplot()
     panels = sorted({(r["task_label"], r["d_model"]) for r in curved})
-    cols = min(4, len(panels))
-    nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    fig, axes = _panel_grid(plt, len(panels), panel_height=3.2)
     colors = _colors(_models(curved))
     for ax, (label, width) in zip(axes.flat, panels):
         group = [r for r in curved if r["task_label"] == label and r["d_model"] == width]
@@ -205,14 +213,7 @@ def plot_loss_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("train loss", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(8, len(names)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_panels(plt, fig, axes, len(panels), path)
 
 
 def _markdown_to_html(text: str) -> str:
