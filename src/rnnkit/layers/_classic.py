@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import InputError, check_choice, check_positive_int
-from rnnkit.layers.base import Recurrence, State, length_mask, map_state
+from rnnkit.layers.base import Recurrence, State, length_mask
 from rnnkit.ops.torch_rnn import torch_rnn
 
 KERNELS = ("auto", "torch", "rnnkit")
@@ -137,16 +137,13 @@ class ClassicRNN(Recurrence):
             hx = (state,) if isinstance(state, torch.Tensor) else tuple(state)
             y, final = torch_rnn(self.torch_kind(), x, hx, self.flat_weights(), self.bias_ih_l0 is not None, lengths)
             return y, final[0] if isinstance(state, torch.Tensor) else type(state)(*final)
-        mask = time_major_mask(lengths, x.shape[1])
-        if torch.is_autocast_enabled(x.device.type):
-            # rnnkit's kernel is hand-differentiated in one dtype; under autocast it runs in the
-            # parameters' dtype rather than mixing bf16 activations with fp32 weights.
-            dtype = self.weight_hh_l0.dtype
-            with torch.autocast(x.device.type, enabled=False):
-                y, final = self._native(x.to(dtype), map_state(lambda t: t.to(dtype), state), mask)
-        else:
-            y, final = self._native(x, state, mask)
+        y, final = self._native(x, state, time_major_mask(lengths, x.shape[1]))
         return y.transpose(0, 1), final  # (B, T, D_out)
+
+    def _autocast_safe(self, x: torch.Tensor, mode: str | None) -> bool:
+        # torch's fused kernels and the reference loop take autocast's dtypes; rnnkit's own kernel is
+        # hand-differentiated in one dtype, so it runs in the parameters' dtype with autocast off.
+        return mode in (None, "recurrent") or self.fused_kernel(x.device) == "torch"
 
     def _recurrent(self, x: torch.Tensor, state: State, lengths: torch.Tensor | None):
         raise NotImplementedError

@@ -151,7 +151,7 @@ class Recurrence(nn.Module):
             raise InputError("x: expected finite values at valid steps (check_finite=True), got NaN or Inf")
         mode = self._resolve_mode(mode, x)
         state = self._check_or_init_state(state, batch_size, x)
-        with self._autocast_guard(x) as cast:
+        with self._autocast_guard(x, mode) as cast:
             y, state = self._forward(cast(x), cast(state), lengths, mode)
         if mask is not None:
             y = torch.where(mask[..., None], y, torch.zeros((), dtype=y.dtype, device=y.device))
@@ -174,7 +174,7 @@ class Recurrence(nn.Module):
             )
         x_t = self._check_x("x_t", x_t, rank=2)
         state = self._check_or_init_state(state, x_t.shape[0], x_t)
-        with self._autocast_guard(x_t) as cast:
+        with self._autocast_guard(x_t, None) as cast:
             return self._step(cast(x_t), cast(state))
 
     def init_state(
@@ -237,12 +237,17 @@ class Recurrence(nn.Module):
             check_floating(name, x)
         return x
 
+    def _autocast_safe(self, x: torch.Tensor, mode: str | None) -> bool:
+        """Whether the kernel this call runs (``mode``; None for :meth:`step`) takes autocast's mixed
+        dtypes. The class's :attr:`autocast_safe` unless a layer's kernels differ by mode."""
+        return self.autocast_safe
+
     @contextlib.contextmanager
-    def _autocast_guard(self, x: torch.Tensor) -> Iterator[Callable[[State], State]]:
-        """Context for running a kernel: yields a cast for its inputs. Under autocast, a layer that is
-        not :attr:`autocast_safe` runs with autocast off, its inputs cast to the parameters' dtype."""
+    def _autocast_guard(self, x: torch.Tensor, mode: str | None) -> Iterator[Callable[[State], State]]:
+        """Context for running a kernel: yields a cast for its inputs. Under autocast, a kernel that is
+        not :meth:`_autocast_safe` runs with autocast off, its inputs cast to the parameters' dtype."""
         ref = self._reference_tensor()
-        if self.autocast_safe or ref is None or not torch.is_autocast_enabled(x.device.type):
+        if ref is None or not torch.is_autocast_enabled(x.device.type) or self._autocast_safe(x, mode):
             yield lambda value: value
             return
         with torch.autocast(x.device.type, enabled=False):

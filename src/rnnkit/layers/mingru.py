@@ -105,7 +105,7 @@ class MinRNN(Recurrence):
     - ``fused``: the compiled CPU scan (only offered when it compiled on this machine).
     """
 
-    autocast_safe = False  # its scan/convolution kernels take one dtype; see Recurrence.autocast_safe
+    autocast_safe = False  # its scan kernels take one dtype; see Recurrence.autocast_safe
 
     #: Number of H-wide blocks in the input projection.
     GATES = 2
