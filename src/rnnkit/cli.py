@@ -33,7 +33,7 @@ from rnnkit.errors import InputError
 #: measured for a ~5-minute budget on 2 CPU cores (README "What the default run reaches"). The run is
 #: compute-bound, so the budget goes where it buys the most: a wide recurrent state (hidden 512) fed by
 #: a narrow embedding (128; 84 characters need no more, and it makes the input projection 4x cheaper),
-#: with bf16 autocast where the CPU has AMX/AVX512-BF16 (2-3x the fp32 tokens/s, same loss per step).
+#: with bf16 autocast where the CPU has AMX/AVX512-BF16 (1.8-2x the fp32 tokens/s, same loss per step).
 #: ``layer_options`` apply only while model, block and width are all left at these defaults.
 SHAKESPEARE_DEFAULTS: dict[str, Any] = {
     "model": "lstm", "block": "stacked", "d_model": 128, "layers": 1, "steps": 1800,
