@@ -420,6 +420,8 @@ def _wider(s: torch.Tensor) -> torch.Tensor:
     """One more feature in the last dimension (or a feature dimension added to a (B,) leaf)."""
     if s.dim() < 2:
         return s[..., None]
+    if s.shape[-1] == 0:  # an empty leaf (e.g. no convolution history): its first feature
+        return s.new_zeros(*s.shape[:-1], 1)
     return torch.cat([s, s[..., :1]], -1)
 
 
