@@ -420,6 +420,8 @@ def _wider(s: torch.Tensor) -> torch.Tensor:
     """One more feature in the last dimension (or a feature dimension added to a (B,) leaf)."""
     if s.dim() < 2:
         return s[..., None]
+    if s.shape[-1] == 0:  # an empty leaf (e.g. no convolution history): its first feature
+        return s.new_zeros(*s.shape[:-1], 1)
     return torch.cat([s, s[..., :1]], -1)
 
 
@@ -525,7 +527,8 @@ def check_bad_inputs(make: LayerFactory, name: str | None = None) -> None:
 
 # --------------------------------------------------------------------------- 7. state API and auto
 def check_state_api(make: LayerFactory) -> None:
-    """``state_size`` == numel of ``init_state(1)``; leaves batch-first; forward returns that layout."""
+    """``state_size`` == numel of ``init_state(1)``; ``state_size_at`` grows to it; leaves batch-first;
+    forward returns that layout."""
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.float64):
         layer = make(5, dtype)
@@ -533,6 +536,11 @@ def check_state_api(make: LayerFactory) -> None:
         numel = sum(s.numel() for s in flatten_state(one))
         if layer.state_size != numel:
             raise AssertionError(f"state_size {layer.state_size} != total numel of init_state(1) {numel}")
+        # A state may grow with the context (a KV cache) up to its capacity, never shrink or exceed it.
+        sizes = [layer.state_size_at(T) for T in (0, 1, 7, 64, 10**9)]
+        if sizes != sorted(sizes) or not all(isinstance(n, int) and 0 <= n <= numel for n in sizes) or sizes[-1] != numel:
+            raise AssertionError(f"state_size_at(0, 1, 7, 64, 1e9) = {sizes}: expected ints, nondecreasing, "
+                                 f"within [0, state_size = {numel}] and equal to it at 1e9")
         for B in (1, 3):
             state = layer.init_state(B)
             assert_same_structure(batch_slice(state, 0), one, f"init_state({B})[0:1] vs init_state(1)")

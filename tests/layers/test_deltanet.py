@@ -24,15 +24,22 @@ def test_beta_range(name, neg):
     assert beta.max() > top - 1e-3 and beta.min() < 1e-3
 
 
-def test_deltanet_readout_is_the_delta_rule():
-    """With the projections made identities, the layer's read-out is the op's: y = S_t^T q_t / sqrt(K)."""
+@pytest.mark.parametrize("short_conv", [True, False])
+def test_deltanet_readout_is_the_delta_rule(short_conv):
+    """With the projections made identities, the layer's read-out is the op's: y = S_t^T q_t / sqrt(K).
+    Without the short convolution (``use_short_conv=False``) q, k, v are SiLU of the step's own
+    projection, which is what a convolution passing only the current step computes."""
     torch.manual_seed(0)
     D = 4
-    layer = rnnkit.layers.build("deltanet", d_model=D, num_heads=1, head_dim=D, conv_size=2).double()
+    layer = rnnkit.layers.build("deltanet", d_model=D, num_heads=1, head_dim=D, conv_size=2,
+                                use_short_conv=short_conv).double()
     with torch.no_grad():
         layer.qkv_proj.weight.copy_(torch.cat([torch.eye(D)] * 3).double())
-        layer.conv.weight.zero_()
-        layer.conv.weight[:, -1] = 1.0  # the convolution passes the current step only
+        if short_conv:
+            layer.conv.weight.zero_()
+            layer.conv.weight[:, -1] = 1.0  # the convolution passes the current step only
+        else:
+            assert layer.conv is None and layer.state_size == D * D  # no history in the state
         layer.out_proj.weight.copy_(torch.eye(D).double())
     x = torch.randn(2, 9, D, dtype=torch.float64)
     y, state = layer(x, mode="chunk")
@@ -65,6 +72,7 @@ def test_gated_deltanet_gate_init():
         ("deltanet", {"expand_v": 0}, "expand_v"),
         ("deltanet", {"conv_size": 1}, "conv_size"),
         ("deltanet", {"allow_neg_eigval": 1}, "allow_neg_eigval"),
+        ("deltanet", {"use_short_conv": 0}, "use_short_conv"),
         ("gated_deltanet", {"dt_min": 0.2, "dt_max": 0.1}, "dt_min"),
         ("gated_deltanet", {"dt_min": -1.0}, "dt_min"),
     ],

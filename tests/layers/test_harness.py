@@ -88,6 +88,13 @@ class WrongStateSize(Elman):
         return super().state_size + 1
 
 
+class StateGrowsPastCapacity(Elman):
+    """Says its state keeps growing with the length, past what ``init_state`` holds."""
+
+    def state_size_at(self, length):
+        return self.state_size + length
+
+
 class AutoDrifts(Elman):
     """``mode="auto"`` runs something no declared mode computes."""
 
@@ -121,6 +128,7 @@ BROKEN = [
     ("broken-step", BrokenStep, lambda m: harness.check_step(m, Shape(3, 7, 5, F32)), "step x7 vs forward"),
     ("lenient-lengths", LenientLengths, lambda m: harness.check_bad_inputs(m), "lengths: contains 0: did not raise"),
     ("wrong-state-size", WrongStateSize, harness.check_state_api, "state_size"),
+    ("state-grows-past-capacity", StateGrowsPastCapacity, harness.check_state_api, "state_size_at"),
     ("auto-drifts", AutoDrifts, lambda m: harness.check_auto_mode(m, Shape(3, 7, 5, F32)), "equals no declared mode"),
 ]
 

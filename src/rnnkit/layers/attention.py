@@ -8,7 +8,9 @@ With ``window=w`` it is sliding-window attention (Beltagy et al. 2020, "Longform
 ``max_len`` steps: exact full causal attention for every sequence (history included) of up to
 ``max_len`` steps, after which the oldest steps leave the cache. The cache is preallocated with a
 validity flag per slot, so the state has a fixed shape (the contract's split-sequence and padding
-checks apply unchanged) and ``state_size`` is the cache's capacity in floats. Projections are
+checks apply unchanged) and ``state_size`` is the cache's capacity in floats; ``state_size_at(T)``
+is the cache at length ``T``, ``min(T, S) (2 H K + 1)`` floats: it grows with the context, where a
+recurrence's state does not (the x-axis of a recall-vs-state-size comparison). Projections are
 initialised as ``torch.nn.Linear``. It is the reference point every recurrent layer is compared
 with: memory and per-step cost grow with the context instead of staying constant.
 """
@@ -70,6 +72,7 @@ class Attention(MultiHeadRecurrence):
     Example:
         >>> layer = Attention(d_model=64, num_heads=4, window=128)
         >>> y, cache = layer(torch.randn(2, 100, 64))    # y (2, 100, 64); cache.k (2, 4, 127, 16)
+        >>> layer.state_size_at(100), layer.state_size     # (12900, 16383): 100 of 127 slots used
     """
 
     def __init__(self, **config) -> None:
@@ -84,6 +87,15 @@ class Attention(MultiHeadRecurrence):
     def _init_state(self, batch_size, device, dtype):
         c = self.config
         return empty_window(batch_size, c.num_heads, self.span, c.head_dim, c.head_dim, device, dtype)
+
+    def state_size_at(self, length: int) -> int:
+        """Floats of the KV cache once ``length`` steps have been read: ``min(length, S)`` slots of
+        ``H (K + V)`` keys and values plus the slot's validity flag (``S = w - 1`` or ``max_len``),
+        so ``state_size`` (the preallocated capacity) once the cache is full."""
+        check_positive_int("length", length, minimum=0)
+        c = self.config
+        slots = min(length, self.span - 1)
+        return slots * (2 * c.num_heads * c.head_dim + 1)
 
     def _forward(self, x, state, lengths, mode):
         c = self.config

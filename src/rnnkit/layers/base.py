@@ -6,6 +6,7 @@ Shapes: ``B`` batch, ``T`` time, ``D`` features; inputs are batch-first.
     y_t, state = layer.step(x_t, state)                            # x_t (B, D_in) -> y_t (B, D_out)
     state = layer.init_state(batch_size)
     layer.state_size                                               # floats of state per sequence
+    layer.state_size_at(T)                                         # ... after T steps (a KV cache grows)
     layer.modes                                                    # e.g. ("recurrent", "fused")
 
 The base class validates everything at the public boundary (raising :class:`rnnkit.InputError`),
@@ -201,6 +202,16 @@ class Recurrence(nn.Module):
     def state_size(self) -> int:
         """Number of floats of recurrent state per sequence."""
         return sum(t.numel() for t in flatten_state(self.init_state(1, device="meta")))
+
+    def state_size_at(self, length: int) -> int:
+        """Floats of state per sequence once ``length`` steps have been read.
+
+        A recurrence's state has the same size at every length (``state_size``); a layer whose
+        memory grows with the context (``attention``: the KV cache) overrides this, and wrappers
+        sum their layers'. Never more than ``state_size``.
+        """
+        check_positive_int("length", length, minimum=0)
+        return self.state_size
 
     # ----------------------------------------------------------------- subclass hooks
     def _forward(self, x: torch.Tensor, state: State, lengths: torch.Tensor | None, mode: str):

@@ -100,6 +100,9 @@ class Bidirectional(Recurrence):
             self.backward_layer.init_state(batch_size, device=device, dtype=dtype),
         )
 
+    def state_size_at(self, length: int) -> int:
+        return self.forward_layer.state_size_at(length) + self.backward_layer.state_size_at(length)
+
     def _forward(self, x, state, lengths, mode):
         y_fwd, s_fwd = self.forward_layer(x, state.forward, lengths, mode)
         y_bwd, s_bwd = self.backward_layer(reverse_padded(x, lengths), state.backward, lengths, mode)

@@ -11,6 +11,10 @@ projection. ``allow_neg_eigval=True`` takes ``beta_t = 2 sigmoid(W_beta x_t)`` i
 transition ``I - beta k k^T`` can have the eigenvalue ``1 - beta < 0``: Grazzi, Siems, Zela, Franke,
 Hutter & Pontil, "Unlocking State-Tracking in Linear RNNs Through Negative Eigenvalues" (ICLR 2025),
 who show that this lets DeltaNet solve parity, which it provably cannot with ``beta`` in ``(0, 1)``.
+``use_short_conv=False`` (flash-linear-attention's option of the same name) leaves the convolution
+out, so each step's q, k, v depend on that step alone: then a token can reflect the state along the
+same key every time, and parity learnt on 32 bits holds exactly at 128
+(``tests/layers/test_deltanet_parity.py``; with the convolution the keys shift with the context).
 
 The kernel is :mod:`rnnkit.ops.delta_rule`; see there for the orientation of ``S`` (``(K, V)``).
 :mod:`rnnkit.layers.gated_deltanet` adds a decay gate to the same layer.
@@ -35,7 +39,8 @@ _FORMS = {"recurrent": delta_rule_recurrent, "parallel": delta_rule_parallel}
 
 class DeltaNetState(NamedTuple):
     """DeltaNet state: ``S`` (B, H, K, V) the matrix memory of every head, ``conv`` (B, 2HK + HV, W - 1)
-    the last ``W - 1`` projected inputs that the short convolution still needs."""
+    the last ``W - 1`` projected inputs that the short convolution still needs (``W - 1 = 0``, an
+    empty history, with ``use_short_conv=False``)."""
 
     S: torch.Tensor
     conv: torch.Tensor
@@ -50,6 +55,7 @@ class DeltaNetConfig:
     head_dim: int | None = None  # K, the key/query width per head; default D // H
     expand_v: float = 1.0  # V = round(expand_v * K), the value width per head
     conv_size: int = 4  # W, width of the short causal convolution on q, k, v (>= 2)
+    use_short_conv: bool = True  # False: q, k, v = SiLU(projection), no mixing over time (fla's option)
     allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1) (Grazzi et al. 2025)
     use_gate: bool = False  # multiply the normed output by SiLU(W_g x) before the output projection
     norm_eps: float = 1e-5  # epsilon of the output RMSNorm
@@ -62,7 +68,7 @@ class DeltaNetConfig:
         if round(self.expand_v * self.head_dim) < 1:
             raise InputError(f"expand_v: expected expand_v * head_dim >= 1, got {self.expand_v} * {self.head_dim}")
         check_positive_int("conv_size", self.conv_size, minimum=2)
-        for name in ("allow_neg_eigval", "use_gate"):
+        for name in ("allow_neg_eigval", "use_gate", "use_short_conv"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if not isinstance(self.norm_eps, (int, float)) or isinstance(self.norm_eps, bool) or not self.norm_eps > 0:
@@ -88,7 +94,8 @@ class DeltaRuleLayer(MultiHeadRecurrence):
         self.d_input = self.d_output = D
         self.qkv_proj = nn.Linear(D, 2 * H * K + H * V, bias=False)  # [q | k | v]
         # One depthwise convolution over the concatenation = one per projection (no bias, as in fla).
-        self.conv = ShortConv(2 * H * K + H * V, config.conv_size, activation="silu", bias=False)
+        self.conv = ShortConv(2 * H * K + H * V, config.conv_size, activation="silu", bias=False) \
+            if config.use_short_conv else None
         self.beta_proj = nn.Linear(D, H, bias=False)
         self.gate_proj = nn.Linear(D, H * V, bias=False) if config.use_gate else None
         self.norm = HeadNorm(H, V, kind="rms", eps=config.norm_eps)
@@ -113,14 +120,18 @@ class DeltaRuleLayer(MultiHeadRecurrence):
 
     def _init_state(self, batch_size, device, dtype):
         H, K, V = self.num_heads, self.head_dim, self.value_dim
-        return DeltaNetState(
-            torch.zeros(batch_size, H, K, V, device=device, dtype=dtype),
-            self.conv.init_state(batch_size, device=device, dtype=dtype),
-        )
+        if self.conv is not None:
+            conv = self.conv.init_state(batch_size, device=device, dtype=dtype)
+        else:
+            conv = torch.zeros(batch_size, 2 * H * K + H * V, 0, device=device, dtype=dtype)
+        return DeltaNetState(torch.zeros(batch_size, H, K, V, device=device, dtype=dtype), conv)
 
     def _forward(self, x, state, lengths, mode):
         H, K, V = self.num_heads, self.head_dim, self.value_dim
-        mixed, conv = self.conv(self.qkv_proj(x), state.conv, lengths)  # (B, T, 2HK + HV), SiLU applied
+        if self.conv is not None:
+            mixed, conv = self.conv(self.qkv_proj(x), state.conv, lengths)  # (B, T, 2HK + HV), SiLU applied
+        else:
+            mixed, conv = F.silu(self.qkv_proj(x)), state.conv
         q, k, v = mixed.split([H * K, H * K, H * V], -1)
         q = F.normalize(split_heads(q, H), dim=-1) * K**-0.5  # (B, H, T, K); attention's 1/sqrt(K)
         k = F.normalize(split_heads(k, H), dim=-1)  # (B, H, T, K): unit keys keep |1 - beta| <= 1
@@ -145,8 +156,8 @@ class DeltaRuleLayer(MultiHeadRecurrence):
     description="DeltaNet (Yang et al. 2024): delta-rule linear attention, chunkwise WY/UT training",
     test_configs={
         "default": {"num_heads": 2, "head_dim": 3, "chunk_size": 16},
-        "neg-eigval-gate": {"num_heads": 1, "head_dim": 4, "expand_v": 0.5, "conv_size": 2,
-                            "allow_neg_eigval": True, "use_gate": True, "chunk_size": 16},
+        "neg-eigval-gate-noconv": {"num_heads": 1, "head_dim": 4, "expand_v": 0.5, "use_short_conv": False,
+                                   "allow_neg_eigval": True, "use_gate": True, "chunk_size": 16},
     },
 )
 class DeltaNet(DeltaRuleLayer):
@@ -158,6 +169,7 @@ class DeltaNet(DeltaRuleLayer):
         head_dim: K per head (default ``D // H``).
         expand_v: value width per head V = ``round(expand_v * K)``.
         conv_size: W of the short causal convolution on q, k, v.
+        use_short_conv: False drops the convolution (q, k, v then see only their own step).
         allow_neg_eigval: ``beta = 2 sigmoid(.)`` in ``(0, 2)`` instead of ``sigmoid(.)``.
         use_gate: output gate ``SiLU(W_g x)`` after the output norm.
         norm_eps: RMSNorm epsilon.

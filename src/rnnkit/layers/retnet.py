@@ -8,7 +8,21 @@ with fixed per-head decays ``gamma_h = 1 - 2^(-5-h)`` (section 2.2, "multi-scale
 memory length, from 32 to ``2^(4+H)`` steps), one normalisation group per head, value heads twice the
 key width (``V = 2K``, as the paper's ``d_v = 2 d``), and a swish output gate. Projections are
 Xavier-uniform with gain ``2^-2.5`` (q, k, v, g) and 1 (out), as in the authors' torchscale
-implementation. The paper's xPos relative position rotation of q and k is not included.
+implementation.
+
+xPos (section 2.1, eq. 5; ``xpos=True``, the default): q and k are rotated by their position,
+``Q_n = (X W_Q)_n e^{i n theta}``, ``K_m = (X W_K)_m e^{-i m theta}``, so that with the decay the
+retention weight of step ``m`` at step ``n`` is ``gamma^(n-m) Re[q_n conj(k_m) e^{i (n-m) theta}]``:
+a relative position that rotates as well as fades (``gamma e^{i theta}`` is the paper's xPos). Each
+pair of key dimensions ``(2j, 2j+1)`` turns at ``theta_j = 10000^(-j / (K/2 - 1))`` (the torchscale
+angles; an odd K leaves its last dimension unrotated). In real arithmetic the recurrence is
+
+    S_t = gamma_h R_theta^T S_{t-1} + k_t v_t^T        o_t = S_t^T q_t
+
+(``R_theta`` the block rotation), kept in the frame of the current step, so the state needs no
+position counter and a sequence can be split anywhere. The kernels see ``R^t q_t`` and ``R^t k_t``
+with ``t`` counted from the start of each call, and the final state is turned back by ``R^-L``;
+angles are taken in fp64, so fp32 rotations stay exact to rounding at any length within a call.
 """
 
 from __future__ import annotations
@@ -18,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rnnkit.errors import check_positive_int
+from rnnkit.errors import InputError, check_positive_int
 from rnnkit.layers._multihead import HeadNorm, MultiHeadRecurrence, check_head_config, merge_heads, split_heads
 from rnnkit.layers.linear_attention import run_gla
 from rnnkit.layers.registry import make_config, register
@@ -34,11 +48,14 @@ class RetNetConfig:
     head_dim: int | None = None  # K per head; default d_model // num_heads
     value_factor: int = 2  # V = value_factor * K (the paper's d_v = 2 d)
     chunk_size: int = DEFAULT_CHUNK  # C of the chunk mode
+    xpos: bool = True  # rotate q and k by their positions (the paper's xPos); False: decay only
 
     def __post_init__(self) -> None:
         self.head_dim = check_head_config(self.d_model, self.num_heads, self.head_dim)
         check_positive_int("value_factor", self.value_factor)
         check_positive_int("chunk_size", self.chunk_size)
+        if not isinstance(self.xpos, bool):
+            raise InputError(f"xpos: expected a bool, got {self.xpos!r}")
 
 
 def retention_log_decay(num_heads: int) -> torch.Tensor:
@@ -46,10 +63,25 @@ def retention_log_decay(num_heads: int) -> torch.Tensor:
     return torch.log1p(-torch.exp2(-5.0 - torch.arange(num_heads, dtype=torch.float64)))
 
 
+def xpos_angles(head_dim: int) -> torch.Tensor:
+    """``theta_j = 10000^(-j / (P-1))``, ``j = 0..P-1``, ``P = K // 2`` (fp64): one angle per pair of
+    key dimensions, from 1 rad per step down to 1e-4 (torchscale's ``RetNetRelPos``)."""
+    return 10000.0 ** -torch.linspace(0, 1, head_dim // 2, dtype=torch.float64)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn each pair ``(x_2j, x_2j+1)`` of the last dimension by the angle whose cosine and sine are
+    ``cos``, ``sin`` (``(..., P)``, broadcast against ``x[..., :2P:2]``); dimensions past ``2P`` stay."""
+    P = cos.shape[-1]
+    even, odd = x[..., 0 : 2 * P : 2], x[..., 1 : 2 * P : 2]
+    turned = torch.stack([even * cos - odd * sin, odd * cos + even * sin], -1).flatten(-2)
+    return torch.cat([turned, x[..., 2 * P :]], -1) if 2 * P < x.shape[-1] else turned
+
+
 @register(
     "retnet",
     description="RetNet multi-scale retention (Sun et al. 2023): fixed per-head decays, group norm, swish gate",
-    test_configs={"default": {"num_heads": 2, "head_dim": 2, "chunk_size": 16}},
+    test_configs={"default": {"num_heads": 2, "head_dim": 3, "chunk_size": 16}},
 )
 class RetNet(MultiHeadRecurrence):
     """Multi-scale retention layer (see the module docstring for the math and reference).
@@ -77,6 +109,9 @@ class RetNet(MultiHeadRecurrence):
         self.norm = HeadNorm(c.num_heads, self.value_dim, kind="layer")
         # Fixed, not learned: a buffer (kept in fp64 precision until cast with the layer).
         self.register_buffer("log_gamma", retention_log_decay(c.num_heads).to(torch.get_default_dtype()))
+        # Angles stay fp64 (not a buffer, so a cast of the layer leaves them): positions times
+        # angles are formed in fp64 and only their cosines and sines take the layer's dtype.
+        self.theta = xpos_angles(c.head_dim) if c.xpos else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,6 +130,24 @@ class RetNet(MultiHeadRecurrence):
         k = split_heads(self.k_proj(x), c.num_heads) * c.head_dim**-0.5  # (B, H, T, K)
         v = split_heads(self.v_proj(x), c.num_heads)  # (B, H, T, V)
         log_decay = self.log_gamma[None, :, None].expand(B, c.num_heads, T)  # (B, H, T)
-        o, state = run_gla(mode, q, k, v, log_decay, state, lengths, c.chunk_size)
+        if self.theta is None:
+            o, state = run_gla(mode, q, k, v, log_decay, state, lengths, c.chunk_size)
+        else:
+            o, state = self._retain_rotated(mode, q, k, v, log_decay, state, lengths)
         y = self.norm(merge_heads(o), self.g_proj(x))  # swish(W_G x) ⊙ GroupNorm(o)
         return self.o_proj(y), state
+
+    def _retain_rotated(self, mode, q, k, v, log_decay, state, lengths):
+        """Retention with xPos: the kernel on ``R^t q_t``, ``R^t k_t`` (``t = 1..T`` in this call) from
+        the incoming state, then the final state turned back into its last step's frame (``R^-L``)."""
+        T = q.shape[2]
+        theta = self.theta.to(q.device)
+        angle = torch.arange(1, T + 1, device=q.device, dtype=torch.float64)[:, None] * theta  # (T, P)
+        cos, sin = angle.cos().to(q.dtype), angle.sin().to(q.dtype)
+        o, S = run_gla(mode, rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin), v, log_decay, state, lengths,
+                       self.config.chunk_size)
+        L = torch.full((q.shape[0],), T, device=q.device) if lengths is None else lengths  # (B,)
+        back = -L.to(torch.float64)[:, None, None, None] * theta  # (B, 1, 1, P)
+        S = rotate_pairs(S.transpose(-1, -2), back.cos().to(q.dtype), back.sin().to(q.dtype))  # (B, H, V, K)
+        return o, S.transpose(-1, -2).contiguous()
+

@@ -105,6 +105,9 @@ class Stacked(Recurrence):
     def _init_state(self, batch_size, device, dtype):
         return tuple(layer.init_state(batch_size, device=device, dtype=dtype) for layer in self.layers)
 
+    def state_size_at(self, length: int) -> int:
+        return sum(layer.state_size_at(length) for layer in self.layers)
+
     def _forward(self, x, state, lengths, mode):
         finals = []
         for index, (layer, layer_state) in enumerate(zip(self.layers, state)):

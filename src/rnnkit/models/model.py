@@ -145,6 +145,9 @@ class ResidualStack(Recurrence):
     def _init_state(self, batch_size, device, dtype):
         return tuple(b.mixer.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks)
 
+    def state_size_at(self, length: int) -> int:
+        return sum(b.mixer.state_size_at(length) for b in self.blocks)
+
     def _forward(self, x, state, lengths, mode):
         finals = []
         for block, block_state in zip(self.blocks, state):
