@@ -53,7 +53,7 @@ class Budget:
     max_length_factor: int  # test lengths up to this multiple of the training length
     eval_seconds: float = math.inf  # evaluation stops after the batch that passes this (all test lengths together)
     eval_batch_size: int = 128  # examples per evaluation batch (the granularity of the evaluation cap)
-    setup_seconds: float = 1.0  # allowance per cell for the uncapped rest: building task and model, one step/batch past a cap
+    setup_seconds: float = 0.5  # allowance per cell for the uncapped rest: building task and model, one step/batch past a cap
     curve_points: int = 60  # loss-curve points kept per cell
     block: str = "residual"  # "residual" (pre-norm mixer + MLP) or "stacked" (the classic deep RNN)
 
@@ -63,12 +63,12 @@ class Budget:
 
 
 #: ``small`` is sized for every registered layer (20) x the default task list (12) in 30 minutes: 240
-#: cells x 6.5 s (3.5 s training + 1.5 s evaluation + 1.5 s allowance) = 26 min at most, on one core
-#: (docs/findings.md has the measured run); ``medium`` trains ~8x longer per cell.
+#: cells x 5.5 s (3.5 s training + 1.5 s evaluation + 0.5 s allowance) + 3 s startup = 22 min at most,
+#: on one core (docs/findings.md has the measured run); ``medium`` trains ~8x longer per cell.
 BUDGETS = {
     "small": Budget("small", d_model=32, num_layers=1, steps=150, batch_size=32, lr=1e-2, warmup=15,
                     max_seconds=3.5, eval_examples=256, max_length_factor=2, eval_seconds=1.5,
-                    eval_batch_size=64, setup_seconds=1.5),
+                    eval_batch_size=64, setup_seconds=0.5),
     "medium": Budget("medium", d_model=64, num_layers=2, steps=1000, batch_size=64, lr=2e-3, warmup=50,
                      max_seconds=90.0, eval_examples=1000, max_length_factor=4, eval_seconds=30.0,
                      setup_seconds=5.0),
@@ -311,9 +311,15 @@ def evaluate_capped(trainer, split: str, seq_len: int, seconds: float) -> tuple[
     return summarise(totals, task.metrics), seen
 
 
+#: Once per run, charged to its first cell: lazy imports and loading the fused kernels (measured 2.0-2.4 s
+#: on the project's machine; every later cell's setup took at most 0.03 s).
+STARTUP_SECONDS = 3.0
+
+
 def estimate_seconds(cells: Sequence[Cell]) -> float:
-    """Upper bound of the wall time of running ``cells``: the sum of their budgets' :meth:`Budget.cell_seconds`."""
-    return sum(c.budget.cell_seconds() for c in cells)
+    """Upper bound of the wall time of running ``cells`` in one process: :data:`STARTUP_SECONDS` plus
+    the sum of their budgets' :meth:`Budget.cell_seconds`."""
+    return STARTUP_SECONDS + sum(c.budget.cell_seconds() for c in cells) if cells else 0.0
 
 
 def _state_size(model) -> int | None:
@@ -350,8 +356,10 @@ def run_grid(
     if counts["skipped"]:
         log(f"{counts['skipped']} of {len(cells)} cells already in {out}: skipped")
     bound = estimate_seconds(todo)
-    log(f"estimate: {len(todo)} cells to run, at most {bound / 60:.1f} min (per cell: training cap + evaluation "
-        f"cap + setup allowance = {bound / max(len(todo), 1):.1f} s)" + (f"; stopping after {stop_after:.0f} s" if stop_after else ""))
+    per_cell = (bound - STARTUP_SECONDS) / len(todo) if todo else 0.0
+    log(f"estimate: {len(todo)} cells to run, at most {bound / 60:.1f} min ({STARTUP_SECONDS:.0f} s startup + per cell "
+        f"training cap + evaluation cap + setup allowance = {per_cell:.1f} s)"
+        + (f"; stopping after {stop_after:.0f} s" if stop_after else ""))
     started = time.perf_counter()
     bar = tqdm(todo, disable=not progress, unit="cell", dynamic_ncols=True, desc="bench", mininterval=1.0)
     for index, cell in enumerate(bar):
@@ -387,7 +395,7 @@ def describe_budget(budget: Budget) -> str:
 
 
 __all__ = [
-    "BUDGETS", "Budget", "Cell", "DEFAULT_TASKS", "TaskSpec", "append_line", "build_cells", "default_models",
+    "BUDGETS", "Budget", "Cell", "DEFAULT_TASKS", "STARTUP_SECONDS", "TaskSpec", "append_line", "build_cells", "default_models",
     "describe_budget", "downsample", "estimate_seconds", "evaluate_capped", "read_results", "run_cell", "run_grid",
 ]
 
