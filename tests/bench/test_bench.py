@@ -270,5 +270,7 @@ def test_run_grid_stop_after(tmp_path):
     counts = run_grid(cells, out, progress=False, runner=runner, log=lambda s: None, stop_after=1.0)
     # each cell may take 0.5 s: the third would end after 1.0 s, so at most two start
     assert 1 <= counts["ok"] <= 2 and counts["ok"] + counts["left"] == 4
+    counts = run_grid(cells, out, progress=False, runner=runner, log=lambda s: None, stop_after=0.4)
+    assert counts["ok"] == 0 and counts["left"] == 4 - counts["skipped"]  # one cell may take 0.5 s: none starts
     counts = run_grid(cells, out, progress=False, runner=runner, log=lambda s: None)  # the rerun finishes
     assert counts["skipped"] + counts["ok"] == 4 and counts["left"] == 0

@@ -365,8 +365,10 @@ def run_grid(
     for index, cell in enumerate(bar):
         if stop_after is not None and time.perf_counter() - started + cell.budget.cell_seconds() > stop_after:
             counts["left"] = len(todo) - index
+            hint = (f"; no cell fits: one may take {cell.budget.cell_seconds():.0f} s, so raise --stop-after or lower "
+                    "--max-seconds/--eval-seconds") if index == 0 else ""
             bar.write(f"stopped after {time.perf_counter() - started:.0f} s: {counts['left']} cells left "
-                      "(run the same command again to continue)")
+                      f"(run the same command again to continue){hint}")
             break
         bar.set_postfix_str(f"{cell.model} {cell.task.label} s{cell.seed}", refresh=False)
         try:
