@@ -274,3 +274,10 @@ def test_run_grid_stop_after(tmp_path):
     assert counts["ok"] == 0 and counts["left"] == 4 - counts["skipped"]  # one cell may take 0.5 s: none starts
     counts = run_grid(cells, out, progress=False, runner=runner, log=lambda s: None)  # the rerun finishes
     assert counts["skipped"] + counts["ok"] == 4 and counts["left"] == 0
+
+
+def test_small_grid_estimate_fits_30_minutes():
+    # The bound for `rnnkit bench tasks --budget small` over every registered layer.
+    cells = build_cells(default_models(), list(DEFAULT_TASKS), "small", 1)
+    assert estimate_seconds(cells) <= 30 * 60
+    assert BUDGETS["small"].eval_seconds < float("inf") and BUDGETS["medium"].eval_seconds < float("inf")

@@ -63,7 +63,7 @@ class Budget:
 
 
 #: ``small`` is sized for every registered layer (20) x the default task list (12) in 30 minutes: 240
-#: cells x 5.5 s (3.5 s training + 1.5 s evaluation + 0.5 s allowance) + 3 s startup = 22 min at most,
+#: cells x 5.5 s (3.5 s training + 1.5 s evaluation + 0.5 s allowance) + 3 s startup = 22.1 min at most,
 #: on one core (docs/findings.md has the measured run); ``medium`` trains ~8x longer per cell.
 BUDGETS = {
     "small": Budget("small", d_model=32, num_layers=1, steps=150, batch_size=32, lr=1e-2, warmup=15,
