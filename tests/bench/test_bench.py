@@ -6,11 +6,14 @@ import dataclasses
 import importlib.util
 import json
 import os
+import time
 
 import pytest
 
-from rnnkit.bench import BUDGETS, DEFAULT_TASKS, TaskSpec, build_cells, default_models, read_results, run_cell, run_grid
-from rnnkit.bench.grid import append_line, downsample
+from rnnkit.bench import (
+    BUDGETS, DEFAULT_TASKS, TaskSpec, build_cells, default_models, estimate_seconds, read_results, run_cell, run_grid,
+)
+from rnnkit.bench.grid import STARTUP_SECONDS, append_line, downsample
 from rnnkit.bench.report import fmt, markdown_tables, mean_spread, write_report
 from rnnkit.cli import main
 from rnnkit.errors import InputError
@@ -90,7 +93,7 @@ def test_run_grid_resumes(tmp_path):
         return {"key": cell.key, "status": "ok", "metric": "accuracy", "score": 0.5}
 
     counts = run_grid(cells, out, progress=False, runner=runner, log=lambda s: None)
-    assert counts == {"total": 4, "skipped": 0, "ok": 3, "error": 1}
+    assert counts == {"total": 4, "skipped": 0, "ok": 3, "error": 1, "left": 0}
     rows = read_results(out)
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error"] and "boom" in rows[3]["error"]
     # a rerun only runs the failed cell
@@ -217,3 +220,64 @@ def test_cli_bench_and_report(tmp_path, capsys):
     assert (tmp_path / "rep" / "report.html").is_file()
     assert main(["bench", "tasks", "--budget", "huge", "--out", str(out)]) == 2
     assert os.path.getsize(out) > 0
+
+
+# ------------------------------------------------------------------------------ bounded cells
+
+
+def test_evaluation_is_capped_and_recorded():
+    (cell,) = build_cells(["gru"], ["modular_sum:modulus=3:eval_examples=512"], "small", 1)
+    budget = dataclasses.replace(TINY, eval_batch_size=16)
+    capped = run_cell(dataclasses.replace(cell, budget=dataclasses.replace(budget, eval_seconds=0.0), d_model=4))
+    # a zero cap still evaluates one batch per length, and says it stopped early
+    assert len(capped["test"]) == 2 and set(capped["eval_examples"].values()) == {16} and capped["eval_capped"]
+    full = run_cell(dataclasses.replace(cell, budget=dataclasses.replace(budget, eval_seconds=float("inf")), d_model=4))
+    assert set(full["eval_examples"].values()) == {512} and not full["eval_capped"]
+    assert full["setup_seconds"] > 0 and full["wall_seconds"] >= full["setup_seconds"] + full["train_seconds"]
+
+
+def test_grid_time_is_bounded_by_its_estimate(tmp_path):
+    # Training and evaluation both hit their caps (a million steps planned, 4,096 test examples per length
+    # in batches of 8), so each cell's wall time is the caps plus setup: the printed estimate must cover it.
+    budget = dataclasses.replace(BUDGETS["small"], name="capped", steps=10**6, max_seconds=0.3, eval_seconds=0.2,
+                                 eval_batch_size=8, eval_examples=4096, setup_seconds=0.5)
+    cells = [dataclasses.replace(c, budget=budget, d_model=8)
+             for c in build_cells(["gru", "elman"], ["parity", "modular_sum:modulus=3"], "small", 1)]
+    lines = []
+    started = time.perf_counter()
+    counts = run_grid(cells, tmp_path / "r.jsonl", progress=False, log=lines.append)
+    elapsed = time.perf_counter() - started
+    estimate = estimate_seconds(cells)
+    assert estimate == pytest.approx(STARTUP_SECONDS + 4 * 1.0) and f"at most {estimate / 60:.1f} min" in lines[0]
+    rows = read_results(tmp_path / "r.jsonl")
+    assert counts["ok"] == 4 and all(r["time_capped"] and r["eval_capped"] for r in rows)
+    for r in rows:
+        assert r["train_seconds"] < 0.3 + 0.5  # the step that crossed the cap is the last one
+        assert r["eval_seconds"] < 0.2 + 0.5 and all(n < 4096 for n in r["eval_examples"].values())
+        assert r["wall_seconds"] - r["setup_seconds"] <= budget.cell_seconds()  # the first setup is the startup
+    assert sum(r["wall_seconds"] for r in rows) <= elapsed <= estimate
+
+
+def test_run_grid_stop_after(tmp_path):
+    out = tmp_path / "r.jsonl"
+    budget = dataclasses.replace(BUDGETS["small"], max_seconds=0.2, eval_seconds=0.1, setup_seconds=0.2)
+    cells = [dataclasses.replace(c, budget=budget) for c in build_cells(["lstm", "gru"], ["parity"], "small", 2)]
+
+    def runner(cell):
+        time.sleep(0.3)
+        return {"key": cell.key, "status": "ok", "metric": "accuracy", "score": 0.5}
+
+    counts = run_grid(cells, out, progress=False, runner=runner, log=lambda s: None, stop_after=1.0)
+    # each cell may take 0.5 s: the third would end after 1.0 s, so at most two start
+    assert 1 <= counts["ok"] <= 2 and counts["ok"] + counts["left"] == 4
+    counts = run_grid(cells, out, progress=False, runner=runner, log=lambda s: None, stop_after=0.4)
+    assert counts["ok"] == 0 and counts["left"] == 4 - counts["skipped"]  # one cell may take 0.5 s: none starts
+    counts = run_grid(cells, out, progress=False, runner=runner, log=lambda s: None)  # the rerun finishes
+    assert counts["skipped"] + counts["ok"] == 4 and counts["left"] == 0
+
+
+def test_small_grid_estimate_fits_30_minutes():
+    # The bound for `rnnkit bench tasks --budget small` over every registered layer.
+    cells = build_cells(default_models(), list(DEFAULT_TASKS), "small", 1)
+    assert estimate_seconds(cells) <= 30 * 60
+    assert BUDGETS["small"].eval_seconds < float("inf") and BUDGETS["medium"].eval_seconds < float("inf")

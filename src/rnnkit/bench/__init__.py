@@ -8,12 +8,13 @@ from rnnkit.bench.grid import (
     TaskSpec,
     build_cells,
     default_models,
+    estimate_seconds,
     read_results,
     run_cell,
     run_grid,
 )
 
 __all__ = [
-    "BUDGETS", "DEFAULT_TASKS", "Budget", "Cell", "TaskSpec", "build_cells", "default_models", "read_results",
-    "run_cell", "run_grid",
+    "BUDGETS", "DEFAULT_TASKS", "Budget", "Cell", "TaskSpec", "build_cells", "default_models", "estimate_seconds",
+    "read_results", "run_cell", "run_grid",
 ]

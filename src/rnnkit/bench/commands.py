@@ -34,6 +34,9 @@ def add_parsers(sub) -> None:
     grid.add_argument("--widths", help="comma-separated d_model values (default: the budget's)")
     grid.add_argument("--steps", type=int, help="override the budget's training steps per cell")
     grid.add_argument("--max-seconds", type=float, help="override the budget's training-time cap per cell")
+    grid.add_argument("--eval-seconds", type=float, help="override the budget's evaluation-time cap per cell")
+    grid.add_argument("--stop-after", type=float, help="start no cell that would end after this many seconds "
+                      "(rerun the same command to resume)")
     grid.add_argument("--layers", type=int, help="override the budget's number of residual blocks")
     grid.add_argument("--lr", type=float, help="override the budget's peak learning rate")
     grid.add_argument("--block", choices=["residual", "stacked"], help="override the budget's block type (default residual)")
@@ -55,7 +58,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tasks = _csv(args.tasks) if args.tasks else list(DEFAULT_TASKS)
     if args.budget not in BUDGETS:
         raise InputError(f"--budget: expected one of {sorted(BUDGETS)}, got {args.budget!r}")
-    overrides = {k: v for k, v in (("steps", args.steps), ("max_seconds", args.max_seconds),
+    overrides = {k: v for k, v in (("steps", args.steps), ("max_seconds", args.max_seconds), ("eval_seconds", args.eval_seconds),
                                    ("num_layers", args.layers), ("lr", args.lr), ("block", args.block))
                  if v is not None}
     budget = BUDGETS[args.budget]
@@ -69,9 +72,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"{len(cells) // max(1, len(models) * len(tasks) * args.seeds)} widths x {args.seeds} seeds = {len(cells)} cells; "
           f"budget {describe_budget(budget)}; {torch.get_num_threads()} threads; results -> {args.out}", flush=True)
     started = time.perf_counter()
-    counts = run_grid(cells, args.out, progress=not args.no_progress)
+    counts = run_grid(cells, args.out, progress=not args.no_progress, stop_after=args.stop_after)
     print(f"done in {time.perf_counter() - started:.0f} s: {counts['ok']} cells ran, {counts['skipped']} skipped, "
-          f"{counts['error']} failed (re-run the same command to retry them)")
+          f"{counts['error']} failed (re-run the same command to retry them)"
+          + (f", {counts['left']} left for the next run" if counts["left"] else ""))
     return 1 if counts["error"] else 0
 
 

@@ -5,6 +5,13 @@ whose blocks use the cell's registered layer, trains it with the :class:`~rnnkit
 budget's steps (stopping early if the budget's time cap is hit), then evaluates the test split at every
 test length the task offers (lengths beyond the training length measure length generalisation).
 
+Both halves of a cell are bounded in time, so a grid's wall time is known before it starts: training
+stops after the step that passes ``max_seconds``, and evaluation stops after the batch that passes
+``eval_seconds`` (shared equally by the test lengths, each getting at least one batch; the examples
+actually evaluated are recorded per length). :meth:`Budget.cell_seconds` adds an allowance for the
+uncapped rest (building the task and model, the one step and one batch that may run past a cap), and
+:func:`estimate_seconds` multiplies it out; ``rnnkit bench tasks`` prints that estimate before it runs.
+
 Results are a JSON-lines file, one object per cell, appended with a single ``write`` on a file opened
 in append mode, so an interrupted run never leaves half a line behind another cell's line. A rerun
 with the same file skips the cells that already have an ``"ok"`` line; a cell that crashed (no line)
@@ -44,17 +51,27 @@ class Budget:
     max_seconds: float  # training stops early when a cell has trained this long
     eval_examples: int  # test examples per length (synthetic tasks); real tasks use their whole test split
     max_length_factor: int  # test lengths up to this multiple of the training length
+    eval_seconds: float = math.inf  # evaluation stops after the batch that passes this (all test lengths together)
+    eval_batch_size: int = 128  # examples per evaluation batch (the granularity of the evaluation cap)
+    setup_seconds: float = 0.5  # allowance per cell for the uncapped rest: building task and model, one step/batch past a cap
     curve_points: int = 60  # loss-curve points kept per cell
     block: str = "residual"  # "residual" (pre-norm mixer + MLP) or "stacked" (the classic deep RNN)
 
+    def cell_seconds(self) -> float:
+        """Wall-time bound of one cell: training cap + evaluation cap + the setup allowance."""
+        return self.max_seconds + self.eval_seconds + self.setup_seconds
 
-#: ``small`` is sized for ~20 layers x the default task list in 30 minutes on 2 CPU cores (see
-#: docs/findings.md for the measured per-cell cost); ``medium`` trains ~8x longer per cell.
+
+#: ``small`` is sized for every registered layer (20) x the default task list (12) in 30 minutes: 240
+#: cells x 5.5 s (3.5 s training + 1.5 s evaluation + 0.5 s allowance) + 3 s startup = 22.1 min at most,
+#: on one core (docs/findings.md has the measured run); ``medium`` trains ~8x longer per cell.
 BUDGETS = {
     "small": Budget("small", d_model=32, num_layers=1, steps=150, batch_size=32, lr=1e-2, warmup=15,
-                    max_seconds=4.0, eval_examples=256, max_length_factor=2),
+                    max_seconds=3.5, eval_examples=256, max_length_factor=2, eval_seconds=1.5,
+                    eval_batch_size=64, setup_seconds=0.5),
     "medium": Budget("medium", d_model=64, num_layers=2, steps=1000, batch_size=64, lr=2e-3, warmup=50,
-                     max_seconds=90.0, eval_examples=1000, max_length_factor=4),
+                     max_seconds=90.0, eval_examples=1000, max_length_factor=4, eval_seconds=30.0,
+                     setup_seconds=5.0),
 }
 
 #: The default task list of ``rnnkit bench tasks``: the synthetic probes, one UCR data set, one forecast.
@@ -203,6 +220,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     from rnnkit.train import TrainConfig, Trainer, seed_everything
 
     b = cell.budget
+    cell_started = time.perf_counter()
     options = dict(cell.task.options)
     if "eval_examples" in task_options(cell.task.name) and "eval_examples" not in options:
         options["eval_examples"] = b.eval_examples
@@ -218,8 +236,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     ))
     config = TrainConfig(
         steps=b.steps, batch_size=b.batch_size, seq_len=cell.task.seq_len, lr=b.lr, warmup_steps=b.warmup,
-        eval_batch_size=128, seed=cell.seed, progress=False, log_every=10**9,
-    )
+        eval_batch_size=b.eval_batch_size, eval_max_batches=1, seed=cell.seed, progress=False, log_every=10**9,
+    )  # eval_max_batches: the val check at the end of fit is one batch (the test split is what is reported)
     trainer = Trainer(model, task, config)
     losses: list[float] = []
     started = time.perf_counter()
@@ -238,15 +256,18 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     else:  # an explicit training length: test there and at 2x, 4x of it
         lengths += [f * train_len for f in (2, 4) if f <= b.max_length_factor]
     test: dict[str, dict[str, float]] = {}
+    examples: dict[str, int] = {}
     eval_started = time.perf_counter()
-    for T in lengths:
-        trainer.config.seq_len = T
+    for i, T in enumerate(lengths):
+        # Each length gets an equal share of what is left, so a slow long length cannot starve the others.
+        left = b.eval_seconds - (time.perf_counter() - eval_started)
         try:
-            test[str(T)] = trainer.evaluate("test")
+            test[str(T)], examples[str(T)] = evaluate_capped(trainer, "test", T, left / (len(lengths) - i))
         except InputError:
             continue  # a length the task cannot build with these options
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - cell_started
     first = test[str(train_len)]
+    full = getattr(task, "eval_examples", None)
     return {
         "key": cell.key, "status": "ok", "model": cell.model, "task": cell.task.name, "task_label": cell.task.label,
         "task_options": dict(cell.task.options), "d_model": cell.d_model, "num_layers": b.num_layers,
@@ -254,11 +275,51 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "time_capped": trainer.step < b.steps, "train_len": train_len, "metric": metric,
         "score": first[metric], "test_loss": first["loss"], "test": test, "val": fit["val"],
         "params": sum(p.numel() for p in model.parameters()), "state_size": _state_size(model),
-        "train_seconds": fit["seconds"], "eval_seconds": time.perf_counter() - eval_started, "wall_seconds": wall,
+        "eval_examples": examples, "eval_capped": full is not None and min(examples.values()) < full,
+        "setup_seconds": started - cell_started, "train_seconds": fit["seconds"],
+        "eval_seconds": time.perf_counter() - eval_started, "wall_seconds": wall,
         "tokens_per_second": fit["tokens_per_second"], "loss_curve": downsample(losses, b.curve_points),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def evaluate_capped(trainer, split: str, seq_len: int, seconds: float) -> tuple[dict[str, float], int]:
+    """The trainer's metrics over ``split`` at length ``seq_len``, stopping after the batch that passes ``seconds``.
+
+    At least one batch is always evaluated. Returns the metrics and the number of examples they cover.
+    """
+    from rnnkit.train.trainer import loss_and_counts, summarise
+
+    task, model = trainer.task, trainer.model
+    was_training = model.training
+    model.eval()
+    totals = {"loss_sum": 0.0, "count": 0, "correct": 0}
+    state, seen, started = None, 0, time.perf_counter()
+    with torch.no_grad():
+        for batch in task.eval_batches(split, trainer.config.eval_batch_size, seq_len):
+            batch = batch.to(trainer.config.device)
+            if batch.reset or not task.streaming:
+                state = None
+            output, state = model(batch.x, state, batch.lengths, trainer.config.mode)
+            for key, value in loss_and_counts(output, batch, task.target)[1].items():
+                totals[key] += value
+            seen += batch.x.shape[0]
+            if time.perf_counter() - started > seconds:
+                break
+    model.train(was_training)
+    return summarise(totals, task.metrics), seen
+
+
+#: Once per run, charged to its first cell: lazy imports and loading the fused kernels (measured 2.0-2.4 s
+#: on the project's machine; every later cell's setup took at most 0.03 s).
+STARTUP_SECONDS = 3.0
+
+
+def estimate_seconds(cells: Sequence[Cell]) -> float:
+    """Upper bound of the wall time of running ``cells`` in one process: :data:`STARTUP_SECONDS` plus
+    the sum of their budgets' :meth:`Budget.cell_seconds`."""
+    return STARTUP_SECONDS + sum(c.budget.cell_seconds() for c in cells) if cells else 0.0
 
 
 def _state_size(model) -> int | None:
@@ -276,21 +337,39 @@ def run_grid(
     progress: bool = True,
     runner: Callable[[Cell], dict[str, Any]] = run_cell,
     log: Callable[[str], None] = print,
+    stop_after: float | None = None,
 ) -> dict[str, int]:
     """Run the cells that ``out`` does not yet hold as ``"ok"``; append one line per cell.
 
+    Args:
+        stop_after: seconds; a cell is not started unless its :meth:`Budget.cell_seconds` still fits
+            (the rest is left for a rerun of the same command, which resumes).
+
     Returns:
-        ``{"total", "skipped", "ok", "error"}`` counts.
+        ``{"total", "skipped", "ok", "error", "left"}`` counts (``left``: not started because of ``stop_after``).
     """
     from tqdm.auto import tqdm
 
     done = {row.get("key") for row in read_results(out) if row.get("status") == "ok"}
     todo = [c for c in cells if c.key not in done]
-    counts = {"total": len(cells), "skipped": len(cells) - len(todo), "ok": 0, "error": 0}
+    counts = {"total": len(cells), "skipped": len(cells) - len(todo), "ok": 0, "error": 0, "left": 0}
     if counts["skipped"]:
         log(f"{counts['skipped']} of {len(cells)} cells already in {out}: skipped")
+    bound = estimate_seconds(todo)
+    per_cell = (bound - STARTUP_SECONDS) / len(todo) if todo else 0.0
+    log(f"estimate: {len(todo)} cells to run, at most {bound / 60:.1f} min ({STARTUP_SECONDS:.0f} s startup + per cell "
+        f"training cap + evaluation cap + setup allowance = {per_cell:.1f} s)"
+        + (f"; stopping after {stop_after:.0f} s" if stop_after else ""))
+    started = time.perf_counter()
     bar = tqdm(todo, disable=not progress, unit="cell", dynamic_ncols=True, desc="bench", mininterval=1.0)
-    for cell in bar:
+    for index, cell in enumerate(bar):
+        if stop_after is not None and time.perf_counter() - started + cell.budget.cell_seconds() > stop_after:
+            counts["left"] = len(todo) - index
+            hint = (f"; no cell fits: one may take {cell.budget.cell_seconds():.0f} s, so raise --stop-after or lower "
+                    "--max-seconds/--eval-seconds") if index == 0 else ""
+            bar.write(f"stopped after {time.perf_counter() - started:.0f} s: {counts['left']} cells left "
+                      f"(run the same command again to continue){hint}")
+            break
         bar.set_postfix_str(f"{cell.model} {cell.task.label} s{cell.seed}", refresh=False)
         try:
             row = runner(cell)
@@ -318,7 +397,7 @@ def describe_budget(budget: Budget) -> str:
 
 
 __all__ = [
-    "BUDGETS", "Budget", "Cell", "DEFAULT_TASKS", "TaskSpec", "append_line", "build_cells", "default_models",
-    "describe_budget", "downsample", "read_results", "run_cell", "run_grid",
+    "BUDGETS", "Budget", "Cell", "DEFAULT_TASKS", "STARTUP_SECONDS", "TaskSpec", "append_line", "build_cells", "default_models",
+    "describe_budget", "downsample", "estimate_seconds", "evaluate_capped", "read_results", "run_cell", "run_grid",
 ]
 

@@ -151,8 +151,9 @@ def plot_mqar_state(rows: list[dict[str, Any]], path: Path) -> Path | None:
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=model[0], color=colors[model[0]])
         ax.set_xscale("log")
         ticks = sorted({r["state_size"] for r in mqar if r["task_label"] == label})
-        ax.set_xticks(ticks, [f"{t:,}" for t in ticks], fontsize=8)
-        ax.minorticks_off()
+        if len(ticks) <= 8:  # every state size labelled; more would overlap, so log ticks then
+            ax.set_xticks(ticks, [f"{t:,}" for t in ticks], fontsize=8)
+            ax.minorticks_off()
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("recurrent state (floats per sequence)")
         ax.set_ylabel("test accuracy")
