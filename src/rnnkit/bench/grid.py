@@ -274,7 +274,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "block": b.block, "seed": cell.seed, "budget": b.name, "steps": trainer.step, "planned_steps": b.steps,
         "time_capped": trainer.step < b.steps, "train_len": train_len, "metric": metric,
         "score": first[metric], "test_loss": first["loss"], "test": test, "val": fit["val"],
-        "params": sum(p.numel() for p in model.parameters()), "state_size": _state_size(model),
+        "params": sum(p.numel() for p in model.parameters()), "state_size": _state_size(model, train_len),
         "eval_examples": examples, "eval_capped": full is not None and min(examples.values()) < full,
         "setup_seconds": started - cell_started, "train_seconds": fit["seconds"],
         "eval_seconds": time.perf_counter() - eval_started, "wall_seconds": wall,
@@ -322,11 +322,14 @@ def estimate_seconds(cells: Sequence[Cell]) -> float:
     return STARTUP_SECONDS + sum(c.budget.cell_seconds() for c in cells) if cells else 0.0
 
 
-def _state_size(model) -> int | None:
-    """Floats of recurrent state per sequence of the whole model (None if a layer cannot say)."""
+def _state_size(model, length: int) -> int | None:
+    """Floats of recurrent state per sequence of the whole model after ``length`` steps (None if it cannot say).
+
+    ``state_size_at``: attention's KV cache holds ``min(length, capacity)`` steps, not its preallocated capacity.
+    """
     try:
-        size = model.body.state_size
-    except Exception:  # noqa: BLE001  a layer whose state is not a fixed set of tensors (e.g. a growing cache)
+        size = model.body.state_size_at(length)
+    except Exception:  # noqa: BLE001  a layer that cannot report its state size
         return None
     return int(size) if isinstance(size, int) or (isinstance(size, float) and math.isfinite(size)) else None
 
