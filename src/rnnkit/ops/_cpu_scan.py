@@ -223,7 +223,8 @@ class OutputPool:
                 if held + nbytes <= self.max_bytes:
                     break
                 if self._free(buf):
-                    self.buffers.remove(buf)
+                    # by identity: list.remove compares tensors with ==, which fails on a match of shapes
+                    del self.buffers[next(i for i, b in enumerate(self.buffers) if b is buf)]
                     held -= buf.numel() * buf.element_size()
             out = _fresh((n,), dtype, lib)
             if held + nbytes <= self.max_bytes:

@@ -44,6 +44,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
 from rnnkit.ops import _cpu_scan
@@ -325,6 +326,7 @@ class _ChunkwiseGLA(torch.autograd.Function):
         return y, S
 
     @staticmethod
+    @once_differentiable  # a second derivative through this backward is not implemented
     def backward(ctx, dy, dS_final):
         k, v, g, b, eb, qf, kf, q_dec, k_end, scores, D, S_start, S_final, decay = ctx.saved_tensors
         mode = ctx.mode
