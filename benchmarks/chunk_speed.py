@@ -143,7 +143,11 @@ def _loss(y, state) -> torch.Tensor:
     return y.sum() + sum(s.sum() for s in states if s is not None)
 
 
-def too_big(layer: str, form: str, T: int, max_gb: float, max_steps: int) -> str | None:
+def too_big(layer: str, form: str, T: int, max_gb: float, max_steps: int, peer_max_T: int) -> str | None:
+    if form.endswith("(ref)") and T > peer_max_T:
+        # the peers' pure-PyTorch references slow down with T (fla's simple-GLA reference: 64k tok/s
+        # at T=512, 14k at 2048): at 8192 each would take minutes
+        return f"skipped (T > {peer_max_T}: too slow; --peer-max-T)"
     if form == "parallel":
         gb = 6 * B * H * T * T * 4 / 1e9  # a handful of (B, H, T, T) fp32 tensors live at once
         if gb > max_gb:
@@ -209,6 +213,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per candidate (best counts)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-gb", type=float, default=8.0, help="skip parallel forms estimated above this")
+    parser.add_argument("--peer-max-T", type=int, default=2048, help="skip the peers above this T")
     parser.add_argument("--max-recurrent-steps", type=int, default=512,
                         help="skip recurrent forms above this T (the loop's tokens/s does not depend on T)")
     parser.add_argument("--layers", nargs="+", default=None, help="only these layers")
@@ -230,7 +235,7 @@ def main() -> None:
         best: dict[tuple[str, str], float] = {}
         skipped: dict[tuple[str, str], str] = {}
         for layer, form, fn, inputs in rows:
-            why = too_big(layer, form, T, args.max_gb, args.max_recurrent_steps)
+            why = too_big(layer, form, T, args.max_gb, args.max_recurrent_steps, args.peer_max_T)
             if why:
                 skipped[(layer, form)] = why
         live = [(r[0], r[1], r[2], r[3], T) for r in rows if (r[0], r[1]) not in skipped]

@@ -369,14 +369,18 @@ class _ChunkwiseGLA(torch.autograd.Function):
         else:
             dqf = _mm(dscores, kf)
         del dscores
+        # q and k enter as (q e^b, k e^-b) in "factor" mode and as themselves in "matrix" mode: take
+        # the gradients w.r.t. those first; dL/db = q . dq - k . dk is the same in both terms.
+        if mode == "factor":
+            dqs = dq  # w.r.t. q e^b
+            dks = dkf.addcmul_(dk_end, decay.transpose(-1, -2))  # w.r.t. k e^-b: dkf + dk_end e^{b_C}
+        else:
+            dqs = dq = dqf.addcmul_(dq_dec, eb)
+            dks = dk = dkf.addcmul_(dk_end, _end_factor(g, b, mode))
+        del dk_end, dq_dec
         dg = None
         if need_g:
-            db = _like(k)
-            if mode == "factor":
-                torch.mul(q_dec, dq, out=db)
-            else:
-                torch.mul(qf, dqf, out=db).addcmul_(q_dec, dq_dec)
-            db.addcmul_(kf, dkf, value=-1).addcmul_(k_end, dk_end, value=-1)  # (G, N, C, K)
+            db = torch.mul(qf, dqs, out=_like(k)).addcmul_(kf, dks, value=-1)  # (G, N, C, K)
             if g.shape[-1] == 1:
                 db = db.sum(-1, keepdim=True)
             # the end-of-chunk states S_{n+1}: S_start shifted by one, then the final state
@@ -392,11 +396,8 @@ class _ChunkwiseGLA(torch.autograd.Function):
             dg = _mm(upper.expand(G * N, C, C), db.view(G * N, C, -1)).view(db.shape).add_(db_last[:, :, None])
             del db
         if mode == "factor":
-            dq.mul_(eb)
-            dk = dkf.addcmul_(dk_end, decay.transpose(-1, -2)).div_(eb)  # (dkf + dk_end e^{b_C}) e^-b
-        else:
-            dq = dqf.addcmul_(dq_dec, eb)
-            dk = dkf.addcmul_(dk_end, _end_factor(g, b, mode))
+            dq = dqs.mul_(eb)
+            dk = dks.div_(eb)
         return dq, dk, dv, dg, None, dS0, None
 
 
