@@ -257,7 +257,7 @@ def main() -> None:
             key = (layer, form)
             if key in skipped:
                 extra = ""
-                if (layer, "recurrent@") in best:
+                if form == "recurrent" and (layer, "recurrent@") in best:
                     extra = f"; loop at T={T_loop} in this run: {B * T_loop / best[(layer, 'recurrent@')]:.0f} tok/s (*)"
                 print(f"{layer:18s} {form:28s} {skipped[key]}{extra}")
                 continue
