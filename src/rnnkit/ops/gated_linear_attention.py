@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -182,6 +183,11 @@ def _chunked(q, k, v, g, S, C):
     v = v.reshape(G, N, C, V)
     g = g.reshape(G, N, C, K if per_dim else 1)
     S = S.reshape(G, K, V)
+    if len({t.dtype for t in (q, k, v, g, S)}) > 1:
+        # mixed dtypes (autocast hands bf16 projections and fp32 decays and states): the kernel's
+        # out= buffers take one dtype, the widest, and it runs with autocast off (see _ChunkwiseGLA)
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in (q, k, v, g, S)])
+        q, k, v, g, S = (t.to(dtype) for t in (q, k, v, g, S))
     b = mode = None
     if not g.requires_grad and not bool(g.any()):
         mode = "none"  # plain linear attention: the unit decay factors left out
@@ -198,7 +204,8 @@ def _chunked(q, k, v, g, S, C):
         # decays need the matrix's segment sums; otherwise the scores factor into q e^b and k e^-b.
         mode = ("matrix_fixed" if fixed else "matrix") if fixed or not mild else "factor"
         mode += "" if mild else "_strong"
-    y, S = _ChunkwiseGLA.apply(q, k, v, g if b is not None else None, b, S, mode)
+    with torch.autocast(q.device.type, enabled=False):  # bf16 matmuls would not fit the fp32 out= buffers
+        y, S = _ChunkwiseGLA.apply(q, k, v, g if b is not None else None, b, S, mode)
     return y.reshape(B, H, N * C, V)[:, :, :T], S.reshape(B, H, K, V)
 
 
@@ -328,6 +335,11 @@ class _ChunkwiseGLA(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # a second derivative through this backward is not implemented
     def backward(ctx, dy, dS_final):
+        with torch.autocast(dy.device.type, enabled=False):
+            return _ChunkwiseGLA._backward(ctx, dy, dS_final)
+
+    @staticmethod
+    def _backward(ctx, dy, dS_final):
         k, v, g, b, eb, qf, kf, q_dec, k_end, scores, D, S_start, S_final, decay = ctx.saved_tensors
         mode = ctx.mode
         G, N, C, K = k.shape
