@@ -15,8 +15,13 @@ plain ``(2048 x 2048) @ (2048 x 2048)`` matmul measured in the same run, and, wh
 mlstm_kernels' native chunkwise mLSTM.
 
 Forms that would take too long (or, for ``parallel``, too much memory) print ``skipped (...)``.
+Where the recurrent loop is skipped (T above ``--max-recurrent-steps``), the loop runs in the same
+run at T = ``--max-recurrent-steps`` instead (its tokens/s does not depend on T: one step costs the
+same at any length), and ``vs recurrent`` divides by that rate, marked ``*``.
 Candidates of one shape run interleaved, one repetition each in turn, and the figure is the best
-(minimum-time) repetition, so that load from other processes hits them alike.
+(minimum-time) repetition, so that load from other processes hits them alike. The last lines
+state each layer's chunk form against the issue's targets (>= 10x the loop at T=2048, >= 30% of
+the same-run matmul GFLOP/s at T=8192).
 """
 
 from __future__ import annotations
@@ -138,7 +143,11 @@ def _loss(y, state) -> torch.Tensor:
     return y.sum() + sum(s.sum() for s in states if s is not None)
 
 
-def too_big(layer: str, form: str, T: int, max_gb: float, max_steps: int) -> str | None:
+def too_big(layer: str, form: str, T: int, max_gb: float, max_steps: int, peer_max_T: int) -> str | None:
+    if form.endswith("(ref)") and T > peer_max_T:
+        # the peers' pure-PyTorch references slow down with T (fla's simple-GLA reference: 64k tok/s
+        # at T=512, 14k at 2048): at 8192 each would take minutes
+        return f"skipped (T > {peer_max_T}: too slow; --peer-max-T)"
     if form == "parallel":
         gb = 6 * B * H * T * T * 4 / 1e9  # a handful of (B, H, T, T) fp32 tensors live at once
         if gb > max_gb:
@@ -204,6 +213,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per candidate (best counts)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-gb", type=float, default=8.0, help="skip parallel forms estimated above this")
+    parser.add_argument("--peer-max-T", type=int, default=2048, help="skip the peers above this T")
     parser.add_argument("--max-recurrent-steps", type=int, default=512,
                         help="skip recurrent forms above this T (the loop's tokens/s does not depend on T)")
     parser.add_argument("--layers", nargs="+", default=None, help="only these layers")
@@ -225,36 +235,56 @@ def main() -> None:
         best: dict[tuple[str, str], float] = {}
         skipped: dict[tuple[str, str], str] = {}
         for layer, form, fn, inputs in rows:
-            why = too_big(layer, form, T, args.max_gb, args.max_recurrent_steps)
+            why = too_big(layer, form, T, args.max_gb, args.max_recurrent_steps, args.peer_max_T)
             if why:
                 skipped[(layer, form)] = why
-        live = [r for r in rows if (r[0], r[1]) not in skipped]
+        live = [(r[0], r[1], r[2], r[3], T) for r in rows if (r[0], r[1]) not in skipped]
+        # the loop's rate at a length where it runs, for the forms at this T (marked *)
+        T_loop = args.max_recurrent_steps
+        live += [(layer, "recurrent@", fn, inputs, T_loop) for layer, form, fn, inputs in candidates(T_loop)
+                 if form == "recurrent" and (layer, form) in skipped]
         for rep in range(repeats):
-            for layer, form, fn, inputs in live:
-                if form == "recurrent" and rep > 0 and best.get((layer, form), 0) > 20:
+            for layer, form, fn, inputs, _ in live:
+                if form.startswith("recurrent") and rep > 0 and best.get((layer, form), 0) > 20:
                     continue  # one repetition of a slow loop is enough
                 dt = fwd_bwd(fn, inputs)
                 best[(layer, form)] = min(best.get((layer, form), math.inf), dt)
+        # per-token time of the loop: measured at this T, or at T_loop (*)
+        loop_s_per_tok = {layer: best[(layer, form)] / (B * t) for layer, form, _, _, t in live
+                          if form.startswith("recurrent")}
+        summary = []
         for layer, form, fn, inputs in rows:
             key = (layer, form)
             if key in skipped:
-                print(f"{layer:18s} {form:28s} {skipped[key]}")
+                extra = ""
+                if form == "recurrent" and (layer, "recurrent@") in best:
+                    extra = f"; loop at T={T_loop} in this run: {B * T_loop / best[(layer, 'recurrent@')]:.0f} tok/s (*)"
+                print(f"{layer:18s} {form:28s} {skipped[key]}{extra}")
                 continue
             dt = best[key]
             tok = B * T / dt
-            rec = best.get((layer, "recurrent"))
-            ratio = f"{rec / dt:11.1f}x" if rec else f"{'-':>12s}"
+            rec = loop_s_per_tok.get(layer)
+            star = "*" if (layer, "recurrent@") in best else "x"
+            vs_loop = rec * B * T / dt if rec else None
+            ratio = f"{vs_loop:11.1f}{star}" if rec else f"{'-':>12s}"
             if form == "recurrent":  # elementwise loop: no matmul FLOPs; one more pass would cost minutes
                 print(f"{layer:18s} {form:28s} {tok:10.0f} {ratio} {'-':>9s} {'-':>8s} {'-':>8s}")
                 continue
             mb = saved_bytes(fn, inputs) / 2**20
             gf = flops(fn, inputs) / dt / 1e9
             print(f"{layer:18s} {form:28s} {tok:10.0f} {ratio} {mb:9.0f} {gf:8.1f} {100 * gf / mm:7.0f}%")
+            if form == "chunk":
+                summary.append((layer, tok, vs_loop, star, 100 * gf / mm))
         for layer in dict.fromkeys(r[0] for r in rows):
             chunk = best.get((layer, "chunk"))
             for form in ("parallel", "fla chunk (ref)", "mlstm_kernels chunk (ref)"):
                 if chunk and (layer, form) in best:
                     print(f"  {layer}: chunk / {form} = {best[(layer, form)] / chunk:.2f}x")
+        print(f"targets at T={T} (chunk >= 10x the loop at T=2048; >= 30% of matmul GFLOP/s at T=8192):")
+        for layer, tok, vs_loop, star, pct in summary:
+            loop = "loop not run" if vs_loop is None else (
+                f"{vs_loop:.1f}x the loop" + (f" (loop's rate at T={T_loop})" if star == "*" else ""))
+            print(f"  {layer:18s} chunk {tok:8.0f} tok/s = {loop}; {pct:.0f}% of matmul")
 
 
 if __name__ == "__main__":

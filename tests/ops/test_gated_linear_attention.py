@@ -131,3 +131,29 @@ def test_no_decay_path_matches_loop(T):
         assert_close(S, S_ref, what="final state")
         for a, b in zip(torch.autograd.grad(y.sin().sum() + S.sum(), leaves), g_ref):
             assert_close(a, b, kind="grad", what="gradient")
+
+
+@pytest.mark.parametrize("per_dim", [False, True], ids=["scalar", "per_dim"])
+def test_workspace_pool_reuse_keeps_results(monkeypatch, per_dim):
+    """The chunk kernel's large tensors come from a pool of reused buffers: repeated training steps
+    (with outputs and gradients still held, and a cap small enough to evict) match the loop."""
+    import rnnkit.ops._cpu_scan as cpu_scan
+    import rnnkit.ops.gated_linear_attention as gla_op
+
+    monkeypatch.setattr(cpu_scan, "HUGE_PAGE_MIN_BYTES", 1 << 8)  # pool even these tiny tensors
+    pool = cpu_scan.OutputPool(12 << 10)
+    monkeypatch.setattr(gla_op, "WORKSPACE", pool)
+    args = inputs(2, 2, 40, 4, 4, per_dim, torch.float64)
+    y_ref, S_ref, g_ref = run(gated_linear_attention_recurrent, args, [40, 23])
+    held = []
+    for step in range(4):
+        y, S, g = run(FORMS["chunk16"], args, [40, 23])
+        assert_close(y, y_ref, what=f"step {step}: y")
+        assert_close(S, S_ref, what=f"step {step}: final state")
+        for a, b in zip(g, g_ref):
+            assert_close(a, b, kind="grad", what=f"step {step}: gradient")
+        held.append((y, g))  # still referenced: their buffers must not be handed out again
+        if step == 1:
+            held.clear()
+    assert pool.buffers, "the kernel's buffers went through the pool"
+    assert sum(t.numel() * t.element_size() for t in pool.buffers) <= 12 << 10

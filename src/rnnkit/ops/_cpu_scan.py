@@ -208,7 +208,7 @@ class OutputPool:
     def _free(self, buf: torch.Tensor) -> bool:
         return _storage_use_count(buf) == 1  # only self.buffers holds it
 
-    def empty(self, shape: torch.Size, dtype: torch.dtype, lib: ctypes.CDLL) -> torch.Tensor:
+    def empty(self, shape: torch.Size, dtype: torch.dtype, lib: ctypes.CDLL | None) -> torch.Tensor:
         n = math.prod(shape)
         nbytes = n * dtype.itemsize
         if nbytes < HUGE_PAGE_MIN_BYTES or self.max_bytes <= 0 or _storage_use_count(torch.empty(0)) is None:
@@ -223,7 +223,8 @@ class OutputPool:
                 if held + nbytes <= self.max_bytes:
                     break
                 if self._free(buf):
-                    self.buffers.remove(buf)
+                    # by identity: list.remove compares tensors with ==, which fails on a match of shapes
+                    del self.buffers[next(i for i, b in enumerate(self.buffers) if b is buf)]
                     held -= buf.numel() * buf.element_size()
             out = _fresh((n,), dtype, lib)
             if held + nbytes <= self.max_bytes:
@@ -235,11 +236,12 @@ class OutputPool:
             self.buffers.clear()
 
 
-def _fresh(shape, dtype: torch.dtype, lib: ctypes.CDLL) -> torch.Tensor:
-    """A new contiguous tensor; large ones get huge pages (see ``rnnkit_advise_huge_pages``)."""
+def _fresh(shape, dtype: torch.dtype, lib: ctypes.CDLL | None) -> torch.Tensor:
+    """A new contiguous tensor; large ones get huge pages (see ``rnnkit_advise_huge_pages``) when
+    the library is loaded (``lib`` None: plain pages)."""
     out = torch.empty(shape, dtype=dtype)
     nbytes = out.numel() * out.element_size()
-    if nbytes >= HUGE_PAGE_MIN_BYTES:
+    if nbytes >= HUGE_PAGE_MIN_BYTES and lib is not None:
         lib.rnnkit_advise_huge_pages(out.data_ptr(), nbytes)
     return out
 
