@@ -45,7 +45,7 @@ def test_stage_configs_differ_only_where_the_stage_says(monkeypatch):
     base = TrainConfig(lr=3e-3, warmup_steps=100, seed=7, batch_size=5)
     fit_length_curriculum(tiny_model(), build_task("adding"), [(20, 600), (100, 50, 1e-3)], base)
     assert [(c.seq_len, c.steps, c.lr, c.warmup_steps, c.seed, c.batch_size) for c in seen] == [
-        (20, 600, 3e-3, 100, 7, 5), (100, 50, 1e-3, 10, 8, 5)]
+        (20, 600, 3e-3, 100, 7, 5), (100, 50, 1e-3, 10, 7, 5)]
 
 
 @pytest.mark.parametrize("stages, match", [

@@ -9,17 +9,18 @@ max_phase pi/10 for PathX), so that slow, nearly real modes exist from the start
 
 Measured on this 2-core CPU, one thread, seed 0 (test MSE after each stage at its own length):
 
-| T | 20 | 40 | 80 | 160 | 320 | 640 | 1000 |
-|---|---|---|---|---|---|---|---|
-| lru, 3 blocks d64 | 0.0003 | 0.0002 | 0.0003 | 0.0010 | 0.0018 | 0.0059 | see RESULT |
-| lstm, same blocks and stages | 0.0003 | 0.0002 | 0.0001 | 0.0001 | see RESULT | | |
+| T | 20 | 40 | 80 | 160 | 320 | 640 | 800 | 1000 |
+|---|---|---|---|---|---|---|---|---|
+| lru, 3 blocks d64, these stages (1,192 s) | 0.0003 | 0.0002 | 0.0003 | 0.0010 | 0.0018 | 0.0042 | 0.0063 | **0.0047** |
+| lru, without the 800 stage, 300 steps at 640 and at 1000 (562 s) | 0.0003 | 0.0002 | 0.0003 | 0.0010 | 0.0018 | 0.0059 | - | 0.0345 |
+| lstm, 3 blocks d64, 300 steps at 640 | 0.0003 | 0.0002 | 0.0001 | 0.0001 | 0.0001 | 0.0001 | - | not run |
 
-Without the curriculum (2 blocks d32): 1,500 steps at T = 100, MSE 0.161; at T = 1000, 0.162.
+Without the curriculum (2 blocks d32, r_min 0.99): 1,500 steps at T = 100, MSE 0.161; 900 steps at
+T = 1000, 0.162. With it on a wider ring (r_min 0.9, r_max 0.9999, max_phase 2 pi, 2 blocks d32): 0.0027 at
+T = 100, then 0.03-0.11 from T = 250 on.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -29,9 +30,9 @@ from rnnkit.tasks import build_task
 from rnnkit.train import TrainConfig, Trainer
 from rnnkit.train.curriculum import fit_length_curriculum
 
-#: (seq_len, steps, peak lr) per stage; ~10 minutes on one core.
-STAGES = [(20, 600, 2e-3), (40, 400, 2e-3), (80, 400, 2e-3), (160, 400, 1e-3), (320, 400, 1e-3), (640, 300, 5e-4),
-          (1000, 300, 5e-4)]
+#: (seq_len, steps, peak lr) per stage; ~20 minutes on one shared core.
+STAGES = [(20, 600, 2e-3), (40, 400, 2e-3), (80, 400, 2e-3), (160, 400, 1e-3), (320, 400, 1e-3), (640, 400, 5e-4),
+          (800, 300, 3e-4), (1000, 500, 3e-4)]
 
 
 def adding_curriculum(layer: str, seed: int = 0, **layer_options) -> tuple[list[dict], float]:
@@ -48,6 +49,6 @@ def adding_curriculum(layer: str, seed: int = 0, **layer_options) -> tuple[list[
 
 @pytest.mark.slow
 def test_lru_solves_adding_at_t1000():
-    results, test_mse = adding_curriculum("lru", d_state=32, r_min=0.999, r_max=0.9999, max_phase=math.pi / 10)
+    results, test_mse = adding_curriculum("lru", d_state=32, r_min=0.999, r_max=0.9999, max_phase=0.314)  # ~pi/10
     assert results[-1]["seq_len"] == 1000
     assert test_mse < 0.01, (test_mse, [(r["seq_len"], r["val"]) for r in results])

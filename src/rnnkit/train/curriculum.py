@@ -47,8 +47,9 @@ def fit_length_curriculum(
     """Train ``model`` through ``stages`` in order; each stage is a fresh :class:`Trainer` run.
 
     Every stage starts a new optimizer and learning-rate schedule (warmup ``min(config.warmup_steps,
-    steps // 5)``, then cosine) and draws fresh data (seed ``config.seed + i``); the weights carry
-    over. Evaluation at the end of a stage uses that stage's length.
+    steps // 5)``, then cosine); the weights carry over. Every stage uses ``config.seed``: the task
+    draws sequences of the stage's own length, so the data differ between stages anyway.
+    Evaluation at the end of a stage uses that stage's length.
 
     Args:
         model: the model to train (changed in place).
@@ -81,7 +82,7 @@ def fit_length_curriculum(
     for i, stage in enumerate(parsed):
         stage_config = dataclasses.replace(
             base, seq_len=stage.seq_len, steps=stage.steps, lr=stage.lr if stage.lr is not None else base.lr,
-            warmup_steps=min(base.warmup_steps, stage.steps // 5), seed=base.seed + i,
+            warmup_steps=min(base.warmup_steps, stage.steps // 5),
         )
         stage_dir = None if out_dir is None else os.path.join(os.fspath(out_dir), f"stage{i}-T{stage.seq_len}")
         result = Trainer(model, task, stage_config, out_dir=stage_dir).fit()
