@@ -84,8 +84,8 @@ def _scores(layer, state, x):
     keys = cache.k[0, :, -T:]  # (H, T, K): this call's keys, stored rotated
     H = keys.shape[0]
     queries = layer.qkv_proj(x).chunk(3, -1)[0].view(1, T, H, -1).transpose(1, 2)
-    position = state.position if state is not None else torch.zeros(1, dtype=x.dtype)
-    queries = q(queries, position[:, None] + torch.arange(T, dtype=x.dtype))[0]
+    position = state.position if state is not None else torch.zeros(1, 1, dtype=x.dtype)
+    queries = q(queries, position + torch.arange(T, dtype=x.dtype))[0]
     return queries @ keys.transpose(-1, -2)
 
 
@@ -97,7 +97,7 @@ def test_rope_scores_depend_only_on_relative_position():
     layer = rnnkit.layers.build("attention", d_model=8, num_heads=2, max_len=1100).double()
     x = torch.randn(1, 6, 8, dtype=torch.float64)
     _, prefilled = layer(torch.randn(1, 1000, 8, dtype=torch.float64))
-    assert prefilled.position.tolist() == [1000.0]
+    assert prefilled.position.tolist() == [[1000.0]]
     fresh, shifted = _scores(layer, None, x), _scores(layer, prefilled, x)
     torch.testing.assert_close(shifted, fresh, rtol=1e-10, atol=1e-10)
     # ... and the rotation is real: position changes the raw key.

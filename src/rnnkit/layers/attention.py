@@ -75,7 +75,7 @@ ROPE_BASE = 10000.0  # RoFormer's base
 
 class RotaryCacheState(NamedTuple):
     """The KV cache of :class:`Attention` with ``rope=True``: :class:`WindowState`'s rotated keys ``k``
-    (B, H, S, K), values ``v`` (B, H, S, V), ``valid`` (B, S), and ``position`` (B,), the absolute
+    (B, H, S, K), values ``v`` (B, H, S, V), ``valid`` (B, S), and ``position`` (B, 1), the absolute
     position of each sequence's next step."""
 
     k: torch.Tensor
@@ -114,7 +114,7 @@ class Attention(MultiHeadRecurrence):
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`RotaryCacheState` (``rope=True``) or
     :class:`~rnnkit.ops.sliding_window_attention.WindowState` (``rope=False``): ``k`` (B, H, S, K),
-    ``v`` (B, H, S, K), ``valid`` (B, S) with ``S = w - 1`` or ``max_len``, and ``position`` (B,).
+    ``v`` (B, H, S, K), ``valid`` (B, S) with ``S = w - 1`` or ``max_len``, and ``position`` (B, 1).
 
     Example:
         >>> layer = Attention(d_model=64, num_heads=4, window=128)
@@ -136,7 +136,7 @@ class Attention(MultiHeadRecurrence):
         cache = empty_window(batch_size, c.num_heads, self.span, c.head_dim, c.head_dim, device, dtype)
         if not c.rope:
             return cache
-        return RotaryCacheState(*cache, torch.zeros(batch_size, device=device, dtype=dtype))
+        return RotaryCacheState(*cache, torch.zeros(batch_size, 1, device=device, dtype=dtype))
 
     def state_size_at(self, length: int) -> int:
         """Floats of the KV cache once ``length`` steps have been read: ``min(length, S)`` slots of
@@ -152,9 +152,9 @@ class Attention(MultiHeadRecurrence):
         q, k, v = (split_heads(t, c.num_heads) for t in self.qkv_proj(x).chunk(3, -1))  # (B, H, T, K)
         if c.rope:
             position = state[3]
-            positions = position.to(torch.float64)[:, None] + torch.arange(x.shape[1], device=x.device, dtype=torch.float64)
+            positions = position.to(torch.float64) + torch.arange(x.shape[1], device=x.device, dtype=torch.float64)
             q, k = rotate(q, positions), rotate(k, positions)
-            steps = lengths.to(position.dtype) if lengths is not None else x.shape[1]
+            steps = lengths[:, None].to(position.dtype) if lengths is not None else x.shape[1]
         state = WindowState(*state[:3])
         if mode == "chunk":
             y, state = sliding_window_attention_chunk(q, k, v, self.span, state, lengths, chunk_size=c.chunk_size)
