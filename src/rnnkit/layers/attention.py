@@ -42,9 +42,7 @@ from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
 from rnnkit.ops.sliding_window_attention import (
     WindowState,
     empty_window,
-    sliding_window_attention_chunk,
-    sliding_window_attention_parallel,
-    sliding_window_attention_recurrent,
+    sliding_window_attention,
 )
 
 
@@ -156,12 +154,7 @@ class Attention(MultiHeadRecurrence):
             q, k = rotate(q, positions), rotate(k, positions)
             steps = lengths[:, None].to(position.dtype) if lengths is not None else x.shape[1]
         state = WindowState(*state[:3])
-        if mode == "chunk":
-            y, state = sliding_window_attention_chunk(q, k, v, self.span, state, lengths, chunk_size=c.chunk_size)
-        elif mode == "parallel":
-            y, state = sliding_window_attention_parallel(q, k, v, self.span, state, lengths)
-        else:
-            y, state = sliding_window_attention_recurrent(q, k, v, self.span, state, lengths)
+        y, state = sliding_window_attention(mode, q, k, v, self.span, state, lengths, chunk_size=c.chunk_size)
         if c.rope:
             state = RotaryCacheState(*state, position + steps)
         return self.o_proj(merge_heads(y)), state

@@ -28,9 +28,7 @@ from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
 from rnnkit.ops.sliding_window_attention import (
     WindowState,
     empty_window,
-    sliding_window_attention_chunk,
-    sliding_window_attention_parallel,
-    sliding_window_attention_recurrent,
+    sliding_window_attention,
 )
 
 
@@ -109,10 +107,5 @@ class Based(MultiHeadRecurrence):
         o, kv = run_gla(mode, fq, fk, v1, fq.new_zeros(fq.shape[:3]), state.kv, lengths, c.chunk_size)
         o = o[..., :-1] / (o[..., -1:] + c.eps)  # (B, H, T, V)
         window = WindowState(state.win_k, state.win_v, state.win_valid)
-        if mode == "chunk":
-            a, window = sliding_window_attention_chunk(q, k, v, c.window, window, lengths, chunk_size=c.chunk_size)
-        elif mode == "parallel":
-            a, window = sliding_window_attention_parallel(q, k, v, c.window, window, lengths)
-        else:
-            a, window = sliding_window_attention_recurrent(q, k, v, c.window, window, lengths)
+        a, window = sliding_window_attention(mode, q, k, v, c.window, window, lengths, chunk_size=c.chunk_size)
         return self.o_proj(merge_heads(o + a)), BasedState(kv, *window)

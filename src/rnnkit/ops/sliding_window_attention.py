@@ -193,3 +193,12 @@ def sliding_window_attention_recurrent(q, k, v, window, state=None, lengths=None
                    torch.where(keep[:, None], new[2], wvalid))
         wk, wv, wvalid = new
     return torch.stack(ys, 2), WindowState(wk, wv, wvalid)
+
+
+def sliding_window_attention(mode: str, q, k, v, window, state=None, lengths=None, chunk_size: int = 64):
+    """Dispatch to the ``mode`` form (``chunk``, ``parallel`` or ``recurrent``; shapes as in the forms)."""
+    if mode == "chunk":
+        return sliding_window_attention_chunk(q, k, v, window, state, lengths, chunk_size=chunk_size)
+    if mode == "parallel":
+        return sliding_window_attention_parallel(q, k, v, window, state, lengths)
+    return sliding_window_attention_recurrent(q, k, v, window, state, lengths)
