@@ -178,6 +178,17 @@ def test_assert_close_fails_above_tolerance(actual, expected, dtype, kind):
         assert_close(actual, expected, dtype=dtype, kind=kind, what="t")
 
 
+def test_assert_close_fp32_value_is_absolute_below_one_relative_above():
+    # |expected| <= 1: the absolute 1e-5 of DESIGN.md, unscaled
+    with pytest.raises(AssertionError, match="tolerance"):
+        assert_close(torch.full((3,), 0.5 + 2e-5), torch.full((3,), 0.5), what="t")
+    # |expected| = 100: one ulp there is 7.6e-6, so the bound is 1e-5 of the magnitude
+    big = torch.full((3,), 100.0, dtype=F64)
+    assert_close((big + 5e-4).float(), big.float(), what="t")
+    with pytest.raises(AssertionError, match="scaled by max"):
+        assert_close((big + 2e-3).float(), big.float(), what="t")
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
 def test_assert_close_fails_on_non_finite(bad):
     a = torch.zeros(3)
