@@ -256,7 +256,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     seed_everything(cell.seed)
     model = SequenceModel(ModelConfig(
         vocab_size=task.vocab_size if tokens else None, d_input=None if tokens else task.d_input,
-        d_model=cell.d_model, block=b.block, layer=layer, layer_options=layer_options, num_layers=b.num_layers, head=head,
+        d_model=cell.d_model, block=b.block, layer=layer, layer_options=layer_options, num_layers=b.num_layers,
+        head=head,
         n_outputs=task.d_output if head == "regress" else task.n_classes * task.n_heads,
     ))
     config = TrainConfig(

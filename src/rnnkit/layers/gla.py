@@ -126,7 +126,8 @@ class GLA(MultiHeadRecurrence):
 
     def _forward(self, x, state, lengths, mode):
         c = self.config
-        (q, k, v), S, history = short_conv_qkv(self.conv, (self.q_proj(x), self.k_proj(x), self.v_proj(x)), state, lengths)
+        projected = (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # (B, T, H*K), (B, T, H*K), (B, T, H*V)
+        (q, k, v), S, history = short_conv_qkv(self.conv, projected, state, lengths)
         q = split_heads(q, c.num_heads) * c.key_dim**-0.5  # (B, H, T, K)
         k = split_heads(k, c.num_heads)  # (B, H, T, K)
         v = split_heads(v, c.num_heads)  # (B, H, T, V)

@@ -138,7 +138,8 @@ class LinearAttention(MultiHeadRecurrence):
 
     def _forward(self, x, state, lengths, mode):
         c = self.config
-        (q, k, v), S, history = short_conv_qkv(self.conv, (self.q_proj(x), self.k_proj(x), self.v_proj(x)), state, lengths)
+        projected = (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # (B, T, H*K), (B, T, H*K), (B, T, H*V)
+        (q, k, v), S, history = short_conv_qkv(self.conv, projected, state, lengths)
         q = feature_map(c.feature_map, split_heads(q, c.num_heads))  # (B, H, T, F)
         k = feature_map(c.feature_map, split_heads(k, c.num_heads))  # (B, H, T, F)
         v = split_heads(v, c.num_heads)  # (B, H, T, V)
