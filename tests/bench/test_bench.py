@@ -13,7 +13,7 @@ import pytest
 from rnnkit.bench import (
     BUDGETS, DEFAULT_TASKS, TaskSpec, build_cells, default_models, estimate_seconds, read_results, run_cell, run_grid,
 )
-from rnnkit.bench.grid import STARTUP_SECONDS, append_line, downsample
+from rnnkit.bench.grid import STARTUP_SECONDS, append_line, downsample, parse_model
 from rnnkit.bench.report import fmt, markdown_tables, mean_spread, write_report
 from rnnkit.cli import main
 from rnnkit.errors import InputError
@@ -57,6 +57,20 @@ def test_build_cells():
         build_cells(["no_such_layer"], ["mqar"], "small", 1)
     with pytest.raises(InputError, match="seeds"):
         build_cells(["lstm"], ["mqar"], "small", 0)
+
+
+def test_build_cells_with_layer_options():
+    cells = build_cells(["attention:rope=False:num_heads=2", "gru"], ["mqar"], "small", 1, widths=[16])
+    assert [c.model for c in cells] == ["attention:num_heads=2:rope=False", "gru"]  # options sorted
+    assert cells[0].key == "attention:num_heads=2:rope=False|mqar|d16|s0|small"
+    assert parse_model("linear_attention:feature_map=relu:normalize=True") == (
+        "linear_attention", {"feature_map": "relu", "normalize": True})
+    with pytest.raises(InputError, match="unknown option"):
+        build_cells(["attention:ropes=False"], ["mqar"], "small", 1)
+    with pytest.raises(InputError, match="num_heads"):
+        build_cells(["attention:num_heads=3"], ["mqar"], "small", 1, widths=[16])  # 3 does not divide 16
+    with pytest.raises(InputError, match="key=value"):
+        build_cells(["attention:2"], ["mqar"], "small", 1)
 
 
 def test_downsample():

@@ -73,9 +73,10 @@ def test_mqar_targets():
         build_task("mqar").train_batches(2, seq_len=23)
 
 
+@pytest.mark.parametrize("small_first", [False, True], ids=["large-first", "small-first"])
 @pytest.mark.parametrize("repeat", [False, True])
-def test_set_disjointness_targets(repeat):
-    task = build_task("set_disjointness", size_b=3, n_elements=50, repeat_context=repeat)
+def test_set_disjointness_targets(repeat, small_first):
+    task = build_task("set_disjointness", size_b=3, n_elements=50, repeat_context=repeat, small_first=small_first)
     S, E = 51, 52
     for T in task.test_lengths[:2] + (task.default_seq_len + 3,):
         a = task.size_a(T)
@@ -89,8 +90,12 @@ def test_set_disjointness_targets(repeat):
                 half = (len(context) - 1) // 2
                 assert context[half] == S and context[:half] == context[half + 1 :]
                 context = context[:half]
-            set_a, set_b = context[:a], context[a + 1 :]
-            assert context[a] == S and len(set_b) == 3
+            if small_first:
+                set_b, set_a = context[:3], context[4:]
+                assert context[3] == S and len(set_a) == a
+            else:
+                set_a, set_b = context[:a], context[a + 1 :]
+                assert context[a] == S and len(set_b) == 3
             assert len(set(set_a)) == a and len(set(set_b)) == 3
             assert set(set_a) & set(set_b) == {answer}
     # JRT doubles the context: same first-set size at (about) twice the length
@@ -102,6 +107,34 @@ def test_set_disjointness_targets(repeat):
         plain.train_batches(2, seq_len=5)
     with pytest.raises(InputError, match="n_elements"):
         build_task("set_disjointness", n_elements=20).train_batches(2, seq_len=60)
+
+
+def test_set_disjointness_small_first_is_the_same_sets_reordered():
+    """The order option keeps the task contract (shapes, determinism by seed, disjoint splits) and draws
+    the same sets as the default order for the same seed, so the two orders are a paired comparison."""
+    large, small = build_task("set_disjointness", eval_examples=50), build_task("set_disjointness", eval_examples=50,
+                                                                               small_first=True)
+    T, a, b = 30, small.size_a(30), small.size_b
+    assert small.default_seq_len == large.default_seq_len and small.size_a(T) == large.size_a(T)
+    first = list(itertools.islice(small.train_batches(4, T, seed=3), 3))
+    again = list(itertools.islice(build_task("set_disjointness", small_first=True).train_batches(4, T, seed=3), 3))
+    assert all(torch.equal(p.x, q.x) and torch.equal(p.y, q.y) for p, q in zip(first, again))
+    assert not torch.equal(first[0].x, next(small.train_batches(4, T, seed=4)).x)
+    assert not torch.equal(first[0].x, first[1].x)
+    reference = next(large.train_batches(4, T, seed=3))
+    pad = T - (a + 1 + b + 1)
+    assert first[0].x.shape == (4, T) and first[0].y.shape == (4,) and torch.equal(first[0].y, reference.y)
+    assert torch.equal(first[0].x[:, pad : pad + b], reference.x[:, pad + a + 1 : pad + a + 1 + b])  # B moved first
+    assert torch.equal(first[0].x[:, pad + b + 1 : -1], reference.x[:, pad : pad + a])  # then A
+
+    def rows(batches):
+        return {tuple(r.tolist()) for batch in batches for r in batch.x}
+
+    val, test = rows(small.eval_batches("val", 16, T)), rows(small.eval_batches("test", 16, T))
+    train = rows(b for seed in range(3) for b in itertools.islice(small.train_batches(32, T, seed=seed), 4))
+    assert len(val) == len(test) == 50 and not val & test and not val & train and not test & train
+    with pytest.raises(InputError, match="small_first"):
+        build_task("set_disjointness", small_first=1)
 
 
 def test_modular_sum_targets():

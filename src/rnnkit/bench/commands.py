@@ -27,7 +27,8 @@ def add_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmark grids (tasks: every model on every task, fixed budget)")
     kinds = bench.add_subparsers(dest="bench_kind", required=True)
     grid = kinds.add_parser("tasks", help="train each (model, task, width, seed) cell with a fixed budget")
-    grid.add_argument("--models", help="comma-separated layers (default: every registered layer but the wrappers)")
+    grid.add_argument("--models", help="comma-separated layers, each name or name:key=value:... "
+                      "with the layer's options (default: every registered layer but the wrappers)")
     grid.add_argument("--tasks", help="comma-separated tasks, each name or name:key=value:... (default: the probes)")
     grid.add_argument("--budget", default="small", help="small (30 min for ~20 layers on 2 cores) or medium")
     grid.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1)")

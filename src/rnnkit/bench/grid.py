@@ -127,6 +127,27 @@ class TaskSpec:
         return ":".join([self.name] + extra)
 
 
+def parse_model(text: str) -> tuple[str, dict[str, Any]]:
+    """A ``--models`` entry, ``name`` or ``name:key=value:...`` (the layer's own options, e.g.
+    ``attention:rope=False:num_heads=1``), as the layer name and its options."""
+    import ast
+
+    from rnnkit import layers
+
+    name, *parts = text.strip().split(":")
+    layers.spec(name)  # raises for unknown names
+    options: dict[str, Any] = {}
+    for part in parts:
+        if "=" not in part:
+            raise InputError(f"--models: expected name:key=value, got {text!r}")
+        key, raw = part.split("=", 1)
+        try:
+            options[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            options[key] = raw  # bare words are strings (feature_map=relu)
+    return name, options
+
+
 @dataclass(frozen=True)
 class Cell:
     """One grid cell."""
@@ -158,16 +179,19 @@ def build_cells(
     if budget not in BUDGETS:
         raise InputError(f"--budget: expected one of {sorted(BUDGETS)}, got {budget!r}")
     check_positive_int("seeds", seeds)
-    for model in models:
-        layers.spec(model)  # raises for unknown names
     specs = [TaskSpec.parse(t) for t in tasks]
     chosen = BUDGETS[budget]
     widths = list(widths) if widths else [chosen.d_model]
     for w in widths:
         check_positive_int("width", w)
+    labels = []
+    for model in models:
+        name, options = parse_model(model)
+        layers.build(name, d_model=max(widths), **options)  # raises for unknown or invalid options
+        labels.append(":".join([name] + [f"{k}={v}" for k, v in sorted(options.items())]))
     return [
         Cell(model, spec, width, seed, chosen)
-        for spec in specs for model in models for width in widths for seed in range(seeds)
+        for spec in specs for model in labels for width in widths for seed in range(seeds)
     ]
 
 
@@ -228,10 +252,12 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     train_len = cell.task.seq_len or task.default_seq_len
     head = {"per_step": "lm", "classify": "classify", "regress": "regress"}[task.target]
     tokens = task.input_kind == "tokens"
+    layer, layer_options = parse_model(cell.model)
     seed_everything(cell.seed)
     model = SequenceModel(ModelConfig(
         vocab_size=task.vocab_size if tokens else None, d_input=None if tokens else task.d_input,
-        d_model=cell.d_model, block=b.block, layer=cell.model, num_layers=b.num_layers, head=head,
+        d_model=cell.d_model, block=b.block, layer=layer, layer_options=layer_options, num_layers=b.num_layers,
+        head=head,
         n_outputs=task.d_output if head == "regress" else task.n_classes * task.n_heads,
     ))
     config = TrainConfig(
@@ -269,7 +295,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     first = test[str(train_len)]
     full = getattr(task, "eval_examples", None)
     return {
-        "key": cell.key, "status": "ok", "model": cell.model, "task": cell.task.name, "task_label": cell.task.label,
+        "key": cell.key, "status": "ok", "model": cell.model, "layer": layer, "layer_options": layer_options,
+        "task": cell.task.name, "task_label": cell.task.label,
         "task_options": dict(cell.task.options), "d_model": cell.d_model, "num_layers": b.num_layers,
         "block": b.block, "seed": cell.seed, "budget": b.name, "steps": trainer.step, "planned_steps": b.steps,
         "time_capped": trainer.step < b.steps, "train_len": train_len, "metric": metric,
@@ -401,6 +428,7 @@ def describe_budget(budget: Budget) -> str:
 
 __all__ = [
     "BUDGETS", "Budget", "Cell", "DEFAULT_TASKS", "STARTUP_SECONDS", "TaskSpec", "append_line", "build_cells", "default_models",
-    "describe_budget", "downsample", "estimate_seconds", "evaluate_capped", "read_results", "run_cell", "run_grid",
+    "describe_budget", "downsample", "estimate_seconds", "evaluate_capped", "parse_model", "read_results", "run_cell",
+    "run_grid",
 ]
 

@@ -139,7 +139,7 @@ def plot_mqar_state(rows: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     plt = _pyplot()
     labels = sorted({r["task_label"] for r in mqar})
-    fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(labels), figsize=(8.5 * len(labels), 4.2), squeeze=False)
     colors = _colors(_models(mqar))
     for ax, label in zip(axes[0], labels):
         for model, group in sorted(_group([r for r in mqar if r["task_label"] == label], "model").items()):
@@ -159,7 +159,7 @@ def plot_mqar_state(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_ylabel("test accuracy")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: lines end top right
     fig.suptitle("MQAR: recall vs state size")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

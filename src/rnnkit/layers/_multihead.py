@@ -5,7 +5,8 @@ DeltaNet, Gated DeltaNet, attention).
   ``auto`` (``chunk`` for sequences, ``recurrent`` for a single step), ``step`` as a one-step forward;
 - :func:`split_heads` / :func:`merge_heads`: ``(B, T, H*K) <-> (B, H, T, K)``;
 - :class:`ShortConv`: causal depthwise convolution over time whose last ``W - 1`` inputs are state
-  (Mamba, GLA, DeltaNet put one in front of q/k/v);
+  (Mamba, GLA, DeltaNet put one in front of q/k/v); :func:`short_conv_qkv` runs q, k, v through one
+  and :class:`ConvState` pairs its history with the layer's matrix state;
 - :func:`feature_map` / :func:`feature_dim`: the kernel feature maps of linear attention
   (identity, elu+1, relu, 2nd-order Taylor);
 - :class:`HeadNorm`: per-head RMS or layer norm of the read-out, optionally multiplied by a SiLU
@@ -15,7 +16,7 @@ DeltaNet, Gated DeltaNet, attention).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,30 @@ class ShortConv(nn.Module):
             idx = lengths[:, None, None] + torch.arange(W - 1, device=x.device)  # (B, 1, W-1)
             new_state = xs.gather(2, idx.expand(B, D, W - 1))
         return self._act(y), new_state
+
+
+class ConvState(NamedTuple):
+    """State of a matrix-memory layer with a short convolution in front of q, k, v: ``S`` the
+    layer's own state (e.g. ``(B, H, K, V)``) and ``conv`` ``(B, C, W-1)``, the last ``W - 1``
+    projected inputs the convolution still needs."""
+
+    S: torch.Tensor
+    conv: torch.Tensor
+
+
+def short_conv_qkv(
+    conv: ShortConv | None, parts: Sequence[torch.Tensor], state: State, lengths: torch.Tensor | None
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """Run the projections ``parts`` (each ``(B, T, C_i)``) through one depthwise ``conv`` over their
+    concatenation (= one convolution per projection, as in flash-linear-attention) when there is one.
+
+    Returns the parts (convolved, or as given when ``conv`` is None), the layer's own state (``state.S``,
+    or ``state`` itself without a convolution) and the convolution's new history (None without one).
+    """
+    if conv is None:
+        return list(parts), state, None
+    mixed, history = conv(torch.cat(list(parts), -1), state.conv, lengths)  # (B, T, sum C_i)
+    return list(mixed.split([p.shape[-1] for p in parts], -1)), state.S, history
 
 
 # --------------------------------------------------------------------------- feature maps

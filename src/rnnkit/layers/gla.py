@@ -10,6 +10,12 @@ to 1 (long memory), key width ``d_model / 2`` and value width ``d_model`` over a
 ``d_k = d/2``, ``d_v = d``). The gate lives in log space, ``log alpha = logsigmoid(.) / tau``, and
 the three forms are :mod:`rnnkit.ops.gated_linear_attention` with per-key-dimension decay.
 Projections are Xavier-uniform with gain ``2^-2.5`` as in the authors' flash-linear-attention code.
+
+``use_short_conv=True`` (flash-linear-attention's option of the same name, off by default there and
+here) puts a causal depthwise convolution of width ``conv_size`` with SiLU on q, k and v, as DeltaNet
+has; the state is then :class:`~rnnkit.layers._multihead.ConvState` (``S``, the last ``W - 1``
+projections). A short convolution lets each key see its neighbours, which associative recall needs
+(Arora et al. 2023, "Zoology", section 4).
 """
 
 from __future__ import annotations
@@ -21,7 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int
-from rnnkit.layers._multihead import HeadNorm, MultiHeadRecurrence, check_head_config, merge_heads, split_heads
+from rnnkit.layers._multihead import (
+    ConvState,
+    HeadNorm,
+    MultiHeadRecurrence,
+    ShortConv,
+    check_head_config,
+    merge_heads,
+    short_conv_qkv,
+    split_heads,
+)
 from rnnkit.layers.linear_attention import run_gla
 from rnnkit.layers.registry import make_config, register
 from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
@@ -38,9 +53,14 @@ class GLAConfig:
     gate_rank: int = 16  # rank of the gate projection W_a2 W_a1
     gate_temperature: float = 16.0  # tau: log alpha = logsigmoid(.) / tau
     chunk_size: int = DEFAULT_CHUNK  # C of the chunk mode (a power of two)
+    use_short_conv: bool = False  # a SiLU short convolution on q, k, v (fla's option, off there too)
+    conv_size: int = 4  # W of the short convolution (>= 2)
 
     def __post_init__(self) -> None:
         self.value_dim = check_head_config(self.d_model, self.num_heads, self.value_dim, "value_dim")
+        if not isinstance(self.use_short_conv, bool):
+            raise InputError(f"use_short_conv: expected a bool, got {self.use_short_conv!r}")
+        check_positive_int("conv_size", self.conv_size, minimum=2)
         if self.key_dim is None:
             self.key_dim = max(1, self.d_model // (2 * self.num_heads))
         check_positive_int("key_dim", self.key_dim)
@@ -55,18 +75,24 @@ class GLAConfig:
 @register(
     "gla",
     description="Gated linear attention (Yang et al. 2024): data-dependent per-key-dim gates, low-rank",
-    test_configs={"default": {"num_heads": 2, "key_dim": 2, "value_dim": 3, "gate_rank": 2, "chunk_size": 16}},
+    test_configs={
+        "default": {"num_heads": 2, "key_dim": 2, "value_dim": 3, "gate_rank": 2, "chunk_size": 16},
+        "short-conv": {"num_heads": 1, "key_dim": 2, "value_dim": 3, "gate_rank": 2, "chunk_size": 16,
+                       "use_short_conv": True, "conv_size": 3},
+    },
 )
 class GLA(MultiHeadRecurrence):
     """Gated linear attention layer (see the module docstring for the math and reference).
 
     Args: the fields of :class:`GLAConfig`.
 
-    Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state ``(B, H, K, V)``.
+    Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state ``(B, H, K, V)``, or with ``use_short_conv``
+    :class:`~rnnkit.layers._multihead.ConvState` (``S`` (B, H, K, V), ``conv`` (B, H (2K + V), W - 1)).
 
     Example:
         >>> layer = GLA(d_model=64, num_heads=4)
         >>> y, S = layer(torch.randn(2, 100, 64))      # y (2, 100, 64), S (2, 4, 8, 16)
+        >>> y, state = GLA(d_model=64, use_short_conv=True)(torch.randn(2, 100, 64))  # state.conv (2, 128, 3)
     """
 
     def __init__(self, **config) -> None:
@@ -82,6 +108,8 @@ class GLA(MultiHeadRecurrence):
         self.r_proj = nn.Linear(c.d_model, H * V, bias=False)  # output gate W_r
         self.o_proj = nn.Linear(H * V, c.d_model, bias=False)
         self.norm = HeadNorm(H, V, kind="rms")
+        # One depthwise convolution over [q | k | v] = one per projection (no bias, as in fla).
+        self.conv = ShortConv(H * (2 * K + V), c.conv_size, activation="silu", bias=False) if c.use_short_conv else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -91,15 +119,20 @@ class GLA(MultiHeadRecurrence):
 
     def _init_state(self, batch_size, device, dtype):
         c = self.config
-        return torch.zeros(batch_size, c.num_heads, c.key_dim, c.value_dim, device=device, dtype=dtype)
+        S = torch.zeros(batch_size, c.num_heads, c.key_dim, c.value_dim, device=device, dtype=dtype)
+        if self.conv is None:
+            return S
+        return ConvState(S, self.conv.init_state(batch_size, device=device, dtype=dtype))
 
     def _forward(self, x, state, lengths, mode):
         c = self.config
-        q = split_heads(self.q_proj(x), c.num_heads) * c.key_dim**-0.5  # (B, H, T, K)
-        k = split_heads(self.k_proj(x), c.num_heads)  # (B, H, T, K)
-        v = split_heads(self.v_proj(x), c.num_heads)  # (B, H, T, V)
+        projected = (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # (B, T, H*K), (B, T, H*K), (B, T, H*V)
+        (q, k, v), S, history = short_conv_qkv(self.conv, projected, state, lengths)
+        q = split_heads(q, c.num_heads) * c.key_dim**-0.5  # (B, H, T, K)
+        k = split_heads(k, c.num_heads)  # (B, H, T, K)
+        v = split_heads(v, c.num_heads)  # (B, H, T, V)
         gate = F.logsigmoid(self.gate_up(self.gate_down(x))) / c.gate_temperature  # (B, T, H*K), log alpha
         log_decay = split_heads(gate, c.num_heads)  # (B, H, T, K)
-        o, state = run_gla(mode, q, k, v, log_decay, state, lengths, c.chunk_size)
+        o, S = run_gla(mode, q, k, v, log_decay, S, lengths, c.chunk_size)
         y = self.norm(merge_heads(o), self.r_proj(x))  # swish(W_r x) ⊙ RMSNorm(o)
-        return self.o_proj(y), state
+        return self.o_proj(y), S if history is None else ConvState(S, history)

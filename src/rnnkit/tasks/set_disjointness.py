@@ -4,6 +4,9 @@ From Arora et al. (2024), "Just read twice: closing the recall gap for recurrent
 section 3: given two sets ``A`` and ``B``, find what they share. A recurrent model reading ``A``
 first must hold all of ``A`` in its state before it sees ``B``; feeding the context twice (JRT
 prompting, section 4) lets the second pass over ``A`` be read knowing ``B``, so a small state suffices.
+The same paper (section 3) shows that the order matters: a recurrent model does
+well when the small set comes first (it stores ``B`` and checks ``A`` against it) and worse when the
+large set comes first; ``small_first=True`` gives that order.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class SetDisjointnessTask(SyntheticTask):
 
         repeat_context=False:  0 ... 0 | A (a tokens) S B (b tokens) E
         repeat_context=True:   0 ... 0 | A S B S A S B E
+        small_first=True:      0 ... 0 | B S A E     (and B S A S B S A E with repeat_context)
 
     ``A`` and ``B`` are drawn without replacement from the elements ``1..n_elements`` so that exactly
     one element lies in both, at a uniform position of each; the class is that element. The answer is
@@ -36,6 +40,8 @@ class SetDisjointnessTask(SyntheticTask):
         n_elements: the element alphabet ``1..n_elements`` (default 128, room for
             the first set at 4x the default length).
         repeat_context: JRT prompting: the context ``A S B`` appears twice (default ``False``).
+        small_first: the small set ``B`` comes before the large set ``A`` (default ``False``:
+            the large set first, the order that needs the most state).
         eval_examples: examples in each of val and test (default 1000).
 
     Batches: ``x`` ``(B, T)`` int64 in ``0..n_elements + 2``, ``y`` ``(B,)`` int64, ``lengths``
@@ -54,16 +60,20 @@ class SetDisjointnessTask(SyntheticTask):
     default_size_a = 16
 
     def __init__(
-        self, *, size_b: int = 4, n_elements: int = 128, repeat_context: bool = False, eval_examples: int = 1000
+        self, *, size_b: int = 4, n_elements: int = 128, repeat_context: bool = False, small_first: bool = False,
+        eval_examples: int = 1000,
     ) -> None:
         check_positive_int("size_b", size_b)
         check_positive_int("n_elements", n_elements, minimum=2)
-        if not isinstance(repeat_context, bool):
-            raise InputError(f"repeat_context: expected a bool, got {repeat_context!r}")
+        for name, value in (("repeat_context", repeat_context), ("small_first", small_first)):
+            if not isinstance(value, bool):
+                raise InputError(f"{name}: expected a bool, got {value!r}")
         super().__init__(
-            eval_examples=eval_examples, size_b=size_b, n_elements=n_elements, repeat_context=repeat_context
+            eval_examples=eval_examples, size_b=size_b, n_elements=n_elements, repeat_context=repeat_context,
+            small_first=small_first,
         )
         self.size_b, self.n_elements, self.repeat_context = size_b, n_elements, repeat_context
+        self.small_first = small_first
         self.sep, self.end = n_elements + 1, n_elements + 2
         self.vocab_size = self.n_classes = n_elements + 3
         self.passes = 2 if repeat_context else 1
@@ -102,7 +112,7 @@ class SetDisjointnessTask(SyntheticTask):
         set_b = torch.cat([shared, pool[:, a:]], dim=1)  # (Bn, b)
         set_b = set_b.gather(1, torch.rand(Bn, b, generator=gen).argsort(dim=1))  # shuffled
         sep = torch.full((Bn, 1), self.sep, dtype=torch.long)
-        context = torch.cat([set_a, sep, set_b], dim=1)  # (Bn, a+1+b)
+        context = torch.cat([set_b, sep, set_a] if self.small_first else [set_a, sep, set_b], dim=1)  # (Bn, a+1+b)
         parts = [context]
         for _ in range(self.passes - 1):
             parts += [sep, context]
