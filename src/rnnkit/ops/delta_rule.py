@@ -21,13 +21,15 @@ head-first as the gated linear-attention op (:mod:`rnnkit.ops.gated_linear_atten
 - :func:`delta_rule_chunk`: chunkwise. Inside a chunk of ``C`` steps the product of Householder-like
   transitions is put in WY/UT form (Yang et al. 2024, Sec. 3): with ``gamma_i`` the cumulative log
   gate inside the chunk and ``M_ij = exp(gamma_i - gamma_j)`` (``i >= j``),
-  ``A = (I + tril(diag(beta) (K K^T * M), -1))^{-1} diag(beta)`` by one triangular solve, ``U = A V``,
+  ``A = (I + tril(diag(beta) (K K^T * M), -1))^{-1} diag(beta)``, ``U = A V``,
   ``W = A diag(exp(gamma)) K``. The chunk writes ``Delta = U - W S_0`` and then
   ``Y = diag(exp(gamma)) Q S_0 + (tril(Q K^T) * M) Delta``,
-  ``S_C = exp(gamma_C) S_0 + (K * exp(gamma_C - gamma))^T Delta``. Only the two small products
-  with ``S_0`` run in a loop over chunks; everything else is batched over all chunks at once;
+  ``S_C = exp(gamma_C) S_0 + (K * exp(gamma_C - gamma))^T Delta``. The unit-lower-triangular
+  inverse is formed explicitly by blocked forward substitution, as batched matmuls; only the two
+  small products with ``S_0`` run in a loop over chunks; everything else is batched over all
+  chunks at once, and the backward is written by hand (:class:`_ChunkwiseDelta`);
 - :func:`delta_rule_parallel`: the same WY/UT form with one chunk spanning the whole sequence: the
-  quadratic ``(T, T)`` masked form, with no loop at all. It costs ``O(T^2 (K + V))`` time and
+  quadratic ``(T, T)`` masked form, with no loop over chunks. It costs ``O(T^2 (K + V))`` time and
   ``O(T^2)`` memory, so it only pays for short sequences.
 
 Numerics: gates enter only as ``exp`` of differences of cumulative log gates taken *forwards* in time
