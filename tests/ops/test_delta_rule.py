@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from rnnkit.errors import InputError
-from rnnkit.ops.delta_rule import delta_rule_chunk, delta_rule_parallel, delta_rule_recurrent
+from rnnkit.ops.delta_rule import (
+    _unit_lower_inverse,
+    _unit_lower_inverse_rows,
+    delta_rule_chunk,
+    delta_rule_parallel,
+    delta_rule_recurrent,
+)
 from tests.helpers import assert_close
 
 FORMS = {
@@ -128,3 +134,29 @@ def test_bad_input(change, match):
     args = dict(q=q, k=k, v=v, beta=beta, log_decay=None, state=S0, lengths=None, chunk_size=4)
     with pytest.raises(InputError, match=match):
         delta_rule_chunk(**change(args))
+
+
+@pytest.mark.parametrize("C", [1, 7, 8, 16, 32, 64, 37])
+def test_unit_lower_inverse_matches_triangular_solve(C):
+    """The explicit (I + A)^{-1} of the chunk kernel: blocked path (C = 8 * 2^m) and the any-C path."""
+    gen = torch.Generator().manual_seed(C)
+    A = (torch.randn(3, 2, C, C, dtype=torch.float64, generator=gen) * 0.5).tril(-1)
+    A_dirty = A + torch.randn(3, 2, C, C, dtype=torch.float64, generator=gen).triu()  # only below the diagonal counts
+    eye = torch.eye(C, dtype=torch.float64)
+    expected = torch.linalg.solve_triangular(A + eye, eye.expand(3, 2, C, C), upper=False, unitriangular=True)
+    tol = 1e-14 * float(expected.abs().max())  # random A: entries of the inverse grow to ~1e3 at C = 64
+    assert torch.allclose(_unit_lower_inverse(A_dirty), expected, atol=tol, rtol=0)
+    assert torch.allclose(_unit_lower_inverse_rows(A_dirty, 4), expected, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_chunk_gradients_from_outputs_alone(gated):
+    """A loss on y only (no gradient into the final state) through the hand-written backward."""
+    inputs = make_inputs(2, 21, 2, 4, 3, torch.float64, gated, beta_max=2.0)
+    grads = []
+    for fn in (delta_rule_recurrent, lambda *a: delta_rule_chunk(*a, chunk_size=8)):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+        y, _ = fn(*leaves)
+        grads.append(torch.autograd.grad((y**2).sum(), [t for t in leaves if t is not None]))
+    for a, e in zip(*grads[::-1]):
+        assert_close(a, e, kind="grad", what="d (y^2).sum()")
