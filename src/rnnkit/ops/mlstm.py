@@ -41,6 +41,7 @@ from rnnkit.errors import InputError, check_lengths, check_positive_int, check_t
 from rnnkit.ops.gated_linear_attention import (
     DEFAULT_CHUNK,
     _addmm_,
+    _causal_float,
     _like,
     _mm,
     _pad_time,
@@ -288,7 +289,10 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         X = torch.maximum(c_cum, m_start[..., None])  # (G, N, C) = m_t - b_t
         P = _workspace((G, N, C, C), q)
         torch.sub(c[..., None, :], X[..., :, None], out=P)  # c_j - X_i <= 0 for j <= i
-        P.add_(_above_diagonal(C, q)).exp_()  # -inf above the diagonal: 0 there after exp
+        # Clamped: exp of an argument where the result underflows (or of -inf) runs ~10-50x slower
+        # than exp of a normal argument; a weight below the smallest normal number is rounding
+        # anyway. Above the diagonal the argument may be positive: clamped to 0, then masked.
+        P.clamp_(min=math.log(torch.finfo(q.dtype).tiny) + 1, max=0).exp_().mul_(_causal_float(C, q))
         scores = _mm(q, k.transpose(-1, -2)).mul_(P)  # (G, N, C, C)
         r = torch.exp(m_start[..., None] - X)  # (G, N, C) read-out factor of the carried state, <= 1
         q_inter = torch.mul(q, r[..., None], out=_like(q))
@@ -316,10 +320,9 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         (q, k, v, k_end, q_inter, r, e, P, scores, S_start, n_start, S_fin, n_fin, S0, n0, alpha, h, Dn,
          den_sign, c_arg, carry_wins, c_cum_arg, inter_wins) = ctx.saved_tensors
         G, N, C, K = q.shape
-        # made contiguous once: a broadcast gradient sends batched matmuls down a slow path
-        dhc = dh if dh.is_contiguous() else _like(dh).copy_(dh)
-        dnum = torch.div(dhc, Dn[..., None], out=_like(dhc))
-        dDn = torch.mul(h, dhc, out=_like(h)).sum(-1).div_(Dn).neg_()  # (G, N, C) dL/dDn
+        # written contiguous (dh may be a broadcast): the batched matmuls read only dnum
+        dnum = torch.div(dh, Dn[..., None], out=_like(h))
+        dDn = _dot(h, dnum).neg_()  # (G, N, C) dL/dDn = -h . dh / Dn
         dden = dDn * den_sign  # 0 where the lower bound is the denominator
         g_m = dDn * ctx.eps  # (G, N, C) dL/dm_t through the eps of the denominator
 
@@ -337,19 +340,20 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         else:
             du[:, -1] = dn_fin
         a4, a3 = alpha[..., None, None], alpha[..., None]
-        for n in range(N - 1, 0, -1):
-            torch.addcmul(dS_start[:, n], a4[:, n], dU[:, n], out=dU[:, n - 1])
-            torch.addcmul(dn_start[:, n], a3[:, n], du[:, n], out=du[:, n - 1])
+        # <dL/dS_{n+1}, S_{n+1}> per chunk (the end-of-chunk states are S_start shifted by one,
+        # then the final state), taken in the loop while dU[:, n] is in cache
+        d_end = q.new_empty(N, G)
+        prod = torch.empty_like(S_fin)  # (G, K, V), stays in cache
+        for n in range(N - 1, -1, -1):
+            S_next = S_fin if n == N - 1 else S_start[:, n + 1]
+            torch.sum(torch.mul(dU[:, n], S_next, out=prod).view(G, -1), -1, out=d_end[n])
+            if n:
+                torch.addcmul(dS_start[:, n], a4[:, n], dU[:, n], out=dU[:, n - 1])
+                torch.addcmul(dn_start[:, n], a3[:, n], du[:, n], out=du[:, n - 1])
         dS0 = torch.addcmul(dS_start[:, 0], a4[:, 0], dU[:, 0])
         dn0 = torch.addcmul(dn_start[:, 0], a3[:, 0], du[:, 0])
         del dS_start
-        # <dL/dS_{n+1}, S_{n+1}> + <dL/dn_{n+1}, n_{n+1}>: the end-of-chunk states are S_start
-        # shifted by one, then the final state
-        prod = _like(dU)
-        torch.mul(dU[:, :-1], S_start[:, 1:], out=prod[:, :-1])
-        torch.mul(dU[:, -1], S_fin, out=prod[:, -1])
-        d_end = prod.sum((-1, -2))  # (G, N)
-        del prod
+        d_end = d_end.t()  # (G, N)
         d_end[:, :-1] += (du[:, :-1] * n_start[:, 1:]).sum(-1)
         d_end[:, -1] += (du[:, -1] * n_fin).sum(-1)
 
@@ -363,9 +367,11 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
 
         # Gates with every stabiliser held fixed: log i_j enters as exp(log i_j) k_j, b as GLA's
         # decays (only through exp(b_i - b_j) and the chunk's end).
-        tmp = _like(q)
-        dlog_i = torch.mul(k, dk, out=tmp).sum(-1)  # (G, N, C)
-        db = torch.mul(q, dq, out=tmp).sum(-1).sub_(dlog_i)
+        dlog_i = _dot(k, dk)  # (G, N, C)
+        # q_t . dq_t without a pass over dq: num_t and n_t^T q_t are linear in q_t, so
+        # q_t . dq_t = d/ds L(s q_t) at s = 1 = (dL/dDn_t) (|n_t^T q_t| [bound inactive] - Dn_t),
+        # i.e. -eps dL/dDn_t, or -(exp(-m_t) + eps) dL/dDn_t where the lower bound is the denominator
+        db = torch.where(den_sign != 0, ctx.eps, Dn).mul_(dDn).neg_().sub_(dlog_i)
         db[..., -1] += d_end
         # The stabilisers: m_t = b_t + X_t with X_t = max(m_n, max_{j<=t} c_j), c_j = log i_j - b_j.
         db += g_m
@@ -393,6 +399,8 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         return dq, dk, dv, dlog_i, dlog_f, dS0, dn0, dm0, None
 
 
-def _above_diagonal(C: int, like: torch.Tensor) -> torch.Tensor:
-    """``(C, C)``: 0 on and below the diagonal, ``-inf`` above, in ``like``'s dtype and device."""
-    return torch.full((C, C), -math.inf, dtype=like.dtype, device=like.device).triu_(1)
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` of contiguous tensors as a batch of (1 x K)(K x 1) matmuls (one pass,
+    no product tensor written: ~1.6x faster than multiply-then-sum on a CPU)."""
+    K = a.shape[-1]
+    return torch.bmm(a.reshape(-1, 1, K), b.reshape(-1, K, 1)).view(a.shape[:-1])
