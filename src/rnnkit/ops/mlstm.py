@@ -16,7 +16,10 @@ Chunkwise: ``m_t`` unrolls to ``max(m_0 + b_t, max_{j<=t} (b_t - b_j + log i_j))
 cumulative log forget gate, so each step's stabiliser is a row maximum of the intra-chunk log-weight
 matrix and the carried one; every exponential taken is of a log weight minus its row's maximum
 (``<= 0``), and the chunk form reproduces the loop's ``m_t``, ``C_t``, ``n_t`` and ``h_t`` (up to
-rounding), not an approximation with a different stabiliser.
+rounding), not an approximation with a different stabiliser. With mild forget gates (every
+within-chunk cumulative ``|b| <= MILD_BOUND``) the maximum over ``j`` is a cumulative maximum of
+``log i_j - b_j`` and the chunk form runs as :class:`_ChunkwiseMLSTM`, a hand-written forward and
+backward on reused buffers; stronger gates take autograd through the segment-sum form.
 
 Padding (``lengths``): steps past a length have ``log f = 0``, ``log i = -inf`` and ``q = k = v =
 0``, so the state (``m`` included) is left as it was.
