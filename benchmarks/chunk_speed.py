@@ -188,9 +188,20 @@ def saved_bytes(fn: Callable, inputs: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def _inplace_mm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    """``out += a @ b`` (``baddbmm_``, ``addmm_``): 2 m n k per matrix, as torch counts the
+    out-of-place forms."""
+    return 2 * math.prod(a_shape) * b_shape[-1]
+
+
+# torch's counter has formulas for baddbmm / addmm but not for their in-place forms, which the
+# chunk kernels use to accumulate into reused buffers: without these, those matmuls count zero.
+INPLACE_MM = {torch.ops.aten.baddbmm_: _inplace_mm_flops, torch.ops.aten.addmm_: _inplace_mm_flops}
+
+
 def flops(fn: Callable, inputs: list[torch.Tensor]) -> int:
     leaves = _leaves(inputs)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=INPLACE_MM) as counter:
         fn(*leaves).backward()
     return counter.get_total_flops()
 

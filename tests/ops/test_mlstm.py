@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from rnnkit.errors import InputError
+from rnnkit.ops import mlstm as mlstm_ops
 from rnnkit.ops.mlstm import MLSTMState, mlstm_chunk, mlstm_parallel, mlstm_recurrent
 from tests.helpers import assert_close
 
@@ -18,12 +19,12 @@ FORMS = {
 }
 
 
-def inputs(T, dtype, gate_scale=3.0, seed=0, B=2, H=2, K=3, V=4):
+def inputs(T, dtype, gate_scale=3.0, seed=0, B=2, H=2, K=3, V=4, forget_bias=0.0, input_scale=None):
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, H, T, K, dtype=dtype, generator=gen) for _ in range(2))
     v = torch.randn(B, H, T, V, dtype=dtype, generator=gen)
-    log_i = torch.randn(B, H, T, dtype=dtype, generator=gen) * gate_scale
-    log_f = F.logsigmoid(torch.randn(B, H, T, dtype=dtype, generator=gen) * gate_scale)
+    log_i = torch.randn(B, H, T, dtype=dtype, generator=gen) * (input_scale or gate_scale)
+    log_f = F.logsigmoid(torch.randn(B, H, T, dtype=dtype, generator=gen) * gate_scale + forget_bias)
     C = torch.randn(B, H, K, V, dtype=dtype, generator=gen)
     n = torch.randn(B, H, K, dtype=dtype, generator=gen)
     m = torch.randn(B, H, dtype=dtype, generator=gen)
@@ -38,10 +39,21 @@ def run(form, args, lengths):
     return h, state, torch.autograd.grad(loss, args)
 
 
+# "strong": forget gates down to e^-10 per step (the autograd form with segment sums); "mild": the
+# paper's forget-gate bias range (linspace(3, 6)), the hand-written kernel, with input gates wide
+# enough that both the carried m and a step's log i win the stabiliser's maximum.
+GATES = {
+    "strong": dict(gate_scale=3.0),
+    "mild": dict(gate_scale=1.0, forget_bias=4.0),
+    "mild-wide-i": dict(gate_scale=1.0, forget_bias=4.0, input_scale=30.0),
+}
+
+
+@pytest.mark.parametrize("gates", list(GATES))
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("T", [1, 15, 64, 65, 130])
-def test_forms_match_loop_fp64(form, T):
-    args = inputs(T, torch.float64)
+def test_forms_match_loop_fp64(form, T, gates):
+    args = inputs(T, torch.float64, **GATES[gates])
     lengths = [T, max(1, T // 2 + 1)]
     h_ref, s_ref, g_ref = run(mlstm_recurrent, args, lengths)
     h, s, g = run(FORMS[form], args, lengths)
@@ -50,6 +62,19 @@ def test_forms_match_loop_fp64(form, T):
         assert_close(a, b, what=f"state.{name}")
     for name, a, b in zip(("q", "k", "v", "log_i", "log_f", "C0", "n0", "m0"), g, g_ref):
         assert_close(a, b, kind="grad", what=f"d/d {name}")
+
+
+@pytest.mark.parametrize("gates", ["mild", "mild-wide-i"])
+def test_mild_gates_take_the_kernel(gates, monkeypatch):
+    """Mild forget gates run the hand-written kernel (the comparisons above then test it)."""
+
+    def fail(*args):
+        raise AssertionError("the autograd form ran for mild gates")
+
+    monkeypatch.setattr(mlstm_ops, "_chunked_strong", fail)
+    args = inputs(130, torch.float64, **GATES[gates])
+    for name, form in FORMS.items():
+        run(form, args, [130, 66])
 
 
 def test_large_gates_fp32_stable():

@@ -16,7 +16,10 @@ Chunkwise: ``m_t`` unrolls to ``max(m_0 + b_t, max_{j<=t} (b_t - b_j + log i_j))
 cumulative log forget gate, so each step's stabiliser is a row maximum of the intra-chunk log-weight
 matrix and the carried one; every exponential taken is of a log weight minus its row's maximum
 (``<= 0``), and the chunk form reproduces the loop's ``m_t``, ``C_t``, ``n_t`` and ``h_t`` (up to
-rounding), not an approximation with a different stabiliser.
+rounding), not an approximation with a different stabiliser. With mild forget gates (every
+within-chunk cumulative ``|b| <= MILD_BOUND``) the maximum over ``j`` is a cumulative maximum of
+``log i_j - b_j`` and the chunk form runs as :class:`_ChunkwiseMLSTM`, a hand-written forward and
+backward on reused buffers; stronger gates take autograd through the segment-sum form.
 
 Padding (``lengths``): steps past a length have ``log f = 0``, ``log i = -inf`` and ``q = k = v =
 0``, so the state (``m`` included) is left as it was.
@@ -29,14 +32,31 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
-from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK, _pad_time, decay_matrix_log, suffix_sum
+from rnnkit.ops.gated_linear_attention import (
+    DEFAULT_CHUNK,
+    _addmm_,
+    _causal_float,
+    _like,
+    _mm,
+    _pad_time,
+    _workspace,
+    decay_matrix_log,
+    suffix_sum,
+)
+
+#: The hand-written kernel runs when every within-chunk cumulative log forget gate is within this
+#: bound (differences of cumulative sums then exact to ~1e-6); stronger decays take the autograd
+#: form with segment sums.
+MILD_BOUND = 16.0
 
 
 class MLSTMState(NamedTuple):
@@ -129,6 +149,7 @@ def mlstm_chunk(q, k, v, log_i, log_f, state=None, lengths=None, eps: float = 1e
 
 
 def _chunked(q, k, v, log_i, log_f, state, C, eps):
+    """Core of the parallel and chunk forms on validated inputs, chunks of ``C`` steps."""
     B, H, T, K = q.shape
     V = v.shape[-1]
     N = math.ceil(T / C)
@@ -143,6 +164,31 @@ def _chunked(q, k, v, log_i, log_f, state, C, eps):
     v = v.reshape(G, N, C, V)
     log_f = log_f.reshape(G, N, C)
     log_i = log_i.reshape(G, N, C)
+    S0, n0, m0 = state.C.reshape(G, K, V), state.n.reshape(G, K), state.m.reshape(G)
+    tensors = (q, k, v, log_i, log_f, S0, n0, m0)
+    if len({t.dtype for t in tensors}) > 1:
+        # mixed dtypes (autocast hands bf16 projections and fp32 gates and states): the kernel's
+        # out= buffers take one dtype, the widest, and it runs with autocast off
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+        tensors = tuple(t.to(dtype) for t in tensors)
+    # Mild decays (every within-chunk cumulative log forget gate within MILD_BOUND): the kernel
+    # below; strong ones keep the segment sums of the autograd form, whose rounding does not grow
+    # with the cumulative decay.
+    b = tensors[4].detach().cumsum(-1)
+    if b.numel() and bool(b.abs().max() <= MILD_BOUND):
+        with torch.autocast(q.device.type, enabled=False):
+            h, S, n, m = _ChunkwiseMLSTM.apply(*tensors, eps)
+    else:
+        h, S, n, m = _chunked_strong(*tensors, eps)
+    h = h.reshape(B, H, N * C, V)[:, :, :T]
+    return h, MLSTMState(S.reshape(B, H, K, V), n.reshape(B, H, K), m.reshape(B, H))
+
+
+def _chunked_strong(q, k, v, log_i, log_f, S, n, m, eps):
+    """Autograd through the stabilised chunk form with log weights from segment sums (strong
+    decays); q, k (G, N, C, K), v (G, N, C, V), gates (G, N, C), state S (G, K, V), n (G, K), m (G)."""
+    G, N, C, K = q.shape
+    V = v.shape[-1]
     b = log_f.cumsum(-1)  # (G, N, C) cumulative log forget gate from the chunk start
     b_last = b[..., -1]  # (G, N)
 
@@ -154,7 +200,6 @@ def _chunked(q, k, v, log_i, log_f, state, C, eps):
     U = k_end.transpose(-1, -2) @ v  # (G, N, K, V)
     u = k_end.sum(2)  # (G, N, K) the normaliser's share
 
-    S, n, m = state.C.reshape(G, K, V), state.n.reshape(G, K), state.m.reshape(G)
     S_starts, n_starts, m_starts = [], [], []
     # unbind, not U[:, i]: each indexed slice's backward would zero-fill a full-size gradient.
     for b_i, a_i, U_i, u_i in zip(b_last.unbind(1), a.unbind(1), U.unbind(1), u.unbind(1)):
@@ -178,5 +223,187 @@ def _chunked(q, k, v, log_i, log_f, state, C, eps):
     num = scores @ v + q_inter @ S_start  # (G, N, C, V)
     den = scores.sum(-1) + (q_inter * n_start[:, :, None, :]).sum(-1)  # (G, N, C) n_t^T q_t
     h = num / (torch.maximum(den.abs(), torch.exp(-m_row)) + eps)[..., None]
-    h = h.reshape(B, H, N * C, V)[:, :, :T]
-    return h, MLSTMState(S.reshape(B, H, K, V), n.reshape(B, H, K), m.reshape(B, H))
+    return h, S, n, m
+
+
+class _ChunkwiseMLSTM(torch.autograd.Function):
+    """Chunkwise mLSTM for mild decays, with a hand-written backward.
+
+    q, k (G, N, C, K); v (G, N, C, V); log_i, log_f (G, N, C); state S0 (G, K, V), n0 (G, K),
+    m0 (G). With ``b`` the cumulative log forget gate from the chunk start and ``c_j = log i_j - b_j``,
+    the loop's stabiliser is ``m_t = b_i + X_i`` with ``X_i = max(m_n, max_{j<=i} c_j)`` (a
+    cumulative maximum; ``m_n`` the stabiliser entering chunk n), so every exponential is of a
+    difference with that maximum: intra-chunk weights ``P_ij = exp(c_j - X_i)``, the carried
+    state's read-out factor ``exp(m_n - X_i)``, the chunk's share of its end state
+    ``exp(c_j - Y_n)`` and the carry ``exp(m_n - Y_n)`` with ``Y_n = max(m_n, max_j c_j)`` and
+    ``m_{n+1} = b_C + Y_n``; all ``<= 0`` in the exponent.
+
+    Backward. ``h`` depends on the stabilisers only through the denominator: with every stabiliser
+    held fixed the kernel is a gated linear attention (``C``, ``n`` carried with decay
+    ``exp(b_C)``, input weight ``exp(log i)``), whose gradients follow GLA's pattern
+    (``dL/d log i_j = k_j . dk_j``, ``dL/db_i = q_i . dq_i - k_i . dk_i`` plus
+    ``<dS_{n+1}, S_{n+1}> + <dn_{n+1}, n_{n+1}>`` for the chunk's last step). The stabilisers
+    themselves then add: ``dh_t/dm_t = -h_t eps / (max(|n_t^T q_t|, exp(-m_t)) + eps)`` (the
+    scaled-out form ``h_t = C~_t^T q_t / (max(|n~_t^T q_t|, 1) + eps exp(m_t))`` shows this is the
+    whole dependence, lower bound active or not), and for the returned state
+    ``dL/dm - <dL/dC, C> - <dL/dn, n>``; both flow back along the maximum that chose each ``m_t``
+    (to ``log i`` of the argmax and the forget gates after it, or to the carried ``m``), as the
+    loop's ``torch.maximum`` sends them. The initial ``m_0`` scales ``C_0`` and ``n_0``:
+    ``dL/dm_0 = <dL/dC_0, C_0> + <dL/dn_0, n_0>`` plus its share of that flow.
+    Large tensors are workspace buffers written by ``out=`` ops (see ``_ChunkwiseGLA``).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_i, log_f, S0, n0, m0, eps):
+        G, N, C, K = q.shape
+        V = v.shape[-1]
+        b = log_f.cumsum(-1)  # (G, N, C)
+        c = log_i - b  # (G, N, C): log weight of step j relative to the chunk's cumulative decay
+        c_max, c_arg = c.max(-1)  # (G, N)
+        # Stabilisers at the chunk boundaries (the only sequential part besides the state carry).
+        m_at = q.new_empty(N + 1, G)  # m_at[n] enters chunk n; m_at[N] is the final m
+        Y = q.new_empty(N, G)
+        m_at[0] = m0
+        b_last, c_max_t = b[..., -1].t(), c_max.t()  # (N, G)
+        for n in range(N):
+            torch.maximum(m_at[n], c_max_t[n], out=Y[n])
+            torch.add(Y[n], b_last[n], out=m_at[n + 1])
+        m_start, Y = m_at[:N].t(), Y.t()  # (G, N)
+        carry_wins = m_start >= c_max  # the carried m chose Y_n (else log i at c_arg)
+        alpha = torch.exp(m_start - Y)  # (G, N) carry factor, <= 1
+        e = torch.exp(c - Y[..., None])  # (G, N, C) weight of step j in the chunk's end state, <= 1
+        k_end = torch.mul(k, e[..., None], out=_like(k))
+        U = _mm(k_end.transpose(-1, -2), v)  # (G, N, K, V) each chunk's share of its end state
+        u = k_end.sum(2)  # (G, N, K) the normaliser's share
+        S_start = _workspace((G, N, K, V), q)
+        n_start = q.new_empty(G, N, K)
+        S_start[:, 0] = S0
+        n_start[:, 0] = n0
+        a4, a3 = alpha[..., None, None], alpha[..., None]
+        for n in range(N - 1):
+            torch.addcmul(U[:, n], a4[:, n], S_start[:, n], out=S_start[:, n + 1])
+            torch.addcmul(u[:, n], a3[:, n], n_start[:, n], out=n_start[:, n + 1])
+        S = torch.addcmul(U[:, -1], a4[:, -1], S_start[:, -1])
+        n_fin = torch.addcmul(u[:, -1], a3[:, -1], n_start[:, -1])
+        del U
+
+        c_cum, c_cum_arg = torch.cummax(c, -1)  # (G, N, C)
+        inter_wins = m_start[..., None] >= c_cum  # m_t came from the carried m (else log i at c_cum_arg)
+        X = torch.maximum(c_cum, m_start[..., None])  # (G, N, C) = m_t - b_t
+        P = _workspace((G, N, C, C), q)
+        torch.sub(c[..., None, :], X[..., :, None], out=P)  # c_j - X_i <= 0 for j <= i
+        # Clamped: exp of an argument where the result underflows (or of -inf) runs ~10-50x slower
+        # than exp of a normal argument; a weight below the smallest normal number is rounding
+        # anyway. Above the diagonal the argument may be positive: clamped to 0, then masked.
+        P.clamp_(min=math.log(torch.finfo(q.dtype).tiny) + 1, max=0).exp_().mul_(_causal_float(C, q))
+        scores = _mm(q, k.transpose(-1, -2)).mul_(P)  # (G, N, C, C)
+        r = torch.exp(m_start[..., None] - X)  # (G, N, C) read-out factor of the carried state, <= 1
+        q_inter = torch.mul(q, r[..., None], out=_like(q))
+        num = _addmm_(_mm(q_inter, S_start), scores, v)  # (G, N, C, V) C_t^T q_t
+        den = scores.sum(-1) + (q_inter @ n_start[..., None])[..., 0]  # (G, N, C) n_t^T q_t
+        lower = torch.exp(-(b + X))  # exp(-m_t)
+        active = den.abs() > lower  # |n_t^T q_t| is the denominator, else the lower bound
+        Dn = torch.maximum(den.abs(), lower).add_(eps)
+        h = num.div_(Dn[..., None])
+        ctx.eps = eps
+        ctx.save_for_backward(
+            q, k, v, k_end, q_inter, r, e, P, scores, S_start, n_start, S, n_fin, S0, n0, alpha, h, Dn,
+            torch.where(active, den.sign(), 0), c_arg, carry_wins, c_cum_arg, inter_wins,
+        )
+        return h, S, n_fin, m_at[N].clone()
+
+    @staticmethod
+    @once_differentiable  # a second derivative through this backward is not implemented
+    def backward(ctx, dh, dS_fin, dn_fin, dm_fin):
+        with torch.autocast(dh.device.type, enabled=False):
+            return _ChunkwiseMLSTM._backward(ctx, dh, dS_fin, dn_fin, dm_fin)
+
+    @staticmethod
+    def _backward(ctx, dh, dS_fin, dn_fin, dm_fin):
+        (q, k, v, k_end, q_inter, r, e, P, scores, S_start, n_start, S_fin, n_fin, S0, n0, alpha, h, Dn,
+         den_sign, c_arg, carry_wins, c_cum_arg, inter_wins) = ctx.saved_tensors
+        G, N, C, K = q.shape
+        # written contiguous (dh may be a broadcast): the batched matmuls read only dnum
+        dnum = torch.div(dh, Dn[..., None], out=_like(h))
+        dDn = _dot(h, dnum).neg_()  # (G, N, C) dL/dDn = -h . dh / Dn
+        dden = dDn * den_sign  # 0 where the lower bound is the denominator
+        g_m = dDn * ctx.eps  # (G, N, C) dL/dm_t through the eps of the denominator
+
+        # State gradients: from each chunk's read-out, then carried backwards; dU[:, n] = dL/dS_{n+1}.
+        dS_start = _mm(q_inter.transpose(-1, -2), dnum)  # (G, N, K, V)
+        dn_start = (q_inter.transpose(-1, -2) @ dden[..., None])[..., 0]  # (G, N, K)
+        dU = _workspace(S_start.shape, q)
+        du = torch.empty_like(n_start)
+        if dS_fin is None:
+            dU[:, -1].zero_()
+        else:
+            dU[:, -1] = dS_fin
+        if dn_fin is None:
+            du[:, -1].zero_()
+        else:
+            du[:, -1] = dn_fin
+        a4, a3 = alpha[..., None, None], alpha[..., None]
+        # <dL/dS_{n+1}, S_{n+1}> per chunk (the end-of-chunk states are S_start shifted by one,
+        # then the final state), taken in the loop while dU[:, n] is in cache
+        d_end = q.new_empty(N, G)
+        prod = torch.empty_like(S_fin)  # (G, K, V), stays in cache
+        for n in range(N - 1, -1, -1):
+            S_next = S_fin if n == N - 1 else S_start[:, n + 1]
+            torch.sum(torch.mul(dU[:, n], S_next, out=prod).view(G, -1), -1, out=d_end[n])
+            if n:
+                torch.addcmul(dS_start[:, n], a4[:, n], dU[:, n], out=dU[:, n - 1])
+                torch.addcmul(dn_start[:, n], a3[:, n], du[:, n], out=du[:, n - 1])
+        dS0 = torch.addcmul(dS_start[:, 0], a4[:, 0], dU[:, 0])
+        dn0 = torch.addcmul(dn_start[:, 0], a3[:, 0], du[:, 0])
+        del dS_start
+        d_end = d_end.t()  # (G, N)
+        d_end[:, :-1] += (du[:, :-1] * n_start[:, 1:]).sum(-1)
+        d_end[:, -1] += (du[:, -1] * n_fin).sum(-1)
+
+        dscores = _mm(dnum, v.transpose(-1, -2)).add_(dden[..., None]).mul_(P)  # (G, N, C, C) w.r.t. q k^T
+        dv = _addmm_(_mm(scores.transpose(-1, -2), dnum), k_end, dU)
+        dq = _mm(dnum, S_start.transpose(-1, -2)).addcmul_(dden[..., None], n_start[:, :, None, :])
+        dq = _addmm_(dq.mul_(r[..., None]), dscores, k)
+        dk_end = _mm(v, dU.transpose(-1, -2)).add_(du[:, :, None, :])
+        dk = _addmm_(dk_end.mul_(e[..., None]), dscores.transpose(-1, -2), q)
+        del dscores, dnum, dU
+
+        # Gates with every stabiliser held fixed: log i_j enters as exp(log i_j) k_j, b as GLA's
+        # decays (only through exp(b_i - b_j) and the chunk's end).
+        dlog_i = _dot(k, dk)  # (G, N, C)
+        # q_t . dq_t without a pass over dq: num_t and n_t^T q_t are linear in q_t, so
+        # q_t . dq_t = d/ds L(s q_t) at s = 1 = (dL/dDn_t) (|n_t^T q_t| [bound inactive] - Dn_t),
+        # i.e. -eps dL/dDn_t, or -(exp(-m_t) + eps) dL/dDn_t where the lower bound is the denominator
+        db = torch.where(den_sign != 0, ctx.eps, Dn).mul_(dDn).neg_().sub_(dlog_i)
+        db[..., -1] += d_end
+        # The stabilisers: m_t = b_t + X_t with X_t = max(m_n, max_{j<=t} c_j), c_j = log i_j - b_j.
+        db += g_m
+        dc = torch.zeros_like(db)
+        dc.scatter_add_(-1, c_cum_arg, torch.where(inter_wins, 0, g_m))
+        g_start = torch.where(inter_wins, g_m, 0).sum(-1)  # (G, N) dL/dm_n from the rows of chunk n
+        # the chunk boundaries, backwards: m_{n+1} = b_C + max(m_n, max_j c_j)
+        g = torch.zeros(G, dtype=q.dtype, device=q.device) if dm_fin is None else dm_fin.clone()
+        if dS_fin is not None:
+            g -= (dS_fin * S_fin).sum((-1, -2))
+        if dn_fin is not None:
+            g -= (dn_fin * n_fin).sum(-1)
+        g_end = q.new_empty(N, G)  # dL/dm_{n+1}
+        wins_t, g_start_t = carry_wins.t().to(q.dtype), g_start.t()
+        for n in range(N - 1, -1, -1):
+            g_end[n] = g
+            g = torch.addcmul(g_start_t[n], wins_t[n], g)
+        g_end = g_end.t()  # (G, N)
+        db[..., -1] += g_end
+        dc.scatter_add_(-1, c_arg[..., None], torch.where(carry_wins, 0, g_end)[..., None])
+        dlog_i += dc
+        db -= dc
+        dlog_f = db.flip(-1).cumsum(-1).flip(-1)  # b_t = sum_{s<=t} log f_s
+        dm0 = g + (dS0 * S0).sum((-1, -2)) + (dn0 * n0).sum(-1)
+        return dq, dk, dv, dlog_i, dlog_f, dS0, dn0, dm0, None
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` of contiguous tensors as a batch of (1 x K)(K x 1) matmuls (one pass,
+    no product tensor written: ~1.6x faster than multiply-then-sum on a CPU)."""
+    K = a.shape[-1]
+    return torch.bmm(a.reshape(-1, 1, K), b.reshape(-1, K, 1)).view(a.shape[:-1])
