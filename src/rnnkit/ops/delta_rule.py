@@ -44,10 +44,9 @@ Shapes: ``B`` batch, ``T`` time, ``H`` heads, ``K`` key/query dim, ``V`` value d
 from __future__ import annotations
 
 import torch
-
-from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
 from torch.autograd.function import once_differentiable
 
+from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
 from rnnkit.ops.gated_linear_attention import (
     _addmm_,
     _causal_float,
