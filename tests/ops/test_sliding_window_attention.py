@@ -26,16 +26,21 @@ def make(T, window, seed=0):
 
 @pytest.mark.parametrize("window", [1, 4, 9, 40])
 @pytest.mark.parametrize("chunk_size", [4, 7, 64])
-def test_forms_match_loop(window, chunk_size):
+@pytest.mark.parametrize("ragged", [True, False], ids=["lengths", "no-lengths"])
+def test_forms_match_loop(window, chunk_size, ragged):
     T = 23
     qkv, state = make(T, window)
-    lengths = [T, 11]
+    lengths = [T, 11] if ragged else None  # without lengths the final window is sliced, not gathered
     leaves = [t.requires_grad_() for t in qkv]
     # Outputs past a length are not defined by the op (layers zero them): compare valid steps.
-    valid = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None])[:, None, :, None]
+    valid = (torch.arange(T)[None, :] < torch.tensor(lengths or [T, T])[:, None])[:, None, :, None]
     y_ref, s_ref = sliding_window_attention_recurrent(*leaves, window, state, lengths)
     y_ref = y_ref * valid
-    g_ref = torch.autograd.grad(y_ref.square().sum(), leaves)
+
+    def loss(y, s):  # the final window's keys and values get gradients too
+        return y.square().sum() + s.k.sum() + s.v.square().sum()
+
+    g_ref = torch.autograd.grad(loss(y_ref, s_ref), leaves)
     forms = {
         "parallel": lambda *a: sliding_window_attention_parallel(*a),
         "chunk": lambda *a: sliding_window_attention_chunk(*a, chunk_size=chunk_size),
@@ -46,7 +51,7 @@ def test_forms_match_loop(window, chunk_size):
         assert_close(y, y_ref, what=f"{name}: y")
         for a, b in zip(s, s_ref):
             assert_close(a, b, what=f"{name}: window state")
-        for a, b in zip(torch.autograd.grad(y.square().sum(), leaves), g_ref):
+        for a, b in zip(torch.autograd.grad(loss(y, s), leaves), g_ref):
             assert_close(a, b, kind="grad", what=f"{name}: gradient")
 
 
