@@ -118,3 +118,15 @@ def test_lstm_solves_adding_at_t100():
     trainer.fit()
     test = trainer.evaluate("test")
     assert test["mse"] < 0.01, test
+
+
+def test_evaluate_bounded_stops_by_batches_and_time():
+    task = build_task("adding", eval_examples=64)
+    model = SequenceModel(d_input=2, d_model=4, head="regress", n_outputs=1, layer="gru")
+    trainer = Trainer(model, task, TrainConfig(steps=1, seq_len=10, eval_batch_size=16, progress=False))
+    full, seen = trainer.evaluate_bounded("test")
+    assert seen == 64 and full == trainer.evaluate("test")
+    assert trainer.evaluate_bounded("test", max_batches=2)[1] == 32
+    assert trainer.evaluate_bounded("test", max_seconds=0.0)[1] == 16  # at least one batch, then the cap
+    assert trainer.evaluate_bounded("test", seq_len=20)[0] != full  # another length, other sequences
+    assert trainer.model.training

@@ -96,22 +96,13 @@ class TaskSpec:
 
     @classmethod
     def parse(cls, text: str) -> "TaskSpec":
-        import ast
-
         from rnnkit.tasks import task_class, task_options
 
-        name, *parts = text.strip().split(":")
+        name, given = parse_entry(text, "--tasks")
         task_class(name)  # raises for unknown names
         options: dict[str, Any] = {}
         seq_len = None
-        for part in parts:
-            if "=" not in part:
-                raise InputError(f"--tasks: expected name:key=value, got {text!r}")
-            key, raw = part.split("=", 1)
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw  # bare words are strings (dataset=GunPoint)
+        for key, value in given.items():
             if key == "seq_len":
                 check_positive_int("seq_len", value)
                 seq_len = value
@@ -130,21 +121,28 @@ class TaskSpec:
 def parse_model(text: str) -> tuple[str, dict[str, Any]]:
     """A ``--models`` entry, ``name`` or ``name:key=value:...`` (the layer's own options, e.g.
     ``attention:rope=False:num_heads=1``), as the layer name and its options."""
-    import ast
-
     from rnnkit import layers
 
-    name, *parts = text.strip().split(":")
+    name, options = parse_entry(text, "--models")
     layers.spec(name)  # raises for unknown names
+    return name, options
+
+
+def parse_entry(text: str, flag: str) -> tuple[str, dict[str, Any]]:
+    """``name:key=value:...`` as the name and its options; values are Python literals, bare words
+    strings (``dataset=GunPoint``, ``feature_map=relu``). ``flag`` names the argument in errors."""
+    import ast
+
+    name, *parts = text.strip().split(":")
     options: dict[str, Any] = {}
     for part in parts:
         if "=" not in part:
-            raise InputError(f"--models: expected name:key=value, got {text!r}")
+            raise InputError(f"{flag}: expected name:key=value, got {text!r}")
         key, raw = part.split("=", 1)
         try:
             options[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            options[key] = raw  # bare words are strings (feature_map=relu)
+            options[key] = raw
     return name, options
 
 
@@ -288,7 +286,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         # Each length gets an equal share of what is left, so a slow long length cannot starve the others.
         left = b.eval_seconds - (time.perf_counter() - eval_started)
         try:
-            test[str(T)], examples[str(T)] = evaluate_capped(trainer, "test", T, left / (len(lengths) - i))
+            test[str(T)], examples[str(T)] = trainer.evaluate_bounded("test", seq_len=T, max_seconds=left / (len(lengths) - i))
         except InputError:
             continue  # a length the task cannot build with these options
     wall = time.perf_counter() - cell_started
@@ -309,33 +307,6 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def evaluate_capped(trainer, split: str, seq_len: int, seconds: float) -> tuple[dict[str, float], int]:
-    """The trainer's metrics over ``split`` at length ``seq_len``, stopping after the batch that passes ``seconds``.
-
-    At least one batch is always evaluated. Returns the metrics and the number of examples they cover.
-    """
-    from rnnkit.train.trainer import loss_and_counts, summarise
-
-    task, model = trainer.task, trainer.model
-    was_training = model.training
-    model.eval()
-    totals = {"loss_sum": 0.0, "count": 0, "correct": 0}
-    state, seen, started = None, 0, time.perf_counter()
-    with torch.no_grad():
-        for batch in task.eval_batches(split, trainer.config.eval_batch_size, seq_len):
-            batch = batch.to(trainer.config.device)
-            if batch.reset or not task.streaming:
-                state = None
-            output, state = model(batch.x, state, batch.lengths, trainer.config.mode)
-            for key, value in loss_and_counts(output, batch, task.target)[1].items():
-                totals[key] += value
-            seen += batch.x.shape[0]
-            if time.perf_counter() - started > seconds:
-                break
-    model.train(was_training)
-    return summarise(totals, task.metrics), seen
 
 
 #: Once per run, charged to its first cell: lazy imports and loading the fused kernels (measured 2.0-2.4 s
@@ -428,7 +399,7 @@ def describe_budget(budget: Budget) -> str:
 
 __all__ = [
     "BUDGETS", "Budget", "Cell", "DEFAULT_TASKS", "STARTUP_SECONDS", "TaskSpec", "append_line", "build_cells", "default_models",
-    "describe_budget", "downsample", "estimate_seconds", "evaluate_capped", "parse_model", "read_results", "run_cell",
+    "describe_budget", "downsample", "estimate_seconds", "parse_model", "read_results", "run_cell",
     "run_grid",
 ]
 

@@ -571,12 +571,29 @@ class Trainer:
 
         Streaming tasks are evaluated as streams: the state is carried across windows.
         """
+        max_batches = max_batches if max_batches is not None else self.config.eval_max_batches
+        return self.evaluate_bounded(split, max_batches=max_batches)[0]
+
+    @torch.no_grad()
+    def evaluate_bounded(
+        self,
+        split: str = "val",
+        *,
+        seq_len: int | None = None,
+        max_batches: int | None = None,
+        max_seconds: float | None = None,
+    ) -> tuple[dict[str, float], int]:
+        """Metrics over ``split`` at ``seq_len`` (default: the config's), stopping before batch
+        ``max_batches`` or after the batch that passes ``max_seconds`` (at least one batch runs).
+
+        Returns the metrics and the number of examples (sequences) they cover.
+        """
         was_training = self.model.training
         self.model.eval()
-        max_batches = max_batches if max_batches is not None else self.config.eval_max_batches
         totals = {"loss_sum": 0.0, "count": 0, "correct": 0}
-        state = None
-        for index, batch in enumerate(self.task.eval_batches(split, self.config.eval_batch_size, self.config.seq_len)):
+        state, seen, started = None, 0, time.perf_counter()
+        seq_len = seq_len if seq_len is not None else self.config.seq_len
+        for index, batch in enumerate(self.task.eval_batches(split, self.config.eval_batch_size, seq_len)):
             if max_batches is not None and index >= max_batches:
                 break
             batch = batch.to(self.config.device)
@@ -586,8 +603,11 @@ class Trainer:
             _, counts = loss_and_counts(output, batch, self.task.target)
             for key in totals:
                 totals[key] += counts[key]
+            seen += batch.x.shape[0]
+            if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                break
         self.model.train(was_training)
-        return summarise(totals, self.task.metrics)
+        return summarise(totals, self.task.metrics), seen
 
     # ------------------------------------------------------------------ final model
     def save(self, out_dir: str | os.PathLike, metrics: dict[str, Any] | None = None) -> Path:
