@@ -55,6 +55,7 @@ from rnnkit.ops.gated_linear_attention import (
     _pad_time,
     _workspace,
     decay_matrix_log,
+    rowdot,
 )
 
 #: Default chunk length of :func:`delta_rule_chunk` (see ``benchmarks/delta_speed.py``).
@@ -344,7 +345,7 @@ class _ChunkwiseDelta(torch.autograd.Function):
             dA_neg.mul_(M)
         dA_neg.mul_(_causal_float(C, q).tril_(-1))  # now -dL/d(kb k^T), strictly lower
         if gated:
-            dgamma_in = _rowdot(dq_in, q).mul_(e[..., 0])  # (G, N, C): e enters as e q
+            dgamma_in = rowdot(dq_in, q).mul_(e[..., 0])  # (G, N, C): e enters as e q
             dq_in.mul_(e)
         dq = _addmm_(dq_in, dP, k)
         dk = _mm(dP.transpose(-1, -2), q)
@@ -353,11 +354,11 @@ class _ChunkwiseDelta(torch.autograd.Function):
         # beta and the chunk-start decay e enter as R = [beta v | beta e k] and kb = beta k:
         # with t = -(e dRk + dkb), dL/dbeta = sum(dRv v) + sum(t k) and dk gets beta t.
         if gated:
-            dgamma_in.addcmul_(_rowdot(dRk_neg, k), beta * e[..., 0], value=-1)  # and as beta e k
+            dgamma_in.addcmul_(rowdot(dRk_neg, k), beta * e[..., 0], value=-1)  # and as beta e k
             dRk_neg.mul_(e)
         t_neg = _addmm_(dRk_neg, dA_neg, k)  # (G, N, C, K)
         del dA_neg
-        dbeta = _rowdot(dRv, v).sub_(_rowdot(t_neg, k))  # (G, N, C)
+        dbeta = rowdot(dRv, v).sub_(rowdot(t_neg, k))  # (G, N, C)
         dv = dRv.mul_(beta[..., None])
         dk.addcmul_(t_neg, beta[..., None], value=-1)
         dg = None
@@ -370,17 +371,12 @@ class _ChunkwiseDelta(torch.autograd.Function):
             # e (above), f (k's decay to the chunk end) and e_C (the carried state).
             xP.sub_(xA)
             dgamma = dgamma_in.add_(xP.sum(-1)).sub_(xP.sum(-2))  # (G, N, C)
-            xf = _rowdot(dk_out, k_out)  # (G, N, C)
+            xf = rowdot(dk_out, k_out)  # (G, N, C)
             dgamma.sub_(xf)
             carry = torch.mul(dS_end, S_start, out=_like(S_start)).sum((-1, -2)) * e_end[..., 0, 0]  # (G, N)
             dgamma[..., -1] += xf.sum(-1) + carry
             dg = dgamma.flip(-1).cumsum(-1).flip(-1)  # dL/dg_s = sum over i >= s of dL/dgamma_i
         return dq, dk, dv, dbeta, dg, dS0
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(-1)`` without materialising the product (1.5x faster than mul + sum on a CPU)."""
-    return torch.einsum("...i,...i->...", a, b)
 
 
 def _unit_lower_inverse_wide(A: torch.Tensor) -> torch.Tensor:

@@ -183,11 +183,7 @@ def _chunked(q, k, v, g, S, C):
     v = v.reshape(G, N, C, V)
     g = g.reshape(G, N, C, K if per_dim else 1)
     S = S.reshape(G, K, V)
-    if len({t.dtype for t in (q, k, v, g, S)}) > 1:
-        # mixed dtypes (autocast hands bf16 projections and fp32 decays and states): the kernel's
-        # out= buffers take one dtype, the widest, and it runs with autocast off (see _ChunkwiseGLA)
-        dtype = functools.reduce(torch.promote_types, [t.dtype for t in (q, k, v, g, S)])
-        q, k, v, g, S = (t.to(dtype) for t in (q, k, v, g, S))
+    q, k, v, g, S = common_dtype(q, k, v, g, S)
     b = mode = None
     if not g.requires_grad and not bool(g.any()):
         mode = "none"  # plain linear attention: the unit decay factors left out
@@ -207,6 +203,17 @@ def _chunked(q, k, v, g, S, C):
     with torch.autocast(q.device.type, enabled=False):  # bf16 matmuls would not fit the fp32 out= buffers
         y, S = _ChunkwiseGLA.apply(q, k, v, g if b is not None else None, b, S, mode)
     return y.reshape(B, H, N * C, V)[:, :, :T], S.reshape(B, H, K, V)
+
+
+def common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in their widest dtype (as given when they already share one).
+
+    Why: under autocast the projections arrive in bf16 while decays, gates and states stay fp32; the
+    chunk kernels' ``out=`` workspace buffers take one dtype, and the kernels run with autocast off."""
+    if len({t.dtype for t in tensors}) == 1:
+        return tensors
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _chunked_per_dim_strong(q, k, v, g, S):
@@ -415,6 +422,12 @@ class _ChunkwiseGLA(torch.autograd.Function):
             dq = dqs.mul_(eb)
             dk = dks.div_(eb)
         return dq, dk, dv, dg, None, dS0, None
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` without writing the product (one batched matmul: ~1.5x faster than
+    multiply-then-sum on a CPU)."""
+    return torch.einsum("...i,...i->...", a, b)
 
 
 def _causal_float(C: int, like: torch.Tensor) -> torch.Tensor:
