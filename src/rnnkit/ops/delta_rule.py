@@ -241,7 +241,9 @@ class _ChunkwiseDelta(torch.autograd.Function):
 
     Backward, per chunk: ``dDelta_n = P^T dy + (f k) dS_{n+1}``, ``dS_n = e_C dS_{n+1} + (e q)^T dy
     - W^T dDelta_n``; ``dU = dDelta``, ``dW = -dDelta S_n^T``; for ``X = T R`` with ``L = I + A``
-    unit lower triangular, ``dR = T^T dX`` and ``dA = -tril(dR X^T, -1)``. The decay enters only
+    unit lower triangular, ``dR = T^T dX`` and ``dA = -tril(dR X^T, -1)``, which with ``Delta_n = U
+    - W S_n`` reduce to ``dR = [dR_v | -dR_v S_n^T]`` and ``dA = -tril(dR_v Delta_n^T, -1)``
+    (``dR_v = T^T dDelta``). The decay enters only
     through ``exp`` of differences of ``gamma`` (and ``gamma`` itself), so ``dL/dgamma_i`` collects
     ``x dx`` for every such factor ``x`` (row sums minus column sums for ``M``), and the log decay's
     gradient is the reverse cumulative sum of that over the chunk.
@@ -329,17 +331,18 @@ class _ChunkwiseDelta(torch.autograd.Function):
             torch.baddbmm(dS.add_(dS_read[:, n]), W[:, n].transpose(-1, -2), delta, alpha=-1, out=dS)
         del delta, dS_read
         dS0 = dS
-        # dU = dDelta, dW = -dDelta S_n^T; the minus is carried in the names ending in _neg.
-        dW_neg = _mm(dDelta, S_start.transpose(-1, -2))  # (G, N, C, K)
         dq_in = _mm(dyc, S_start.transpose(-1, -2))  # (G, N, C, K)
         dP = _mm(dyc, Delta.transpose(-1, -2))  # (G, N, C, C)
         xP = torch.mul(dP, P, out=_like(P)) if gated else None  # x dx for the decay factors of P
         dP.mul_(M if gated else _causal_float(C, q))  # now w.r.t. q k^T
-        # Through X = T R: dR = T^T dX; dA = -(dR X^T) below the diagonal.
+        # Through X = T R with dU = dDelta and dW = -dDelta S_n^T: dR = T^T dX, so dR_v = T^T dDelta
+        # and dR_k = -dR_v S_n^T; dA = -(dR_v U^T + dR_k W^T) = -dR_v (U - W S_n)^T = -dR_v Delta_n^T
+        # below the diagonal. Two products where the four of dW, T^T dW and dR X^T took twice the
+        # FLOPs; the minus signs are carried in the names ending in _neg.
         dRv = _mm(Tinv.transpose(-1, -2), dDelta)  # (G, N, C, V)
-        dRk_neg = _mm(Tinv.transpose(-1, -2), dW_neg)  # (G, N, C, K)
-        del dDelta, dW_neg
-        dA_neg = _addmm_(_mm(dRv, U.transpose(-1, -2)), dRk_neg, W.transpose(-1, -2), alpha=-1)  # (G, N, C, C)
+        del dDelta
+        dRk_neg = _mm(dRv, S_start.transpose(-1, -2))  # (G, N, C, K)
+        dA_neg = _mm(dRv, Delta.transpose(-1, -2))  # (G, N, C, C)
         if gated:
             xA = torch.mul(dA_neg, A, out=_like(A))
             dA_neg.mul_(M)
