@@ -255,16 +255,13 @@ class _ChunkwiseDelta(torch.autograd.Function):
         V = v.shape[-1]
         gated = g is not None
         bc = beta[..., None]  # (G, N, C, 1)
-        R = _workspace((G, N, C, V + K), q)  # [beta v | beta e k], the right-hand sides of the solve
-        torch.mul(v, bc, out=R[..., :V])
-        kb = torch.mul(k, bc, out=_like(k) if gated else R[..., V:])  # (G, N, C, K) beta_i k_i
-        A = _mm(kb, k.transpose(-1, -2))  # (G, N, C, C) beta_i k_i . k_j
+        A = _mm(k, k.transpose(-1, -2))  # (G, N, C, C) k_i . k_j, times beta_i below
         P = _mm(q, k.transpose(-1, -2))  # (G, N, C, C) q_i . k_j
         M = e = f = e_end = None
         if gated:
             gamma = g.cumsum(-1)  # (G, N, C) inclusive cumulative log decay
             M = decay_matrix_log(g, gamma).exp_()  # (G, N, C, C): exp(gamma_i - gamma_j), 0 above the diagonal
-            A.mul_(M).tril_(-1)  # (the backward's x dx products need A's upper triangle zero)
+            A.mul_(M).mul_(bc).tril_(-1)  # (the backward's x dx products need A's upper triangle zero)
             P.mul_(M)
             e = gamma.exp()[..., None]  # (G, N, C, 1) decay from the chunk start to step i
             f = M[..., -1, :, None]  # (G, N, C, 1) decay from step i to the chunk end, exp(gamma_C - gamma_i)
@@ -272,14 +269,18 @@ class _ChunkwiseDelta(torch.autograd.Function):
             q_in = torch.mul(q, e, out=_like(q))
             k_out = torch.mul(k, f, out=_like(k))
         else:
+            A.mul_(bc)
             P.mul_(_causal_float(C, q))
             q_in, k_out = q, k
         Tinv = _unit_lower_inverse_wide(A)  # (G, N, C, C); reads only the strictly lower triangle of A
+        # [U | W] = T [beta v | beta e k], with beta (and e) scaling T's columns instead of v and k:
+        # a pass over (C, C) matrices instead of two over (C, 64) ones, and no right-hand-side tensor.
+        T_scaled = torch.mul(Tinv, beta[..., None, :], out=_like(Tinv))
+        U = _mm(T_scaled, v)  # (G, N, C, V)
         if gated:
-            torch.mul(kb, e, out=R[..., V:])
-        X = _mm(Tinv, R)  # (G, N, C, V + K) = [U | W]
-        del R  # (without decay kb, a view of R, keeps it for the backward)
-        U, W = X[..., :V], X[..., V:]
+            T_scaled.mul_(e.transpose(-1, -2))
+        W = _mm(T_scaled, k)  # (G, N, C, K)
+        del T_scaled
         # The only sequential part: the state entering each chunk and what each chunk writes.
         S_start = _workspace((G, N, K, V), q)
         Delta = _workspace((G, N, C, V), q)
@@ -294,7 +295,8 @@ class _ChunkwiseDelta(torch.autograd.Function):
             torch.baddbmm(S, k_out[:, n].transpose(-1, -2), delta, out=S)  # (G, K, V); see _addmm_ on out=S
         del delta
         y = _addmm_(_mm(q_in, S_start), P, Delta)  # (G, N, C, V)
-        ctx.save_for_backward(q, k, v, beta, kb, P, Tinv, X, q_in, k_out, S_start, Delta, A if gated else None,
+        del U
+        ctx.save_for_backward(q, k, v, beta, P, Tinv, W, q_in, k_out, S_start, Delta, A if gated else None,
                               M, e, f, e_end)
         return y, S
 
@@ -306,11 +308,10 @@ class _ChunkwiseDelta(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy, dS_final):
-        q, k, v, beta, kb, P, Tinv, X, q_in, k_out, S_start, Delta, A, M, e, f, e_end = ctx.saved_tensors
+        q, k, v, beta, P, Tinv, W, q_in, k_out, S_start, Delta, A, M, e, f, e_end = ctx.saved_tensors
         G, N, C, K = q.shape
         V = v.shape[-1]
         gated = M is not None
-        U, W = X[..., :V], X[..., V:]
         if dy.is_contiguous():
             dyc = dy
         else:
@@ -352,14 +353,15 @@ class _ChunkwiseDelta(torch.autograd.Function):
             dq_in.mul_(e)
         dq = _addmm_(dq_in, dP, k)
         dk = _mm(dP.transpose(-1, -2), q)
-        _addmm_(dk, dA_neg.transpose(-1, -2), kb, alpha=-1)
         del dP
-        # beta and the chunk-start decay e enter as R = [beta v | beta e k] and kb = beta k:
-        # with t = -(e dRk + dkb), dL/dbeta = sum(dRv v) + sum(t k) and dk gets beta t.
+        # beta and the chunk-start decay e enter as R = [beta v | beta e k] and as the row factor
+        # beta_i of A = beta_i k_i . k_j: with t = -(e dRk + dA k), dL/dbeta = sum(dRv v) + sum(t k)
+        # and dk gets beta t, plus (beta dA)^T k through the k_j of A.
         if gated:
             dgamma_in.addcmul_(rowdot(dRk_neg, k), beta * e[..., 0], value=-1)  # and as beta e k
             dRk_neg.mul_(e)
         t_neg = _addmm_(dRk_neg, dA_neg, k)  # (G, N, C, K)
+        _addmm_(dk, dA_neg.mul_(beta[..., None]).transpose(-1, -2), k, alpha=-1)
         del dA_neg
         dbeta = rowdot(dRv, v).sub_(rowdot(t_neg, k))  # (G, N, C)
         dv = dRv.mul_(beta[..., None])
