@@ -272,7 +272,9 @@ class _ChunkwiseDelta(torch.autograd.Function):
             A.mul_(bc)
             P.mul_(_causal_float(C, q))
             q_in, k_out = q, k
-        Tinv = _unit_lower_inverse_wide(A)  # (G, N, C, C); reads only the strictly lower triangle of A
+        # (G, N, C, C), in the working precision: formed in fp64 it cost 7% of a step at T=8192 and
+        # moved the kernel's error against an fp64 run by 1-3% (docs/benchmarks.md).
+        Tinv = _unit_lower_inverse(A)  # reads only the strictly lower triangle of A
         # [U | W] = T [beta v | beta e k], with beta (and e) scaling T's columns instead of v and k:
         # a pass over (C, C) matrices instead of two over (C, 64) ones, and no right-hand-side tensor.
         T_scaled = torch.mul(Tinv, beta[..., None, :], out=_like(Tinv))
@@ -382,24 +384,6 @@ class _ChunkwiseDelta(torch.autograd.Function):
             dgamma[..., -1] += xf.sum(-1) + carry
             dg = dgamma.flip(-1).cumsum(-1).flip(-1)  # dL/dg_s = sum over i >= s of dL/dgamma_i
         return dq, dk, dv, dbeta, dg, dS0
-
-
-def _unit_lower_inverse_wide(A: torch.Tensor) -> torch.Tensor:
-    """:func:`_unit_lower_inverse` formed in fp64 and rounded back to ``A``'s dtype (on the CPU).
-
-    Why: multiplying by an explicit inverse rounded in fp32 lost about 1.6x the accuracy of a
-    triangular solve (relative error 5.6e-6 against 3.5e-6 for ``solve_triangular``, fp32 against
-    the fp64 loop, with the near-reflections ``beta ~ 2`` that a parity-trained DeltaNet learns); with
-    the inverse formed in fp64 the kernel matches the solve's accuracy. The inverse is a small part
-    of the work (``C^3 / 3`` per chunk against ``C^2 (K + V)`` for its use). On other devices, where
-    fp64 is often slow, it stays in the working precision."""
-    if A.dtype == torch.float64 or A.device.type != "cpu":
-        return _unit_lower_inverse(A)
-    A_wide = _workspace(A.shape, torch.empty((), dtype=torch.float64))
-    A_wide.copy_(A)
-    T = _like(A)
-    T.copy_(_unit_lower_inverse(A_wide))
-    return T
 
 
 def _unit_lower_inverse(A: torch.Tensor, block: int = 8) -> torch.Tensor:
