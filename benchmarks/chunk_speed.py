@@ -19,7 +19,11 @@ Where the recurrent loop is skipped (T above ``--max-recurrent-steps``), the loo
 run at T = ``--max-recurrent-steps`` instead (its tokens/s does not depend on T: one step costs the
 same at any length), and ``vs recurrent`` divides by that rate, marked ``*``.
 Candidates of one shape run interleaved, one repetition each in turn, and the figure is the best
-(minimum-time) repetition, so that load from other processes hits them alike. The last lines
+(minimum-time) repetition, so that load from other processes hits them alike. The chunk kernels'
+buffer pool (``RNNKIT_CHUNK_POOL_MB``, 4 GB by default) is raised to ``--pool-mb`` (12 GB) for
+the run: at T=8192 the six kernels' buffers together exceed 4 GB, so in turn they evicted each
+other and every repetition ran on fresh, page-faulting memory, as no training run does (one
+model's kernels reuse the same buffers step after step; ``docs/benchmarks.md``). The last lines
 state each layer's chunk form against the issue's targets (>= 10x the loop at T=2048, >= 30% of
 the same-run matmul GFLOP/s at T=8192).
 """
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from rnnkit.ops.gated_linear_attention import (
+    WORKSPACE,
     gated_linear_attention_chunk,
     gated_linear_attention_parallel,
     gated_linear_attention_recurrent,
@@ -51,6 +56,8 @@ except ImportError:  # pragma: no cover - before the mLSTM op exists
     mlstm_chunk = mlstm_parallel = mlstm_recurrent = None
 
 B, H, K, V = 16, 4, 64, 64
+#: The chunk kernels' buffer pool cap for the run (MB): room for every candidate's buffers at T=8192.
+POOL_MB = 12288
 
 
 # ------------------------------------------------------------------------------- inputs per kernel
@@ -229,12 +236,17 @@ def main() -> None:
                         help="skip recurrent forms above this T (the loop's tokens/s does not depend on T)")
     parser.add_argument("--layers", nargs="+", default=None, help="only these layers")
     parser.add_argument("--no-loops", action="store_true", help="skip the recurrent and parallel forms")
+    parser.add_argument("--pool-mb", type=float, default=None,
+                        help=f"cap of the chunk kernels' buffer pool (default {POOL_MB} unless "
+                             "RNNKIT_CHUNK_POOL_MB is set)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.pool_mb is not None or "RNNKIT_CHUNK_POOL_MB" not in os.environ:
+        WORKSPACE.max_bytes = int((POOL_MB if args.pool_mb is None else args.pool_mb) * 2**20)
     lengths = args.lengths or ([512] if args.quick else [512, 2048, 8192])
     repeats = args.repeats or (2 if args.quick else 3)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, B={B}, H={H}, K=V={K}, "
-          f"best of {repeats}; fwd+bwd")
+          f"best of {repeats}; fwd+bwd; chunk-kernel buffer pool up to {WORKSPACE.max_bytes >> 20} MB")
     for T in lengths:
         mm = matmul_gflops(5)
         print(f"\nT={T}: plain matmul 2048^3: {mm:.1f} GFLOP/s")
