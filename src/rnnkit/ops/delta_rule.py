@@ -232,21 +232,23 @@ class _ChunkwiseDelta(torch.autograd.Function):
         P = tril(q k^T) ⊙ M                      Delta_n = U - W S_n
         y = (e q) S_n + P Delta_n                S_{n+1} = e_C S_n + (f k)^T Delta_n
 
-    ``T`` is formed explicitly by blocked forward substitution (:func:`_unit_lower_inverse`), all
-    batched matmuls: LAPACK's batched triangular solve runs one small matrix at a time on the CPU,
-    and with ``T`` at hand the solve's backward is two more matmuls. Only the two state products
-    per chunk run in a loop over chunks (forwards for ``S_n``, backwards for ``dS_n``). As in
-    :class:`~rnnkit.ops.gated_linear_attention._ChunkwiseGLA`, every large tensor is a reused
-    workspace buffer written by an ``out=`` op and the incoming gradient is made contiguous once.
+    ``T`` is formed explicitly, in the working precision, by blocked forward substitution
+    (:func:`_unit_lower_inverse`), all batched matmuls: LAPACK's batched triangular solve runs one
+    small matrix at a time on the CPU, and with ``T`` at hand the solve's backward is two more
+    matmuls. ``beta`` (and ``e``) scale the columns of ``T`` rather than ``v`` and ``k``. Only the
+    state products run in a loop over chunks (forwards for ``S_n``, backwards for ``dS_n`` and
+    ``Delta_n dS_{n+1}^T``). As in :class:`~rnnkit.ops.gated_linear_attention._ChunkwiseGLA`, every
+    large tensor is a reused workspace buffer written by an ``out=`` op and the incoming gradient is
+    made contiguous once.
 
     Backward, per chunk: ``dDelta_n = P^T dy + (f k) dS_{n+1}``, ``dS_n = e_C dS_{n+1} + (e q)^T dy
     - W^T dDelta_n``; ``dU = dDelta``, ``dW = -dDelta S_n^T``; for ``X = T R`` with ``L = I + A``
-    unit lower triangular, ``dR = T^T dX`` and ``dA = -tril(dR X^T, -1)``, which with ``Delta_n = U
-    - W S_n`` reduce to ``dR = [dR_v | -dR_v S_n^T]`` and ``dA = -tril(dR_v Delta_n^T, -1)``
-    (``dR_v = T^T dDelta``). The decay enters only
-    through ``exp`` of differences of ``gamma`` (and ``gamma`` itself), so ``dL/dgamma_i`` collects
-    ``x dx`` for every such factor ``x`` (row sums minus column sums for ``M``), and the log decay's
-    gradient is the reverse cumulative sum of that over the chunk.
+    unit lower triangular, ``dR = T^T dX`` and ``dA = -tril(dR X^T, -1)``, which with ``Delta_n =
+    U - W S_n`` reduce to ``dR = [dR_v | -dR_v S_n^T]`` and ``dA = -tril(dR_v Delta_n^T, -1)``
+    (``dR_v = T^T dDelta``). The decay enters only through ``exp`` of differences of ``gamma`` (and
+    ``gamma`` itself), so ``dL/dgamma_i`` collects ``x dx`` for every such factor ``x`` (row sums
+    minus column sums for ``M``), and the log decay's gradient is the reverse cumulative sum of
+    that over the chunk.
     """
 
     @staticmethod
@@ -323,8 +325,9 @@ class _ChunkwiseDelta(torch.autograd.Function):
         dDelta = _mm(P.transpose(-1, -2), dyc)  # (G, N, C, V)
         dS_read = _mm(q_in.transpose(-1, -2), dyc)  # (G, N, K, V): (e q)^T dy
         # k's share of the end state, Delta_n dS_{n+1}^T, is formed here while dS_{n+1} is at hand:
-        # as one batched product after the loop it ran at ~60% of this rate (its right operand
-        # transposed and read from memory) and needed every dS_{n+1} copied out, twice the bytes.
+        # as one batched product after the loop it ran slower (56 against 68 GFLOP/s at T=8192, its
+        # right operand transposed and read from memory) and needed every dS_{n+1} copied out,
+        # twice the bytes of Delta_n dS_{n+1}^T.
         dk_end = _workspace((G, N, C, K), q)  # Delta_n dS_{n+1}^T
         end_dot = q.new_empty(G, N) if gated else None  # <dS_{n+1}, S_n>, for the carried decay e_C
         dS = dS_final.clone() if dS_final is not None else q.new_zeros(G, K, V)
