@@ -363,7 +363,6 @@ class _ChunkwiseDelta(torch.autograd.Function):
         if gated:
             dgamma_in = rowdot(dq_in, q).mul_(e[..., 0])  # (G, N, C): e enters as e q
             dq_in.mul_(e)
-        if gated:
             dk_end.mul_(f)  # k enters the end state as f k
             xf = rowdot(dk_end, k)  # (G, N, C): x dx of f
         dq = _addmm_(dq_in, dP, k)
