@@ -321,28 +321,31 @@ class _ChunkwiseDelta(torch.autograd.Function):
         else:
             dyc = _like(dy)
             dyc.copy_(dy)
-        # State gradients, carried backwards; dDelta starts as P^T dy and gets (f k) dS_{n+1} added.
-        dDelta = _mm(P.transpose(-1, -2), dyc)  # (G, N, C, V)
-        dS_read = _mm(q_in.transpose(-1, -2), dyc)  # (G, N, K, V): (e q)^T dy
-        # k's share of the end state, Delta_n dS_{n+1}^T, is formed here while dS_{n+1} is at hand:
-        # as one batched product after the loop it ran slower (56 against 68 GFLOP/s at T=8192, its
-        # right operand transposed and read from memory) and needed every dS_{n+1} copied out,
-        # twice the bytes of Delta_n dS_{n+1}^T.
+        # State gradients, carried backwards. Every product that involves dS_{n+1} or dDelta_n is
+        # formed in the loop, where they are in cache: dDelta_n = P^T dy + (f k) dS_{n+1},
+        # dR_v = T^T dDelta_n, k's share of the end state Delta_n dS_{n+1}^T, and dS_n; only dR_v
+        # and Delta_n dS_{n+1}^T are written out. As one batched product after the loop
+        # Delta_n dS_{n+1}^T ran slower (56 against 68 GFLOP/s at T=8192, its right operand
+        # transposed and read from memory) and needed every dS_{n+1} copied out; the others time
+        # the same either way, and here they need no dDelta and (e q)^T dy tensors (400 MB at
+        # T=8192; docs/benchmarks.md).
+        dRv = _workspace((G, N, C, V), q)  # T^T dDelta_n
         dk_end = _workspace((G, N, C, K), q)  # Delta_n dS_{n+1}^T
         end_dot = q.new_empty(G, N) if gated else None  # <dS_{n+1}, S_n>, for the carried decay e_C
         dS = dS_final.clone() if dS_final is not None else q.new_zeros(G, K, V)
-        delta = _workspace((G, C, V), q)
-        dk_n = _workspace((G, C, K), q)
+        delta, dRv_n, dk_n = _workspace((G, C, V), q), _workspace((G, C, V), q), _workspace((G, C, K), q)
         for n in range(N - 1, -1, -1):
             dk_end[:, n] = torch.bmm(Delta[:, n], dS.transpose(-1, -2), out=dk_n)
             if gated:
                 end_dot[:, n] = rowdot(dS.flatten(1), S_start[:, n].flatten(1))
-            torch.baddbmm(dDelta[:, n], k_out[:, n], dS, out=delta)  # (G, C, V)
-            dDelta[:, n] = delta
+            torch.bmm(P[:, n].transpose(-1, -2), dyc[:, n], out=delta)
+            torch.baddbmm(delta, k_out[:, n], dS, out=delta)  # dDelta_n (G, C, V); see _addmm_ on out=
+            dRv[:, n] = torch.bmm(Tinv[:, n].transpose(-1, -2), delta, out=dRv_n)
             if gated:
                 dS.mul_(e_end[:, n])
-            torch.baddbmm(dS.add_(dS_read[:, n]), W[:, n].transpose(-1, -2), delta, alpha=-1, out=dS)
-        del delta, dS_read
+            torch.baddbmm(dS, q_in[:, n].transpose(-1, -2), dyc[:, n], out=dS)
+            torch.baddbmm(dS, W[:, n].transpose(-1, -2), delta, alpha=-1, out=dS)
+        del delta, dRv_n, dk_n
         dS0 = dS
         dq_in = _mm(dyc, S_start.transpose(-1, -2))  # (G, N, C, K)
         dP = _mm(dyc, Delta.transpose(-1, -2))  # (G, N, C, C)
@@ -352,8 +355,6 @@ class _ChunkwiseDelta(torch.autograd.Function):
         # and dR_k = -dR_v S_n^T; dA = -(dR_v U^T + dR_k W^T) = -dR_v (U - W S_n)^T = -dR_v Delta_n^T
         # below the diagonal. Two products where the four of dW, T^T dW and dR X^T took twice the
         # FLOPs; the minus signs are carried in the names ending in _neg.
-        dRv = _mm(Tinv.transpose(-1, -2), dDelta)  # (G, N, C, V)
-        del dDelta
         dRk_neg = _mm(dRv, S_start.transpose(-1, -2))  # (G, N, C, K)
         dA_neg = _mm(dRv, Delta.transpose(-1, -2))  # (G, N, C, C)
         if gated:
