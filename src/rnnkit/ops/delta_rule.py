@@ -327,8 +327,8 @@ class _ChunkwiseDelta(torch.autograd.Function):
         # and Delta_n dS_{n+1}^T are written out. As one batched product after the loop
         # Delta_n dS_{n+1}^T ran slower (56 against 68 GFLOP/s at T=8192, its right operand
         # transposed and read from memory) and needed every dS_{n+1} copied out; the others time
-        # the same either way, and here they need no dDelta and (e q)^T dy tensors (400 MB at
-        # T=8192; docs/benchmarks.md).
+        # the same either way, and here they need no dDelta and (e q)^T dy tensors (peak memory of
+        # a step at T=8192: 2.27 against 2.52 GB; docs/benchmarks.md).
         dRv = _workspace((G, N, C, V), q)  # T^T dDelta_n
         dk_end = _workspace((G, N, C, K), q)  # Delta_n dS_{n+1}^T
         end_dot = q.new_empty(G, N) if gated else None  # <dS_{n+1}, S_n>, for the carried decay e_C
