@@ -2,6 +2,7 @@
 
     python benchmarks/delta_speed.py            # B=16, H=4, K=V=64, T in (512, 2048, 8192); ~4 min
     python benchmarks/delta_speed.py --quick    # T=512 only
+    python benchmarks/delta_speed.py --lengths 8192 --against b4e615c   # this kernel vs an older one
 
 Rows, each forward + backward of the op alone (``rnnkit.ops.delta_rule``), fp32, 2 threads:
 
@@ -14,6 +15,10 @@ Rows, each forward + backward of the op alone (``rnnkit.ops.delta_rule``), fp32,
   its file because ``import fla.ops`` needs triton. It takes no initial state and returns no state
   gradient, so it does a little less work than the rnnkit rows.
 
+With ``--against REV`` the chunk rows also run with ``delta_rule.py`` as it was at git revision
+``REV`` (read with ``git show``, imported against the current package), on the same inputs, and the
+last lines give each chunk row's speed over its older self: how a change to the kernel is measured.
+
 Ratios are against ``fla`` (and ``recurrent``) measured in the same run; candidates are interleaved
 and the best repetition counts, so load from other processes hits all of them alike. GFLOP/s counts
 the chunk algorithm's matmul work (forward, times 3 for forward + backward) and is printed next to
@@ -24,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import subprocess
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +53,16 @@ def load_fla_reference() -> Callable | None:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.delta_rule_chunkwise
+
+
+def kernel_at(rev: str) -> Callable:
+    """``delta_rule_chunk`` as ``src/rnnkit/ops/delta_rule.py`` was at git revision ``rev``."""
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "show", f"{rev}:src/rnnkit/ops/delta_rule.py"], cwd=root,
+                            capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType(f"delta_rule_at_{rev}")
+    exec(compile(source, f"{rev}:src/rnnkit/ops/delta_rule.py", "exec"), module.__dict__)
+    return module.delta_rule_chunk
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -102,17 +119,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="T=512 only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths T")
+    parser.add_argument("--against", metavar="REV", default=None,
+                        help="also time the chunk kernel of this git revision, side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     B, H, K, V, C = 16, 4, 64, 64, CHUNK_SIZE
     fla = load_fla_reference()
+    older = kernel_at(args.against) if args.against else None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, fwd+bwd, B={B} H={H} K={K} V={V}, "
           f"chunk {C}; fla reference: {'flash-linear-attention naive.py' if fla else 'not installed'}")
     mm = matmul_gflops()
     print(f"plain matmul 2048^3: {mm:.1f} GFLOP/s")
     header = f"{'T':>5} {'row':<22} {'tok/s':>10} {'vs fla':>7} {'vs recurrent':>12} {'GFLOP/s':>8} {'% matmul':>8}"
-    for T in (512,) if args.quick else (512, 2048, 8192):
+    for T in args.lengths or ((512,) if args.quick else (512, 2048, 8192)):
         print(header)
         candidates: dict[str, Callable[[], None]] = {}
         tokens: dict[str, int] = {}
@@ -121,6 +142,9 @@ def main() -> None:
             a = inputs(B, T, H, K, V, gated)
             candidates[f"{tag}chunk"] = train_step(delta_rule_chunk, a, with_state=True)
             tokens[f"{tag}chunk"] = B * T
+            if older is not None:
+                candidates[f"{tag}chunk @{args.against}"] = train_step(older, a, with_state=True)
+                tokens[f"{tag}chunk @{args.against}"] = B * T
             if T <= 2048:
                 candidates[f"{tag}recurrent"] = train_step(delta_rule_recurrent, a, with_state=True)
                 tokens[f"{tag}recurrent"] = B * T
@@ -143,6 +167,10 @@ def main() -> None:
             gflops = 3 * chunk_flops(T, K, V, C) * H * tokens[name] / T / best[name] / 1e9 if "chunk" in name else None
             flops_cols = f"{gflops:8.1f} {100 * gflops / mm:7.0f}%" if gflops else f"{'':8} {'':8}"
             print(f"{T:>5} {name:<22} {rate[name]:>10,.0f} {vs_fla:>6.2f}x {vs_rec:>11.1f}x {flops_cols}", flush=True)
+        if older is not None:
+            for tag in ("", "gated "):
+                print(f"{T:>5} {tag}chunk / {tag}chunk @{args.against}: "
+                      f"{rate[f'{tag}chunk'] / rate[f'{tag}chunk @{args.against}']:.2f}x")
 
 
 if __name__ == "__main__":
