@@ -201,9 +201,19 @@ def _inplace_mm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) ->
     return 2 * math.prod(a_shape) * b_shape[-1]
 
 
+def _triangular_solve_flops(a_shape, b_shape, *args, left=True, unitriangular=False, **kwargs) -> int:
+    """``solve_triangular`` with an (n, n) matrix: n (n - 1) FLOPs per right-hand-side column with a
+    unit diagonal (n^2 without), the count of LAPACK's substitution (the delta-rule kernel's inverse)."""
+    n = a_shape[-1]
+    columns = math.prod(b_shape) // n  # over the batch; with left=False the rows are the columns
+    return columns * n * (n - 1 if unitriangular else n)
+
+
 # torch's counter has formulas for baddbmm / addmm but not for their in-place forms, which the
 # chunk kernels use to accumulate into reused buffers: without these, those matmuls count zero.
-INPLACE_MM = {torch.ops.aten.baddbmm_: _inplace_mm_flops, torch.ops.aten.addmm_: _inplace_mm_flops}
+# Nor for triangular solves.
+INPLACE_MM = {torch.ops.aten.baddbmm_: _inplace_mm_flops, torch.ops.aten.addmm_: _inplace_mm_flops,
+              torch.ops.aten.linalg_solve_triangular: _triangular_solve_flops}
 
 
 def flops(fn: Callable, inputs: list[torch.Tensor]) -> int:

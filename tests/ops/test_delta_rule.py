@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from rnnkit.errors import InputError
 from rnnkit.ops.delta_rule import (
     _unit_lower_inverse,
-    _unit_lower_inverse_rows,
     delta_rule_chunk,
     delta_rule_parallel,
     delta_rule_recurrent,
@@ -136,17 +135,33 @@ def test_bad_input(change, match):
         delta_rule_chunk(**change(args))
 
 
-@pytest.mark.parametrize("C", [1, 7, 8, 16, 32, 64, 37])
-def test_unit_lower_inverse_matches_triangular_solve(C):
-    """The explicit (I + A)^{-1} of the chunk kernel: blocked path (C = 8 * 2^m) and the any-C path."""
+@pytest.mark.parametrize("C", [1, 7, 32, 64, 37])
+def test_unit_lower_inverse_is_the_inverse(C):
+    """The explicit (I + A)^{-1} of the chunk kernel reads only A's strictly lower triangle and
+    agrees with inverting I + A (LU with pivoting, a different algorithm) to rounding."""
     gen = torch.Generator().manual_seed(C)
     A = (torch.randn(3, 2, C, C, dtype=torch.float64, generator=gen) * 0.5).tril(-1)
     A_dirty = A + torch.randn(3, 2, C, C, dtype=torch.float64, generator=gen).triu()  # only below the diagonal counts
     eye = torch.eye(C, dtype=torch.float64)
-    expected = torch.linalg.solve_triangular(A + eye, eye.expand(3, 2, C, C), upper=False, unitriangular=True)
-    tol = 1e-14 * float(expected.abs().max())  # random A: entries of the inverse grow to ~1e3 at C = 64
-    assert torch.allclose(_unit_lower_inverse(A_dirty), expected, atol=tol, rtol=0)
-    assert torch.allclose(_unit_lower_inverse_rows(A_dirty, 4), expected, atol=tol, rtol=0)
+    expected = torch.linalg.inv(A + eye)
+    tol = 1e-13 * float(expected.abs().max())  # random A: entries of the inverse grow to ~1e3 at C = 64
+    T = _unit_lower_inverse(A_dirty)
+    assert torch.allclose(T, expected, atol=tol, rtol=0)
+    assert torch.allclose((A + eye) @ T, eye.expand(3, 2, C, C), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unit_lower_inverse_in_lower_precisions(dtype):
+    """fp32 solves natively; bf16 and fp16 (no LAPACK solve) solve in fp32 and round once."""
+    gen = torch.Generator().manual_seed(0)
+    k = F.normalize(torch.randn(4, 16, 8, dtype=torch.float64, generator=gen), dim=-1)
+    A = (k @ k.mT * torch.rand(4, 16, 1, dtype=torch.float64, generator=gen)).tril(-1)
+    expected = torch.linalg.inv(A + torch.eye(16, dtype=torch.float64))
+    T = _unit_lower_inverse(A.to(dtype))
+    assert T.dtype == dtype
+    # the solve's error in its working precision plus one rounding of A and of the result
+    tol = 8 * torch.finfo(dtype).eps * float(expected.abs().max())
+    assert torch.allclose(T.double(), expected, atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
