@@ -239,8 +239,9 @@ class _ChunkwiseDelta(torch.autograd.Function):
     ``T`` is formed explicitly, in the working precision (:func:`_unit_lower_inverse`): with ``T``
     at hand, ``U``, ``W`` and the backward's ``T^T dDelta`` are batched matmuls, and the solve's
     backward is two more. ``beta`` (and ``e``) scale the columns of ``T`` rather than ``v`` and
-    ``k``. Only the state products run in a loop over chunks (forwards for ``S_n``, backwards for ``dS_n`` and
-    ``Delta_n dS_{n+1}^T``). As in :class:`~rnnkit.ops.gated_linear_attention._ChunkwiseGLA`, every
+    ``k``. Chunks longer than ``DIRECT_SOLVE_ABOVE`` (the parallel form) solve for ``U`` and ``W``
+    instead, for accuracy. Only the state products run in a loop over chunks (forwards for
+    ``S_n``, backwards for ``dS_n`` and ``Delta_n dS_{n+1}^T``). As in :class:`~rnnkit.ops.gated_linear_attention._ChunkwiseGLA`, every
     large tensor is a reused workspace buffer written by an ``out=`` op and the incoming gradient is
     made contiguous once.
 
@@ -280,9 +281,9 @@ class _ChunkwiseDelta(torch.autograd.Function):
         # (G, N, C, C), in the working precision: formed in fp64 it cost 7% of a step at T=8192 and
         # moved the kernel's error against an fp64 run by 1-3% (docs/benchmarks.md).
         Tinv = _unit_lower_inverse(A)  # reads only the strictly lower triangle of A
-        # [U | W] = T [beta v | beta e k], with beta (and e) scaling T's columns instead of v and k:
-        # a pass over (C, C) matrices instead of two over (C, 64) ones, and no right-hand-side tensor.
         if C <= DIRECT_SOLVE_ABOVE:
+            # [U | W] = T [beta v | beta e k], with beta (and e) scaling T's columns instead of v and
+            # k: a pass over (C, C) matrices instead of two over (C, 64) ones, and no right-hand side.
             T_scaled = torch.mul(Tinv, beta[..., None, :], out=_like(Tinv))
             U = _mm(T_scaled, v)  # (G, N, C, V)
             if gated:
