@@ -176,3 +176,13 @@ def test_chunk_gradients_from_outputs_alone(gated):
         grads.append(torch.autograd.grad((y**2).sum(), [t for t in leaves if t is not None]))
     for a, e in zip(*grads[::-1]):
         assert_close(a, e, kind="grad", what="d (y^2).sum()")
+
+
+def test_parallel_without_gradients_skips_nothing_it_needs():
+    """Long chunks form the explicit inverse only for the backward; without gradients they match the loop."""
+    inputs = make_inputs(2, 40, 2, 5, 4, torch.float64, gated=True, beta_max=2.0)
+    y_ref, S_ref = delta_rule_recurrent(*inputs)
+    with torch.no_grad():
+        y, S = delta_rule_parallel(*inputs)
+    assert_close(y, y_ref, what="parallel, no grad: y")
+    assert_close(S, S_ref, what="parallel, no grad: final state")

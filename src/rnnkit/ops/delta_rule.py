@@ -241,9 +241,9 @@ class _ChunkwiseDelta(torch.autograd.Function):
     backward is two more. ``beta`` (and ``e``) scale the columns of ``T`` rather than ``v`` and
     ``k``. Chunks longer than ``DIRECT_SOLVE_ABOVE`` (the parallel form) solve for ``U`` and ``W``
     instead, for accuracy. Only the state products run in a loop over chunks (forwards for
-    ``S_n``, backwards for ``dS_n`` and ``Delta_n dS_{n+1}^T``). As in :class:`~rnnkit.ops.gated_linear_attention._ChunkwiseGLA`, every
-    large tensor is a reused workspace buffer written by an ``out=`` op and the incoming gradient is
-    made contiguous once.
+    ``S_n``, backwards for ``dS_n`` and ``Delta_n dS_{n+1}^T``). As in
+    :class:`~rnnkit.ops.gated_linear_attention._ChunkwiseGLA`, every large tensor is a reused
+    workspace buffer written by an ``out=`` op and the incoming gradient is made contiguous once.
 
     Backward, per chunk: ``dDelta_n = P^T dy + (f k) dS_{n+1}``, ``dS_n = e_C dS_{n+1} + (e q)^T dy
     - W^T dDelta_n``; ``dU = dDelta``, ``dW = -dDelta S_n^T``; for ``X = T R`` with ``L = I + A``
@@ -279,9 +279,11 @@ class _ChunkwiseDelta(torch.autograd.Function):
             P.mul_(_causal_float(C, q))
             q_in, k_out = q, k
         # (G, N, C, C), in the working precision: formed in fp64 it cost 7% of a step at T=8192 and
-        # moved the kernel's error against an fp64 run by 1-3% (docs/benchmarks.md).
-        Tinv = _unit_lower_inverse(A)  # reads only the strictly lower triangle of A
-        if C <= DIRECT_SOLVE_ABOVE:
+        # moved the kernel's error against an fp64 run by 1-3% (docs/benchmarks.md). Long chunks
+        # need it only for the backward.
+        direct = C > DIRECT_SOLVE_ABOVE
+        Tinv = _unit_lower_inverse(A) if not direct or any(ctx.needs_input_grad) else None
+        if not direct:
             # [U | W] = T [beta v | beta e k], with beta (and e) scaling T's columns instead of v and
             # k: a pass over (C, C) matrices instead of two over (C, 64) ones, and no right-hand side.
             T_scaled = torch.mul(Tinv, beta[..., None, :], out=_like(Tinv))
@@ -413,8 +415,8 @@ def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
     One batched triangular solve ``(I + A) T = I``, written in place into a workspace buffer that
     starts as the identity (``solve_triangular`` with ``out`` the right-hand side solves in place:
     no copy of ``A`` or of the result). On the 2-core CPU at T=8192 this takes 2.5x less time than
-    the blocked forward substitution in batched matmuls it replaces (0.04 s against 0.10 s a step;
-    docs/benchmarks.md), with the same accuracy: each column is a forward substitution.
+    the blocked forward substitution in batched matmuls it replaces (0.04 s against 0.10 s a step),
+    and the kernel's accuracy against an fp64 run is unchanged (docs/benchmarks.md).
     """
     T = _like(A)
     T.copy_(torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A))
