@@ -77,6 +77,81 @@ def test_mild_gates_take_the_kernel(gates, monkeypatch):
         run(form, args, [130, 66])
 
 
+@pytest.mark.parametrize("force", [True, False])
+@pytest.mark.parametrize("gates", ["mild", "mild-wide-i"])
+def test_both_weight_forms_match_loop(gates, force, monkeypatch):
+    """The kernel's intra-chunk weights formed from row and column factors, or directly, whichever
+    the bound would choose: both match the loop (fp64, where neither overflows)."""
+    monkeypatch.setattr(mlstm_ops, "_weights_factor", lambda rise, dtype: force)
+    args = inputs(130, torch.float64, **GATES[gates])
+    lengths = [130, 66]
+    h_ref, s_ref, g_ref = run(mlstm_recurrent, args, lengths)
+    for name in ("chunk16", "chunk64"):
+        h, s, g = run(FORMS[name], args, lengths)
+        assert_close(h, h_ref, what=f"{name}: h")
+        for a, b in zip((*s, *g), (*s_ref, *g_ref)):
+            assert_close(a, b, kind="grad", what=name)
+
+
+@pytest.mark.parametrize("gates, factor", [("mild", True), ("mild-wide-i", False)])
+def test_weight_form_chosen_by_the_bound(gates, factor, monkeypatch):
+    """The paper's gates factor the weights; input gates of +-30 give row factors beyond the bound
+    and take the direct form (test_forms_match_loop_fp64 covers both through this choice)."""
+    chosen = []
+    decide = mlstm_ops._weights_factor
+
+    def spy(rise, dtype):
+        chosen.append(decide(rise, dtype))
+        return chosen[-1]
+
+    monkeypatch.setattr(mlstm_ops, "_weights_factor", spy)
+    run(mlstm_chunk, inputs(130, torch.float64, **GATES[gates]), None)
+    assert chosen == [factor]
+
+
+def test_weight_factor_bound_per_dtype():
+    rise = torch.tensor([[0.0, 19.5]])
+    assert mlstm_ops._weights_factor(rise, torch.float32)
+    assert mlstm_ops._weights_factor(rise, torch.bfloat16)
+    assert not mlstm_ops._weights_factor(rise + 1, torch.float32)
+    # fp16 overflows at e^11: its bound is a quarter of that
+    assert not mlstm_ops._weights_factor(torch.tensor([3.0]), torch.float16)
+    assert mlstm_ops._weights_factor(torch.tensor([2.5]), torch.float16)
+
+
+def test_weight_forms_equally_accurate_fp32(monkeypatch):
+    """In fp32 the factored weights are about as close to the fp64 loop as the directly formed ones
+    and the fp32 loop: every output and gradient within twice the larger of their errors."""
+    args64 = inputs(256, torch.float64, B=2, H=2, K=16, V=16, **GATES["mild"])
+    gen = torch.Generator().manual_seed(1)
+    shapes = ((2, 2, 256, 16), (2, 2, 16, 16), (2, 2, 16), (2, 2))
+    weights = [torch.randn(shape, dtype=torch.float64, generator=gen) for shape in shapes]
+
+    def errors(form, dtype):
+        args = [a.detach().to(dtype).requires_grad_() for a in args64]
+        h, state = form(*args[:5], MLSTMState(*args[5:]))
+        loss = sum((t * w.to(dtype)).sum() for t, w in zip((h, *state), weights))
+        got = (h, *state, *torch.autograd.grad(loss, args))
+        return [((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, truth)]
+
+    truth = _outputs_fp64(args64, weights)
+    loop = errors(mlstm_recurrent, torch.float32)
+    by_form = {}
+    for force in (True, False):
+        monkeypatch.setattr(mlstm_ops, "_weights_factor", lambda rise, dtype, force=force: force)
+        by_form[force] = errors(mlstm_chunk, torch.float32)
+    assert max(loop) < 1e-4  # the comparison is meaningful: fp32 rounding, not a mismatch
+    for i, (factored, direct, looped) in enumerate(zip(by_form[True], by_form[False], loop)):
+        assert factored <= 2 * max(direct, looped), (i, factored, direct, looped)
+
+
+def _outputs_fp64(args64, weights):
+    args = [a.detach().clone().requires_grad_() for a in args64]
+    h, state = mlstm_recurrent(*args[:5], MLSTMState(*args[5:]))
+    loss = sum((t * w).sum() for t, w in zip((h, *state), weights))
+    return (h, *state, *torch.autograd.grad(loss, args))
+
+
 def test_large_gates_fp32_stable():
     """Gate pre-activations of +-60 (exp(60) overflows fp32 unstabilised): every fp32 form stays
     finite and as close to the fp64 loop as the fp32 loop is (the ratio num / max(|den|, exp(-m))

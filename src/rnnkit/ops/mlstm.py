@@ -59,6 +59,13 @@ from rnnkit.ops.gated_linear_attention import (
 #: form with segment sums.
 MILD_BOUND = 16.0
 
+#: In the kernel, the intra-chunk weights ``exp(c_j - X_i)`` are formed as the product of a row
+#: factor ``exp(Y_n - X_i)`` and the column factor ``exp(c_j - Y_n)`` already taken for the chunk's
+#: end state, when every row factor's exponent is at most this (and at most a quarter of the dtype's
+#: overflow exponent): the factors stay far from overflow and underflow, and the (C, C) weight
+#: matrix costs one pass instead of four (subtract, clamp, exp, mask).
+FACTOR_BOUND = 20.0
+
 
 class MLSTMState(NamedTuple):
     """mLSTM state: ``C`` (B, H, K, V) and ``n`` (B, H, K) scaled by ``exp(-m)``, ``m`` (B, H)."""
@@ -222,6 +229,15 @@ def _chunked_strong(q, k, v, log_i, log_f, S, n, m, eps):
     return h, S, n, m
 
 
+def _weights_factor(rise: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the kernel's intra-chunk weights are formed from row and column factors: every row
+    factor's exponent ``rise = Y_n - X_i`` (G, N, C) within :data:`FACTOR_BOUND` and a quarter of
+    ``dtype``'s overflow exponent (fp32 and bf16: 22; fp16: 2.8), so that the row factors, and the
+    gradients they scale, stay finite."""
+    bound = min(FACTOR_BOUND, math.log(torch.finfo(dtype).max) / 4)
+    return bool(rise.max() <= bound)
+
+
 class _ChunkwiseMLSTM(torch.autograd.Function):
     """Chunkwise mLSTM for mild decays, with a hand-written backward.
 
@@ -232,7 +248,11 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
     difference with that maximum: intra-chunk weights ``P_ij = exp(c_j - X_i)``, the carried
     state's read-out factor ``exp(m_n - X_i)``, the chunk's share of its end state
     ``exp(c_j - Y_n)`` and the carry ``exp(m_n - Y_n)`` with ``Y_n = max(m_n, max_j c_j)`` and
-    ``m_{n+1} = b_C + Y_n``; all ``<= 0`` in the exponent.
+    ``m_{n+1} = b_C + Y_n``; all ``<= 0`` in the exponent. When every ``Y_n - X_i`` is within
+    :data:`FACTOR_BOUND` (:func:`_weights_factor`), ``P_ij = exp(Y_n - X_i) exp(c_j - Y_n)``: the
+    scores are ``(q k_end^T) ⊙ R`` with ``k_end = k exp(c - Y_n)`` (the chunk's end-state keys) and
+    ``R_ij = exp(Y_n - X_i)`` masked to ``j <= i``. Each entry of ``R`` may be large but its product
+    with the matching column factor is a weight ``<= 1``.
 
     Backward. ``h`` depends on the stabilisers only through the denominator: with every stabiliser
     held fixed the kernel is a gated linear attention (``C``, ``n`` carried with decay
@@ -286,13 +306,22 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         c_cum, c_cum_arg = torch.cummax(c, -1)  # (G, N, C)
         inter_wins = m_start[..., None] >= c_cum  # m_t came from the carried m (else log i at c_cum_arg)
         X = torch.maximum(c_cum, m_start[..., None])  # (G, N, C) = m_t - b_t
+        # P: the weights, or their row factors R when they factor (see the class docstring); the
+        # scores are (q k^T) ⊙ P or (q k_end^T) ⊙ R, and their gradient is taken w.r.t. that product
         P = _workspace((G, N, C, C), q)
-        torch.sub(c[..., None, :], X[..., :, None], out=P)  # c_j - X_i <= 0 for j <= i
-        # Clamped: exp of an argument where the result underflows (or of -inf) runs ~10-50x slower
-        # than exp of a normal argument; a weight below the smallest normal number is rounding
-        # anyway. Above the diagonal the argument may be positive: clamped to 0, then masked.
-        P.clamp_(min=math.log(torch.finfo(q.dtype).tiny) + 1, max=0).exp_().mul_(_causal_float(C, q))
-        scores = _mm(q, k.transpose(-1, -2)).mul_(P)  # (G, N, C, C)
+        rise = Y[..., None] - X  # (G, N, C) >= 0
+        factor = _weights_factor(rise, q.dtype)
+        if factor:
+            torch.mul(_causal_float(C, q), rise.exp_()[..., None], out=P)
+            scores = _mm(q, k_end.transpose(-1, -2)).mul_(P)  # (G, N, C, C)
+        else:
+            torch.sub(c[..., None, :], X[..., :, None], out=P)  # c_j - X_i <= 0 for j <= i
+            # Clamped: exp of an argument where the result underflows (or of -inf) runs ~10-50x
+            # slower than exp of a normal argument; a weight below the smallest normal number is
+            # rounding anyway. Above the diagonal the argument may be positive: clamped to 0, then
+            # masked.
+            P.clamp_(min=math.log(torch.finfo(q.dtype).tiny) + 1, max=0).exp_().mul_(_causal_float(C, q))
+            scores = _mm(q, k.transpose(-1, -2)).mul_(P)  # (G, N, C, C)
         r = torch.exp(m_start[..., None] - X)  # (G, N, C) read-out factor of the carried state, <= 1
         q_inter = torch.mul(q, r[..., None], out=_like(q))
         num = _addmm_(_mm(q_inter, S_start), scores, v)  # (G, N, C, V) C_t^T q_t
@@ -302,6 +331,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         Dn = torch.maximum(den.abs(), lower).add_(eps)
         h = num.div_(Dn[..., None])
         ctx.eps = eps
+        ctx.factor = factor
         ctx.save_for_backward(
             q, k, v, k_end, q_inter, r, e, P, scores, S_start, n_start, S, n_fin, S0, n0, alpha, h, Dn,
             torch.where(active, den.sign(), 0), c_arg, carry_wins, c_cum_arg, inter_wins,
@@ -356,12 +386,16 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         d_end[:, :-1] += (du[:, :-1] * n_start[:, 1:]).sum(-1)
         d_end[:, -1] += (du[:, -1] * n_fin).sum(-1)
 
-        dscores = _mm(dnum, v.transpose(-1, -2)).add_(dden[..., None]).mul_(P)  # (G, N, C, C) w.r.t. q k^T
+        dscores = _mm(dnum, v.transpose(-1, -2)).add_(dden[..., None]).mul_(P)  # (G, N, C, C)
         dv = _addmm_(_mm(scores.transpose(-1, -2), dnum), k_end, dU)
         dq = _mm(dnum, S_start.transpose(-1, -2)).addcmul_(dden[..., None], n_start[:, :, None, :])
-        dq = _addmm_(dq.mul_(r[..., None]), dscores, k)
-        dk_end = _mm(v, dU.transpose(-1, -2)).add_(du[:, :, None, :])
-        dk = _addmm_(dk_end.mul_(e[..., None]), dscores.transpose(-1, -2), q)
+        dk_end = _mm(v, dU.transpose(-1, -2)).add_(du[:, :, None, :])  # w.r.t. k_end
+        if ctx.factor:  # the scores' keys are k_end: their gradient joins dk_end before the e scale
+            dq = _addmm_(dq.mul_(r[..., None]), dscores, k_end)
+            dk = _addmm_(dk_end, dscores.transpose(-1, -2), q).mul_(e[..., None])
+        else:
+            dq = _addmm_(dq.mul_(r[..., None]), dscores, k)
+            dk = _addmm_(dk_end.mul_(e[..., None]), dscores.transpose(-1, -2), q)
         del dscores, dnum, dU
 
         # Gates with every stabiliser held fixed: log i_j enters as exp(log i_j) k_j, b as GLA's
