@@ -47,6 +47,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
+from rnnkit.ops._blas import ChunkProducts
 from rnnkit.ops.gated_linear_attention import (
     _addmm_,
     _causal_float,
@@ -303,17 +304,15 @@ class _ChunkwiseDelta(torch.autograd.Function):
             W = _solve_unit_lower_(A, rhs.mul_(e) if gated else rhs)  # (G, N, C, K)
         # The only sequential part: the state entering each chunk and what each chunk writes.
         S_start = _workspace((G, N, K, V), q)
-        Delta = _workspace((G, N, C, V), q)
-        delta = _workspace((G, C, V), q)
-        S = S0.clone()
+        Delta = U  # Delta_n = U_n - W_n S_n, overwritten chunk by chunk
+        S = S0.clone()  # the running state, updated in place (its address is fixed for the plan)
+        subtract_ws = ChunkProducts(W, S, Delta, alpha=-1.0, beta=1.0)
         for n in range(N):
             S_start[:, n] = S
-            torch.baddbmm(U[:, n], W[:, n], S, alpha=-1, out=delta)  # (G, C, V)
-            Delta[:, n] = delta
+            subtract_ws(n)  # (G, C, V)
             if gated:
                 S.mul_(e_end[:, n])
-            torch.baddbmm(S, k_out[:, n].transpose(-1, -2), delta, out=S)  # (G, K, V); see _addmm_ on out=S
-        del delta
+            torch.baddbmm(S, k_out[:, n].transpose(-1, -2), Delta[:, n], out=S)  # (G, K, V); see _addmm_ on out=S
         y = _addmm_(_mm(q_in, S_start), P, Delta)  # (G, N, C, V)
         del U
         ctx.save_for_backward(q, k, v, beta, P, Tinv, W, q_in, k_out, S_start, Delta, A if gated else None,
@@ -348,20 +347,22 @@ class _ChunkwiseDelta(torch.autograd.Function):
         dRv = _workspace((G, N, C, V), q)  # T^T dDelta_n
         dk_end = _workspace((G, N, C, K), q)  # Delta_n dS_{n+1}^T
         end_dot = q.new_empty(G, N) if gated else None  # <dS_{n+1}, S_n>, for the carried decay e_C
-        dS = dS_final.clone() if dS_final is not None else q.new_zeros(G, K, V)
-        delta, dRv_n, dk_n = _workspace((G, C, V), q), _workspace((G, C, V), q), _workspace((G, C, K), q)
+        dS = dS_final.clone() if dS_final is not None else q.new_zeros(G, K, V)  # updated in place
+        delta = _workspace((G, C, V), q)
+        k_share = ChunkProducts(Delta, dS.transpose(-1, -2), dk_end)
+        solve_share = ChunkProducts(Tinv.transpose(-1, -2), delta, dRv)
         for n in range(N - 1, -1, -1):
-            dk_end[:, n] = torch.bmm(Delta[:, n], dS.transpose(-1, -2), out=dk_n)
+            k_share(n)
             if gated:
                 end_dot[:, n] = rowdot(dS.flatten(1), S_start[:, n].flatten(1))
             torch.bmm(P[:, n].transpose(-1, -2), dyc[:, n], out=delta)
             torch.baddbmm(delta, k_out[:, n], dS, out=delta)  # dDelta_n (G, C, V); see _addmm_ on out=
-            dRv[:, n] = torch.bmm(Tinv[:, n].transpose(-1, -2), delta, out=dRv_n)
+            solve_share(n)
             if gated:
                 dS.mul_(e_end[:, n])
             torch.baddbmm(dS, q_in[:, n].transpose(-1, -2), dyc[:, n], out=dS)
             torch.baddbmm(dS, W[:, n].transpose(-1, -2), delta, alpha=-1, out=dS)
-        del delta, dRv_n, dk_n
+        del delta, k_share, solve_share
         dS0 = dS
         dq_in = _mm(dyc, S_start.transpose(-1, -2))  # (G, N, C, K)
         dP = _mm(dyc, Delta.transpose(-1, -2))  # (G, N, C, C)
