@@ -25,17 +25,15 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import threading
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from rnnkit.ops._lazy import LazyResource
+
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _SYMBOLS = {torch.float32: "cblas_sgemm_batch", torch.float64: "cblas_dgemm_batch"}
 
-_lock = threading.Lock()
-_functions: dict[torch.dtype, ctypes._CFuncPtr] | None = None
-_reason: str | None = None
 
 
 def _find_functions() -> dict[torch.dtype, ctypes._CFuncPtr]:
@@ -53,50 +51,43 @@ def _find_functions() -> dict[torch.dtype, ctypes._CFuncPtr]:
     return functions
 
 
-def _self_test() -> None:
+def _self_test(functions) -> None:
     gen = torch.Generator().manual_seed(0)
     for dtype in _SYMBOLS:
         a = torch.randn(3, 2, 5, 4, dtype=dtype, generator=gen)
         b = torch.randn(3, 6, 4, dtype=dtype, generator=gen).transpose(-1, -2)  # (3, 4, 6), column-major
         c = torch.randn(3, 2, 5, 6, dtype=dtype, generator=gen)
         want = c[:, 1] * 0.5 - 2 * a[:, 1] @ b
-        ChunkProducts(a, b, c, alpha=-2.0, beta=0.5, force_blas=True)(1)
+        ChunkProducts(a, b, c, alpha=-2.0, beta=0.5, functions=functions)(1)
         if not torch.allclose(c[:, 1], want, rtol=1e-5, atol=1e-5):
             raise RuntimeError(f"{_SYMBOLS[dtype]} gave a wrong product in its self-test")
 
 
+def _load() -> dict[torch.dtype, ctypes._CFuncPtr]:
+    functions = _find_functions()
+    _self_test(functions)
+    return functions
+
+
+_FUNCTIONS = LazyResource(_load, "RNNKIT_NO_BLAS")
+
+
 def _library() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
-    global _functions, _reason
-    if _functions is not None or _reason is not None:
-        return _functions
-    with _lock:
-        if _functions is None and _reason is None:
-            if os.environ.get("RNNKIT_NO_BLAS", "") not in ("", "0"):
-                _reason = "disabled by RNNKIT_NO_BLAS"
-            else:
-                try:
-                    _functions = _find_functions()
-                    _self_test()
-                except Exception as err:  # noqa: BLE001 - any failure means "use torch.bmm"
-                    _functions, _reason = None, f"{type(err).__name__}: {err}"
-    return _functions
+    return _FUNCTIONS.get()
 
 
 def available() -> bool:
     """Whether products run through MKL's batch interface (looked up on the first call)."""
-    return _library() is not None
+    return _FUNCTIONS.get() is not None
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`available` is False (None when it is True)."""
-    _library()
-    return _reason
+    return _FUNCTIONS.unavailable_reason()
 
 
 def _reset_for_tests() -> None:
-    global _functions, _reason
-    with _lock:
-        _functions, _reason = None, None
+    _FUNCTIONS.reset()
 
 
 def _operand(t: torch.Tensor) -> tuple[int, int] | None:
@@ -124,7 +115,7 @@ class ChunkProducts:
     every tensor off the MKL path, go through ``torch.bmm`` and a copy.
     """
 
-    def __init__(self, A, B, C, alpha: float = 1.0, beta: float = 0.0, force_blas: bool = False):
+    def __init__(self, A, B, C, alpha: float = 1.0, beta: float = 0.0, functions=None):
         if C.dim() != 4:
             raise ValueError(f"C: expected (G, N, m, p), got shape {tuple(C.shape)}")
         G, N, m, p = C.shape
@@ -135,7 +126,7 @@ class ChunkProducts:
             if t.dtype != C.dtype or t.device != C.device:
                 raise ValueError(f"{name}: expected {C.dtype} on {C.device}, got {t.dtype} on {t.device}")
         self.A, self.B, self.C, self.alpha, self.beta, self.N = A, B, C, alpha, beta, N
-        functions = _functions if force_blas else self._blas_for(A, B, C)
+        functions = functions or self._blas_for(A, B, C)  # given: the loader's self-test
         layouts = [_operand(t) for t in (A, B, C)]
         if functions is None or None in layouts or layouts[2][0] != _NO_TRANS:
             self.fn = None

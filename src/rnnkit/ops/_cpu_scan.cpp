@@ -1,4 +1,5 @@
-// Fused CPU linear scan h_t = a_t * h_{t-1} + b_t and its reverse-scan backward (rnnkit.ops.scan).
+// Fused CPU linear scan h_t = a_t * h_{t-1} + b_t and its reverse-scan backward (rnnkit.ops.scan),
+// and the chunk kernels' fused row pass (rnnkit.ops._rows, at the end).
 //
 // Tensors are contiguous (B, T, S); complex ones are interleaved (re, im) pairs and S counts
 // complex elements. Channels (b, s) are independent, so threads split the B * S channels into
@@ -23,6 +24,21 @@ constexpr int64_t kMinPerThread = int64_t(1) << 15;
 // Rows are split into s-blocks no smaller than this (keeps the inner loop long enough to vectorise).
 constexpr int64_t kMinBlock = 64;
 
+// Calls run(u0, u1) for `want` disjoint ranges covering [0, units), each on its own thread (the
+// first on the caller's).
+template <class Run>
+void split_units(int64_t units, int64_t want, const Run& run) {
+  if (want <= 1) {
+    run(0, units);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(want - 1);
+  for (int64_t k = 1; k < want; ++k) pool.emplace_back(run, units * k / want, units * (k + 1) / want);
+  run(0, units / want);
+  for (auto& th : pool) th.join();
+}
+
 // Calls body(batch, s0, s1) for disjoint units covering all B x S channels, on up to nthreads threads.
 template <class Body>
 void for_channels(int64_t B, int64_t T, int64_t S, int nthreads, const Body& body) {
@@ -34,21 +50,12 @@ void for_channels(int64_t B, int64_t T, int64_t S, int nthreads, const Body& bod
   const int64_t block = (S + blocks - 1) / blocks;
   const int64_t units = B * blocks;
   want = std::min<int64_t>(want, units);
-  auto run = [&](int64_t u0, int64_t u1) {
+  split_units(units, want, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t bi = u / blocks, s0 = (u % blocks) * block;
       body(bi, s0, std::min(S, s0 + block));
     }
-  };
-  if (want <= 1) {
-    run(0, units);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(want - 1);
-  for (int64_t k = 1; k < want; ++k) pool.emplace_back(run, units * k / want, units * (k + 1) / want);
-  run(0, units / want);
-  for (auto& th : pool) th.join();
+  });
 }
 
 template <class R>
@@ -195,7 +202,92 @@ void bwd_complex(const R* a, const R* h, const R* h0, const R* gh, R* da, R* db,
   });
 }
 
+// Calls body(g0, g1) for disjoint ranges of groups covering [0, groups), on up to nthreads threads.
+template <class Body>
+void for_groups(int64_t groups, int64_t work, int nthreads, const Body& body) {
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>({int64_t(nthreads), work / kMinPerThread, groups}));
+  split_units(groups, want, body);
+}
+
+// Dot product of two rows with 8 partial sums, so that the compiler vectorises it without
+// reassociating one sum (no -ffast-math).
+template <class R>
+R row_dot(const R* __restrict__ u, const R* __restrict__ v, int64_t D) {
+  R p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int j = 0; j < 8; ++j) p[j] += u[d + j] * v[d + j];
+  for (; d < D; ++d) p[0] += u[d] * v[d];
+  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+// The fused row pass of rnnkit.ops._rows.row_pass: rows i of an (rows, D) matrix x (row stride
+// x_rs, column stride x_cs; 0, 0 for a broadcast scalar) in groups of `group` consecutive rows
+// (g = i / group). Per row:
+//   t = (x_i + a_i vec_g) * s_i        a null: a_i = 1; vec null: nothing added; s null: s_i = 1;
+//                                      s_full (rows, D): elementwise with its row i instead
+//   out_i = t                          out null: not written (out may be x itself)
+//   dot_i = t . y_i or t . yvec_g      dot null: not computed
+//   col_g = sum_i w_i t                col null: not computed; w null: w_i = 1
+// vec and yvec step vec_gs / yvec_gs elements per group (0: one row for every group). Threads
+// take whole groups, so each col_g has one writer. out, y, s_full, vec, yvec, col: contiguous rows.
+template <class R>
+void row_pass(int64_t rows, int64_t D, int64_t group, const R* x, int64_t x_rs, int64_t x_cs, const R* a,
+              const R* vec, int64_t vec_gs, const R* s, const R* s_full, R* out, const R* y, const R* yvec,
+              int64_t yvec_gs, R* dot, const R* w, R* col, int nthreads) {
+  const int64_t groups = rows / group;
+  for_groups(groups, rows * D, nthreads, [=](int64_t g0, int64_t g1) {
+    std::vector<R> scratch(out ? 0 : D);
+    for (int64_t g = g0; g < g1; ++g) {
+      R* __restrict__ c = col ? col + g * D : nullptr;
+      if (c)
+        for (int64_t d = 0; d < D; ++d) c[d] = R(0);
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+        R* t = out ? out + i * D : scratch.data();  // may be x itself: no __restrict__
+        const R* xi = x + i * x_rs;
+        if (vec) {
+          const R* __restrict__ v = vec + g * vec_gs;
+          const R ai = a ? a[i] : R(1);
+          if (x_cs == 1)
+            for (int64_t d = 0; d < D; ++d) t[d] = xi[d] + ai * v[d];
+          else
+            for (int64_t d = 0; d < D; ++d) t[d] = xi[d * x_cs] + ai * v[d];
+        } else if (t != xi) {
+          if (x_cs == 1)
+            for (int64_t d = 0; d < D; ++d) t[d] = xi[d];
+          else
+            for (int64_t d = 0; d < D; ++d) t[d] = xi[d * x_cs];
+        }
+        if (s_full) {
+          const R* __restrict__ sf = s_full + i * D;
+          for (int64_t d = 0; d < D; ++d) t[d] *= sf[d];
+        } else if (s) {
+          const R si = s[i];
+          for (int64_t d = 0; d < D; ++d) t[d] *= si;
+        }
+        if (dot) dot[i] = row_dot<R>(t, y ? y + i * D : yvec + g * yvec_gs, D);
+        if (c) {
+          const R wi = w ? w[i] : R(1);
+          for (int64_t d = 0; d < D; ++d) c[d] += wi * t[d];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
+
+#define RNNKIT_ROWS_EXPORT(suffix, R)                                                                   \
+  extern "C" void rnnkit_row_pass_##suffix(int64_t rows, int64_t D, int64_t group, const R* x, int64_t x_rs, \
+                                           int64_t x_cs, const R* a, const R* vec, int64_t vec_gs,     \
+                                           const R* s, const R* s_full, R* out, const R* y, const R* yvec, \
+                                           int64_t yvec_gs, R* dot, const R* w, R* col, int nthreads) { \
+    row_pass<R>(rows, D, group, x, x_rs, x_cs, a, vec, vec_gs, s, s_full, out, y, yvec, yvec_gs, dot, w, col, \
+                nthreads);                                                                              \
+  }
+
+RNNKIT_ROWS_EXPORT(f32, float)
+RNNKIT_ROWS_EXPORT(f64, double)
 
 #define RNNKIT_SCAN_EXPORT(suffix, R, fwd, bwd)                                                          \
   extern "C" void rnnkit_scan_fwd_##suffix(const R* a, const R* b, const R* h0, R* h, int64_t B, int64_t T, \
@@ -230,4 +322,4 @@ extern "C" void rnnkit_advise_huge_pages(void* p, int64_t bytes) {
 }
 
 // Lets the loader check that the library it opened is the one built from this source.
-extern "C" int rnnkit_scan_abi_version() { return 2; }
+extern "C" int rnnkit_scan_abi_version() { return 3; }

@@ -31,16 +31,15 @@ from pathlib import Path
 
 import torch
 
+from rnnkit.ops._lazy import LazyResource
+
 SOURCE = Path(__file__).with_name("_cpu_scan.cpp")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
 #: Flags retried without ``-march=native`` for compilers that do not know it.
 FALLBACK_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
 DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.complex64: "c64", torch.complex128: "c128"}
-ABI_VERSION = 2
+ABI_VERSION = 3
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None  # why the kernel is unavailable, once tried
 
 
 def _compiler() -> str | None:
@@ -128,42 +127,34 @@ def _load() -> ctypes.CDLL:
         fwd.argtypes, fwd.restype = [p, p, p, p, i64, i64, i64, c_int], None
         bwd = getattr(lib, f"rnnkit_scan_bwd_{suffix}")
         bwd.argtypes, bwd.restype = [p, p, p, p, p, p, p, i64, i64, i64, c_int], None
+    for suffix in ("f32", "f64"):
+        rows = getattr(lib, f"rnnkit_row_pass_{suffix}")
+        rows.argtypes = [i64, i64, i64, p, i64, i64, p, p, i64, p, p, p, p, p, i64, p, p, p, c_int]
+        rows.restype = None
     lib.rnnkit_advise_huge_pages.argtypes, lib.rnnkit_advise_huge_pages.restype = [p, i64], None
     return lib
 
 
+_LIBRARY = LazyResource(_load, "RNNKIT_NO_COMPILE")
+
+
 def _library() -> ctypes.CDLL | None:
-    global _lib, _reason
-    if _lib is not None or _reason is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _reason is None:
-            if os.environ.get("RNNKIT_NO_COMPILE", "") not in ("", "0"):
-                _reason = "disabled by RNNKIT_NO_COMPILE"
-            else:
-                try:
-                    _lib = _load()
-                except Exception as err:  # noqa: BLE001 - any build/load failure means "fall back"
-                    _reason = f"{type(err).__name__}: {err}"
-    return _lib
+    return _LIBRARY.get()
 
 
 def available() -> bool:
     """Whether the kernel is compiled and loaded (compiles it on the first call)."""
-    return _library() is not None
+    return _LIBRARY.get() is not None
 
 
 def unavailable_reason() -> str | None:
-    """Why :func:`available` is False (None when it is True or was never asked)."""
-    _library()
-    return _reason
+    """Why :func:`available` is False (None when it is True)."""
+    return _LIBRARY.unavailable_reason()
 
 
 def _reset_for_tests() -> None:
     """Forget the loaded library and any failure, so the next call re-reads the environment."""
-    global _lib, _reason
-    with _lock:
-        _lib, _reason = None, None
+    _LIBRARY.reset()
 
 
 def _ptr(x: torch.Tensor | None) -> int | None:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
+from rnnkit.ops._rows import row_pass
 from rnnkit.ops.gated_linear_attention import (
     DEFAULT_CHUNK,
     _addmm_,
@@ -50,7 +51,6 @@ from rnnkit.ops.gated_linear_attention import (
     _workspace,
     common_dtype,
     decay_matrix_log,
-    rowdot,
     suffix_sum,
 )
 
@@ -238,6 +238,10 @@ def _weights_factor(rise: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool(rise.max() <= bound)
 
 
+def _ones(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.ones(n, dtype=like.dtype, device=like.device)
+
+
 class _ChunkwiseMLSTM(torch.autograd.Function):
     """Chunkwise mLSTM for mild decays, with a hand-written backward.
 
@@ -288,9 +292,9 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         carry_wins = m_start >= c_max  # the carried m chose Y_n (else log i at c_arg)
         alpha = torch.exp(m_start - Y)  # (G, N) carry factor, <= 1
         e = torch.exp(c - Y[..., None])  # (G, N, C) weight of step j in the chunk's end state, <= 1
-        k_end = torch.mul(k, e[..., None], out=_like(k))
+        # k_end = e k and u (G, N, K), the normaliser's share of the chunk's end state, in one pass
+        k_end, _, u = row_pass(k, C, scale=e, out=_like(k), col=True)
         U = _mm(k_end.transpose(-1, -2), v)  # (G, N, K, V) each chunk's share of its end state
-        u = k_end.sum(2)  # (G, N, K) the normaliser's share
         S_start = _workspace((G, N, K, V), q)
         n_start = q.new_empty(G, N, K)
         S_start[:, 0] = S0
@@ -313,7 +317,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         factor = _weights_factor(rise, q.dtype)
         if factor:
             torch.mul(_causal_float(C, q), rise.exp_()[..., None], out=P)
-            scores = _mm(q, k_end.transpose(-1, -2)).mul_(P)  # (G, N, C, C)
+            scores = _mm(q, k_end.transpose(-1, -2))  # (G, N, C, C), times P below
         else:
             torch.sub(c[..., None, :], X[..., :, None], out=P)  # c_j - X_i <= 0 for j <= i
             # Clamped: exp of an argument where the result underflows (or of -inf) runs ~10-50x
@@ -321,11 +325,14 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             # rounding anyway. Above the diagonal the argument may be positive: clamped to 0, then
             # masked.
             P.clamp_(min=math.log(torch.finfo(q.dtype).tiny) + 1, max=0).exp_().mul_(_causal_float(C, q))
-            scores = _mm(q, k.transpose(-1, -2)).mul_(P)  # (G, N, C, C)
+            scores = _mm(q, k.transpose(-1, -2))  # (G, N, C, C), times P below
+        # n_t^T q_t (G, N, C): the scores' row sums plus the carried normaliser's share, each taken
+        # in the pass that forms its left factor
+        _, den, _ = row_pass(scores, C, scale=P, out=scores, dot_with=_ones(C, q))
         r = torch.exp(m_start[..., None] - X)  # (G, N, C) read-out factor of the carried state, <= 1
-        q_inter = torch.mul(q, r[..., None], out=_like(q))
+        q_inter, den_inter, _ = row_pass(q, C, scale=r, out=_like(q), dot_with=n_start)
+        den += den_inter
         num = _addmm_(_mm(q_inter, S_start), scores, v)  # (G, N, C, V) C_t^T q_t
-        den = scores.sum(-1) + (q_inter @ n_start[..., None])[..., 0]  # (G, N, C) n_t^T q_t
         lower = torch.exp(-(b + X))  # exp(-m_t)
         active = den.abs() > lower  # |n_t^T q_t| is the denominator, else the lower bound
         Dn = torch.maximum(den.abs(), lower).add_(eps)
@@ -350,14 +357,14 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
          den_sign, c_arg, carry_wins, c_cum_arg, inter_wins) = ctx.saved_tensors
         G, N, C, K = q.shape
         # written contiguous (dh may be a broadcast): the batched matmuls read only dnum
-        dnum = torch.div(dh, Dn[..., None], out=_like(h))
-        dDn = rowdot(h, dnum).neg_()  # (G, N, C) dL/dDn = -h . dh / Dn
+        dnum, dDn, _ = row_pass(dh, C, scale=Dn.reciprocal(), out=_like(h), dot_with=h)
+        dDn.neg_()  # (G, N, C) dL/dDn = -h . dh / Dn
         dden = dDn * den_sign  # 0 where the lower bound is the denominator
         g_m = dDn * ctx.eps  # (G, N, C) dL/dm_t through the eps of the denominator
 
         # State gradients: from each chunk's read-out, then carried backwards; dU[:, n] = dL/dS_{n+1}.
         dS_start = _mm(q_inter.transpose(-1, -2), dnum)  # (G, N, K, V)
-        dn_start = (q_inter.transpose(-1, -2) @ dden[..., None])[..., 0]  # (G, N, K)
+        _, _, dn_start = row_pass(q_inter, C, write=False, col=True, weights=dden)  # (G, N, K)
         dU = _workspace(S_start.shape, q)
         du = torch.empty_like(n_start)
         if dS_fin is None:
@@ -386,21 +393,25 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         d_end[:, :-1] += (du[:, :-1] * n_start[:, 1:]).sum(-1)
         d_end[:, -1] += (du[:, -1] * n_fin).sum(-1)
 
-        dscores = _mm(dnum, v.transpose(-1, -2)).add_(dden[..., None]).mul_(P)  # (G, N, C, C)
+        dscores = _mm(dnum, v.transpose(-1, -2))
+        row_pass(dscores, C, a=dden, vec=_ones(C, q), scale=P, out=dscores)  # (G, N, C, C)
         dv = _addmm_(_mm(scores.transpose(-1, -2), dnum), k_end, dU)
-        dq = _mm(dnum, S_start.transpose(-1, -2)).addcmul_(dden[..., None], n_start[:, :, None, :])
-        dk_end = _mm(v, dU.transpose(-1, -2)).add_(du[:, :, None, :])  # w.r.t. k_end
+        dq = _mm(dnum, S_start.transpose(-1, -2))
+        row_pass(dq, C, a=dden, vec=n_start, scale=r, out=dq)  # (dq_inter + dden n^T) r
+        dk_end = _mm(v, dU.transpose(-1, -2))  # w.r.t. k_end, less du
+        # Gates with every stabiliser held fixed: log i_j enters as exp(log i_j) k_j, b as GLA's
+        # decays (only through exp(b_i - b_j) and the chunk's end); dlog_i = k . dk (G, N, C).
         if ctx.factor:  # the scores' keys are k_end: their gradient joins dk_end before the e scale
-            dq = _addmm_(dq.mul_(r[..., None]), dscores, k_end)
-            dk = _addmm_(dk_end, dscores.transpose(-1, -2), q).mul_(e[..., None])
+            dq = _addmm_(dq, dscores, k_end)
+            dk, dlog_i, _ = row_pass(_addmm_(dk_end, dscores.transpose(-1, -2), q), C, vec=du, scale=e,
+                                     out=dk_end, dot_with=k)
         else:
-            dq = _addmm_(dq.mul_(r[..., None]), dscores, k)
-            dk = _addmm_(dk_end.mul_(e[..., None]), dscores.transpose(-1, -2), q)
+            dq = _addmm_(dq, dscores, k)
+            row_pass(dk_end, C, vec=du, scale=e, out=dk_end)
+            dk = _addmm_(dk_end, dscores.transpose(-1, -2), q)
+            _, dlog_i, _ = row_pass(dk, C, write=False, dot_with=k)
         del dscores, dnum, dU
 
-        # Gates with every stabiliser held fixed: log i_j enters as exp(log i_j) k_j, b as GLA's
-        # decays (only through exp(b_i - b_j) and the chunk's end).
-        dlog_i = rowdot(k, dk)  # (G, N, C)
         # q_t . dq_t without a pass over dq: num_t and n_t^T q_t are linear in q_t, so
         # q_t . dq_t = d/ds L(s q_t) at s = 1 = (dL/dDn_t) (|n_t^T q_t| [bound inactive] - Dn_t),
         # i.e. -eps dL/dDn_t, or -(exp(-m_t) + eps) dL/dDn_t where the lower bound is the denominator
