@@ -16,31 +16,38 @@ G, N, C, D = 3, 4, 5, 7
 needs_library = pytest.mark.skipif(not _cpu_scan.available(), reason=f"no compiled kernel: {_cpu_scan.unavailable_reason()}")
 
 
-def reference(x, a=None, vec=None, scale=None, dot_with=None, col=False, weights=None):
-    """The formulas of the module docstring, written out in float64."""
+def reference(x, a=None, vec=None, scale=None, dot_with=None, col=False, weights=None, causal=False,
+              dot_before_scale=False, out=None):
+    """The formulas of the module docstring, written out in float64, element by element for the
+    mask (``out``: the tensor accumulated into)."""
     x = x.double()
-    t = x.clone()
+    u = x.clone()
     if vec is not None:
         v = vec.double() if vec.dim() == 1 else vec.double()[..., None, :]
-        t = t + (v if a is None else a.double()[..., None] * v)
-    if scale is not None:
-        t = t * (scale.double() if scale.shape == x.shape else scale.double()[..., None])
+        u = u + (v if a is None else a.double()[..., None] * v)
+    t = u * (scale.double() if scale.shape == x.shape else scale.double()[..., None]) if scale is not None else u.clone()
+    if causal:
+        for i in range(x.shape[-2]):
+            t[..., i, i + 1:] = 0
     dot = None
     if dot_with is not None:
         y = dot_with.double()
-        dot = (t * (y if y.shape == x.shape else (y if y.dim() == 1 else y[..., None, :]))).sum(-1)
+        y = y if y.shape == x.shape else (y if y.dim() == 1 else y[..., None, :])
+        dot = ((u if dot_before_scale else t) * y).sum(-1)
     cols = (t * (1 if weights is None else weights.double()[..., None])).sum(-2) if col else None
-    return t, dot, cols
+    return (t if out is None else out.double() + t), dot, cols
 
 
 OPTIONS = list(itertools.product([False, True], [None, "chunk", "shared"], [None, "row", "full"],
                                  [None, "row", "chunk", "shared"], [False, True], [False, True]))
+FLAGS = [{}, {"causal": True}, {"dot_before_scale": True}, {"accumulate": True}]
 
 
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "-".join(f) or "plain")
 @pytest.mark.parametrize("path", ["compiled", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("x_kind", ["fresh", "in-place", "broadcast"])
-def test_matches_the_formulas(x_kind, dtype, path, monkeypatch):
+def test_matches_the_formulas(x_kind, dtype, path, flags, monkeypatch):
     if path == "compiled" and not _cpu_scan.available():
         pytest.skip(f"no compiled kernel: {_cpu_scan.unavailable_reason()}")
     if path == "torch":
@@ -54,16 +61,22 @@ def test_matches_the_formulas(x_kind, dtype, path, monkeypatch):
     for use_a, vec_kind, scale_kind, dot_kind, col, weighted in OPTIONS:
         if use_a and vec_kind is None:
             continue
-        x = rand().expand(G, N, C, D) if x_kind == "broadcast" else rand(G, N, C, D)
+        d = C if flags.get("causal") else D  # the mask is for a chunk's (C, C) scores
+        x = rand().expand(G, N, C, d) if x_kind == "broadcast" else rand(G, N, C, d)
         kw = {
             "a": rand(G, N, C) if use_a else None,
-            "vec": {None: None, "chunk": rand(G, N, D), "shared": rand(D)}[vec_kind],
-            "scale": {None: None, "row": rand(G, N, C), "full": rand(G, N, C, D)}[scale_kind],
-            "dot_with": {None: None, "row": rand(G, N, C, D), "chunk": rand(G, N, D), "shared": rand(D)}[dot_kind],
+            "vec": {None: None, "chunk": rand(G, N, d), "shared": rand(d)}[vec_kind],
+            "scale": {None: None, "row": rand(G, N, C), "full": rand(G, N, C, d)}[scale_kind],
+            "dot_with": {None: None, "row": rand(G, N, C, d), "chunk": rand(G, N, d), "shared": rand(d)}[dot_kind],
             "weights": rand(G, N, C) if weighted else None,
         }
-        want = reference(x, col=col, **kw)
-        out, dot, cols = row_pass(x, C, out=x if x_kind == "in-place" else None, col=col, **kw)
+        if flags.get("accumulate"):
+            out = rand(G, N, C, d)
+        else:
+            out = x if x_kind == "in-place" else None
+        want = reference(x, col=col, causal=flags.get("causal", False), out=out if flags.get("accumulate") else None,
+                         dot_before_scale=flags.get("dot_before_scale", False), **kw)
+        out, dot, cols = row_pass(x, C, out=out, col=col, **flags, **kw)
         for name, got, expected in zip(("out", "dot", "col"), (out, dot, cols), want):
             if expected is None:
                 assert got is None, name
@@ -100,9 +113,11 @@ def test_strided_small_operands_and_unflattenable_input():
     torch.testing.assert_close(dot, want_dot)
 
 
-def test_group_must_match():
+def test_bad_arguments():
     with pytest.raises(ValueError, match="rows per chunk"):
         row_pass(torch.zeros(G, N, C, D), C + 1)
+    with pytest.raises(ValueError, match="accumulate"):
+        row_pass(torch.zeros(G, N, C, D), C, accumulate=True)
 
 
 @needs_library

@@ -223,27 +223,29 @@ R row_dot(const R* __restrict__ u, const R* __restrict__ v, int64_t D) {
 
 // The fused row pass of rnnkit.ops._rows.row_pass: rows i of an (rows, D) matrix x (row stride
 // x_rs, column stride x_cs; 0, 0 for a broadcast scalar) in groups of `group` consecutive rows
-// (g = i / group). Per row:
-//   t = (x_i + a_i vec_g) * s_i        a null: a_i = 1; vec null: nothing added; s null: s_i = 1;
-//                                      s_full (rows, D): elementwise with its row i instead
-//   out_i = t                          out null: not written (out may be x itself)
-//   dot_i = t . y_i or t . yvec_g      dot null: not computed
+// (g = i / group). Per row, with flags bit 0 "causal", bit 1 "dot before scale", bit 2 "accumulate":
+//   u = x_i + a_i vec_g                a null: a_i = 1; vec null: nothing added
+//   t = u * s_i                        s null: s_i = 1; s_full (rows, D): elementwise with its row i;
+//                                      causal: entries d > i mod group set to 0
+//   out_i = t  (accumulate: += t)      out null: not written (out may be x itself)
+//   dot_i = v . y_i or v . yvec_g      v = u (dot before scale) or t; dot null: not computed
 //   col_g = sum_i w_i t                col null: not computed; w null: w_i = 1
 // vec and yvec step vec_gs / yvec_gs elements per group (0: one row for every group). Threads
 // take whole groups, so each col_g has one writer. out, y, s_full, vec, yvec, col: contiguous rows.
 template <class R>
 void row_pass(int64_t rows, int64_t D, int64_t group, const R* x, int64_t x_rs, int64_t x_cs, const R* a,
               const R* vec, int64_t vec_gs, const R* s, const R* s_full, R* out, const R* y, const R* yvec,
-              int64_t yvec_gs, R* dot, const R* w, R* col, int nthreads) {
+              int64_t yvec_gs, R* dot, const R* w, R* col, int flags, int nthreads) {
+  const bool causal = flags & 1, dot_first = flags & 2, accumulate = flags & 4;
   const int64_t groups = rows / group;
   for_groups(groups, rows * D, nthreads, [=](int64_t g0, int64_t g1) {
-    std::vector<R> scratch(out ? 0 : D);
+    std::vector<R> scratch(out && !accumulate ? 0 : D);
     for (int64_t g = g0; g < g1; ++g) {
       R* __restrict__ c = col ? col + g * D : nullptr;
       if (c)
         for (int64_t d = 0; d < D; ++d) c[d] = R(0);
       for (int64_t i = g * group; i < (g + 1) * group; ++i) {
-        R* t = out ? out + i * D : scratch.data();  // may be x itself: no __restrict__
+        R* t = out && !accumulate ? out + i * D : scratch.data();  // may be x itself: no __restrict__
         const R* xi = x + i * x_rs;
         if (vec) {
           const R* __restrict__ v = vec + g * vec_gs;
@@ -258,6 +260,8 @@ void row_pass(int64_t rows, int64_t D, int64_t group, const R* x, int64_t x_rs, 
           else
             for (int64_t d = 0; d < D; ++d) t[d] = xi[d * x_cs];
         }
+        const R* ydot = dot ? (y ? y + i * D : yvec + g * yvec_gs) : nullptr;
+        if (dot && dot_first) dot[i] = row_dot<R>(t, ydot, D);
         if (s_full) {
           const R* __restrict__ sf = s_full + i * D;
           for (int64_t d = 0; d < D; ++d) t[d] *= sf[d];
@@ -265,10 +269,16 @@ void row_pass(int64_t rows, int64_t D, int64_t group, const R* x, int64_t x_rs, 
           const R si = s[i];
           for (int64_t d = 0; d < D; ++d) t[d] *= si;
         }
-        if (dot) dot[i] = row_dot<R>(t, y ? y + i * D : yvec + g * yvec_gs, D);
+        if (causal)
+          for (int64_t d = i - g * group + 1; d < D; ++d) t[d] = R(0);
+        if (dot && !dot_first) dot[i] = row_dot<R>(t, ydot, D);
         if (c) {
           const R wi = w ? w[i] : R(1);
           for (int64_t d = 0; d < D; ++d) c[d] += wi * t[d];
+        }
+        if (out && accumulate) {
+          R* __restrict__ o = out + i * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += t[d];
         }
       }
     }
@@ -281,9 +291,9 @@ void row_pass(int64_t rows, int64_t D, int64_t group, const R* x, int64_t x_rs, 
   extern "C" void rnnkit_row_pass_##suffix(int64_t rows, int64_t D, int64_t group, const R* x, int64_t x_rs, \
                                            int64_t x_cs, const R* a, const R* vec, int64_t vec_gs,     \
                                            const R* s, const R* s_full, R* out, const R* y, const R* yvec, \
-                                           int64_t yvec_gs, R* dot, const R* w, R* col, int nthreads) { \
+                                           int64_t yvec_gs, R* dot, const R* w, R* col, int flags, int nthreads) { \
     row_pass<R>(rows, D, group, x, x_rs, x_cs, a, vec, vec_gs, s, s_full, out, y, yvec, yvec_gs, dot, w, col, \
-                nthreads);                                                                              \
+                flags, nthreads);                                                                       \
   }
 
 RNNKIT_ROWS_EXPORT(f32, float)
@@ -322,4 +332,4 @@ extern "C" void rnnkit_advise_huge_pages(void* p, int64_t bytes) {
 }
 
 // Lets the loader check that the library it opened is the one built from this source.
-extern "C" int rnnkit_scan_abi_version() { return 3; }
+extern "C" int rnnkit_scan_abi_version() { return 4; }

@@ -38,7 +38,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
 #: Flags retried without ``-march=native`` for compilers that do not know it.
 FALLBACK_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
 DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.complex64: "c64", torch.complex128: "c128"}
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 
 
@@ -129,7 +129,7 @@ def _load() -> ctypes.CDLL:
         bwd.argtypes, bwd.restype = [p, p, p, p, p, p, p, i64, i64, i64, c_int], None
     for suffix in ("f32", "f64"):
         rows = getattr(lib, f"rnnkit_row_pass_{suffix}")
-        rows.argtypes = [i64, i64, i64, p, i64, i64, p, p, i64, p, p, p, p, p, i64, p, p, p, c_int]
+        rows.argtypes = [i64, i64, i64, p, i64, i64, p, p, i64, p, p, p, p, p, i64, p, p, p, c_int, c_int]
         rows.restype = None
     lib.rnnkit_advise_huge_pages.argtypes, lib.rnnkit_advise_huge_pages.restype = [p, i64], None
     return lib

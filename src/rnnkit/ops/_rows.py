@@ -10,8 +10,10 @@ fp64 on the CPU), and in PyTorch otherwise, with the same result up to rounding.
 Per row ``i`` of chunk ``g`` (the rows of ``x`` reshaped to ``(G * N * C, D)``; ``C`` rows per
 chunk)::
 
-    t = (x_i + a_i vec_g) * s_i         (s_i a scalar per row, or elementwise with a row of s)
-    out_i = t                           dot_i = t . y_i  (or t . y_g)     col_g = sum_i w_i t
+    u = x_i + a_i vec_g                 t = u * s_i   (s_i a scalar per row, or elementwise with
+                                                       a row of s; causal: t_id = 0 for d > i mod C)
+    out_i = t  (or out_i += t)          dot_i = t . y_i  (or t . y_g; or u . y when asked)
+    col_g = sum_i w_i t
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def row_pass(
     dot_with: torch.Tensor | None = None,
     col: bool = False,
     weights: torch.Tensor | None = None,
+    causal: bool = False,
+    dot_before_scale: bool = False,
+    accumulate: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The fused row pass of the module docstring.
 
@@ -60,6 +65,10 @@ def row_pass(
         dot_with: ``x.shape`` (row by row), ``(..., D)`` one row per chunk, or ``(D,)``.
         col: return ``col`` ``(..., D)``, the per-chunk sums of ``w_i t_i``.
         weights: ``x.shape[:-1]`` the ``w_i`` (None: 1).
+        causal: zero the entries ``d > i mod C`` of ``t`` (``D = C``: the causal mask of a
+            chunk's ``(C, C)`` scores, applied with the scale).
+        dot_before_scale: the dot product is of ``u``, before the scale and the mask.
+        accumulate: ``out += t`` instead of ``out = t`` (``out`` required).
 
     Returns:
         ``(out, dot, col)``: ``out`` (None when ``write`` is False), ``dot`` of shape
@@ -71,6 +80,8 @@ def row_pass(
     if lead[-1] != group:
         raise ValueError(f"x: expected {group} rows per chunk in dim -2, got shape {tuple(x.shape)}")
     full_scale = scale is not None and scale.shape == x.shape
+    if accumulate and out is None:
+        raise ValueError("out: accumulate=True needs the tensor to add into")
     if write and out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     lib = _cpu_scan._library() if x.device.type == "cpu" and x.dtype in _SUFFIX else None
@@ -84,7 +95,8 @@ def row_pass(
     operands = [t for t in (a, vec, scale, out, dot_with, weights) if t is not None]
     if (lib is None or x_strides is None or any(t.dtype != x.dtype or not t.is_contiguous() for t in operands)
             or (out is not None and out.shape != x.shape)):
-        return _torch_row_pass(x, group, a, vec, scale, full_scale, out, dot_with, col, weights)
+        return _torch_row_pass(x, group, a, vec, scale, full_scale, out, dot_with, col, weights, causal,
+                               dot_before_scale, accumulate)
     rows = x.numel() // D
     dot = torch.empty(lead, dtype=x.dtype, device=x.device) if dot_with is not None else None
     cols = torch.empty((*chunks, D), dtype=x.dtype, device=x.device) if col else None
@@ -95,7 +107,8 @@ def row_pass(
        None if full_scale else _ptr(scale), _ptr(scale) if full_scale else None, _ptr(out),
        _ptr(dot_with) if per_row else None, None if per_row else _ptr(dot_with),
        D if dot_with is not None and not per_row and dot_with.dim() > 1 else 0,
-       _ptr(dot), _ptr(weights), _ptr(cols), torch.get_num_threads())
+       _ptr(dot), _ptr(weights), _ptr(cols), causal | dot_before_scale << 1 | accumulate << 2,
+       torch.get_num_threads())
     return out, dot, cols
 
 
@@ -103,21 +116,31 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _torch_row_pass(x, group, a, vec, scale, full_scale, out, dot_with, col, weights):
+def _torch_row_pass(x, group, a, vec, scale, full_scale, out, dot_with, col, weights, causal, dot_before_scale,
+                    accumulate):
     D = x.shape[-1]
     t = x
     if vec is not None:
         v = vec if vec.dim() == 1 else vec.unsqueeze(-2)
         t = t + (v if a is None else a.unsqueeze(-1) * v)
-    if scale is not None:
-        t = t * (scale if full_scale else scale.unsqueeze(-1))
-    if out is not None:
-        out.copy_(t)
-        t = out
     dot = None
     if dot_with is not None:
         y = dot_with if dot_with.shape == x.shape else (dot_with if dot_with.dim() == 1 else dot_with.unsqueeze(-2))
+        if dot_before_scale:
+            dot = (t * y).sum(-1)
+    if scale is not None:
+        t = t * (scale if full_scale else scale.unsqueeze(-1))
+    if causal:
+        rows = torch.arange(x.shape[-2], device=x.device)
+        t = torch.where(torch.arange(D, device=x.device)[None, :] <= rows[:, None], t, 0)
+    if dot_with is not None and not dot_before_scale:
         dot = (t * y).sum(-1)
+    if out is not None:
+        if accumulate:
+            out.add_(t)
+        else:
+            out.copy_(t)
+            t = out
     cols = None
     if col:
         cols = (t if weights is None else t * weights.unsqueeze(-1)).sum(-2)

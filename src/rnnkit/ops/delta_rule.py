@@ -48,6 +48,7 @@ from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
 from rnnkit.ops._blas import ChunkProducts
+from rnnkit.ops._rows import row_pass
 from rnnkit.ops.gated_linear_attention import (
     _addmm_,
     _causal_float,
@@ -379,10 +380,10 @@ class _ChunkwiseDelta(torch.autograd.Function):
             dA_neg.mul_(M)
         dA_neg.mul_(_causal_float(C, q).tril_(-1))  # now -dL/d(kb k^T), strictly lower
         if gated:
-            dgamma_in = rowdot(dq_in, q).mul_(e[..., 0])  # (G, N, C): e enters as e q
-            dq_in.mul_(e)
-            dk_end.mul_(f)  # k enters the end state as f k
-            xf = rowdot(dk_end, k)  # (G, N, C): x dx of f
+            # (G, N, C): e enters as e q; the dot products are taken in the passes that scale
+            _, dgamma_in, _ = row_pass(dq_in, C, scale=e[..., 0], out=dq_in, dot_with=q, dot_before_scale=True)
+            dgamma_in.mul_(e[..., 0])
+            _, xf, _ = row_pass(dk_end, C, scale=f[..., 0], out=dk_end, dot_with=k)  # k enters as f k; x dx of f
         dq = _addmm_(dq_in, dP, k)
         dk = _addmm_(dk_end, dP.transpose(-1, -2), q)  # (G, N, C, K)
         del dP
@@ -390,14 +391,15 @@ class _ChunkwiseDelta(torch.autograd.Function):
         # beta_i of A = beta_i k_i . k_j: with t = -(e dRk + dA k), dL/dbeta = sum(dRv v) + sum(t k)
         # and dk gets beta t, plus (beta dA)^T k through the k_j of A.
         if gated:
-            dgamma_in.addcmul_(rowdot(dRk_neg, k), beta * e[..., 0], value=-1)  # and as beta e k
-            dRk_neg.mul_(e)
+            _, dRk_dot, _ = row_pass(dRk_neg, C, scale=e[..., 0], out=dRk_neg, dot_with=k, dot_before_scale=True)
+            dgamma_in.addcmul_(dRk_dot, beta * e[..., 0], value=-1)  # and as beta e k
         t_neg = _addmm_(dRk_neg, dA_neg, k)  # (G, N, C, K)
         _addmm_(dk, dA_neg.mul_(beta[..., None]).transpose(-1, -2), k, alpha=-1)
         del dA_neg
-        dbeta = rowdot(dRv, v).sub_(rowdot(t_neg, k))  # (G, N, C)
-        dv = dRv.mul_(beta[..., None])
-        dk.addcmul_(t_neg, beta[..., None], value=-1)
+        # dbeta = sum(dRv v) - sum(t_neg k) (G, N, C), each in the pass that applies beta
+        dv, dbeta, _ = row_pass(dRv, C, scale=beta, out=dRv, dot_with=v, dot_before_scale=True)
+        _, dbeta_k, _ = row_pass(t_neg, C, scale=-beta, out=dk, accumulate=True, dot_with=k, dot_before_scale=True)
+        dbeta.sub_(dbeta_k)
         dg = None
         if gated:
             # dL/dgamma_i: row minus column sums of x dx over M (in P and A), plus the terms of

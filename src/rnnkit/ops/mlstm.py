@@ -254,9 +254,9 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
     ``exp(c_j - Y_n)`` and the carry ``exp(m_n - Y_n)`` with ``Y_n = max(m_n, max_j c_j)`` and
     ``m_{n+1} = b_C + Y_n``; all ``<= 0`` in the exponent. When every ``Y_n - X_i`` is within
     :data:`FACTOR_BOUND` (:func:`_weights_factor`), ``P_ij = exp(Y_n - X_i) exp(c_j - Y_n)``: the
-    scores are ``(q k_end^T) ⊙ R`` with ``k_end = k exp(c - Y_n)`` (the chunk's end-state keys) and
-    ``R_ij = exp(Y_n - X_i)`` masked to ``j <= i``. Each entry of ``R`` may be large but its product
-    with the matching column factor is a weight ``<= 1``.
+    scores are ``q k_end^T`` with ``k_end = k exp(c - Y_n)`` (the chunk's end-state keys), rows
+    scaled by ``exp(Y_n - X_i)`` and masked to ``j <= i``, and no ``(C, C)`` weight matrix is formed.
+    A row factor may be large but its product with each unmasked column factor is a weight ``<= 1``.
 
     Backward. ``h`` depends on the stabilisers only through the denominator: with every stabiliser
     held fixed the kernel is a gated linear attention (``C``, ``n`` carried with decay
@@ -310,15 +310,16 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         c_cum, c_cum_arg = torch.cummax(c, -1)  # (G, N, C)
         inter_wins = m_start[..., None] >= c_cum  # m_t came from the carried m (else log i at c_cum_arg)
         X = torch.maximum(c_cum, m_start[..., None])  # (G, N, C) = m_t - b_t
-        # P: the weights, or their row factors R when they factor (see the class docstring); the
-        # scores are (q k^T) ⊙ P or (q k_end^T) ⊙ R, and their gradient is taken w.r.t. that product
-        P = _workspace((G, N, C, C), q)
+        # P: the weights (G, N, C, C), or their row factors (G, N, C) when they factor (see the class
+        # docstring; then the causal mask is applied with them): the scores are (q k^T) ⊙ P or
+        # (q k_end^T) scaled by rows and masked, and their gradient is taken w.r.t. that product.
         rise = Y[..., None] - X  # (G, N, C) >= 0
         factor = _weights_factor(rise, q.dtype)
         if factor:
-            torch.mul(_causal_float(C, q), rise.exp_()[..., None], out=P)
+            P = rise.exp_()
             scores = _mm(q, k_end.transpose(-1, -2))  # (G, N, C, C), times P below
         else:
+            P = _workspace((G, N, C, C), q)
             torch.sub(c[..., None, :], X[..., :, None], out=P)  # c_j - X_i <= 0 for j <= i
             # Clamped: exp of an argument where the result underflows (or of -inf) runs ~10-50x
             # slower than exp of a normal argument; a weight below the smallest normal number is
@@ -328,7 +329,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             scores = _mm(q, k.transpose(-1, -2))  # (G, N, C, C), times P below
         # n_t^T q_t (G, N, C): the scores' row sums plus the carried normaliser's share, each taken
         # in the pass that forms its left factor
-        _, den, _ = row_pass(scores, C, scale=P, out=scores, dot_with=_ones(C, q))
+        _, den, _ = row_pass(scores, C, scale=P, causal=factor, out=scores, dot_with=_ones(C, q))
         r = torch.exp(m_start[..., None] - X)  # (G, N, C) read-out factor of the carried state, <= 1
         q_inter, den_inter, _ = row_pass(q, C, scale=r, out=_like(q), dot_with=n_start)
         den += den_inter
@@ -394,7 +395,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         d_end[:, -1] += (du[:, -1] * n_fin).sum(-1)
 
         dscores = _mm(dnum, v.transpose(-1, -2))
-        row_pass(dscores, C, a=dden, vec=_ones(C, q), scale=P, out=dscores)  # (G, N, C, C)
+        row_pass(dscores, C, a=dden, vec=_ones(C, q), scale=P, causal=ctx.factor, out=dscores)  # (G, N, C, C)
         dv = _addmm_(_mm(scores.transpose(-1, -2), dnum), k_end, dU)
         dq = _mm(dnum, S_start.transpose(-1, -2))
         row_pass(dq, C, a=dden, vec=n_start, scale=r, out=dq)  # (dq_inter + dden n^T) r
