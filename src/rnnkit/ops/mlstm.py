@@ -59,11 +59,12 @@ from rnnkit.ops.gated_linear_attention import (
 #: form with segment sums.
 MILD_BOUND = 16.0
 
-#: In the kernel, the intra-chunk weights ``exp(c_j - X_i)`` are formed as the product of a row
-#: factor ``exp(Y_n - X_i)`` and the column factor ``exp(c_j - Y_n)`` already taken for the chunk's
-#: end state, when every row factor's exponent is at most this (and at most a quarter of the dtype's
-#: overflow exponent): the factors stay far from overflow and underflow, and the (C, C) weight
-#: matrix costs one pass instead of four (subtract, clamp, exp, mask).
+#: In the kernel, the intra-chunk weights ``exp(c_j - X_i)`` are taken as the product of a row
+#: factor ``exp(Y_n - X_i)`` and the column factor ``exp(c_j - Y_n)`` already applied to the keys for
+#: the chunk's end state, when every row factor's exponent is at most this (and at most a quarter of
+#: the dtype's overflow exponent): the factors stay far from overflow and underflow, and no (C, C)
+#: weight matrix is formed (four passes: subtract, clamp, exp, mask); the row factors and the causal
+#: mask are applied in the pass that takes the scores' row sums.
 FACTOR_BOUND = 20.0
 
 
