@@ -118,6 +118,14 @@ def test_bad_arguments():
         row_pass(torch.zeros(G, N, C, D), C + 1)
     with pytest.raises(ValueError, match="accumulate"):
         row_pass(torch.zeros(G, N, C, D), C, accumulate=True)
+    with pytest.raises(ValueError, match="write=False"):
+        row_pass(torch.zeros(G, N, C, D), C, write=False, out=torch.zeros(G, N, C, D))
+    x = torch.zeros(G, N, C, D)
+    for name, bad in (("a", torch.zeros(G, N, C + 1)), ("vec", torch.zeros(G, N, D + 1)),
+                      ("scale", torch.zeros(G, N)), ("dot_with", torch.zeros(G, D)),
+                      ("weights", torch.zeros(G * N * C)), ("out", torch.zeros(G, N, C, D - 1))):
+        with pytest.raises(ValueError, match=f"{name}: expected shape"):
+            row_pass(x, C, **{name: bad})
 
 
 @needs_library

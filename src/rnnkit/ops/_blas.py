@@ -35,7 +35,6 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _SYMBOLS = {torch.float32: "cblas_sgemm_batch", torch.float64: "cblas_dgemm_batch"}
 
 
-
 def _find_functions() -> dict[torch.dtype, ctypes._CFuncPtr]:
     if sys.byteorder != "little":
         raise RuntimeError("the integer-width-agnostic calling convention needs a little-endian machine")

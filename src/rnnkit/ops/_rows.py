@@ -79,9 +79,20 @@ def row_pass(
     chunks = lead[:-1]
     if lead[-1] != group:
         raise ValueError(f"x: expected {group} rows per chunk in dim -2, got shape {tuple(x.shape)}")
+    # shapes are checked here: the compiled pass trusts them, and a wrong one would read or write
+    # outside the tensors
+    per_chunk = torch.Size((*chunks, D))
+    for name, t, allowed in (("a", a, (lead,)), ("weights", weights, (lead,)), ("scale", scale, (lead, x.shape)),
+                             ("vec", vec, (per_chunk, torch.Size((D,)))),
+                             ("dot_with", dot_with, (x.shape, per_chunk, torch.Size((D,)))),
+                             ("out", out, (x.shape,))):
+        if t is not None and t.shape not in allowed:
+            raise ValueError(f"{name}: expected shape {' or '.join(str(tuple(s)) for s in allowed)}, got {tuple(t.shape)}")
     full_scale = scale is not None and scale.shape == x.shape
     if accumulate and out is None:
         raise ValueError("out: accumulate=True needs the tensor to add into")
+    if not write and out is not None:
+        raise ValueError("out: given with write=False, which stores nothing")
     if write and out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     lib = _cpu_scan._library() if x.device.type == "cpu" and x.dtype in _SUFFIX else None
@@ -93,8 +104,7 @@ def row_pass(
     if dot_with is not None and dot_with.shape != x.shape:
         dot_with = dot_with.contiguous()
     operands = [t for t in (a, vec, scale, out, dot_with, weights) if t is not None]
-    if (lib is None or x_strides is None or any(t.dtype != x.dtype or not t.is_contiguous() for t in operands)
-            or (out is not None and out.shape != x.shape)):
+    if lib is None or x_strides is None or any(t.dtype != x.dtype or not t.is_contiguous() for t in operands):
         return _torch_row_pass(x, group, a, vec, scale, full_scale, out, dot_with, col, weights, causal,
                                dot_before_scale, accumulate)
     rows = x.numel() // D
