@@ -64,6 +64,24 @@ def test_beta_zero_ignores_nan_in_the_result():
     assert torch.isfinite(c[:, 1]).all() and torch.isnan(c[:, 0]).all()
 
 
+@pytest.mark.parametrize("path", ["mkl", "torch"])
+def test_running_result(path, monkeypatch):
+    """A 3-D result (the same matrices at every n: a running state) accumulates chunk by chunk."""
+    if path == "mkl" and not _blas.available():
+        pytest.skip(f"no MKL batch interface: {_blas.unavailable_reason()}")
+    if path == "torch":
+        _torch_only(monkeypatch)
+    gen = torch.Generator().manual_seed(6)
+    a, b, c = operands(torch.float64, True, False, False, gen)
+    state = torch.randn(c.shape[0], *c.shape[2:], dtype=torch.float64, generator=gen)
+    want = state.clone()
+    products = ChunkProducts(a, b, state, alpha=-0.5, beta=1.0)
+    for n in range(a.shape[1]):
+        want = want - 0.5 * a[:, n] @ b[:, n]
+        products(n)
+    torch.testing.assert_close(state, want, rtol=1e-12, atol=1e-12)
+
+
 def test_running_operand_read_at_call_time():
     """A shared operand updated in place between calls (the carried state) is read as it then is."""
     gen = torch.Generator().manual_seed(2)
@@ -91,7 +109,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="B: expected"):
         ChunkProducts(a, b[..., :-1, :], c)
     with pytest.raises(ValueError, match="C: expected"):
-        ChunkProducts(a, b, c[:, 0])
+        ChunkProducts(a, b, c[:, :-1])  # one chunk fewer than A
+    with pytest.raises(ValueError, match="at least one"):
+        ChunkProducts(a[:, 0], b, c[:, 0])
     with pytest.raises(ValueError, match="A: expected torch.float32"):
         ChunkProducts(a.double(), b, c)
     products = ChunkProducts(a, b, c)

@@ -105,7 +105,8 @@ class ChunkProducts:
     Args:
         A: ``(G, N, m, k)``, or ``(G, m, k)`` for the same matrices at every ``n``.
         B: ``(G, N, k, p)`` or ``(G, k, p)``.
-        C: ``(G, N, m, p)``, rows contiguous; written in place, any batch strides.
+        C: ``(G, N, m, p)`` or ``(G, m, p)`` (a running state, say), rows contiguous; written in
+            place, any batch strides. At least one of the three has the ``N`` dimension.
         alpha, beta: scalars (``beta = 0``: ``C``'s old values are not read).
 
     The tensors are read and written at call time (their addresses are taken once): an operand
@@ -115,11 +116,12 @@ class ChunkProducts:
     """
 
     def __init__(self, A, B, C, alpha: float = 1.0, beta: float = 0.0, functions=None):
-        if C.dim() != 4:
-            raise ValueError(f"C: expected (G, N, m, p), got shape {tuple(C.shape)}")
-        G, N, m, p = C.shape
-        k = A.shape[-1]
-        for name, t, shape in (("A", A, (m, k)), ("B", B, (k, p))):
+        chunked = [t.shape[1] for t in (A, B, C) if t.dim() == 4]
+        if not chunked:
+            raise ValueError("A, B, C: expected at least one with a chunk dimension (G, N, ., .), got all 3-D")
+        G, N = C.shape[0], chunked[0]
+        m, p, k = C.shape[-2], C.shape[-1], A.shape[-1]
+        for name, t, shape in (("A", A, (m, k)), ("B", B, (k, p)), ("C", C, (m, p))):
             if t.dim() not in (3, 4) or tuple(t.shape[-2:]) != shape or t.shape[0] != G or (t.dim() == 4 and t.shape[1] != N):
                 raise ValueError(f"{name}: expected ({G}, [{N},] {shape[0]}, {shape[1]}), got {tuple(t.shape)}")
             if t.dtype != C.dtype or t.device != C.device:
@@ -176,12 +178,13 @@ class ChunkProducts:
                 self.group_size)
 
     def _fallback(self, n: int) -> None:
-        a = self.A[:, n] if self.A.dim() == 4 else self.A
-        b = self.B[:, n] if self.B.dim() == 4 else self.B
+        a, b, c = (t[:, n] if t.dim() == 4 else t for t in (self.A, self.B, self.C))
+        target = c if c.is_contiguous() else self.tmp  # torch's batched path needs a contiguous result
         if self.beta == 0:
-            torch.bmm(a, b, out=self.tmp)
+            torch.bmm(a, b, out=target)
             if self.alpha != 1:
-                self.tmp.mul_(self.alpha)
+                target.mul_(self.alpha)
         else:
-            torch.baddbmm(self.C[:, n], a, b, beta=self.beta, alpha=self.alpha, out=self.tmp)
-        self.C[:, n] = self.tmp
+            torch.baddbmm(c, a, b, beta=self.beta, alpha=self.alpha, out=target)
+        if target is not c:
+            c.copy_(target)

@@ -307,13 +307,14 @@ class _ChunkwiseDelta(torch.autograd.Function):
         S_start = _workspace((G, N, K, V), q)
         Delta = U  # Delta_n = U_n - W_n S_n, overwritten chunk by chunk
         S = S0.clone()  # the running state, updated in place (its address is fixed for the plan)
-        subtract_ws = ChunkProducts(W, S, Delta, alpha=-1.0, beta=1.0)
+        subtract_ws = ChunkProducts(W, S, Delta, alpha=-1.0, beta=1.0)  # Delta_n -= W_n S_n (G, C, V)
+        write_state = ChunkProducts(k_out.transpose(-1, -2), Delta, S, beta=1.0)  # S += k_out_n^T Delta_n
         for n in range(N):
             S_start[:, n] = S
-            subtract_ws(n)  # (G, C, V)
+            subtract_ws(n)
             if gated:
                 S.mul_(e_end[:, n])
-            torch.baddbmm(S, k_out[:, n].transpose(-1, -2), Delta[:, n], out=S)  # (G, K, V); see _addmm_ on out=S
+            write_state(n)
         y = _addmm_(_mm(q_in, S_start), P, Delta)  # (G, N, C, V)
         del U
         ctx.save_for_backward(q, k, v, beta, P, Tinv, W, q_in, k_out, S_start, Delta, A if gated else None,
@@ -350,20 +351,26 @@ class _ChunkwiseDelta(torch.autograd.Function):
         end_dot = q.new_empty(G, N) if gated else None  # <dS_{n+1}, S_n>, for the carried decay e_C
         dS = dS_final.clone() if dS_final is not None else q.new_zeros(G, K, V)  # updated in place
         delta = _workspace((G, C, V), q)
-        k_share = ChunkProducts(Delta, dS.transpose(-1, -2), dk_end)
-        solve_share = ChunkProducts(Tinv.transpose(-1, -2), delta, dRv)
+        # every product of the loop as a plan of per-chunk addresses (ops/_blas.py): no views, no
+        # dispatch, results straight into their chunk's slice
+        k_share = ChunkProducts(Delta, dS.transpose(-1, -2), dk_end)  # Delta_n dS^T
+        read_dy = ChunkProducts(P.transpose(-1, -2), dyc, delta)  # dDelta_n = P^T dy ...
+        carry_in = ChunkProducts(k_out, dS, delta, beta=1.0)  # ... + (f k) dS
+        solve_share = ChunkProducts(Tinv.transpose(-1, -2), delta, dRv)  # T^T dDelta_n
+        state_q = ChunkProducts(q_in.transpose(-1, -2), dyc, dS, beta=1.0)  # dS += (e q)^T dy ...
+        state_w = ChunkProducts(W.transpose(-1, -2), delta, dS, alpha=-1.0, beta=1.0)  # ... - W^T dDelta_n
         for n in range(N - 1, -1, -1):
             k_share(n)
             if gated:
                 end_dot[:, n] = rowdot(dS.flatten(1), S_start[:, n].flatten(1))
-            torch.bmm(P[:, n].transpose(-1, -2), dyc[:, n], out=delta)
-            torch.baddbmm(delta, k_out[:, n], dS, out=delta)  # dDelta_n (G, C, V); see _addmm_ on out=
+            read_dy(n)
+            carry_in(n)
             solve_share(n)
             if gated:
                 dS.mul_(e_end[:, n])
-            torch.baddbmm(dS, q_in[:, n].transpose(-1, -2), dyc[:, n], out=dS)
-            torch.baddbmm(dS, W[:, n].transpose(-1, -2), delta, alpha=-1, out=dS)
-        del delta, k_share, solve_share
+            state_q(n)
+            state_w(n)
+        del delta, k_share, read_dy, carry_in, solve_share, state_q, state_w
         dS0 = dS
         dq_in = _mm(dyc, S_start.transpose(-1, -2))  # (G, N, C, K)
         dP = _mm(dyc, Delta.transpose(-1, -2))  # (G, N, C, C)
