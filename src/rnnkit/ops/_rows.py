@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from rnnkit.ops import _cpu_scan
+from rnnkit.ops._cpu_scan import _ptr
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -120,10 +121,6 @@ def row_pass(
        _ptr(dot), _ptr(weights), _ptr(cols), causal | dot_before_scale << 1 | accumulate << 2,
        torch.get_num_threads())
     return out, dot, cols
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _torch_row_pass(x, group, a, vec, scale, full_scale, out, dot_with, col, weights, causal, dot_before_scale,
