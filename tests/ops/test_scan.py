@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import platform
+
 import pytest
 import torch
 
@@ -358,6 +360,35 @@ def test_fused_threads_split_channels_identically(shape):
     for one, two in zip(*results):
         assert torch.equal(one, two)
     assert_close(results[0][0], linear_scan_recurrent(a, b, h0))
+
+
+@pytest.mark.skipif(_cpu_scan._compiler() is None, reason="no C++ compiler on this machine")
+def test_march_switch_builds_for_the_named_target(fresh_kernel, tmp_path):
+    """RNNKIT_MARCH reaches the compiler, keys the cache apart from the native build, and a malformed
+    value is reported rather than passed to the compiler's command line."""
+    fresh_kernel.delenv("RNNKIT_NO_COMPILE", raising=False)
+    seen = []
+    real = _cpu_scan._run_compiler
+
+    def spy(cxx, flags, out):
+        seen.append(flags)
+        return real(cxx, flags, out)
+
+    fresh_kernel.setattr(_cpu_scan, "_run_compiler", spy)
+    fresh_kernel.setenv("RNNKIT_MARCH", "x86-64" if platform.machine() in ("x86_64", "AMD64") else "native")
+    assert _cpu_scan.available(), _cpu_scan.unavailable_reason()
+    assert f"-march={_cpu_scan.target_arch()}" in seen[0]
+    a, b, h0 = _inputs(2, 33, (5,), torch.float32)
+    assert_close(linear_scan(a, b, h0, mode="fused"), linear_scan_recurrent(a, b, h0))
+    _cpu_scan._reset_for_tests()
+    fresh_kernel.delenv("RNNKIT_MARCH")
+    assert _cpu_scan.available()
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert len(list((tmp_path / "cache").glob("*.so"))) == 2  # one library per target
+    _cpu_scan._reset_for_tests()
+    fresh_kernel.setenv("RNNKIT_MARCH", "native -o /tmp/x")
+    assert not _cpu_scan.available()
+    assert "RNNKIT_MARCH" in _cpu_scan.unavailable_reason()
 
 
 def test_no_compiler_on_path_falls_back(fresh_kernel, tmp_path):

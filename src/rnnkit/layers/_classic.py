@@ -7,11 +7,17 @@ Each classic layer has two modes:
   cuDNN on GPU, only for configurations ``torch.nn`` supports) or rnnkit's hand-differentiated loop
   (``kernel="rnnkit"``: any configuration, e.g. LSTM peepholes). ``kernel="auto"`` picks the faster
   one measured by ``benchmarks/classic_speed.py`` for the device.
+
+Under autocast, PyTorch's LSTM kernel needs oneDNN support for the low precision on the CPU
+(:func:`rnnkit.ops.torch_rnn.runs_under_autocast`). Where there is none, the kernel runs in the
+parameters' dtype with autocast off, as rnnkit's own kernel always does, and a warning says so once:
+such a CPU trains the layer in fp32 instead of failing.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,7 +27,7 @@ from torch import nn
 
 from rnnkit.errors import InputError, check_choice, check_positive_int
 from rnnkit.layers.base import Recurrence, State, length_mask
-from rnnkit.ops.torch_rnn import torch_rnn
+from rnnkit.ops import torch_rnn as torch_kernels
 
 KERNELS = ("auto", "torch", "rnnkit")
 
@@ -60,6 +66,14 @@ def time_major_mask(lengths: torch.Tensor | None, max_len: int) -> torch.Tensor 
     if lengths is None:
         return None
     return length_mask(lengths, max_len).t().unsqueeze(-1)
+
+
+def _warn_fp32_fallback(layer: str, dtype: torch.dtype) -> None:
+    warnings.warn(
+        f"{layer}: PyTorch's fused kernel cannot run under {dtype} autocast on this CPU (oneDNN has "
+        "no kernel for that precision here); the layer computes in its parameters' dtype instead",
+        RuntimeWarning,
+    )
 
 
 class ClassicRNN(Recurrence):
@@ -115,6 +129,13 @@ class ClassicRNN(Recurrence):
             return "torch"
         return "rnnkit"
 
+    def _torch_kernel_takes_autocast(self, device: torch.device) -> bool:
+        """False when autocast is on and PyTorch's kernel has no kernel for its dtype on ``device``."""
+        if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+            return True
+        dtype = torch.get_autocast_dtype(device.type)
+        return torch_kernels.runs_under_autocast(self.torch_kind(), device.type, dtype)
+
     def flat_weights(self) -> list[torch.Tensor]:
         """Parameters in ``nn.LSTM._flat_weights`` order (layer 0)."""
         weights = [self.weight_ih_l0, self.weight_hh_l0]
@@ -135,7 +156,9 @@ class ClassicRNN(Recurrence):
             return self._recurrent(x, state, lengths)
         if self.fused_kernel(x.device) == "torch":
             hx = (state,) if isinstance(state, torch.Tensor) else tuple(state)
-            y, final = torch_rnn(self.torch_kind(), x, hx, self.flat_weights(), self.bias_ih_l0 is not None, lengths)
+            y, final = torch_kernels.torch_rnn(
+                self.torch_kind(), x, hx, self.flat_weights(), self.bias_ih_l0 is not None, lengths
+            )
             return y, final[0] if isinstance(state, torch.Tensor) else type(state)(*final)
         y, final = self._native(x, state, time_major_mask(lengths, x.shape[1]))
         return y.transpose(0, 1), final  # (B, T, D_out)
@@ -143,7 +166,14 @@ class ClassicRNN(Recurrence):
     def _autocast_safe(self, x: torch.Tensor, mode: str | None) -> bool:
         # torch's fused kernels and the reference loop take autocast's dtypes; rnnkit's own kernel is
         # hand-differentiated in one dtype, so it runs in the parameters' dtype with autocast off.
-        return mode in (None, "recurrent") or self.fused_kernel(x.device) == "torch"
+        if mode in (None, "recurrent"):
+            return True
+        if self.fused_kernel(x.device) != "torch":
+            return False
+        if self._torch_kernel_takes_autocast(x.device):
+            return True
+        _warn_fp32_fallback(type(self).__name__, torch.get_autocast_dtype(x.device.type))
+        return False
 
     def _recurrent(self, x: torch.Tensor, state: State, lengths: torch.Tensor | None):
         raise NotImplementedError

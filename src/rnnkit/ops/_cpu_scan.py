@@ -7,7 +7,8 @@ at the speed of a copy. It includes no torch headers, so it builds in about a se
 system compiler, without network, GPU or ninja.
 
 Build: ``$RNNKIT_CXX``, ``$CXX``, ``g++``, ``c++`` or ``clang++`` (the first found) with
-``-O3 -march=native -shared -fPIC``, into ``$RNNKIT_CACHE_DIR`` (default ``~/.cache/rnnkit``, or the
+``-O3 -march=$RNNKIT_MARCH -shared -fPIC`` (``RNNKIT_MARCH`` defaults to ``native``; a named
+target such as ``x86-64-v3``, AVX2 without AVX-512, builds for a narrower CPU than this one), into ``$RNNKIT_CACHE_DIR`` (default ``~/.cache/rnnkit``, or the
 temporary directory when that is not writable) under a name keyed by a hash of the source, the
 flags, the compiler's version and the CPU, written to a temporary file and renamed into place so
 concurrent processes never load a half-written library. ``RNNKIT_NO_COMPILE=1`` disables the
@@ -23,6 +24,7 @@ import hashlib
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -34,9 +36,8 @@ import torch
 from rnnkit.ops._lazy import LazyResource
 
 SOURCE = Path(__file__).with_name("_cpu_scan.cpp")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
-#: Flags retried without ``-march=native`` for compilers that do not know it.
-FALLBACK_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
+BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-pthread")
+_MARCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.complex64: "c64", torch.complex128: "c128"}
 ABI_VERSION = 4
 
@@ -47,6 +48,27 @@ def _compiler() -> str | None:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
+
+
+def target_arch() -> str:
+    """The ``-march`` the kernel is built for: ``$RNNKIT_MARCH``, default ``native``.
+
+    Raises:
+        RuntimeError: the variable is not a plain target name (recorded as the reason the kernel is
+            unavailable, like any other build failure).
+    """
+    march = os.environ.get("RNNKIT_MARCH", "").strip() or "native"
+    if not _MARCH.fullmatch(march):
+        raise RuntimeError(f"RNNKIT_MARCH: expected a -march target such as 'native' or 'x86-64-v3', got {march!r}")
+    return march
+
+
+def flag_sets() -> list[tuple[str, ...]]:
+    """Compiler flags to try in order: with ``-march``, then (for ``native`` only, which some
+    compilers do not know) without; an explicit target is never silently dropped."""
+    march = target_arch()
+    flags = (BASE_FLAGS[0], f"-march={march}", *BASE_FLAGS[1:])
+    return [flags, BASE_FLAGS] if march == "native" else [flags]
 
 
 def _cpu_signature() -> str:
@@ -97,7 +119,7 @@ def build() -> Path:
     source = SOURCE.read_bytes()
     cache = _cache_dir()
     errors = []
-    for flags in (FLAGS, FALLBACK_FLAGS):
+    for flags in flag_sets():
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                          _cpu_signature().encode()])).hexdigest()[:20]
         target = cache / f"rnnkit_scan_{key}.so"

@@ -4,9 +4,17 @@ rnnkit's classic layers own their parameters under PyTorch's names (``weight_ih_
 than wrapping an ``nn.LSTM``, so they call the same ``torch._VF`` entry points that ``nn.LSTM`` /
 ``nn.GRU`` / ``nn.RNN`` call. Right-padded batches go through ``pack_padded_sequence`` so that the
 kernel never reads padding and returns each sequence's state at its own last valid step.
+
+Under CPU autocast the LSTM entry point hands oneDNN fp32 weights with bf16/fp16 activations, a
+primitive that oneDNN builds only where the CPU has native instructions for the lower precision
+(AVX-512 with BF16, or AMX, for bf16): elsewhere it raises "could not create a primitive descriptor".
+:func:`runs_under_autocast` answers that question once per dtype from oneDNN's own capability query,
+so layers pick another kernel up front instead of failing mid-training.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -17,6 +25,32 @@ _KERNELS = {
     "rnn_tanh": torch._VF.rnn_tanh,
     "rnn_relu": torch._VF.rnn_relu,
 }
+
+
+#: Kernels that go to oneDNN with mixed dtypes under CPU autocast (GRU and Elman run in one dtype).
+_ONEDNN_MIXED_UNDER_AUTOCAST = ("lstm",)
+
+
+@functools.cache
+def _onednn_supports(dtype: torch.dtype) -> bool:
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+def runs_under_autocast(kind: str, device_type: str, dtype: torch.dtype) -> bool:
+    """Whether PyTorch's ``kind`` kernel runs under ``torch.autocast(device_type, dtype)`` here.
+
+    True except for the LSTM on a CPU whose oneDNN build has no kernels for ``dtype`` (oneDNN
+    honours ``ONEDNN_MAX_CPU_ISA``, so a narrower instruction set set there answers False too).
+    """
+    if device_type != "cpu" or kind not in _ONEDNN_MIXED_UNDER_AUTOCAST:
+        return True
+    if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+        return True  # ATen's own loop runs, in any dtype
+    return _onednn_supports(dtype)
 
 
 def torch_rnn(

@@ -55,9 +55,11 @@ def fast_bf16(device: str | torch.device = "cpu") -> bool:
         return False
     probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     try:
-        return any(probe() for probe in probes if probe is not None)
+        hardware = any(probe() for probe in probes if probe is not None)
     except RuntimeError:  # a build without the CPU feature probes
         return False
+    # The CPU may have the instructions while oneDNN is told not to use them (ONEDNN_MAX_CPU_ISA).
+    return hardware and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
