@@ -1,7 +1,7 @@
 """Training speed of the matrix-state kernels: chunk vs recurrent vs parallel, against peers, one run.
 
-    flock /tmp/rnnkit-cpu.lock python benchmarks/chunk_speed.py           # T in 512, 2048, 8192
-    flock /tmp/rnnkit-cpu.lock python benchmarks/chunk_speed.py --quick   # T = 512 only, fewer repeats
+    python benchmarks/chunk_speed.py           # T in 512, 2048, 8192
+    python benchmarks/chunk_speed.py --quick   # T = 512 only, fewer repeats
 
 For each layer's kernel (the op with that layer's kind of decay: none for ``linear_attention``,
 fixed per head for ``retnet``, data-dependent scalar for ``mamba2``, per key dimension for ``gla``,
@@ -24,7 +24,7 @@ buffer pool (``RNNKIT_CHUNK_POOL_MB``, 4 GB by default) is raised to ``--pool-mb
 the run: at T=8192 the six kernels' buffers together exceed 4 GB, so in turn they evicted each
 other and every repetition ran on fresh, page-faulting memory, as no training run does (one
 model's kernels reuse the same buffers step after step; ``docs/benchmarks.md``). The last lines
-state each layer's chunk form against the issue's targets (>= 10x the loop at T=2048, >= 30% of
+state each layer's chunk form against its targets (>= 10x the loop at T=2048, >= 30% of
 the same-run matmul GFLOP/s at T=8192). The matmul reference is measured the same way: one window
 of back-to-back products lasting about a second (one kernel step at T=8192) before every round and
 one after the last, the best counting.
@@ -279,7 +279,7 @@ def main() -> None:
         live += [(layer, "recurrent@", fn, inputs, T_loop) for layer, form, fn, inputs in candidates(T_loop)
                  if form == "recurrent" and (layer, form) in skipped]
         # The matmul reference is measured before every round, and its best counts, as the kernels'
-        # best does: on this shared machine the best of five single products read anywhere from 140
+        # best does: on a machine with other load the best of five single products read anywhere from 140
         # to 220 GFLOP/s within an hour, so one measurement at the start made "% of matmul" noise.
         matmul_rounds = []
         for rep in range(repeats):

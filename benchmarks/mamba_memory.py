@@ -3,7 +3,7 @@
     python benchmarks/mamba_memory.py             # B=4, D=256 (E=512, N=16), T in 1024, 2048, 8192
     python benchmarks/mamba_memory.py --quick     # B=2, D=64, T in 512, 2048
 
-The issue's target: peak memory at T=8192 <= 4x the layer's activations. Each case runs in a fresh
+The target: peak memory at T=8192 <= 4x the layer's activations. Each case runs in a fresh
 subprocess; its peak is the growth of the resident set's high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs`` after the layer and input are built) over one forward + backward.
 Columns:

@@ -35,7 +35,7 @@ from rnnkit.errors import (
     describe,
 )
 
-#: Every mode name rnnkit knows, in DESIGN.md's order.
+#: Every mode name rnnkit knows, in the order of docs/design.md.
 MODE_NAMES = ("recurrent", "parallel", "chunk", "conv", "fused")
 
 State = Any  # a tensor, or a (named) tuple of states
