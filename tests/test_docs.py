@@ -6,7 +6,8 @@
   is parsed by the CLI's own parser, without running it, after the block's ``NAME=value``
   assignments are substituted;
 - every other fence says what it is (```text for output and tables); an untagged fence fails;
-- the README's layer table lists exactly the registered layers, each with its registered modes.
+- the README's layer table lists exactly the registered layers, each with its registered modes;
+- each package imports only the packages that docs/design.md's layout table allows (its floor).
 """
 
 from __future__ import annotations
@@ -131,3 +132,55 @@ def test_readme_layer_table_matches_the_registry() -> None:
     expected = {n: WRAPPED if rnnkit.layers.spec(n).cls.delegates_auto else rnnkit.layers.spec(n).modes for n in table}
     wrong = {n: (m, expected[n]) for n, m in table.items() if m != expected[n]}
     assert not wrong, f"README modes differ from the registry (README, registry): {wrong}"
+
+
+def design_floors() -> dict[str, set[str] | None]:
+    """``package -> the rnnkit packages it may import`` from docs/design.md's layout table (None: any)."""
+    floors: dict[str, set[str] | None] = {}
+    text = (ROOT / "docs" / "design.md").read_text()
+    section = text[text.index("## Layout of `src/rnnkit`"):]
+    section = section[: section.index("\n## ", 1)]
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        package = cells[0].strip("`").removesuffix("/").removesuffix(".py")
+        allowed = cells[2]
+        floors[package] = None if "all of the above" in allowed else set(re.findall(r"`(\w+)`", allowed))
+    return floors
+
+
+def rnnkit_imports(path: Path) -> set[str]:
+    """The rnnkit packages/modules (first component below ``rnnkit``) that a source file imports."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            parts = node.module.split(".")
+            if parts[0] != "rnnkit":
+                continue
+            if len(parts) > 1:
+                found.add(parts[1])
+            else:  # from rnnkit import layers / __version__
+                found.update(a.name for a in node.names if not a.name.startswith("__"))
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("rnnkit."))
+    return found
+
+
+def test_packages_import_only_their_floors() -> None:
+    """The layout table of docs/design.md is the import rule: each package imports only what it lists."""
+    floors = design_floors()
+    assert {"errors", "ops", "layers", "models", "tasks", "train", "bench", "cli"} <= set(floors)
+    src = ROOT / "src" / "rnnkit"
+    broken = []
+    for package, allowed in floors.items():
+        if allowed is None:
+            continue
+        files = sorted((src / package).rglob("*.py")) if (src / package).is_dir() else [src / f"{package}.py"]
+        for f in files:
+            extra = rnnkit_imports(f) - allowed - {package}
+            if extra:
+                broken.append(f"{f.relative_to(ROOT)} imports {sorted(extra)} (docs/design.md allows {sorted(allowed)})")
+    assert not broken, "\n".join(broken)
