@@ -79,6 +79,7 @@ class Elman(ClassicRNN):
     """
 
     GATES = 1
+    TORCH_KERNEL_ON_CPU = False  # rnnkit's loop trains faster there (benchmarks/classic_speed.py)
 
     def __init__(self, **config) -> None:
         super().__init__(make_config(ElmanConfig, "elman", config))
@@ -86,17 +87,6 @@ class Elman(ClassicRNN):
 
     def torch_kind(self) -> str | None:
         return "rnn_relu" if self.config.nonlinearity == "relu" else "rnn_tanh"
-
-    def prefers_torch_kernel(self, device: torch.device) -> bool:
-        # On CPU rnnkit's loop trains 1.35-1.45x faster than torch.nn.RNN's kernel at D = 256..1024
-        # (benchmarks/classic_speed.py); on GPU cuDNN wins.
-        return device.type != "cpu"
-
-    def _params(self):
-        return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
-
-    def _init_state(self, batch_size, device, dtype):
-        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
 
     def _recurrent(self, x, state, lengths):
         return elman_recurrent(x, state, *self._params(), self.config.nonlinearity, lengths)

@@ -78,6 +78,7 @@ class GRU(ClassicRNN):
     """
 
     GATES = 3
+    TORCH_KERNEL_ON_CPU = False  # rnnkit's loop trains faster there (benchmarks/classic_speed.py)
 
     def __init__(self, **config) -> None:
         super().__init__(make_config(GRUConfig, "gru", config))
@@ -85,17 +86,6 @@ class GRU(ClassicRNN):
 
     def torch_kind(self) -> str | None:
         return "gru"
-
-    def prefers_torch_kernel(self, device: torch.device) -> bool:
-        # On CPU rnnkit's loop trains ~1.5x faster than torch.nn.GRU's kernel at D = 256..1024
-        # (benchmarks/classic_speed.py); on GPU cuDNN wins.
-        return device.type != "cpu"
-
-    def _params(self):
-        return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
-
-    def _init_state(self, batch_size, device, dtype):
-        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
 
     def _recurrent(self, x, state, lengths):
         return gru_recurrent(x, state, *self._params(), lengths)

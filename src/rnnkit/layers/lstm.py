@@ -154,8 +154,7 @@ class LSTM(ClassicRNN):
         return weights + [self.weight_hr_l0] if self.weight_hr_l0 is not None else weights
 
     def _params(self):
-        return (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0,
-                self.weight_peephole_l0, self.weight_hr_l0)
+        return super()._params() + (self.weight_peephole_l0, self.weight_hr_l0)
 
     def _init_state(self, batch_size, device, dtype):
         return LSTMState(

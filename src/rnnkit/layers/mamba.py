@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rnnkit.errors import check_positive_int
-from rnnkit.layers._diagonal import DiagonalRecurrence, causal_conv, causal_conv_step, check_float, scan, valid_mask
+from rnnkit.layers._conv import ShortConv
+from rnnkit.layers._diagonal import DiagonalRecurrence, check_float, scan, valid_mask
 from rnnkit.layers.registry import make_config, register
 
 
@@ -55,7 +56,7 @@ class MambaConfig:
 class MambaState(NamedTuple):
     """State of a Mamba block: the conv's last ``W - 1`` inputs and the SSM state."""
 
-    conv: torch.Tensor  # (B, W-1, E)
+    conv: torch.Tensor  # (B, E, W-1)
     h: torch.Tensor  # (B, E, N)
 
 
@@ -118,7 +119,7 @@ class Mamba(DiagonalRecurrence):
         d_model: D. d_state: N. d_conv: W. expand: E / D. dt_rank: R (default ``ceil(D / 16)``).
         dt_min, dt_max, dt_init_floor: initial step sizes. chunk_size: time chunk of the training form.
 
-    Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`MambaState` ``(conv (B, W-1, E),
+    Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`MambaState` ``(conv (B, E, W-1),
     h (B, E, N))``.
 
     Modes: ``recurrent`` (the loop over :meth:`step`), ``parallel``, ``chunk``, ``fused``: the time
@@ -137,7 +138,7 @@ class Mamba(DiagonalRecurrence):
         self.d_input = self.d_output = D = cfg.d_model
         E, N, R = cfg.expand * D, cfg.d_state, cfg.dt_rank
         self.in_proj = nn.Linear(D, 2 * E, bias=False)
-        self.conv = nn.Conv1d(E, E, cfg.d_conv, groups=E)
+        self.conv = ShortConv(E, cfg.d_conv, activation="identity")
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
         self.dt_proj = nn.Linear(R, E)
         self.A_log = nn.Parameter(torch.empty(E, N))
@@ -160,7 +161,7 @@ class Mamba(DiagonalRecurrence):
     def _init_state(self, batch_size, device, dtype):
         cfg = self.config
         E = cfg.expand * cfg.d_model
-        return MambaState(torch.zeros(batch_size, cfg.d_conv - 1, E, device=device, dtype=dtype),
+        return MambaState(self.conv.init_state(batch_size, device=device, dtype=dtype),
                           torch.zeros(batch_size, E, cfg.d_state, device=device, dtype=dtype))
 
     def _ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,7 +172,7 @@ class Mamba(DiagonalRecurrence):
 
     def _step(self, x_t, state):
         u, z = self.in_proj(x_t).chunk(2, -1)  # (B, E) each
-        u, window = causal_conv_step(u, state.conv, self.conv.weight, self.conv.bias)
+        u, window = self.conv.step(u, state.conv)
         u = F.silu(u)
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, E), (B, N), (B, N)
         A = -torch.exp(self.A_log)  # (E, N)
@@ -182,7 +183,7 @@ class Mamba(DiagonalRecurrence):
     def _scan_forward(self, x, state, lengths, mode):
         B, T, _ = x.shape
         u, z = self.in_proj(x).chunk(2, -1)  # (B, T, E) each
-        u, window = causal_conv(u, state.conv, self.conv.weight, self.conv.bias, lengths)
+        u, window = self.conv(u, state.conv, lengths)
         u = F.silu(u)
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, T, E), (B, T, N), (B, T, N)
         A = -torch.exp(self.A_log)  # (E, N)
