@@ -140,7 +140,8 @@ class Recurrence(nn.Module):
             lengths: optional ``(B,)`` integers in ``[1, T]`` for right-padded batches. Outputs past a
                 sequence's length are zero and the returned state is the one at its last valid step.
             mode: one of :attr:`modes` or ``"auto"`` (the fastest for this device and shape).
-            check_finite: raise :class:`InputError` if a valid (non-padding) input is NaN or Inf.
+            check_finite: raise :class:`InputError` if a valid (non-padding) input, the passed-in
+                state or a per-step input is NaN or Inf.
             **step_inputs: the layer's :attr:`STEP_INPUTS`, each ``(B, T)`` (None: the default).
 
         Returns:
@@ -161,7 +162,17 @@ class Recurrence(nn.Module):
         if check_finite and not bool(torch.isfinite(x).all()):
             raise InputError("x: expected finite values at valid steps (check_finite=True), got NaN or Inf")
         mode = self._resolve_mode(mode, x)
+        if batch_size == 0 and not self.delegates_auto:
+            # An empty batch is a valid call with an empty result; the reference loop computes it
+            # in every layer, while fast kernels need not accept zero-sized dimensions.
+            mode = "recurrent"
         state = self._check_or_init_state(state, batch_size, x)
+        if check_finite:
+            checked = [("state", leaf) for leaf in flatten_state(state)]
+            checked += [(name, value if mask is None else value[mask]) for name, value in step_inputs.items()]
+            for name, value in checked:
+                if not bool(torch.isfinite(value).all()):
+                    raise InputError(f"{name}: expected finite values (check_finite=True), got NaN or Inf")
         with self._autocast_guard(x, mode) as cast:
             y, state = self._forward(cast(x), cast(state), lengths, mode, **step_inputs)
         if mask is not None:
