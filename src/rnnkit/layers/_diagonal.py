@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from rnnkit.errors import InputError, describe
-from rnnkit.layers.base import Recurrence, length_mask, map_state
+from rnnkit.layers.base import Recurrence, map_state
+from rnnkit.ops.padding import freeze, step_valid
 
 #: Forms of :func:`rnnkit.ops.linear_scan` each diagonal layer offers as a mode of the same name.
 SCAN_MODES = ("parallel", "chunk", "fused")
@@ -46,18 +47,6 @@ def scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, lengths: torch.Tens
     from rnnkit.ops import linear_scan
 
     return linear_scan(a, b, h0, lengths=lengths, mode=mode)
-
-
-def freeze(valid: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` where ``valid`` (B,) is True, else ``old`` (padding steps keep the state)."""
-    if valid is None:
-        return new
-    return torch.where(valid.view(-1, *([1] * (new.dim() - 1))), new, old)
-
-
-def step_valid(t: int, lengths: torch.Tensor | None) -> torch.Tensor | None:
-    """``(B,)`` True where step ``t`` is a valid (non-padding) step, or None without lengths."""
-    return None if lengths is None else t < lengths
 
 
 def to_complex(state: torch.Tensor) -> torch.Tensor:
@@ -110,11 +99,6 @@ def causal_conv_step(
     if bias is not None:
         y_t = y_t + bias
     return y_t, full[:, 1:]
-
-
-def valid_mask(lengths: torch.Tensor | None, max_len: int) -> torch.Tensor | None:
-    """``(B, T)`` bool, True at valid steps, or None without lengths."""
-    return None if lengths is None else length_mask(lengths, max_len)
 
 
 class DiagonalRecurrence(Recurrence):
