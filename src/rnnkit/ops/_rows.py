@@ -3,9 +3,10 @@
 Why: outside their matmuls the chunk kernels spend their time in passes over memory (scale the
 rows of ``q`` by a decay, add a per-chunk vector, take a dot product with another tensor's rows,
 sum a chunk's rows). In PyTorch each is a pass over tens of MiB, and a dot product of rows runs
-as a batched matmul of 1 x D by D x 1 at a few GFLOP/s. :func:`row_pass` does a chain of them in
-one read of its input, through the compiled library (:mod:`rnnkit.ops._native`) (fp32 and
-fp64 on the CPU), and in PyTorch otherwise, with the same result up to rounding.
+as a batched matmul of 1 x D by D x 1, far below the matmul rate. :func:`row_pass` does a chain
+of them in one read of its input, through the compiled library (:mod:`rnnkit.ops._native`; fp32
+and fp64 on the CPU), and in PyTorch otherwise, with the same result up to rounding
+(``benchmarks/chunk_speed.py`` and ``benchmarks/delta_speed.py`` time the kernels that use it).
 
 Per row ``i`` of chunk ``g`` (the rows of ``x`` reshaped to ``(G * N * C, D)``; ``C`` rows per
 chunk)::

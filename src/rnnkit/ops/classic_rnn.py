@@ -22,7 +22,7 @@ so the time loops issue as few ops as possible:
 
 - buffers are preallocated; ops write with ``out=`` or in place into views made with one ``unbind``
   per block of steps (made per block, not per sequence, so that thousands of views do not outlive
-  Python's young GC generations and trigger full collections, ~65 ms each with torch imported);
+  Python's young GC generations and trigger full collections, each costly with torch imported);
 - the backward never differentiates op by op: whatever does not depend on the incoming gradient
   (activation derivatives, peephole terms, the padding mask) is folded, a block of steps at a time
   with large ops, into coefficients, so that a backward step is one broadcast multiply per group of
@@ -79,10 +79,11 @@ def _step_matmul(m: torch.Tensor, batch: int):
     """``f(out, bias, a)`` computing ``out = bias + a @ m`` for one step's ``a`` ``(B, K)``, ``m`` ``(K, N)``.
 
     ``out`` may be ``bias`` (accumulate in place). A weight that fits in cache goes to MKL row-major
-    as is (an NN GEMM, 1.3-1.8x faster than with the transposed view). A larger one is multiplied
-    the other way round, ``(m^T a^T)^T``, so that the weight is the GEMM's tall operand: measured
-    1.3-2x faster at 9-16 MiB for B = 16, slower below ~6 MiB (2 MiB of L2 per core here), hence
-    the threshold; the two transposing copies it costs are ``(B, K)`` and ``(B, N)`` small.
+    as is (an NN GEMM, faster than the GEMM with the transposed view). A weight too large for the
+    cache is multiplied the other way round, ``(m^T a^T)^T``, so that it is the GEMM's tall operand,
+    which streams it once; below the threshold that order is the slower one, hence
+    ``_WIDE_WEIGHT_BYTES`` (both orders are timed by ``benchmarks/classic_speed.py``). The two
+    transposing copies it costs are ``(B, K)`` and ``(B, N)``, small.
     """
     K, N = m.shape
     if m.numel() * m.element_size() <= _WIDE_WEIGHT_BYTES:
@@ -682,6 +683,14 @@ def _prepare(mode: str, x: torch.Tensor, lengths):
     return check_lengths(lengths, x.shape[0], x.shape[1], x.device)
 
 
+def _zeros_if_none(state, x, batch_shapes):
+    """``state``, or zeros of ``(B, n)`` for each ``n`` in ``batch_shapes`` (a tuple for several)."""
+    if state is not None:
+        return state
+    zeros = [x.new_zeros(x.shape[0], n) for n in batch_shapes]
+    return zeros[0] if len(zeros) == 1 else LSTMState(*zeros)
+
+
 def _time_major(x, weight_ih, bias, lengths):
     """``(T, B, G)`` input projection and ``(T, B, 1)`` validity mask (or None) of the fused forms."""
     mask = valid_mask(lengths, x.shape[1])
@@ -697,7 +706,7 @@ def elman(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, nonlineari
     """The Elman recurrence ``h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)`` over a sequence.
 
     Args:
-        x: ``(B, T, D)``; h0: ``(B, H)``; weight_ih ``(H, D)``, weight_hh ``(H, H)``, biases ``(H,)``
+        x: ``(B, T, D)``; h0: ``(B, H)`` or None (zeros); weight_ih ``(H, D)``, weight_hh ``(H, H)``, biases ``(H,)``
             or None (``torch.nn.RNN`` layer 0); nonlinearity: ``"tanh"`` or ``"relu"``;
             lengths: ``(B,)`` or None (the state is kept through padding).
         mode: ``"recurrent"`` (the definition) or ``"fused"`` (:func:`elman_sequence`).
@@ -707,6 +716,7 @@ def elman(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, nonlineari
     """
     lengths = _prepare(mode, x, lengths)
     check_choice("nonlinearity", nonlinearity, ("tanh", "relu"))
+    h0 = _zeros_if_none(h0, x, (weight_hh.shape[1],))
     if mode == "recurrent":
         return elman_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, lengths)
     bias = None if bias_ih is None else _summed(bias_ih, bias_hh)
@@ -719,7 +729,7 @@ def gru(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, lengths=None
     """The GRU recurrence (``torch.nn.GRU``'s formulation) over a sequence.
 
     Args:
-        x: ``(B, T, D)``; h0: ``(B, H)``; weight_ih ``(3H, D)``, weight_hh ``(3H, H)``, biases
+        x: ``(B, T, D)``; h0: ``(B, H)`` or None (zeros); weight_ih ``(3H, D)``, weight_hh ``(3H, H)``, biases
             ``(3H,)`` or None, gates ordered r, z, n; lengths: ``(B,)`` or None.
         mode: ``"recurrent"`` (the definition) or ``"fused"`` (:func:`gru_sequence`).
 
@@ -727,6 +737,7 @@ def gru(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, lengths=None
         ``y`` ``(B, T, H)`` (the frozen state at padding steps) and the final ``h`` ``(B, H)``.
     """
     lengths = _prepare(mode, x, lengths)
+    h0 = _zeros_if_none(h0, x, (weight_hh.shape[1],))
     if mode == "recurrent":
         return gru_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths)
     xp, mask = _time_major(x, weight_ih, bias_ih, lengths)  # b_hn is gated by r: b_hh stays apart
@@ -739,7 +750,8 @@ def lstm(x, state, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, peephole
     """The LSTM recurrence (forget gate; optional peepholes and projection) over a sequence.
 
     Args:
-        x: ``(B, T, D)``; state: :class:`LSTMState` (``h`` (B, R), ``c`` (B, H)); weight_ih
+        x: ``(B, T, D)``; state: :class:`LSTMState` (``h`` (B, R), ``c`` (B, H)) or None (zeros);
+            weight_ih
             ``(4H, D)``, weight_hh ``(4H, R)``, biases ``(4H,)`` or None, gates ordered i, f, g, o;
             peephole: ``(3, H)`` (rows i, f, o) or None; weight_hr: ``(R, H)`` or None;
             lengths: ``(B,)`` or None.
@@ -749,6 +761,7 @@ def lstm(x, state, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, peephole
         ``y`` ``(B, T, R)`` (the frozen output at padding steps) and the final :class:`LSTMState`.
     """
     lengths = _prepare(mode, x, lengths)
+    state = _zeros_if_none(state, x, (weight_hh.shape[1], weight_hh.shape[0] // 4))
     if mode == "recurrent":
         return lstm_recurrent(x, LSTMState(*state), weight_ih, weight_hh, bias_ih, bias_hh, peephole, weight_hr,
                               lengths)

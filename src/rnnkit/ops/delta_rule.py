@@ -301,9 +301,9 @@ class _ChunkwiseDelta(torch.autograd.Function):
             A.mul_(bc)
             P.mul_(causal_float(C, q))
             q_in, k_out = q, k
-        # (G, N, C, C), in the working precision: formed in fp64 it cost 7% of a step at T=8192 and
-        # moved the kernel's error against an fp64 run by 1-3% (docs/benchmarks.md). Long chunks
-        # need it only for the backward.
+        # (G, N, C, C), in the working precision: forming it in fp64 costs time and barely moves
+        # the kernel's error against an fp64 run (benchmarks/delta_speed.py). Long chunks need it
+        # only for the backward.
         direct = C > DIRECT_SOLVE_ABOVE
         Tinv = _unit_lower_inverse(A) if not direct or any(ctx.needs_input_grad) else None
         if not direct:
@@ -317,10 +317,10 @@ class _ChunkwiseDelta(torch.autograd.Function):
             del T_scaled
         else:
             # Long chunks (the parallel form): the inverse's entries grow with C, and a product with
-            # it loses accuracy that solving against the right-hand side keeps (fp32, beta near 2,
-            # C = 64, 24 seeds: worst error against the loop 1.1e-5 against 7.9e-6). The right-hand
-            # sides are column-major so that LAPACK substitutes down each column, as the loop does
-            # (solved row-major, as X^T (I + A)^T = R^T, the worst error was 1.0e-5).
+            # it loses accuracy that solving against the right-hand side keeps (in fp32 with beta
+            # near 2 the difference shows against the loop; tests/ops/test_delta_rule.py). The
+            # right-hand sides are column-major so that LAPACK substitutes down each column, as the
+            # loop does, rather than along rows as a row-major solve of X^T (I + A)^T = R^T would.
             U = _solve_unit_lower_(A, torch.mul(v, bc, out=_column_major(v)))  # (G, N, C, V)
             rhs = torch.mul(k, bc, out=_column_major(k))
             W = _solve_unit_lower_(A, rhs.mul_(e) if gated else rhs)  # (G, N, C, K)
@@ -363,10 +363,9 @@ class _ChunkwiseDelta(torch.autograd.Function):
         # formed in the loop, where they are in cache: dDelta_n = P^T dy + (f k) dS_{n+1},
         # dR_v = T^T dDelta_n, k's share of the end state Delta_n dS_{n+1}^T, and dS_n; only dR_v
         # and Delta_n dS_{n+1}^T are written out. As one batched product after the loop
-        # Delta_n dS_{n+1}^T ran slower (56 against 68 GFLOP/s at T=8192, its right operand
-        # transposed and read from memory) and needed every dS_{n+1} copied out; the others time
-        # the same either way, and here they need no dDelta and (e q)^T dy tensors (peak memory of
-        # a step at T=8192: 2.27 against 2.52 GB; docs/benchmarks.md).
+        # Delta_n dS_{n+1}^T would read its right operand transposed from memory and need every
+        # dS_{n+1} copied out; here it reads them from cache, and the loop needs no dDelta and
+        # (e q)^T dy tensors, which lowers a step's peak memory (benchmarks/delta_speed.py).
         dRv = workspace((G, N, C, V), q)  # T^T dDelta_n
         dk_end = workspace((G, N, C, K), q)  # Delta_n dS_{n+1}^T
         end_dot = q.new_empty(G, N) if gated else None  # <dS_{n+1}, S_n>, for the carried decay e_C
@@ -445,9 +444,9 @@ def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
 
     One batched triangular solve ``(I + A) T = I``, written in place into a workspace buffer that
     starts as the identity (``solve_triangular`` with ``out`` the right-hand side solves in place:
-    no copy of ``A`` or of the result). On the 2-core CPU at T=8192 this takes 2.5x less time than
-    the blocked forward substitution in batched matmuls it replaces (0.04 s against 0.10 s a step),
-    and the kernel's accuracy against an fp64 run is unchanged (docs/benchmarks.md).
+    no copy of ``A`` or of the result). LAPACK's substitution reads each matrix once, where a
+    blocked forward substitution in batched matmuls takes several passes, with the same accuracy
+    against an fp64 run (``benchmarks/delta_speed.py`` times the kernel).
     """
     T = workspace_like(A)
     T.copy_(torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A))

@@ -26,7 +26,7 @@ without such a division; the chunk is split recursively in halves (a dyadic vers
 secondary chunking): the pairs (i in the second half, j in the first half) of each block are one
 matmul of ``q_i exp(b_i - b_m)`` and ``k_j exp(b_m - b_j)``, both factors ``<= 1``, with ``m`` the
 last step of the first half; the halves recurse down to single steps. When every ``|b|`` of a
-call stays within ``FACTOR_BOUND`` (mild decays, the usual case) the scores are one matmul of
+call stays within ``SCORE_FACTOR_BOUND`` (mild decays, the usual case) the scores are one matmul of
 ``q exp(b)`` and ``k exp(-b)`` instead, exact and far from overflow.
 
 Padding: with ``lengths`` (B,), steps ``t >= lengths[b]`` have ``g = 0`` and ``k = v = q = 0``, so
@@ -59,12 +59,13 @@ from rnnkit.ops._forms import run_form
 from rnnkit.ops._workspace import workspace, workspace_like
 from rnnkit.ops.padding import valid_mask
 
-#: Chunk size measured fastest on a 2-core CPU (benchmarks/chunk_speed.py).
+#: Default chunk size: large enough for efficient batched matmuls, small enough that the (C, C)
+#: scores stay in cache (benchmarks/chunk_speed.py compares chunk sizes).
 DEFAULT_CHUNK = 64
 #: Per-key-dimension decay: when every cumulative log decay of a chunk is within this bound, the
 #: intra-chunk scores factor into exp(b_i) and exp(-b_j) (at most e^20 ~ 5e8 apart from 1);
 #: otherwise the recursive halving below, which never exponentiates a positive sum.
-FACTOR_BOUND = 20.0
+SCORE_FACTOR_BOUND = 20.0
 
 
 def _check_inputs(q, k, v, log_decay, state, lengths):
@@ -220,7 +221,7 @@ def _chunked(q, k, v, g, S, C):
         b = _chunk_cumsum(g.detach())  # (G, N, C, Kg) cumulative log decay from the chunk start, inclusive
         # Mild decays: differences of cumulative sums are exact to ~1e-6 and the scores may factor.
         lo, hi = torch.aminmax(b)
-        mild = max(-float(lo), float(hi)) <= FACTOR_BOUND
+        mild = max(-float(lo), float(hi)) <= SCORE_FACTOR_BOUND
         fixed = not per_dim and not g.requires_grad and N > 1 and bool((g == g[:, :1, :1]).all())
         if per_dim and not mild:
             y, S = _chunked_per_dim_strong(q, k, v, g, S)
@@ -266,10 +267,10 @@ class _ChunkwiseGLA(torch.autograd.Function):
 
     q, k (G, N, C, K); v (G, N, C, V); g (G, N, C, Kg) log decays (Kg = 1 or K) or None (no decay),
     b its within-chunk cumulative sum (no gradient); S0 (G, K, V). ``mode``: ``"none"`` (no
-    decay), ``"factor"`` (scores = (q e^b)(k e^-b)^T, every |b| within FACTOR_BOUND),
+    decay), ``"factor"`` (scores = (q e^b)(k e^-b)^T, every |b| within SCORE_FACTOR_BOUND),
     ``"matrix"`` / ``"matrix_fixed"`` (scalar decay: scores = (q k^T) ⊙ D, D from
     :func:`decay_matrix_log`, one D for all chunks when the decay is fixed per head), with suffix
-    ``"_strong"`` when some |b| exceeds FACTOR_BOUND.
+    ``"_strong"`` when some |b| exceeds SCORE_FACTOR_BOUND.
 
     Forward, with ``b_C`` the chunk's total log decay:
     ``y = (q e^b) S_n + scores v``, ``U_n = (k e^{b_C - b})^T v``, ``S_{n+1} = e^{b_C} S_n + U_n``.
@@ -294,7 +295,7 @@ class _ChunkwiseGLA(torch.autograd.Function):
             eb = torch.exp(b, out=workspace_like(b))
             q_dec = torch.mul(q, eb, out=workspace_like(q))  # factors <= 1 for a contraction
             if mode == "factor":
-                # |b| <= FACTOR_BOUND: e^b and e^-b are far from overflow and underflow
+                # |b| <= SCORE_FACTOR_BOUND: e^b and e^-b are far from overflow and underflow
                 qf, kf = q_dec, torch.div(k, eb, out=workspace_like(k))
                 k_end = torch.mul(kf, torch.exp(b_last), out=workspace_like(k))
             else:
@@ -318,7 +319,7 @@ class _ChunkwiseGLA(torch.autograd.Function):
         del U
         scores = mm(qf, kf.transpose(-1, -2))  # (G, N, C, C)
         if D is None:
-            scores.mul_(causal_float(C, q))  # finite products: |b| <= FACTOR_BOUND in "factor" mode
+            scores.mul_(causal_float(C, q))  # finite products: |b| <= SCORE_FACTOR_BOUND in "factor" mode
         else:
             scores.mul_(D)
         y = addmm_(mm(q_dec, S_start), scores, v)
@@ -409,8 +410,8 @@ class _ChunkwiseGLA(torch.autograd.Function):
 
 def _chunk_cumsum(g: torch.Tensor) -> torch.Tensor:
     """Cumulative sums over dimension 2 of ``g`` (G, N, C, Kg), into a workspace buffer; for wide
-    ``Kg`` as a batched matmul with a lower-triangular ones matrix (cumsum along a middle dimension
-    runs at a third of the speed on a CPU)."""
+    ``Kg`` as a batched matmul with a lower-triangular ones matrix (a CPU's cumsum along a middle
+    dimension is strided and slow; ``benchmarks/chunk_speed.py``)."""
     G, N, C, Kg = g.shape
     out = workspace_like(g)
     if Kg < 16:

@@ -60,7 +60,7 @@ MILD_BOUND = 16.0
 #: the dtype's overflow exponent): the factors stay far from overflow and underflow, and no (C, C)
 #: weight matrix is formed (four passes: subtract, clamp, exp, mask); the row factors and the causal
 #: mask are applied in the pass that takes the scores' row sums.
-FACTOR_BOUND = 20.0
+ROW_FACTOR_BOUND = 20.0
 
 
 class MLSTMState(NamedTuple):
@@ -252,10 +252,10 @@ def _chunked_strong(q, k, v, log_i, log_f, S, n, m, eps):
 
 def _weights_factor(rise: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether the kernel's intra-chunk weights are formed from row and column factors: every row
-    factor's exponent ``rise = Y_n - X_i`` (G, N, C) within :data:`FACTOR_BOUND` and a quarter of
+    factor's exponent ``rise = Y_n - X_i`` (G, N, C) within :data:`ROW_FACTOR_BOUND` and a quarter of
     ``dtype``'s overflow exponent (fp32 and bf16: 22; fp16: 2.8), so that the row factors, and the
     gradients they scale, stay finite."""
-    bound = min(FACTOR_BOUND, math.log(torch.finfo(dtype).max) / 4)
+    bound = min(ROW_FACTOR_BOUND, math.log(torch.finfo(dtype).max) / 4)
     return bool(rise.max() <= bound)
 
 
@@ -274,7 +274,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
     state's read-out factor ``exp(m_n - X_i)``, the chunk's share of its end state
     ``exp(c_j - Y_n)`` and the carry ``exp(m_n - Y_n)`` with ``Y_n = max(m_n, max_j c_j)`` and
     ``m_{n+1} = b_C + Y_n``; all ``<= 0`` in the exponent. When every ``Y_n - X_i`` is within
-    :data:`FACTOR_BOUND` (:func:`_weights_factor`), ``P_ij = exp(Y_n - X_i) exp(c_j - Y_n)``: the
+    :data:`ROW_FACTOR_BOUND` (:func:`_weights_factor`), ``P_ij = exp(Y_n - X_i) exp(c_j - Y_n)``: the
     scores are ``q k_end^T`` with ``k_end = k exp(c - Y_n)`` (the chunk's end-state keys), rows
     scaled by ``exp(Y_n - X_i)`` and masked to ``j <= i``, and no ``(C, C)`` weight matrix is formed.
     A row factor may be large but its product with each unmasked column factor is a weight ``<= 1``.
@@ -342,8 +342,8 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         else:
             P = workspace((G, N, C, C), q)
             torch.sub(c[..., None, :], X[..., :, None], out=P)  # c_j - X_i <= 0 for j <= i
-            # Clamped: exp of an argument where the result underflows (or of -inf) runs ~10-50x
-            # slower than exp of a normal argument; a weight below the smallest normal number is
+            # Clamped: exp of an argument where the result underflows (or of -inf) runs far slower
+            # than exp of a normal argument (benchmarks/chunk_speed.py); a weight below the smallest normal number is
             # rounding anyway. Above the diagonal the argument may be positive: clamped to 0, then
             # masked.
             P.clamp_(min=math.log(torch.finfo(q.dtype).tiny) + 1, max=0).exp_().mul_(causal_float(C, q))

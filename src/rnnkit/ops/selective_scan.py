@@ -19,7 +19,8 @@ autograd each block is recomputed in the backward pass (activation checkpointing
 ``(B, T, E)``-sized inputs and one ``(B, E, N)`` state per block are kept
 (``benchmarks/mamba_memory.py`` measures it).
 
-Padding (``lengths``): steps past a length have decay 1 and input 0, so the state is kept.
+Padding (``lengths``): steps past a length have decay 1 and input 0, so the state is kept (and
+the output there reads the kept state).
 """
 
 from __future__ import annotations
@@ -60,8 +61,16 @@ def _check_inputs(delta, Bm, Cm, u, A, h0, lengths):
 def selective_scan_step(delta_t, B_t, C_t, u_t, A, h):
     """One step: ``delta_t``, ``u_t`` (B, E), ``B_t``, ``C_t`` (B, N), ``A`` (E, N), ``h`` (B, E, N)
     -> ``y_t`` (B, E) and the next ``h``."""
-    h = torch.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t[:, None, :]  # (B, E, N)
-    return (h * C_t[:, None, :]).sum(-1), h
+    h = _update(delta_t, B_t, u_t, A, h)
+    return _read(h, C_t), h
+
+
+def _update(delta_t, B_t, u_t, A, h):
+    return torch.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t[:, None, :]  # (B, E, N)
+
+
+def _read(h, C_t):
+    return (h * C_t[:, None, :]).sum(-1)  # (B, E)
 
 
 def selective_scan_recurrent(delta, Bm, Cm, u, A, h0=None, lengths=None):
@@ -79,9 +88,8 @@ def selective_scan_recurrent(delta, Bm, Cm, u, A, h0=None, lengths=None):
     ys = []
     steps = zip(delta.unbind(1), Bm.unbind(1), Cm.unbind(1), u.unbind(1))
     for t, (delta_t, B_t, C_t, u_t) in enumerate(steps):
-        y_t, new = selective_scan_step(delta_t, B_t, C_t, u_t, A, h)
-        h = freeze_padding(t, lengths, new, h)
-        ys.append(y_t)
+        h = freeze_padding(t, lengths, _update(delta_t, B_t, u_t, A, h), h)
+        ys.append(_read(h, C_t))
     return torch.stack(ys, 1), h
 
 
