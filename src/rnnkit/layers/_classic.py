@@ -51,16 +51,6 @@ class ClassicConfig:
         check_choice("kernel", self.kernel, KERNELS)
 
 
-def freeze_padding(t: int, lengths: torch.Tensor | None, new: State, old: State) -> State:
-    """Keep the previous state for sequences whose length is <= t (their step t is padding)."""
-    if lengths is None:
-        return new
-    valid = (t < lengths)[:, None]  # (B, 1)
-    if isinstance(new, torch.Tensor):
-        return torch.where(valid, new, old)
-    return type(new)(*(torch.where(valid, n, o) for n, o in zip(new, old)))
-
-
 def time_major_mask(lengths: torch.Tensor | None, max_len: int) -> torch.Tensor | None:
     """``(T, B, 1)`` bool validity mask for the time-major kernels, or None."""
     if lengths is None:

@@ -12,10 +12,10 @@ import math
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from rnnkit.errors import InputError, describe
-from rnnkit.layers.base import Recurrence, length_mask, map_state
+from rnnkit.layers.base import Recurrence, map_state
+from rnnkit.ops.padding import freeze, step_valid
 
 #: Forms of :func:`rnnkit.ops.linear_scan` each diagonal layer offers as a mode of the same name.
 SCAN_MODES = ("parallel", "chunk", "fused")
@@ -47,18 +47,6 @@ def scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, lengths: torch.Tens
     return linear_scan(a, b, h0, lengths=lengths, mode=mode)
 
 
-def freeze(valid: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` where ``valid`` (B,) is True, else ``old`` (padding steps keep the state)."""
-    if valid is None:
-        return new
-    return torch.where(valid.view(-1, *([1] * (new.dim() - 1))), new, old)
-
-
-def step_valid(t: int, lengths: torch.Tensor | None) -> torch.Tensor | None:
-    """``(B,)`` True where step ``t`` is a valid (non-padding) step, or None without lengths."""
-    return None if lengths is None else t < lengths
-
-
 def to_complex(state: torch.Tensor) -> torch.Tensor:
     """A complex state stored as real ``(..., 2)`` (real, imaginary) -> complex ``(...)``.
 
@@ -72,9 +60,6 @@ def to_real(h: torch.Tensor) -> torch.Tensor:
     return torch.stack([h.real, h.imag], -1)
 
 
-def valid_mask(lengths: torch.Tensor | None, max_len: int) -> torch.Tensor | None:
-    """``(B, T)`` bool, True at valid steps, or None without lengths."""
-    return None if lengths is None else length_mask(lengths, max_len)
 
 
 class DiagonalRecurrence(Recurrence):

@@ -18,6 +18,7 @@ from torch import nn
 from rnnkit.errors import InputError, check_choice, check_positive_int
 from rnnkit.layers.base import Recurrence, length_mask
 from rnnkit.layers.registry import make_config, register
+from rnnkit.ops.padding import freeze_padding
 
 ACTIVATIONS = ("lecun_tanh", "tanh", "silu", "relu", "gelu")
 
@@ -134,6 +135,6 @@ class CfC(Recurrence):
         h, ys = state, []
         for t, x_t in enumerate(x.unbind(1)):
             new = self._cell(x_t, h, None if dt is None else dt[:, t])
-            h = new if lengths is None else torch.where((t < lengths)[:, None], new, h)
+            h = freeze_padding(t, lengths, new, h)
             ys.append(h)
         return torch.stack(ys, 1), h

@@ -40,9 +40,7 @@ from rnnkit.layers._multihead import (
     split_heads,
 )
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.delta_rule import CHUNK_SIZE, delta_rule_chunk, delta_rule_parallel, delta_rule_recurrent
-
-_FORMS = {"recurrent": delta_rule_recurrent, "parallel": delta_rule_parallel}
+from rnnkit.ops.delta_rule import CHUNK_SIZE, delta_rule
 
 
 #: DeltaNet's state with the short convolution: ``S`` (B, H, K, V) the matrix memory of every head,
@@ -143,10 +141,7 @@ class DeltaRuleLayer(MultiHeadRecurrence):
         log_decay = self._log_decay(x)
         if log_decay is not None:
             log_decay = log_decay.transpose(1, 2)  # (B, H, T)
-        if mode == "chunk":
-            o, S = delta_rule_chunk(q, k, v, beta, log_decay, S0, lengths, chunk_size=self.config.chunk_size)
-        else:
-            o, S = _FORMS[mode](q, k, v, beta, log_decay, S0, lengths)
+        o, S = delta_rule(q, k, v, beta, log_decay, S0, lengths, mode=mode, chunk_size=self.config.chunk_size)
         gate = self.gate_proj(x) if self.gate_proj is not None else None
         return self.out_proj(self.norm(merge_heads(o), gate)), S if history is None else ConvState(S, history)
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rnnkit.errors import check_choice
-from rnnkit.layers._classic import ClassicConfig, ClassicRNN, freeze_padding
+from rnnkit.layers._classic import ClassicConfig, ClassicRNN
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.classic_rnn import elman_sequence
+from rnnkit.ops.classic_rnn import elman, elman_cell, elman_sequence
 
 
 @dataclass
@@ -26,28 +25,6 @@ class ElmanConfig(ClassicConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("nonlinearity", self.nonlinearity, ("tanh", "relu"))
-
-
-def elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity: str):
-    """One Elman step: ``x_t`` (B, D), ``h`` (B, H) -> next ``h`` (B, H)."""
-    pre = F.linear(x_t, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)
-    return torch.relu(pre) if nonlinearity == "relu" else torch.tanh(pre)
-
-
-def elman_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity="tanh", lengths=None):
-    """The plain loop that defines the layer.
-
-    Args:
-        x: ``(B, T, D)``; h0: ``(B, H)``; weights as ``torch.nn.RNN`` layer 0; lengths: ``(B,)`` or None.
-
-    Returns:
-        ``y`` ``(B, T, H)`` and the final ``h`` ``(B, H)`` (at each sequence's last valid step).
-    """
-    h, ys = h0, []
-    for t, x_t in enumerate(x.unbind(1)):
-        h = freeze_padding(t, lengths, elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity), h)
-        ys.append(h)
-    return torch.stack(ys, 1), h
 
 
 @register(
@@ -89,7 +66,8 @@ class Elman(ClassicRNN):
         return "rnn_relu" if self.config.nonlinearity == "relu" else "rnn_tanh"
 
     def _recurrent(self, x, state, lengths):
-        return elman_recurrent(x, state, *self._params(), self.config.nonlinearity, lengths)
+        return elman(x, state, *self._params(), nonlinearity=self.config.nonlinearity, lengths=lengths,
+                     mode="recurrent")
 
     def _native(self, x, state, mask):
         xp = self.input_projection(x, fold_hidden_bias=True)  # (T, B, H)

@@ -13,42 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from rnnkit.layers._classic import ClassicConfig, ClassicRNN, freeze_padding
+from rnnkit.layers._classic import ClassicConfig, ClassicRNN
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.classic_rnn import gru_sequence
+from rnnkit.ops.classic_rnn import gru, gru_cell, gru_sequence
 
 
 @dataclass
 class GRUConfig(ClassicConfig):
     """GRU options: only the shared ones (see :class:`ClassicConfig`)."""
-
-
-def gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh):
-    """One GRU step: ``x_t`` (B, D), ``h`` (B, H) -> next ``h`` (B, H)."""
-    xr, xz, xn = F.linear(x_t, weight_ih, bias_ih).chunk(3, 1)
-    hr, hz, hn = F.linear(h, weight_hh, bias_hh).chunk(3, 1)
-    r = torch.sigmoid(xr + hr)
-    z = torch.sigmoid(xz + hz)
-    n = torch.tanh(xn + r * hn)
-    return (1 - z) * n + z * h
-
-
-def gru_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths=None):
-    """The plain loop that defines the layer.
-
-    Args:
-        x: ``(B, T, D)``; h0: ``(B, H)``; weights as ``torch.nn.GRU`` layer 0; lengths: ``(B,)`` or None.
-
-    Returns:
-        ``y`` ``(B, T, H)`` and the final ``h`` ``(B, H)`` (at each sequence's last valid step).
-    """
-    h, ys = h0, []
-    for t, x_t in enumerate(x.unbind(1)):
-        h = freeze_padding(t, lengths, gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh), h)
-        ys.append(h)
-    return torch.stack(ys, 1), h
 
 
 @register(
@@ -88,7 +61,7 @@ class GRU(ClassicRNN):
         return "gru"
 
     def _recurrent(self, x, state, lengths):
-        return gru_recurrent(x, state, *self._params(), lengths)
+        return gru(x, state, *self._params(), lengths=lengths, mode="recurrent")
 
     def _native(self, x, state, mask):
         xp = self.input_projection(x, fold_hidden_bias=False)  # (T, B, 3H); b_hn is gated by r

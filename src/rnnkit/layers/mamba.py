@@ -17,12 +17,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from rnnkit.errors import check_positive_int
 from rnnkit.layers._conv import ShortConv
-from rnnkit.layers._diagonal import DiagonalRecurrence, check_float, scan, valid_mask
+from rnnkit.layers._diagonal import DiagonalRecurrence, check_float
 from rnnkit.layers.registry import make_config, register
+from rnnkit.ops.selective_scan import selective_scan, selective_scan_step
 
 
 @dataclass
@@ -58,31 +58,6 @@ class MambaState(NamedTuple):
 
     conv: torch.Tensor  # (B, E, W-1)
     h: torch.Tensor  # (B, E, N)
-
-
-def selective_scan_chunk(
-    delta: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, u: torch.Tensor, h0: torch.Tensor,
-    A: torch.Tensor, valid: torch.Tensor | None, mode: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selective SSM over one time chunk (Algorithm 2), without the D skip.
-
-    Args:
-        delta, u: ``(B, Tc, E)``; Bm, Cm: ``(B, Tc, N)``; h0: ``(B, E, N)``; A: ``(E, N)``;
-        valid: ``(B, Tc)`` bool or None (padding steps keep the state); mode: a linear_scan form.
-
-    Returns:
-        ``y`` ``(B, Tc, E)`` with ``y_t = C_t . h_t`` and the state after the chunk ``(B, E, N)``.
-    """
-    dA = torch.exp(delta[..., None] * A)  # (B, Tc, E, N)
-    dBu = (delta * u)[..., None] * Bm[:, :, None, :]  # (B, Tc, E, N)
-    if valid is not None:
-        keep = valid[..., None, None]
-        dA = torch.where(keep, dA, torch.ones((), dtype=dA.dtype, device=dA.device))
-        dBu = torch.where(keep, dBu, torch.zeros((), dtype=dBu.dtype, device=dBu.device))
-    h = scan(dA, dBu, h0, None, mode)  # (B, Tc, E, N)
-    y = torch.einsum("bten,btn->bte", h, Cm)  # (B, Tc, E)
-    # A copy, not a view: a view of h[:, -1] would keep the chunk's whole (B, Tc, E, N) alive.
-    return y, h[:, -1].clone()
 
 
 @register(
@@ -176,29 +151,17 @@ class Mamba(DiagonalRecurrence):
         u = F.silu(u)
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, E), (B, N), (B, N)
         A = -torch.exp(self.A_log)  # (E, N)
-        h = torch.exp(delta[..., None] * A) * state.h + (delta * u)[..., None] * Bm[:, None, :]  # (B, E, N)
-        y = (h * Cm[:, None, :]).sum(-1) + self.D * u  # (B, E)
+        y, h = selective_scan_step(delta, Bm, Cm, u, A, state.h)  # (B, E), (B, E, N)
+        y = y + self.D * u  # (B, E)
         return self.out_proj(y * F.silu(z)), MambaState(window, h)
 
     def _scan_forward(self, x, state, lengths, mode):
-        B, T, _ = x.shape
         u, z = self.in_proj(x).chunk(2, -1)  # (B, T, E) each
         u, window = self.conv(u, state.conv, lengths)
         u = F.silu(u)
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, T, E), (B, T, N), (B, T, N)
         A = -torch.exp(self.A_log)  # (E, N)
-        valid = valid_mask(lengths, T)
-        recompute = torch.is_grad_enabled()
-        h, ys = state.h, []
-        for start in range(0, T, self.config.chunk_size):
-            sl = slice(start, start + self.config.chunk_size)
-            args = (delta[:, sl], Bm[:, sl], Cm[:, sl], u[:, sl], h, A, None if valid is None else valid[:, sl], mode)
-            if recompute:
-                # Keep only the chunk's (B, chunk, E)-sized inputs; rebuild its (B, chunk, E, N)
-                # expanded state in the backward pass instead of storing it.
-                y_c, h = checkpoint(selective_scan_chunk, *args, use_reentrant=False)
-            else:
-                y_c, h = selective_scan_chunk(*args)
-            ys.append(y_c)
-        y = torch.cat(ys, 1) + self.D * u  # (B, T, E)
+        y, h = selective_scan(delta, Bm, Cm, u, A, state.h, lengths=lengths, mode=mode,
+                              steps_per_block=self.config.chunk_size)
+        y = y + self.D * u  # (B, T, E)
         return self.out_proj(y * F.silu(z)), MambaState(window, h)

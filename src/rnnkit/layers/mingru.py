@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int
-from rnnkit.layers._classic import freeze_padding
 from rnnkit.layers.base import Recurrence
 from rnnkit.layers.registry import make_config, register
+from rnnkit.ops.padding import freeze_padding
 from rnnkit.ops.scan import fused_available, linear_scan, linear_scan_log
 
 

@@ -34,9 +34,8 @@ from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int
 from rnnkit.layers._multihead import HeadNorm, MultiHeadRecurrence, check_head_config, merge_heads, split_heads
-from rnnkit.layers.linear_attention import run_gla
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
+from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK, gated_linear_attention
 
 
 @dataclass
@@ -138,7 +137,7 @@ class RetNet(MultiHeadRecurrence):
         log_gamma = self.log_gamma.to(device=x.device, dtype=q.dtype)
         log_decay = log_gamma[None, :, None].expand(B, c.num_heads, T)  # (B, H, T)
         if self.theta is None:
-            o, state = run_gla(mode, q, k, v, log_decay, state, lengths, c.chunk_size)
+            o, state = gated_linear_attention(q, k, v, log_decay, state, lengths, mode=mode, chunk_size=c.chunk_size)
         else:
             o, state = self._retain_rotated(mode, q, k, v, log_decay, state, lengths)
         y = self.norm(merge_heads(o), self.g_proj(x))  # swish(W_G x) ⊙ GroupNorm(o)
@@ -151,8 +150,8 @@ class RetNet(MultiHeadRecurrence):
         theta = self.theta.to(q.device)
         angle = torch.arange(1, T + 1, device=q.device, dtype=torch.float64)[:, None] * theta  # (T, P)
         cos, sin = angle.cos().to(q.dtype), angle.sin().to(q.dtype)
-        o, S = run_gla(mode, rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin), v, log_decay, state, lengths,
-                       self.config.chunk_size)
+        o, S = gated_linear_attention(rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin), v, log_decay, state,
+                                      lengths, mode=mode, chunk_size=self.config.chunk_size)
         L = torch.full((q.shape[0],), T, device=q.device) if lengths is None else lengths  # (B,)
         back = -L.to(torch.float64)[:, None, None, None] * theta  # (B, 1, 1, P)
         S = rotate_pairs(S.transpose(-1, -2), back.cos().to(q.dtype), back.sin().to(q.dtype))  # (B, H, V, K)
