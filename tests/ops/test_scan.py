@@ -220,14 +220,14 @@ def test_log_space_form(with_h0, chunk_size):
     h0 = torch.randn(B, *S, generator=g, dtype=torch.float64) if with_h0 else None  # any sign
     lengths = torch.tensor([40, 17, 1])
     ref = linear_scan_recurrent(a, b, h0, lengths)
-    assert_close(linear_scan_log(a.log(), b.log(), h0, lengths=lengths, chunk_size=chunk_size), ref)
+    assert_close(linear_scan_log(a.log(), b.log(), h0, lengths=lengths, block_size=chunk_size), ref)
     args = [a.log().requires_grad_(), b.log().requires_grad_()] + ([h0.requires_grad_()] if with_h0 else [])
-    assert torch.autograd.gradcheck(lambda *x: linear_scan_log(*x, lengths=lengths, chunk_size=chunk_size), args)
+    assert torch.autograd.gradcheck(lambda *x: linear_scan_log(*x, lengths=lengths, block_size=chunk_size), args)
     # Padding holding NaN/Inf changes nothing, gradients included.
     pad = torch.arange(T)[None, :, None] >= lengths[:, None, None]
     la, lb = a.log().masked_fill(pad, math.nan).requires_grad_(), b.log().masked_fill(pad, math.inf).requires_grad_()
-    h = linear_scan_log(la, lb, h0, lengths=lengths, chunk_size=chunk_size)
-    assert torch.equal(h, linear_scan_log(a.log(), b.log(), h0, lengths=lengths, chunk_size=chunk_size))
+    h = linear_scan_log(la, lb, h0, lengths=lengths, block_size=chunk_size)
+    assert torch.equal(h, linear_scan_log(a.log(), b.log(), h0, lengths=lengths, block_size=chunk_size))
     h.sum().backward()
     assert torch.isfinite(la.grad).all() and torch.isfinite(lb.grad).all()
 
@@ -240,7 +240,7 @@ def test_log_space_chunks_bound_fp32_error():
     ref = linear_scan_recurrent(a.double(), b.double())
     loop_err = (linear_scan_recurrent(a, b).double() - ref).abs().max().item()
     whole = (linear_scan_log(a.log(), b.log()).double() - ref).abs().max().item()
-    chunked = (linear_scan_log(a.log(), b.log(), chunk_size=32).double() - ref).abs().max().item()
+    chunked = (linear_scan_log(a.log(), b.log(), block_size=32).double() - ref).abs().max().item()
     assert chunked <= 10 * loop_err + 1e-6, f"chunked log-space error {chunked:.3e} vs loop {loop_err:.3e}"
     assert whole > chunked, f"one chunk {whole:.3e} should drift more than 32-step chunks {chunked:.3e}"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,10 @@ class MambaConfig:
     dt_min: float = 0.001  # initial delta drawn log-uniformly from [dt_min, dt_max]
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4  # smallest initial delta
-    chunk_size: int = 64  # time steps whose (B, chunk, E, N) expanded state exists at once in training
+    steps_per_block: int = 64  # time steps whose (B, block, E, N) expanded state exists at once in training
+
+    #: Former option names, still accepted so that saved configurations load.
+    RENAMED: ClassVar[dict[str, str]] = {"chunk_size": "steps_per_block"}
 
     def __post_init__(self) -> None:
         check_positive_int("d_model", self.d_model)
@@ -50,7 +53,7 @@ class MambaConfig:
         check_float("dt_min", self.dt_min, 0.0, math.inf, open_low=True)
         check_float("dt_max", self.dt_max, self.dt_min, math.inf)
         check_float("dt_init_floor", self.dt_init_floor, 0.0, math.inf, open_low=True)
-        check_positive_int("chunk_size", self.chunk_size)
+        check_positive_int("steps_per_block", self.steps_per_block)
 
 
 class MambaState(NamedTuple):
@@ -62,9 +65,9 @@ class MambaState(NamedTuple):
 
 @register(
     "mamba",
-    description="Mamba (Gu & Dao 2023): selective SSM, causal conv, SiLU gate; chunked so (B,T,E,N) never exists",
-    test_configs={"default": {"d_state": 3, "expand": 1, "chunk_size": 16},
-                  "w2-r2": {"d_state": 2, "d_conv": 2, "dt_rank": 2, "chunk_size": 64}},
+    description="Mamba (Gu & Dao 2023): selective SSM, causal conv, SiLU gate; scanned in blocks so (B,T,E,N) never exists",
+    test_configs={"default": {"d_state": 3, "expand": 1, "steps_per_block": 16},
+                  "w2-r2": {"d_state": 2, "d_conv": 2, "dt_rank": 2, "steps_per_block": 64}},
 )
 class Mamba(DiagonalRecurrence):
     """The Mamba block (Gu & Dao 2023, Fig. 3): projections, causal conv, selective SSM, SiLU gate.
@@ -85,20 +88,20 @@ class Mamba(DiagonalRecurrence):
     ``in_proj``, ``x_proj`` and ``out_proj`` have no bias, the conv has one (the paper's defaults).
 
     Memory: the expanded state ``(B, T, E, N)`` is never formed for the whole sequence. Time is
-    processed in chunks of ``chunk_size`` steps carrying the state; under autograd each chunk is
+    processed in blocks of ``steps_per_block`` steps carrying the state; under autograd each block is
     recomputed in the backward pass (activation checkpointing), so only the ``(B, T, E)``-sized
-    inputs of the scan and one ``(B, E, N)`` state per chunk are kept, and at most one chunk's
-    ``(B, chunk, E, N)`` exists at a time (``benchmarks/mamba_memory.py`` measures it).
+    inputs of the scan and one ``(B, E, N)`` state per block are kept, and at most one block's
+    ``(B, block, E, N)`` exists at a time (``benchmarks/mamba_memory.py`` measures it).
 
     Args:
         d_model: D. d_state: N. d_conv: W. expand: E / D. dt_rank: R (default ``ceil(D / 16)``).
-        dt_min, dt_max, dt_init_floor: initial step sizes. chunk_size: time chunk of the training form.
+        dt_min, dt_max, dt_init_floor: initial step sizes. steps_per_block: time block of the training form.
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`MambaState` ``(conv (B, E, W-1),
     h (B, E, N))``.
 
     Modes: ``recurrent`` (the loop over :meth:`step`), ``parallel``, ``chunk``, ``fused``: the time
-    chunks above, each scanned by that form of :func:`rnnkit.ops.linear_scan`.
+    blocks above, each scanned by that form of :func:`rnnkit.ops.linear_scan`.
 
     Example:
         >>> block = Mamba(d_model=16)
@@ -162,6 +165,6 @@ class Mamba(DiagonalRecurrence):
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, T, E), (B, T, N), (B, T, N)
         A = -torch.exp(self.A_log)  # (E, N)
         y, h = selective_scan(delta, Bm, Cm, u, A, state.h, lengths=lengths, mode=mode,
-                              steps_per_block=self.config.chunk_size)
+                              steps_per_block=self.config.steps_per_block)
         y = y + self.D * u  # (B, T, E)
         return self.out_proj(y * F.silu(z)), MambaState(window, h)

@@ -373,7 +373,7 @@ def linear_scan_log(
     h0: torch.Tensor | None = None,
     *,
     lengths: torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """Heinsen's (2023) log-space parallel scan for ``a > 0`` and ``b > 0``, given as logarithms.
 
@@ -385,30 +385,31 @@ def linear_scan_log(
 
     Numerics: ``A_t`` and ``-A_s`` cancel, so the relative error of ``h_t`` grows like
     ``eps * |A_t|``, which over a long fp32 sequence (``|A_T|`` in the hundreds) exceeds 1e-5.
-    ``chunk_size=C`` bounds it: the form runs inside chunks of ``C`` steps (all chunks at once, so
-    ``|A|`` never exceeds ``C`` steps' worth) and the state is carried across chunk boundaries by
+    ``block_size=C`` bounds it: the form runs inside blocks of ``C`` steps (all blocks at once, so
+    ``|A|`` never exceeds ``C`` steps' worth) and the state is carried across block boundaries by
     :func:`linear_scan` in linear space. ``None`` runs the whole sequence as one chunk, exactly as
-    the paper does.
+    the paper does. (Not the ``chunk_size`` of :func:`linear_scan`'s ``chunk`` form: a
+    bound on cancellation, not a unit of work.)
 
     Args:
         log_a: ``(B, T, *S)`` real, ``log a_t``, finite (``a_t = 0`` is outside this form's domain).
         log_b: ``(B, T, *S)`` real, ``log b_t``.
         h0: ``(B, *S)`` initial state (any sign), or None for zeros.
         lengths: optional ``(B,)`` in ``[1, T]``; steps past it act as ``a = 1, b = 0``.
-        chunk_size: steps per chunk, or None for one chunk.
+        block_size: steps per block, or None for one block.
 
     Returns:
         ``h`` ``(B, T, *S)``.
 
     Example:
         >>> z = torch.rand(2, 100, 8)
-        >>> h = linear_scan_log(torch.log1p(-z), torch.log(z) + torch.randn(2, 100, 8), chunk_size=32)
+        >>> h = linear_scan_log(torch.log1p(-z), torch.log(z) + torch.randn(2, 100, 8), block_size=32)
     """
     log_a, log_b, h0, lengths = _check_inputs(log_a, log_b, h0, lengths)
     if log_a.is_complex():
         raise InputError(f"log_a: expected a real tensor (log of positive decays), got dtype {log_a.dtype}")
-    if chunk_size is not None:
-        check_positive_int("chunk_size", chunk_size)
+    if block_size is not None:
+        check_positive_int("block_size", block_size)
     valid = None
     if lengths is not None:
         valid = valid_mask(lengths, log_a.shape[1])  # (B, T)
@@ -419,10 +420,10 @@ def linear_scan_log(
         log_a, log_b = torch.where(valid, log_a, zero), torch.where(valid, log_b, zero)
     shape = log_a.shape
     B, T, S = shape[0], shape[1], shape[2:]
-    if chunk_size is None or chunk_size >= T:
+    if block_size is None or block_size >= T:
         h, _ = _log_scan_block(log_a, log_b, h0)
     else:
-        C = chunk_size
+        C = block_size
         n = -(-T // C)
         pad = n * C - T
         if pad:  # a = b = 1 after the end: changes nothing returned
