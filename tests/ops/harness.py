@@ -142,6 +142,20 @@ def check_padding_ignored(family: Family, mode: str, T: int = 21, lengths=(21, 9
         assert torch.equal(x, y), f"{family.name}/{mode}: NaN padding changed output {i}"
 
 
+def check_empty_batch(family: Family, mode: str, dtype: torch.dtype, with_lengths: bool) -> None:
+    """A batch of no sequences is a valid call: every output and state has the reference's shape
+    (batch 0) and dtype, and the backward pass runs."""
+    T = 5
+    args = make_args(family, 0, T, with_state=True)
+    lengths = [] if with_lengths else None
+    ref, _ = _outputs_and_grads(family, args, lengths, "recurrent", dtype)
+    outs, grads = _outputs_and_grads(family, args, lengths, mode, dtype)
+    assert [o.shape for o in outs] == [r.shape for r in ref], f"{family.name}/{mode}: shapes of an empty batch"
+    assert all(o.dtype == dtype for o in outs), f"{family.name}/{mode}: dtype of an empty batch"
+    for (name, value), grad in zip(((n, t) for n, v in args.items() for t in _flatten(v)), grads):
+        assert grad.shape == value.shape, f"{family.name}/{mode}: d/d {name} has shape {tuple(grad.shape)}"
+
+
 def check_bad_mode(family: Family) -> None:
     args = make_args(family, 2, 3, with_state=True)
     with pytest.raises(InputError, match=r"mode: expected one of \[.*'recurrent'.*\], got 'no-such-mode'"):

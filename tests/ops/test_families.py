@@ -149,6 +149,16 @@ def test_padding_is_ignored(family, mode):
     harness.check_padding_ignored(family, mode)
 
 
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["", "lengths"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("family", "mode"), [pytest.param(f, m, id=f"{f.name}-{m}") for f in FAMILIES
+                                              for m in ("recurrent", *f.modes)])
+def test_empty_batch(family, mode, dtype, with_lengths):
+    """Batch 0 returns empty outputs and states in every mode (the compiled kernels split work by
+    the batch size, so each entry must route it around them)."""
+    harness.check_empty_batch(family, mode, dtype, with_lengths)
+
+
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_unknown_mode_is_rejected(family):
     harness.check_bad_mode(family)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_choice, check_lengths, check_tensor
+from rnnkit.ops._forms import is_empty_batch
 from rnnkit.ops.padding import freeze_padding, valid_mask
 
 #: Forms the classic entries run, ``recurrent`` (the definition) first.
@@ -717,7 +718,7 @@ def elman(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, nonlineari
     lengths = _prepare(mode, x, lengths)
     check_choice("nonlinearity", nonlinearity, ("tanh", "relu"))
     h0 = _zeros_if_none(h0, x, (weight_hh.shape[1],))
-    if mode == "recurrent":
+    if mode == "recurrent" or is_empty_batch(x):
         return elman_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, lengths)
     bias = None if bias_ih is None else _summed(bias_ih, bias_hh)
     xp, mask = _time_major(x, weight_ih, bias, lengths)
@@ -738,7 +739,7 @@ def gru(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, lengths=None
     """
     lengths = _prepare(mode, x, lengths)
     h0 = _zeros_if_none(h0, x, (weight_hh.shape[1],))
-    if mode == "recurrent":
+    if mode == "recurrent" or is_empty_batch(x):
         return gru_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths)
     xp, mask = _time_major(x, weight_ih, bias_ih, lengths)  # b_hn is gated by r: b_hh stays apart
     y, h = gru_sequence(xp, h0, weight_hh, bias_hh, mask)
@@ -762,7 +763,7 @@ def lstm(x, state, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, peephole
     """
     lengths = _prepare(mode, x, lengths)
     state = _zeros_if_none(state, x, (weight_hh.shape[1], weight_hh.shape[0] // 4))
-    if mode == "recurrent":
+    if mode == "recurrent" or is_empty_batch(x):
         return lstm_recurrent(x, LSTMState(*state), weight_ih, weight_hh, bias_ih, bias_hh, peephole, weight_hr,
                               lengths)
     bias = None if bias_ih is None else _summed(bias_ih, bias_hh)

@@ -36,6 +36,7 @@ import torch
 
 from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_tensor, describe
 from rnnkit.ops import _native, _workspace
+from rnnkit.ops._forms import is_empty_batch
 from rnnkit.ops._native import SCAN_DTYPES, ptr
 from rnnkit.ops.padding import freeze_padding, valid_mask
 
@@ -347,7 +348,7 @@ def linear_scan(
     check_choice("mode", mode, LINEAR_SCAN_MODES)
     check_positive_int("chunk_size", chunk_size)
     a, b, h0, lengths = _check_inputs(a, b, h0, lengths)
-    if mode == "recurrent":
+    if mode == "recurrent" or is_empty_batch(a):  # the compiled kernel splits work by the batch size
         return linear_scan_recurrent(a, b, h0, lengths)
     mode = resolve_mode(mode, a.device, a.dtype)
     a, b = _mask_padding(a, b, lengths)

@@ -29,6 +29,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_tensor
+from rnnkit.ops._forms import is_empty_batch
 from rnnkit.ops.padding import freeze_padding, valid_mask
 from rnnkit.ops.scan import LINEAR_SCAN_MODES, linear_scan
 
@@ -131,7 +132,7 @@ def selective_scan(delta, Bm, Cm, u, A, h0=None, *, lengths=None, mode: str = "a
         ...                       torch.randn(2, 50, 8), -torch.rand(8, 4))   # y (2, 50, 8), h (2, 8, 4)
     """
     check_choice("mode", mode, SELECTIVE_SCAN_MODES)
-    if mode == "recurrent":
+    if mode == "recurrent" or is_empty_batch(delta):
         return selective_scan_recurrent(delta, Bm, Cm, u, A, h0, lengths)
     lengths = _check_inputs(delta, Bm, Cm, u, A, h0, lengths)
     B, T, _ = delta.shape
