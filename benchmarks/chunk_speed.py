@@ -51,6 +51,7 @@ from rnnkit.ops.gated_linear_attention import (
 )
 
 from rnnkit.ops.delta_rule import delta_rule_chunk, delta_rule_parallel, delta_rule_recurrent
+from rnnkit.bench.machine import describe
 
 try:
     from rnnkit.ops.mlstm import mlstm_chunk, mlstm_parallel, mlstm_recurrent
@@ -263,7 +264,8 @@ def main() -> None:
         POOL.max_bytes = pool_bytes()
     lengths = args.lengths or ([512] if args.quick else [512, 2048, 8192])
     repeats = args.repeats or (2 if args.quick else 3)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, B={B}, H={H}, K=V={K}, "
+    print(describe())
+    print(f"fp32, B={B}, H={H}, K=V={K}, "
           f"best of {repeats}; fwd+bwd; chunk-kernel buffer pool up to {POOL.max_bytes >> 20} MB")
     for T in lengths:
         rows = [c for c in candidates(T) if args.layers is None or c[0] in args.layers]

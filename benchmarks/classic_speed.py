@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from rnnkit.bench.machine import describe
 from rnnkit.layers.elman import Elman
 from rnnkit.layers.gru import GRU
 from rnnkit.layers.lstm import LSTM
@@ -175,7 +176,8 @@ def main() -> None:
     reps = args.reps or (2 if args.quick else 5)
     decode_d, decode_tokens = (256, 20) if args.quick else (1024, 100)
     dtype = torch.float32
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {dtype}, "
+    print(describe())
+    print(f"dtype {dtype}, "
           f"device cpu ({os.cpu_count()} logical CPUs)")
     print(f"sequences: B={B}, T={T}, D=H in {widths}; decoding: B=1, D=H={decode_d}")
     print(f"figures: best of {reps} interleaved repetitions; tok/s = B*T / seconds\n")

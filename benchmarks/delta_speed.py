@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from rnnkit.bench.machine import describe
 from rnnkit.ops.delta_rule import CHUNK_SIZE, delta_rule_chunk, delta_rule_parallel, delta_rule_recurrent
 
 
@@ -128,7 +129,8 @@ def main() -> None:
     B, H, K, V, C = 16, 4, 64, 64, CHUNK_SIZE
     fla = load_fla_reference()
     older = kernel_at(args.against) if args.against else None
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, fwd+bwd, B={B} H={H} K={K} V={V}, "
+    print(describe())
+    print(f"fp32, fwd+bwd, B={B} H={H} K={K} V={V}, "
           f"chunk {C}; fla reference: {'flash-linear-attention naive.py' if fla else 'not installed'}")
     mm = matmul_gflops()
     print(f"plain matmul 2048^3: {mm:.1f} GFLOP/s")

@@ -29,6 +29,8 @@ import sys
 
 import torch
 
+from rnnkit.bench.machine import describe
+
 MiB = 2**20
 
 
@@ -86,7 +88,8 @@ def main() -> None:
     from rnnkit.ops import fused_available
 
     mode = "fused" if fused_available() else "chunk"
-    print(f"torch {torch.__version__}, 2 threads, fp32, B={B}, D={D}, E={2 * D}, N={N}, scan mode {mode}")
+    print(describe())
+    print(f"fp32, B={B}, D={D}, E={2 * D}, N={N}, scan mode {mode}")
     print(f"{'T':>6} {'implementation':<28} {'peak MiB':>9} {'acts MiB':>9} {'peak/acts':>9} "
           f"{'x MiB':>7} {'peak/x':>7} {'state MiB':>9}")
     for T in Ts:

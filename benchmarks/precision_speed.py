@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from rnnkit.bench.machine import describe
 from rnnkit.models import SequenceModel
 from rnnkit.train import fast_bf16
 
@@ -51,7 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch, seq_len = 32, 128
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch} x {seq_len}, "
+    print(describe())
+    print(f"batch {batch} x {seq_len}, "
           f"train step (fwd+bwd+AdamW); fast_bf16() = {fast_bf16('cpu')}")
     print(f"{'model':<40} {'fp32 tok/s':>11} {'bf16 tok/s':>11} {'bf16/fp32':>9}")
     configs = [

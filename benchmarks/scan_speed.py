@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from classic_speed import CpuShare, best_of, train_step  # noqa: E402  (sibling script)
 
 import rnnkit  # noqa: E402
+from rnnkit.bench.machine import describe  # noqa: E402
 from rnnkit.ops import _native, linear_scan, linear_scan_recurrent  # noqa: E402
 from rnnkit.ops.scan import _fused_forward, resolve_mode  # noqa: E402
 
@@ -196,7 +197,8 @@ def main() -> None:
         forms = [f for f in args.forms.split(",") if f in forms]
     names = [n for n in DIAGONAL_LAYERS if n in rnnkit.layers.names()]
     skip = set(filter(None, args.skip.split(",")))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {dtype}, "
+    print(describe())
+    print(f"dtype {dtype}, "
           f"device cpu ({os.cpu_count()} logical CPUs); fused kernel: "
           f"{'available' if _native.available() else _native.unavailable_reason()}")
     print(f"scan: B={B}, (T, D) in {scan_shapes}; layers: B={B}, T=512, D in {widths}, {names}")
