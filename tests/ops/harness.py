@@ -47,7 +47,6 @@ class Family:
     keywords: tuple[str, ...] = ()  # inputs passed by keyword
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # mode -> extra kwargs
     defined_past_length: bool = True
-    nan_padding_safe: bool = True  # False: the callers zero the padding, the op relies on it
 
     def run(self, args: dict[str, Any], lengths, mode: str):
         positional = [v for k, v in args.items() if k not in self.keywords]
@@ -123,8 +122,6 @@ def check_form(family: Family, mode: str, dtype: torch.dtype, T: int, lengths, w
 
 def check_padding_ignored(family: Family, mode: str, T: int = 21, lengths=(21, 9)) -> None:
     """NaN in the padding of every per-step input changes no valid output and no final state."""
-    if not family.nan_padding_safe:
-        pytest.skip(f"{family.name}: its callers zero the padding (NaN there reaches the outputs)")
     args = make_args(family, len(lengths), T, with_state=True)
     clean = dict(args)
     dirty = dict(args)

@@ -117,7 +117,7 @@ FAMILIES = [
     Family("lstm-peephole-proj", ops.lstm, ("fused",), classic_inputs(4, lstm=True, proj=2), {"x": 1}, 1, "state",
            keywords=("peephole", "weight_hr")),
     Family("sliding_window", ops.sliding_window_attention, ("parallel", "chunk"), window_inputs, HEADS, 2, "state",
-           options={"chunk": {"chunk_size": 8}}, defined_past_length=False, nan_padding_safe=False),
+           options={"chunk": {"chunk_size": 8}}, defined_past_length=False),
 ]
 CASES = {  # T, lengths, initial state given
     "T37-state": (37, None, True),

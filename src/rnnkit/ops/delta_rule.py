@@ -53,7 +53,7 @@ from rnnkit.ops._chunk_math import addmm_, causal_float, decay_matrix_log, mm, p
 from rnnkit.ops._forms import run_form
 from rnnkit.ops._rows import row_pass
 from rnnkit.ops._workspace import workspace, workspace_like
-from rnnkit.ops.padding import valid_mask
+from rnnkit.ops.padding import valid_mask, zero_padding
 
 #: Default chunk length of :func:`delta_rule_chunk` (see ``benchmarks/delta_speed.py``).
 CHUNK_SIZE = 32
@@ -94,13 +94,11 @@ def _freeze_padding(q, k, v, beta, log_decay, lengths):
     """Make the steps past each length exact identities: beta = 0, decay 1, and finite q, k, v."""
     if lengths is None:
         return q, k, v, beta, log_decay
-    valid = valid_mask(lengths, q.shape[2])[:, None]  # (B, 1, T)
-    zero = torch.zeros((), dtype=q.dtype, device=q.device)
-    beta = torch.where(valid, beta, zero)
-    if log_decay is not None:
-        log_decay = torch.where(valid, log_decay, zero)
+    valid = valid_mask(lengths, q.shape[2])  # (B, T)
     # beta = 0 alone would give 0 * NaN = NaN for non-finite padding, so the vectors are zeroed too.
-    q, k, v = (torch.where(valid[..., None], t, zero) for t in (q, k, v))
+    q, k, v, beta = zero_padding(valid, q, k, v, beta)
+    if log_decay is not None:
+        (log_decay,) = zero_padding(valid, log_decay)
     return q, k, v, beta, log_decay
 
 

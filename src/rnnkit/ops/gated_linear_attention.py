@@ -57,7 +57,7 @@ from rnnkit.ops._chunk_math import (
 )
 from rnnkit.ops._forms import run_form
 from rnnkit.ops._workspace import workspace, workspace_like
-from rnnkit.ops.padding import valid_mask
+from rnnkit.ops.padding import valid_mask, zero_padding
 
 #: Default chunk size: large enough for efficient batched matmuls, small enough that the (C, C)
 #: scores stay in cache (benchmarks/chunk_speed.py compares chunk sizes).
@@ -99,10 +99,7 @@ def _check_inputs(q, k, v, log_decay, state, lengths):
     mask = None
     if lengths is not None:
         mask = valid_mask(lengths, T)  # (B, T)
-        m4 = mask[:, None, :, None]  # (B, 1, T, 1)
-        zero = torch.zeros((), dtype=q.dtype, device=q.device)
-        q, k, v = (torch.where(m4, t, zero) for t in (q, k, v))
-        log_decay = torch.where(m4 if log_decay.dim() == 4 else m4[..., 0], log_decay, zero)
+        q, k, v, log_decay = zero_padding(mask, q, k, v, log_decay)
     return q, k, v, log_decay, state, mask
 
 

@@ -47,7 +47,7 @@ from rnnkit.ops._forms import run_form
 from rnnkit.ops._rows import row_pass
 from rnnkit.ops._workspace import workspace, workspace_like
 from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
-from rnnkit.ops.padding import valid_mask
+from rnnkit.ops.padding import valid_mask, zero_padding
 
 #: The hand-written kernel runs when every within-chunk cumulative log forget gate is within this
 #: bound (differences of cumulative sums then exact to ~1e-6); stronger decays take the autograd
@@ -99,11 +99,9 @@ def _check_inputs(q, k, v, log_i, log_f, state, lengths):
         state = MLSTMState(*state)
     lengths = check_lengths(lengths, B, T, q.device)
     if lengths is not None:
-        mask = valid_mask(lengths, T)[:, None]  # (B, 1, T)
-        zero = torch.zeros((), dtype=q.dtype, device=q.device)
-        q, k, v = (torch.where(mask[..., None], t, zero) for t in (q, k, v))
-        log_f = torch.where(mask, log_f, zero)
-        log_i = torch.where(mask, log_i, torch.full((), -math.inf, dtype=q.dtype, device=q.device))
+        mask = valid_mask(lengths, T)  # (B, T)
+        q, k, v, log_f = zero_padding(mask, q, k, v, log_f)
+        log_i = torch.where(mask[:, None], log_i, torch.full((), -math.inf, dtype=q.dtype, device=q.device))
     return q, k, v, log_i, log_f, state
 
 

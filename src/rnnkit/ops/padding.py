@@ -21,6 +21,15 @@ def valid_mask(lengths: torch.Tensor | None, max_len: int) -> torch.Tensor | Non
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def zero_padding(valid: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of ``tensors`` ``(B, H, T, *)`` with its padded steps (``valid`` ``(B, T)`` False) set to
+    zero by ``torch.where``, so NaN or Inf written there cannot reach a valid output through a
+    product with a zero weight."""
+    mask = valid[:, None, :]  # (B, 1, T)
+    zero = torch.zeros((), dtype=tensors[0].dtype, device=tensors[0].device)
+    return tuple(torch.where(mask.view(*mask.shape, *([1] * (t.dim() - 3))), t, zero) for t in tensors)
+
+
 def step_valid(t: int, lengths: torch.Tensor | None) -> torch.Tensor | None:
     """``(B,)`` True where step ``t`` is a valid (non-padding) step, or None without lengths."""
     return None if lengths is None else t < lengths

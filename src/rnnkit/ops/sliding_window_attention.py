@@ -30,6 +30,7 @@ import torch
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
 from rnnkit.ops._forms import run_form
+from rnnkit.ops.padding import valid_mask, zero_padding
 
 
 class WindowState(NamedTuple):
@@ -74,7 +75,12 @@ def _check(q, k, v, window, state, lengths):
             if t.shape != shape:
                 raise InputError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
         state = WindowState(*state)
-    return state, check_lengths(lengths, B, T, q.device)
+    lengths = check_lengths(lengths, B, T, q.device)
+    if lengths is not None:
+        # The whole-sequence forms multiply every key and value by an attention weight, zero past
+        # a query's band: zeroed padding keeps a NaN written there out of the valid outputs.
+        q, k, v = zero_padding(valid_mask(lengths, T), q, k, v)
+    return q, k, v, state, lengths
 
 
 def _all_keys(k, v, state):
@@ -141,7 +147,7 @@ def _attend(scores, mask, values):
 
 def sliding_window_attention_parallel(q, k, v, window, state=None, lengths=None):
     """All queries against all keys with a band mask (same signature as the loop)."""
-    state, lengths = _check(q, k, v, window, state, lengths)
+    q, k, v, state, lengths = _check(q, k, v, window, state, lengths)
     T = q.shape[2]
     k_all, v_all, valid, W, final = _keys_and_final(k, v, state, lengths, window - 1)
     pos_q = W + torch.arange(T, device=q.device)[:, None]  # (T, 1) position of query t among all keys
@@ -155,7 +161,7 @@ def sliding_window_attention_parallel(q, k, v, window, state=None, lengths=None)
 def sliding_window_attention_chunk(q, k, v, window, state=None, lengths=None, chunk_size: int = 64):
     """Blocks of ``C`` queries, each against the ``C + w - 1`` keys it can see (same signature)."""
     check_positive_int("chunk_size", chunk_size)
-    state, lengths = _check(q, k, v, window, state, lengths)
+    q, k, v, state, lengths = _check(q, k, v, window, state, lengths)
     B, H, T, K = q.shape
     W, C = window - 1, min(chunk_size, T)
     N = math.ceil(T / C)
@@ -199,7 +205,7 @@ def sliding_window_attention_recurrent(q, k, v, window, state=None, lengths=None
     Returns:
         ``y`` ``(B, H, T, V)`` and the :class:`WindowState` after each sequence's last valid step.
     """
-    state, lengths = _check(q, k, v, window, state, lengths)
+    q, k, v, state, lengths = _check(q, k, v, window, state, lengths)
     wk, wv, wvalid = state
     ys = []
     for t in range(q.shape[2]):
