@@ -2,7 +2,7 @@
 
 Examples::
 
-    rnnkit train                                   # the default Shakespeare character model (~5 min on 2 cores)
+    rnnkit train                                   # the default Shakespeare character model
     rnnkit train --task adding --model gru --steps 2000
     rnnkit train --out runs/lm --checkpoint-every 200 --log-dir runs/lm/logs --resume   # survives kills
     torchrun --nproc_per_node=2 -m rnnkit train --task parity --batch-size 64          # data parallel
@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,11 +27,11 @@ import torch
 
 from rnnkit.errors import InputError
 
-#: The default character model for ``rnnkit train`` on Shakespeare: the best of the configurations
-#: measured for a ~5-minute budget on 2 CPU cores (README "What the default run reaches"). The run is
-#: compute-bound, so the budget goes where it buys the most: a wide recurrent state (hidden 512) fed by
-#: a narrow embedding (128; 84 characters need no more, and it makes the input projection 4x cheaper),
-#: with bf16 autocast where the CPU has AMX/AVX512-BF16 (1.8-2x the fp32 tokens/s, same loss per step).
+#: The default character model for ``rnnkit train`` on Shakespeare, chosen for a few minutes of CPU
+#: training. The run is compute-bound, so the budget goes where it buys the most: a wide recurrent
+#: state (hidden 512) fed by a narrow embedding (128: 84 characters need no more, and a narrow input
+#: keeps the input projection cheap), with bf16 autocast where the device runs it fast
+#: (:func:`rnnkit.train.fast_bf16`; ``benchmarks/precision_speed.py`` measures the gain).
 #: ``layer_options`` apply only while model, block and width are all left at these defaults.
 SHAKESPEARE_DEFAULTS: dict[str, Any] = {
     "model": "lstm", "block": "stacked", "d_model": 128, "layers": 1, "steps": 1800,
@@ -140,13 +138,10 @@ def _layer_options(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[s
 
 
 def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
-    from rnnkit.models import ModelConfig
+    from rnnkit.models import model_config_for
 
-    head = {"per_step": "lm", "classify": "classify", "regress": "regress"}[task.target]
-    tokens = task.input_kind == "tokens"
-    return ModelConfig(
-        vocab_size=task.vocab_size if tokens else None,
-        d_input=None if tokens else task.d_input,
+    return model_config_for(
+        task,
         d_model=args.d_model or defaults["d_model"],
         block=args.block or defaults["block"],
         layer=args.model or defaults["model"],
@@ -154,8 +149,6 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
         layer_options=_layer_options(args, defaults),
         bidirectional=args.bidirectional,
         dropout=args.dropout,
-        head=head,
-        n_outputs=task.d_output if head == "regress" else task.n_classes * task.n_heads,
         pooling=args.pooling,
         tie_embeddings=args.tie_embeddings,
     )
@@ -163,14 +156,12 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rnnkit.train import describe_metrics, distributed
+    from rnnkit.train.signals import route_stop_signals
 
     # A SIGTERM/SIGINT during set-up is held back and honoured after the first step, like one in training.
     pending: list[int] = []
-    held = _hold_signals(pending.append)
-    try:
+    with route_stop_signals(pending.append):
         trainer, say = _prepare_training(args)
-    finally:
-        _restore_signals(held)
     if pending:
         trainer.request_stop(pending[0])
     result = trainer.fit()
@@ -233,18 +224,6 @@ def _prepare_training(args: argparse.Namespace):
         say(f"resumed from {restored} at step {trainer.step}" if restored else "no checkpoint to resume: starting fresh",
             flush=True)
     return trainer, say
-
-
-def _hold_signals(record) -> dict:
-    """Route SIGTERM/SIGINT to ``record`` (main thread only); returns the previous handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, lambda signum, frame: record(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore_signals(previous: dict) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
 
 def _sample(model, task, prompt: str, length: int, temperature: float, top_k: int | None, seed: int,

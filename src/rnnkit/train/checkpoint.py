@@ -26,24 +26,11 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from rnnkit.atomic import fsync_dir
 from rnnkit.errors import InputError, check_positive_int
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^step-(\d{8,})$")
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry (a rename or a new file) to disk; a no-op where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def is_temporary(name: str) -> bool:
@@ -52,7 +39,7 @@ def is_temporary(name: str) -> bool:
 
 
 def remove_temporary_files(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed :func:`~rnnkit.models.io.write_atomic` left in ``directory``."""
+    """Delete the temporary files a killed :func:`~rnnkit.atomic.write_atomic` left in ``directory``."""
     directory = Path(directory)
     removed = []
     if directory.is_dir():
@@ -124,7 +111,7 @@ class CheckpointManager:
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
         """Commit a checkpoint for ``step``: ``write(tmp_dir)`` fills a temporary directory.
 
-        ``write`` must fsync what it writes (:func:`rnnkit.models.io.write_atomic` does). The
+        ``write`` must fsync what it writes (:func:`rnnkit.atomic.write_atomic` does). The
         directory becomes ``step-<step>`` atomically; older checkpoints beyond ``keep_last`` are
         deleted only after that.
         """

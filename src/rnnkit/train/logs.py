@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rnnkit.models.io import write_atomic
+from rnnkit.atomic import write_text_atomic
 from rnnkit.train.events import EventWriter
 
 TRAIN_FIELDS = ("step", "loss", "lr", "grad_norm", "skipped", "tokens_per_second", "elapsed")
@@ -51,13 +51,13 @@ class MetricsLogger:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         train_path, eval_path = self.log_dir / "train.csv", self.log_dir / "eval.csv"
         text = _csv_text(TRAIN_FIELDS, history)
-        write_atomic(train_path, lambda tmp: Path(tmp).write_text(text))
+        write_text_atomic(train_path, text)
         kept: list[dict[str, Any]] = []
         if eval_path.is_file() and resume_step > 0:
             with open(eval_path, newline="") as handle:
                 kept = [row for row in csv.DictReader(handle) if row.get("step", "").isdigit() and int(row["step"]) <= resume_step]
         eval_text = _csv_text(EVAL_FIELDS, kept)
-        write_atomic(eval_path, lambda tmp: Path(tmp).write_text(eval_text))
+        write_text_atomic(eval_path, eval_text)
         self._train = open(train_path, "a", newline="")
         self._eval = open(eval_path, "a", newline="")
         self._train_csv = csv.DictWriter(self._train, fieldnames=TRAIN_FIELDS, lineterminator="\n", extrasaction="ignore")
