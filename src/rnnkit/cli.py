@@ -155,16 +155,22 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rnnkit.train import describe_metrics, distributed
     from rnnkit.train.signals import route_stop_signals
 
-    # A SIGTERM/SIGINT during set-up is held back and honoured after the first step, like one in training.
+    # A SIGTERM/SIGINT during set-up is held back and honoured after the first step, like one in
+    # training; one after training (while the summary and sample print) finds the run already saved.
     pending: list[int] = []
     with route_stop_signals(pending.append):
         trainer, say = _prepare_training(args)
-    if pending:
-        trainer.request_stop(pending[0])
-    result = trainer.fit()
+        if pending:
+            trainer.request_stop(pending[0])
+        result = trainer.fit()
+        return _report_training(args, trainer, result, say)
+
+
+def _report_training(args: argparse.Namespace, trainer, result: dict[str, Any], say) -> int:
+    from rnnkit.train import describe_metrics, distributed
+
     distributed.shutdown()
     out, model, task = trainer.out_dir, trainer.model, trainer.task
     if result["interrupted"]:

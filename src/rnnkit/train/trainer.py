@@ -121,9 +121,10 @@ class Trainer:
         """Run until ``config.steps`` (or the ``config.max_seconds`` budget), evaluate on val, and
         write the final model.
 
-        SIGTERM or SIGINT (Ctrl-C) stops the run at the next step boundary: a checkpoint is written
-        (when ``out_dir`` is set) and the result has ``"interrupted": <signal name>``; no final
-        evaluation is done. A second SIGINT interrupts immediately.
+        SIGTERM or SIGINT (Ctrl-C) at any point of the call stops the run at the next step boundary
+        (or after the final evaluation or save in progress): a checkpoint is written (when ``out_dir``
+        is set) and, unless the final model was already written, the result has ``"interrupted":
+        <signal name>`` and an empty ``val``. A second SIGINT interrupts immediately.
 
         Returns:
             ``{"steps", "seconds", "tokens_per_second", "train_loss", "val", "skipped",
@@ -137,25 +138,26 @@ class Trainer:
         logger = self._open_logger()
         clock = SessionClock(self.elapsed)
         report = ProgressReport(cfg, self.step, self.history[-1]["loss"] if self.history else None, self.rank == 0)
-        interrupted = None
         try:
-            with report, route_stop_signals(self._on_signal):
-                while self.step < cfg.steps and not self._out_of_time():
-                    batch = next(batches)
-                    record = self._train_step(batch)
-                    self._record(record, batch, clock, logger, report)
-                    if on_step is not None:
-                        on_step(self.step, record)
-                    if self._due(cfg.eval_every) and self.step < cfg.steps:
-                        self._evaluate_during_training(logger, report)
-                    if self._due(cfg.checkpoint_every):
-                        self.save_checkpoint()
-                    if self._stop_requested():
-                        interrupted = self._checkpoint_on_stop()
-                        break
-            result = self._result(clock, interrupted)
-            if interrupted is None:
-                result["val"] = self._finish(logger, result)
+            with route_stop_signals(self._on_signal):
+                with report:
+                    while self.step < cfg.steps and not self._out_of_time():
+                        batch = next(batches)
+                        record = self._train_step(batch)
+                        self._record(record, batch, clock, logger, report)
+                        if on_step is not None:
+                            on_step(self.step, record)
+                        if self._due(cfg.eval_every) and self.step < cfg.steps:
+                            self._evaluate_during_training(logger, report)
+                        if self._due(cfg.checkpoint_every):
+                            self.save_checkpoint()
+                        if self._stop_requested():
+                            break
+                result = self._result(clock)
+                if self._stop_requested():
+                    result["interrupted"] = self._checkpoint_on_stop()
+                else:
+                    self._finish(logger, result)
             return result
         finally:
             if logger is not None:
@@ -190,7 +192,7 @@ class Trainer:
         report.evaluation(self.step, metrics)
         self.model.train()
 
-    def _result(self, clock: SessionClock, interrupted: str | None) -> dict[str, Any]:
+    def _result(self, clock: SessionClock) -> dict[str, Any]:
         seconds = clock.seconds
         return {
             "steps": self.step,
@@ -198,22 +200,32 @@ class Trainer:
             "tokens_per_second": clock.tokens_per_second(seconds),
             "train_loss": self.history[-1]["loss"] if self.history else float("nan"),
             "skipped": self.skipped,
-            "interrupted": interrupted,
+            "interrupted": None,
             "val": {},
         }
 
-    def _finish(self, logger, result: dict[str, Any]) -> dict[str, float]:
-        """The end of a run: the final resumable checkpoint (if periodic ones are on), the val metrics,
-        the final model. Returns the val metrics."""
+    def _finish(self, logger, result: dict[str, Any]) -> None:
+        """The end of a run: the final resumable checkpoint (if periodic ones are on), the val metrics
+        and the final model, filled into ``result``.
+
+        A stop request during the evaluation ends the run as interrupted, with a checkpoint of the last
+        step to resume from; one during the final save lets the save finish, then checkpoints too, so a
+        signal anywhere after a step leaves a resumable run.
+        """
         if self.config.checkpoint_every:
             self.save_checkpoint()  # the final state, resumable (e.g. to train further)
         metrics = self.evaluate("val")
+        if self._stop_requested():
+            result["interrupted"] = self._checkpoint_on_stop()
+            return
+        result["val"] = metrics
         if logger is not None:
             logger.log_eval(self.step, "val", metrics)
         if self.out_dir is not None and self.rank == 0:
-            self.save(self.out_dir, metrics=dict(result, val=metrics))
+            self.save(self.out_dir, metrics=result)
         distributed.barrier()
-        return metrics
+        if self._stop_requested():
+            self.save_checkpoint()
 
     def _out_of_time(self) -> bool:
         """True once the ``max_seconds`` budget is spent (agreed by every rank)."""
