@@ -1,7 +1,7 @@
 """Training speed of the matrix-state kernels: chunk vs recurrent vs parallel, against peers, one run.
 
-    flock /tmp/rnnkit-cpu.lock python benchmarks/chunk_speed.py           # T in 512, 2048, 8192
-    flock /tmp/rnnkit-cpu.lock python benchmarks/chunk_speed.py --quick   # T = 512 only, fewer repeats
+    python benchmarks/chunk_speed.py           # T in 512, 2048, 8192
+    python benchmarks/chunk_speed.py --quick   # T = 512 only, fewer repeats
 
 For each layer's kernel (the op with that layer's kind of decay: none for ``linear_attention``,
 fixed per head for ``retnet``, data-dependent scalar for ``mamba2``, per key dimension for ``gla``,
@@ -20,11 +20,11 @@ run at T = ``--max-recurrent-steps`` instead (its tokens/s does not depend on T:
 same at any length), and ``vs recurrent`` divides by that rate, marked ``*``.
 Candidates of one shape run interleaved, one repetition each in turn, and the figure is the best
 (minimum-time) repetition, so that load from other processes hits them alike. The chunk kernels'
-buffer pool (``RNNKIT_CHUNK_POOL_MB``, 4 GB by default) is raised to ``--pool-mb`` (12 GB) for
+buffer pool (``RNNKIT_SCAN_POOL_MB`` + ``RNNKIT_CHUNK_POOL_MB``, 5 GB by default) is raised to ``--pool-mb`` (12 GB) for
 the run: at T=8192 the six kernels' buffers together exceed 4 GB, so in turn they evicted each
 other and every repetition ran on fresh, page-faulting memory, as no training run does (one
 model's kernels reuse the same buffers step after step; ``docs/benchmarks.md``). The last lines
-state each layer's chunk form against the issue's targets (>= 10x the loop at T=2048, >= 30% of
+state each layer's chunk form against its targets (>= 10x the loop at T=2048, >= 30% of
 the same-run matmul GFLOP/s at T=8192). The matmul reference is measured the same way: one window
 of back-to-back products lasting about a second (one kernel step at T=8192) before every round and
 one after the last, the best counting.
@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from rnnkit.ops._workspace import POOL, pool_bytes
 from rnnkit.ops.gated_linear_attention import (
-    WORKSPACE,
     gated_linear_attention_chunk,
     gated_linear_attention_parallel,
     gated_linear_attention_recurrent,
@@ -253,16 +253,18 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", default=None, help="only these layers")
     parser.add_argument("--no-loops", action="store_true", help="skip the recurrent and parallel forms")
     parser.add_argument("--pool-mb", type=float, default=None,
-                        help=f"cap of the chunk kernels' buffer pool (default {POOL_MB} unless "
-                             "RNNKIT_CHUNK_POOL_MB is set)")
+                        help=f"cap of the kernels' buffer pool (default {POOL_MB} unless "
+                             "RNNKIT_SCAN_POOL_MB or RNNKIT_CHUNK_POOL_MB is set)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.pool_mb is not None or "RNNKIT_CHUNK_POOL_MB" not in os.environ:
-        WORKSPACE.max_bytes = int((POOL_MB if args.pool_mb is None else args.pool_mb) * 2**20)
+    if args.pool_mb is not None or not any(name in os.environ for name in ("RNNKIT_SCAN_POOL_MB", "RNNKIT_CHUNK_POOL_MB")):
+        POOL.max_bytes = int((POOL_MB if args.pool_mb is None else args.pool_mb) * 2**20)
+    else:
+        POOL.max_bytes = pool_bytes()
     lengths = args.lengths or ([512] if args.quick else [512, 2048, 8192])
     repeats = args.repeats or (2 if args.quick else 3)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, B={B}, H={H}, K=V={K}, "
-          f"best of {repeats}; fwd+bwd; chunk-kernel buffer pool up to {WORKSPACE.max_bytes >> 20} MB")
+          f"best of {repeats}; fwd+bwd; chunk-kernel buffer pool up to {POOL.max_bytes >> 20} MB")
     for T in lengths:
         rows = [c for c in candidates(T) if args.layers is None or c[0] in args.layers]
         if args.no_loops:
@@ -279,7 +281,7 @@ def main() -> None:
         live += [(layer, "recurrent@", fn, inputs, T_loop) for layer, form, fn, inputs in candidates(T_loop)
                  if form == "recurrent" and (layer, form) in skipped]
         # The matmul reference is measured before every round, and its best counts, as the kernels'
-        # best does: on this shared machine the best of five single products read anywhere from 140
+        # best does: on a machine with other load the best of five single products read anywhere from 140
         # to 220 GFLOP/s within an hour, so one measurement at the start made "% of matmul" noise.
         matmul_rounds = []
         for rep in range(repeats):

@@ -3,7 +3,7 @@
     python benchmarks/mamba_memory.py             # B=4, D=256 (E=512, N=16), T in 1024, 2048, 8192
     python benchmarks/mamba_memory.py --quick     # B=2, D=64, T in 512, 2048
 
-The issue's target: peak memory at T=8192 <= 4x the layer's activations. Each case runs in a fresh
+The target: peak memory at T=8192 <= 4x the layer's activations. Each case runs in a fresh
 subprocess; its peak is the growth of the resident set's high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs`` after the layer and input are built) over one forward + backward.
 Columns:
@@ -14,7 +14,7 @@ Columns:
 - ``x``: one ``(B, T, D)`` fp32 tensor, MiB; ``peak/x`` puts the peak in units of the input;
 - ``state``: one ``(B, T, E, N)`` fp32 tensor, the expanded state a whole-sequence scan forms, MiB.
 
-Rows: rnnkit's ``mamba`` (time chunks of ``chunk_size`` steps, each recomputed in the backward
+Rows: rnnkit's ``mamba`` (time blocks of ``steps_per_block`` steps, each recomputed in the backward
 pass) and, where it fits in memory, the same layer run as one chunk without recomputation (what an
 unchunked implementation holds).
 """
@@ -47,7 +47,7 @@ def run_case(B: int, T: int, D: int, N: int, chunk: int | None, mode: str) -> di
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    layer = rnnkit.layers.build("mamba", d_model=D, d_state=N, chunk_size=chunk or T)
+    layer = rnnkit.layers.build("mamba", d_model=D, d_state=N, steps_per_block=chunk or T)
     if chunk is None:  # the unchunked reference: one chunk, nothing recomputed
         mamba_module.checkpoint = lambda fn, *args, **kwargs: fn(*args)
     # Warm up on a short sequence so one-off costs (loading the compiled scan, thread pools,

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from classic_speed import CpuShare, best_of, train_step  # noqa: E402  (sibling script)
 
 import rnnkit  # noqa: E402
-from rnnkit.ops import _cpu_scan, linear_scan, linear_scan_recurrent  # noqa: E402
-from rnnkit.ops.scan import resolve_mode  # noqa: E402
+from rnnkit.ops import _native, linear_scan, linear_scan_recurrent  # noqa: E402
+from rnnkit.ops.scan import _fused_forward, resolve_mode  # noqa: E402
 
 #: Layers of the diagonal (linear-scan) family, benchmarked when registered.
 DIAGONAL_LAYERS = ("mingru", "minlstm", "lru", "s4d", "rglru", "hawk", "mamba", "cfc")
@@ -71,8 +71,8 @@ def memory_references(a: torch.Tensor, b: torch.Tensor) -> dict[str, tuple[Calla
         "torch.add, fresh out": (lambda: torch.add(a, b), 3 * n),
         "torch.add, reused out": (lambda: torch.add(a, b, out=out), 3 * n),
     }
-    if _cpu_scan.available():
-        rows["fused scan kernel, reused out"] = (lambda: _cpu_scan.forward(a, b, None, out=out), 3 * n)
+    if _native.available():
+        rows["fused scan kernel, reused out"] = (lambda: _fused_forward(a, b, None, out=out), 3 * n)
     return rows
 
 
@@ -191,14 +191,14 @@ def main() -> None:
     widths = [int(v) for v in args.widths.split(",")] if args.widths else ([256] if args.quick else [256, 1024])
     scan_shapes = [(T, D) for D in widths for T in lengths]
     reps = args.reps or (2 if args.quick else 3)
-    forms = ["parallel", "chunk"] + (["fused"] if _cpu_scan.available() else []) + ["auto"]
+    forms = ["parallel", "chunk"] + (["fused"] if _native.available() else []) + ["auto"]
     if args.forms:
         forms = [f for f in args.forms.split(",") if f in forms]
     names = [n for n in DIAGONAL_LAYERS if n in rnnkit.layers.names()]
     skip = set(filter(None, args.skip.split(",")))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {dtype}, "
           f"device cpu ({os.cpu_count()} logical CPUs); fused kernel: "
-          f"{'available' if _cpu_scan.available() else _cpu_scan.unavailable_reason()}")
+          f"{'available' if _native.available() else _native.unavailable_reason()}")
     print(f"scan: B={B}, (T, D) in {scan_shapes}; layers: B={B}, T=512, D in {widths}, {names}")
     print(f"figures: best of {reps} interleaved repetitions (the eager loop: {max(1, reps // 2)})\n")
 

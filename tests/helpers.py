@@ -1,6 +1,6 @@
 """Shared test helpers: the one tolerance table every numerical comparison in the suite uses.
 
-Tolerances come from DESIGN.md ("Contract tests"):
+Tolerances are those of docs/design.md ("Tolerances"):
 
 | dtype    | values (outputs, states)  | gradients                 |
 |----------|---------------------------|---------------------------|
@@ -12,7 +12,7 @@ Relative RMS is ``||actual - expected|| / ||expected||`` (Frobenius norms over t
 Max-abs is measured on entries scaled by ``1 / max(1, |expected|)``: an absolute bound for entries
 of magnitude <= 1 and a relative one above (an accumulator that sums T ~ 1 terms, as the state of
 unnormalised linear attention does, cannot be closer than a few ulp of its magnitude in fp32).
-Measured (session 4, every fp32 case of tests/layers/test_contract.py with the unscaled max-abs):
+Measured over every fp32 case of tests/layers/test_contract.py with the unscaled max-abs:
 17 of 1,788 cases exceed 1e-5, all of them states or outputs of magnitude 10-280 (linear attention's
 sums, mLSTM's normaliser, Based's kv state at T = 257) off by 1-6 ulp of that magnitude (one ulp of
 70 is 7.6e-6, of 278 is 3.1e-5), with relative RMS errors <= 3e-7; a bound below one ulp cannot be

@@ -291,7 +291,7 @@ def test_run_grid_stop_after(tmp_path):
 
 
 def test_small_grid_estimate_fits_30_minutes():
-    # The bound for `rnnkit bench tasks --budget small` over every registered layer.
+    # The bound for `rnnkit bench tasks --budget small` over every registered layer.
     cells = build_cells(default_models(), list(DEFAULT_TASKS), "small", 1)
     assert estimate_seconds(cells) <= 30 * 60
     assert BUDGETS["small"].eval_seconds < float("inf") and BUDGETS["medium"].eval_seconds < float("inf")

@@ -1,4 +1,4 @@
-"""The Recurrence contract as reusable checks (DESIGN.md, "Contract tests").
+"""The Recurrence contract as reusable checks (docs/design.md, "The contract suite").
 
 Every check takes a *layer factory* ``make(d_model, dtype) -> Recurrence`` (a fresh layer in eval
 mode, so stochastic wrappers such as dropout are deterministic) and raises ``AssertionError`` with
@@ -6,7 +6,7 @@ the numbers when the layer breaks the contract. ``tests/layers/test_contract.py`
 every registered layer and test configuration; ``tests/layers/test_harness.py`` runs them on
 deliberately broken layers to show that they can fail.
 
-Checks (numbers as in DESIGN.md):
+Checks (numbers as in docs/design.md):
 
 1. :func:`check_modes_equal`: a mode == the ``recurrent`` reference in outputs, final state and the
    gradients of a loss touching both w.r.t. the input, the initial state and every parameter;

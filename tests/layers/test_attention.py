@@ -1,4 +1,5 @@
-"""Attention specifics: its state, the KV cache, grows with the context (``state_size_at``).
+"""Attention specifics: its state, the KV cache, grows with the context (``state_size_at``); its output
+equals PyTorch's ``scaled_dot_product_attention``.
 
 The contract suite covers modes, state carry, lengths and the generic ``state_size_at`` bounds.
 """
@@ -136,3 +137,39 @@ def test_rope_changes_the_output_and_rope_false_is_position_free():
 def test_rope_rejects_a_non_bool():
     with pytest.raises(InputError, match="rope"):
         rnnkit.layers.build("attention", d_model=8, rope=1)
+
+
+def _rotary(x: torch.Tensor) -> torch.Tensor:
+    """RoPE written out for the reference: features ``i`` and ``i + K/2`` of ``x`` (B, H, T, K) at
+    position ``t`` rotated by ``t * 10000^(-2i/K)``."""
+    K, T = x.shape[-1], x.shape[-2]
+    half = K // 2
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * 10000.0 ** (-2 * torch.arange(half, dtype=torch.float64) / K)
+    cos, sin = angle.cos(), angle.sin()  # (T, K/2)
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+@pytest.mark.parametrize("window", [None, 5], ids=["full", "window5"])
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "nope"])
+def test_matches_torch_scaled_dot_product_attention(rope, window):
+    """Every mode equals ``torch.nn.functional.scaled_dot_product_attention`` on the layer's own
+    projections: causal (``is_causal=True``), or under a band mask of ``window`` steps."""
+    torch.manual_seed(0)
+    B, T, D, H = 2, 23, 12, 3
+    layer = rnnkit.layers.build("attention", d_model=D, num_heads=H, window=window, rope=rope,
+                                chunk_size=8).double()
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in layer.qkv_proj(x).chunk(3, -1))  # (B, H, T, K)
+    if rope:
+        q, k = _rotary(q), _rotary(k)
+    if window is None:
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        t, s = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        band = (s <= t) & (s > t - window)  # (T, T): the last `window` steps, this one included
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band)
+    expected = layer.o_proj(y.transpose(1, 2).reshape(B, T, D))
+    for mode in layer.modes:
+        got, _ = layer(x, mode=mode)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12, msg=f"mode {mode}")

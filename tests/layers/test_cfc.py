@@ -104,3 +104,14 @@ def test_bad_step_dt_raises() -> None:
         cell.step(x_t, dt=torch.ones(3, dtype=torch.float64))
     with pytest.raises(InputError, match="positive"):
         cell.step(x_t, dt=torch.zeros(2, dtype=torch.float64))
+
+
+def test_an_unknown_per_step_input_is_rejected() -> None:
+    cell = _cell()
+    with pytest.raises(InputError, match="dts: not an argument of CfC"):
+        cell(torch.randn(2, 4, 3, dtype=torch.float64), dts=torch.ones(2, 4, dtype=torch.float64))
+    lstm = rnnkit.layers.build("lstm", d_model=3)
+    with pytest.raises(InputError, match="dt: not an argument of LSTM .it takes no per-step inputs"):
+        lstm(torch.randn(2, 4, 3), dt=torch.ones(2, 4))
+    with pytest.raises(InputError, match=r"dt: expected shape \(B,\)"):
+        cell.step(torch.randn(2, 3, dtype=torch.float64), dt=torch.ones(2, 1, dtype=torch.float64))

@@ -1,4 +1,4 @@
-"""The Recurrence contract (DESIGN.md) for every registered layer x test config x mode.
+"""The Recurrence contract (docs/design.md) for every registered layer x test config x mode.
 
 No layer is named here: registering a layer (with its ``test_configs``) puts it under every test
 below. The checks themselves live in ``tests/layers/harness.py``; ids spell the case, e.g.

@@ -49,7 +49,7 @@ def test_deltanet_readout_is_the_delta_rule(short_conv):
     o, S = delta_rule_recurrent(q, k, h, layer.beta(x))
     o = o[:, 0] * torch.rsqrt(o[:, 0].pow(2).mean(-1, keepdim=True) + layer.config.norm_eps)
     assert torch.allclose(y, o, atol=1e-12)
-    assert torch.allclose(state.S, S, atol=1e-12)
+    assert torch.allclose(state.S if short_conv else state, S, atol=1e-12)
 
 
 def test_gated_deltanet_gate_init():

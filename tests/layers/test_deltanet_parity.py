@@ -101,7 +101,7 @@ def parity_extrapolation(
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_negative_eigenvalues_learn_parity_and_extrapolate(seed):
-    """The issue's bar: >= 99% on strings 4x longer than any seen in training, for two seeds."""
+    """The bar: >= 99% on strings 4x longer than any seen in training, for two seeds."""
     result = parity_extrapolation(allow_neg_eigval=True, seed=seed)
     print(f"allow_neg_eigval=True, seed {seed}: {result}")  # shown with pytest -s
     assert result["train_len"] >= 0.99 and result["4x"] >= 0.99, f"allow_neg_eigval=True, seed {seed}: {result}"

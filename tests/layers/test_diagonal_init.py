@@ -93,7 +93,7 @@ def test_hawk_default_width_and_conv_state() -> None:
     layer = rnnkit.layers.build("hawk", d_model=12)
     assert layer.config.d_rnn == 16 and layer.config.conv_width == 4
     state = layer.init_state(2)
-    assert state.conv.shape == (2, 3, 16) and state.h.shape == (2, 16)
+    assert state.conv.shape == (2, 16, 3) and state.h.shape == (2, 16)
 
 
 def test_mamba_init() -> None:

@@ -179,7 +179,7 @@ def test_assert_close_fails_above_tolerance(actual, expected, dtype, kind):
 
 
 def test_assert_close_fp32_value_is_absolute_below_one_relative_above():
-    # |expected| <= 1: the absolute 1e-5 of DESIGN.md, unscaled
+    # |expected| <= 1: the absolute 1e-5 of docs/design.md, unscaled
     with pytest.raises(AssertionError, match="tolerance"):
         assert_close(torch.full((3,), 0.5 + 2e-5), torch.full((3,), 0.5), what="t")
     # |expected| = 100: one ulp there is 7.6e-6, so the bound is 1e-5 of the magnitude

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import rnnkit
+from rnnkit.errors import InputError
 
 
 class LargestTensor(TorchDispatchMode):
@@ -51,7 +52,7 @@ def _run(layer, mode):
 @pytest.mark.parametrize("mode", ["parallel", "chunk", "fused"])
 def test_expanded_state_is_never_formed_for_the_whole_sequence(mode: str) -> None:
     torch.manual_seed(0)
-    layer = rnnkit.layers.build("mamba", d_model=D, d_state=N, chunk_size=CHUNK)
+    layer = rnnkit.layers.build("mamba", d_model=D, d_state=N, steps_per_block=CHUNK)
     if mode not in layer.modes:
         pytest.skip(f"mode {mode!r} unavailable here (no compiled scan kernel)")
     full = B * T * E * N
@@ -64,7 +65,7 @@ def test_expanded_state_is_never_formed_for_the_whole_sequence(mode: str) -> Non
 
 def test_backward_keeps_only_sequence_sized_activations() -> None:
     torch.manual_seed(0)
-    layer = rnnkit.layers.build("mamba", d_model=D, d_state=N, chunk_size=CHUNK)
+    layer = rnnkit.layers.build("mamba", d_model=D, d_state=N, steps_per_block=CHUNK)
     loss, saved = saved_numel(lambda: _run(layer, "chunk"))
     loss.backward()
     # The (B, T, E)-sized activations of the block (projections, conv, gate, delta; the x_proj
@@ -75,10 +76,18 @@ def test_backward_keeps_only_sequence_sized_activations() -> None:
 
 def test_chunking_changes_nothing() -> None:
     torch.manual_seed(0)
-    layer = rnnkit.layers.build("mamba", d_model=D, d_state=4, chunk_size=7).double()
+    layer = rnnkit.layers.build("mamba", d_model=D, d_state=4, steps_per_block=7).double()
     x = torch.randn(2, 50, D, dtype=torch.float64)
     y_ref, s_ref = layer(x, mode="recurrent")
     for chunk_size in (1, 7, 50, 64):
-        layer.config.chunk_size = chunk_size
+        layer.config.steps_per_block = chunk_size
         y, s = layer(x, mode="chunk")
         assert torch.allclose(y, y_ref, atol=1e-12) and torch.allclose(s.h, s_ref.h, atol=1e-12), chunk_size
+
+
+def test_former_option_name_still_loads():
+    """Saved configurations name the block length ``chunk_size``; they build the same layer."""
+    layer = rnnkit.layers.build("mamba", d_model=8, chunk_size=5)
+    assert layer.config.steps_per_block == 5
+    with pytest.raises(InputError, match="'chunk_size' is the former name of 'steps_per_block'"):
+        rnnkit.layers.build("mamba", d_model=8, chunk_size=5, steps_per_block=5)

@@ -9,7 +9,7 @@ import rnnkit
 from rnnkit.cli import main
 from rnnkit.layers.mingru import g, log_g, mingru_recurrent
 from rnnkit.layers.minlstm import minlstm_recurrent
-from rnnkit.ops import _cpu_scan
+from rnnkit.ops import _native
 from tests.helpers import assert_close
 
 
@@ -65,10 +65,10 @@ def test_module_loop_matches_layer(name, loop):
 def test_auto_is_fused_on_cpu_and_modes_follow_the_kernel(name, monkeypatch):
     layer = rnnkit.layers.build(name, d_model=3)
     x = torch.randn(2, 5, 3)
-    if _cpu_scan.available():
+    if _native.available():
         assert "fused" in layer.modes and layer._auto_mode(x) == "fused"
         assert layer._auto_mode(x.bfloat16()) == "chunk"  # the kernel has no bf16
-    monkeypatch.setattr(_cpu_scan, "available", lambda: False)
+    monkeypatch.setattr(_native, "available", lambda: False)
     assert "fused" not in layer.modes and layer._auto_mode(x) == "chunk"
     assert layer._auto_mode(x.to("meta")) == "parallel"  # any accelerator: the paper's log-space form
 

@@ -30,7 +30,7 @@ def paper_retention(layer, x: torch.Tensor, xpos: bool) -> torch.Tensor:
         zq, zk = zq * turn, zk * turn
     scores = scores + (zq @ zk.conj().transpose(-1, -2)).real  # Re[q_n conj(k_m) e^{i(n-m) theta}]
     n = torch.arange(T, dtype=torch.float64)
-    # The layer's own decays (1 - 2^(-5-h) as stored: a buffer in the layer's dtype).
+    # The layer's own decays, 1 - 2^(-5-h), exact in fp64.
     gamma = layer.log_gamma.exp()[:, None, None]
     decay = torch.where(n[:, None] >= n[None, :], gamma ** (n[:, None] - n[None, :]), 0.0)  # (H, T, T)
     o = (scores * decay) @ v  # (B, H, T, V)
@@ -79,3 +79,29 @@ def test_xpos_fp32_long_sequence_matches_fp64():
 def test_xpos_option_is_checked():
     with pytest.raises(InputError, match="xpos"):
         rnnkit.layers.build("retnet", d_model=8, xpos="yes")
+
+
+def test_decays_are_exact_after_a_cast_to_float64():
+    """A layer built in fp32 and cast with ``.double()`` computes exactly what the same weights built
+    in fp64 compute: no constant of the layer keeps the rounding of the dtype it was built in."""
+    torch.manual_seed(0)
+    built32 = rnnkit.layers.build("retnet", d_model=8, num_heads=2, xpos=False).double()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        built64 = rnnkit.layers.build("retnet", d_model=8, num_heads=2, xpos=False)
+    finally:
+        torch.set_default_dtype(before)
+    built64.load_state_dict(built32.state_dict())
+    x = torch.randn(2, 40, 8, dtype=torch.float64)
+    for mode in built32.modes:
+        torch.testing.assert_close(built32(x, mode=mode)[0], built64(x, mode=mode)[0], rtol=1e-13, atol=1e-13)
+    decay = built32.log_gamma.exp()
+    assert torch.equal(decay, 1 - torch.exp2(-5.0 - torch.arange(2, dtype=torch.float64)))
+
+
+def test_state_dict_with_the_decay_buffer_loads():
+    layer = rnnkit.layers.build("retnet", d_model=8, num_heads=2)
+    state = dict(layer.state_dict(), log_gamma=torch.zeros(2))
+    layer.load_state_dict(state)  # strict: the old key is accepted and ignored
+    assert "log_gamma" not in layer.state_dict()

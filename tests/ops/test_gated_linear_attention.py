@@ -137,12 +137,11 @@ def test_no_decay_path_matches_loop(T):
 def test_workspace_pool_reuse_keeps_results(monkeypatch, per_dim):
     """The chunk kernel's large tensors come from a pool of reused buffers: repeated training steps
     (with outputs and gradients still held, and a cap small enough to evict) match the loop."""
-    import rnnkit.ops._cpu_scan as cpu_scan
-    import rnnkit.ops.gated_linear_attention as gla_op
+    from rnnkit.ops import _workspace
 
-    monkeypatch.setattr(cpu_scan, "HUGE_PAGE_MIN_BYTES", 1 << 8)  # pool even these tiny tensors
-    pool = cpu_scan.OutputPool(12 << 10)
-    monkeypatch.setattr(gla_op, "WORKSPACE", pool)
+    monkeypatch.setattr(_workspace, "HUGE_PAGE_MIN_BYTES", 1 << 8)  # pool even these tiny tensors
+    pool = _workspace.BufferPool(12 << 10)
+    monkeypatch.setattr(_workspace, "POOL", pool)
     args = inputs(2, 2, 40, 4, 4, per_dim, torch.float64)
     y_ref, S_ref, g_ref = run(gated_linear_attention_recurrent, args, [40, 23])
     held = []

@@ -9,11 +9,11 @@ import itertools
 import pytest
 import torch
 
-from rnnkit.ops import _cpu_scan, _rows
+from rnnkit.ops import _native, _rows
 from rnnkit.ops._rows import row_pass
 
 G, N, C, D = 3, 4, 5, 7
-needs_library = pytest.mark.skipif(not _cpu_scan.available(), reason=f"no compiled kernel: {_cpu_scan.unavailable_reason()}")
+needs_library = pytest.mark.skipif(not _native.available(), reason=f"no compiled kernel: {_native.unavailable_reason()}")
 
 
 def reference(x, a=None, vec=None, scale=None, dot_with=None, col=False, weights=None, causal=False,
@@ -48,10 +48,10 @@ FLAGS = [{}, {"causal": True}, {"dot_before_scale": True}, {"accumulate": True}]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("x_kind", ["fresh", "in-place", "broadcast"])
 def test_matches_the_formulas(x_kind, dtype, path, flags, monkeypatch):
-    if path == "compiled" and not _cpu_scan.available():
-        pytest.skip(f"no compiled kernel: {_cpu_scan.unavailable_reason()}")
+    if path == "compiled" and not _native.available():
+        pytest.skip(f"no compiled kernel: {_native.unavailable_reason()}")
     if path == "torch":
-        monkeypatch.setattr(_cpu_scan, "_library", lambda: None)
+        monkeypatch.setattr(_native, "library", lambda: None)
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape):

@@ -14,12 +14,12 @@ import torch
 
 import rnnkit
 from rnnkit.errors import InputError
-from rnnkit.ops import _cpu_scan, linear_scan, linear_scan_log, linear_scan_recurrent
+from rnnkit.ops import _native, _workspace, linear_scan, linear_scan_log, linear_scan_recurrent
 from rnnkit.ops.scan import resolve_mode
 from tests.helpers import assert_close
 
-FUSED = _cpu_scan.available()
-NO_FUSED = f"fused kernel unavailable: {_cpu_scan.unavailable_reason()}"
+FUSED = _native.available()
+NO_FUSED = f"fused kernel unavailable: {_native.unavailable_reason()}"
 FORMS = ["parallel", "chunk", pytest.param("fused", marks=pytest.mark.skipif(not FUSED, reason=NO_FUSED))]
 DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 #: Tolerance-table row for each dtype (complex compares like its real counterpart).
@@ -220,14 +220,14 @@ def test_log_space_form(with_h0, chunk_size):
     h0 = torch.randn(B, *S, generator=g, dtype=torch.float64) if with_h0 else None  # any sign
     lengths = torch.tensor([40, 17, 1])
     ref = linear_scan_recurrent(a, b, h0, lengths)
-    assert_close(linear_scan_log(a.log(), b.log(), h0, lengths=lengths, chunk_size=chunk_size), ref)
+    assert_close(linear_scan_log(a.log(), b.log(), h0, lengths=lengths, block_size=chunk_size), ref)
     args = [a.log().requires_grad_(), b.log().requires_grad_()] + ([h0.requires_grad_()] if with_h0 else [])
-    assert torch.autograd.gradcheck(lambda *x: linear_scan_log(*x, lengths=lengths, chunk_size=chunk_size), args)
+    assert torch.autograd.gradcheck(lambda *x: linear_scan_log(*x, lengths=lengths, block_size=chunk_size), args)
     # Padding holding NaN/Inf changes nothing, gradients included.
     pad = torch.arange(T)[None, :, None] >= lengths[:, None, None]
     la, lb = a.log().masked_fill(pad, math.nan).requires_grad_(), b.log().masked_fill(pad, math.inf).requires_grad_()
-    h = linear_scan_log(la, lb, h0, lengths=lengths, chunk_size=chunk_size)
-    assert torch.equal(h, linear_scan_log(a.log(), b.log(), h0, lengths=lengths, chunk_size=chunk_size))
+    h = linear_scan_log(la, lb, h0, lengths=lengths, block_size=chunk_size)
+    assert torch.equal(h, linear_scan_log(a.log(), b.log(), h0, lengths=lengths, block_size=chunk_size))
     h.sum().backward()
     assert torch.isfinite(la.grad).all() and torch.isfinite(lb.grad).all()
 
@@ -240,7 +240,7 @@ def test_log_space_chunks_bound_fp32_error():
     ref = linear_scan_recurrent(a.double(), b.double())
     loop_err = (linear_scan_recurrent(a, b).double() - ref).abs().max().item()
     whole = (linear_scan_log(a.log(), b.log()).double() - ref).abs().max().item()
-    chunked = (linear_scan_log(a.log(), b.log(), chunk_size=32).double() - ref).abs().max().item()
+    chunked = (linear_scan_log(a.log(), b.log(), block_size=32).double() - ref).abs().max().item()
     assert chunked <= 10 * loop_err + 1e-6, f"chunked log-space error {chunked:.3e} vs loop {loop_err:.3e}"
     assert whole > chunked, f"one chunk {whole:.3e} should drift more than 32-step chunks {chunked:.3e}"
 
@@ -298,15 +298,15 @@ def test_auto_picks_fused_on_cpu_when_available():
 def fresh_kernel(monkeypatch, tmp_path):
     """A kernel loader that re-reads the environment, restored afterwards."""
     monkeypatch.setenv("RNNKIT_CACHE_DIR", str(tmp_path / "cache"))
-    _cpu_scan._reset_for_tests()
+    _native.reset()
     yield monkeypatch
-    _cpu_scan._reset_for_tests()
+    _native.reset()
 
 
 def test_no_compile_env_falls_back(fresh_kernel):
     fresh_kernel.setenv("RNNKIT_NO_COMPILE", "1")
-    assert not _cpu_scan.available()
-    assert "RNNKIT_NO_COMPILE" in _cpu_scan.unavailable_reason()
+    assert not _native.available()
+    assert "RNNKIT_NO_COMPILE" in _native.unavailable_reason()
     a, b, h0 = _inputs(2, 70, (3,), torch.float32)
     assert resolve_mode("auto", a.device, a.dtype) == "chunk"
     assert_close(linear_scan(a, b, h0), linear_scan_recurrent(a, b, h0))
@@ -321,17 +321,17 @@ def test_broken_compiler_falls_back(fresh_kernel, tmp_path):
     cxx.chmod(0o755)
     fresh_kernel.setenv("RNNKIT_CXX", str(cxx))
     fresh_kernel.delenv("RNNKIT_NO_COMPILE", raising=False)
-    assert not _cpu_scan.available()
-    assert "broken-cxx: internal error" in _cpu_scan.unavailable_reason()
+    assert not _native.available()
+    assert "broken-cxx: internal error" in _native.unavailable_reason()
     assert list((tmp_path / "cache").iterdir()) == []
     a, b, _ = _inputs(1, 5, (2,), torch.float64)
     assert_close(linear_scan(a, b), linear_scan_recurrent(a, b))
 
 
-@pytest.mark.skipif(_cpu_scan._compiler() is None, reason="no C++ compiler on this machine")
+@pytest.mark.skipif(_native._compiler() is None, reason="no C++ compiler on this machine")
 def test_compile_into_fresh_cache(fresh_kernel, tmp_path):
     fresh_kernel.delenv("RNNKIT_NO_COMPILE", raising=False)
-    assert _cpu_scan.available(), _cpu_scan.unavailable_reason()
+    assert _native.available(), _native.unavailable_reason()
     built = list((tmp_path / "cache").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so", built
     a, b, h0 = _inputs(2, 33, (5,), torch.complex64)
@@ -362,49 +362,49 @@ def test_fused_threads_split_channels_identically(shape):
     assert_close(results[0][0], linear_scan_recurrent(a, b, h0))
 
 
-@pytest.mark.skipif(_cpu_scan._compiler() is None, reason="no C++ compiler on this machine")
+@pytest.mark.skipif(_native._compiler() is None, reason="no C++ compiler on this machine")
 def test_march_switch_builds_for_the_named_target(fresh_kernel, tmp_path):
     """RNNKIT_MARCH reaches the compiler, keys the cache apart from the native build, and a malformed
     value is reported rather than passed to the compiler's command line."""
     fresh_kernel.delenv("RNNKIT_NO_COMPILE", raising=False)
     seen = []
-    real = _cpu_scan._run_compiler
+    real = _native._run_compiler
 
     def spy(cxx, flags, out):
         seen.append(flags)
         return real(cxx, flags, out)
 
-    fresh_kernel.setattr(_cpu_scan, "_run_compiler", spy)
+    fresh_kernel.setattr(_native, "_run_compiler", spy)
     fresh_kernel.setenv("RNNKIT_MARCH", "x86-64" if platform.machine() in ("x86_64", "AMD64") else "native")
-    assert _cpu_scan.available(), _cpu_scan.unavailable_reason()
-    assert f"-march={_cpu_scan.target_arch()}" in seen[0]
+    assert _native.available(), _native.unavailable_reason()
+    assert f"-march={_native.target_arch()}" in seen[0]
     a, b, h0 = _inputs(2, 33, (5,), torch.float32)
     assert_close(linear_scan(a, b, h0, mode="fused"), linear_scan_recurrent(a, b, h0))
-    _cpu_scan._reset_for_tests()
+    _native.reset()
     fresh_kernel.delenv("RNNKIT_MARCH")
-    assert _cpu_scan.available()
+    assert _native.available()
     if platform.machine() in ("x86_64", "AMD64"):
         assert len(list((tmp_path / "cache").glob("*.so"))) == 2  # one library per target
-    _cpu_scan._reset_for_tests()
+    _native.reset()
     fresh_kernel.setenv("RNNKIT_MARCH", "native -o /tmp/x")
-    assert not _cpu_scan.available()
-    assert "RNNKIT_MARCH" in _cpu_scan.unavailable_reason()
+    assert not _native.available()
+    assert "RNNKIT_MARCH" in _native.unavailable_reason()
 
 
 def test_no_compiler_on_path_falls_back(fresh_kernel, tmp_path):
     for var in ("RNNKIT_NO_COMPILE", "RNNKIT_CXX", "CXX"):
         fresh_kernel.delenv(var, raising=False)
     fresh_kernel.setenv("PATH", str(tmp_path))  # an empty directory: no g++, c++ or clang++
-    assert not _cpu_scan.available()
-    assert "no C++ compiler" in _cpu_scan.unavailable_reason()
+    assert not _native.available()
+    assert "no C++ compiler" in _native.unavailable_reason()
     assert "fused" not in rnnkit.layers.build("mingru", d_model=3).modes  # layers drop the mode
 
 
 @pytest.mark.skipif(not FUSED, reason=NO_FUSED)
 def test_output_pool_reuses_only_released_buffers(monkeypatch):
     """Large fused outputs are recycled once nothing else references their storage."""
-    monkeypatch.setattr(_cpu_scan, "HUGE_PAGE_MIN_BYTES", 1 << 10)  # pool small tensors for the test
-    monkeypatch.setattr(_cpu_scan, "POOL", _cpu_scan.OutputPool(1 << 20))
+    monkeypatch.setattr(_workspace, "HUGE_PAGE_MIN_BYTES", 1 << 10)  # pool small tensors for the test
+    monkeypatch.setattr(_workspace, "POOL", _workspace.BufferPool(1 << 20))
     a, b, h0 = _inputs(2, 64, (8,), torch.float32)  # 4 KiB outputs
     ref = linear_scan_recurrent(a, b, h0)
     h1 = linear_scan(a, b, h0, mode="fused")
@@ -429,5 +429,5 @@ def test_output_pool_reuses_only_released_buffers(monkeypatch):
         linear_scan_recurrent(ref_a, ref_b, h0).sum().backward()
         assert_close(a_.grad, ref_a.grad, kind="grad")
         assert_close(b_.grad, ref_b.grad, kind="grad")
-    held = sum(t.numel() * t.element_size() for t in _cpu_scan.POOL.buffers)
+    held = sum(t.numel() * t.element_size() for t in _workspace.POOL.buffers)
     assert held <= 1 << 20

@@ -1,4 +1,4 @@
-"""An LRU solves the adding problem at T = 1000 (issue 3): test MSE < 0.01 against a 0.167 baseline.
+"""An LRU solves the adding problem at T = 1000: test MSE < 0.01 against a 0.167 baseline.
 
 A diagonal linear recurrence cannot gate: to add the two marked values it has to learn (in the MLP
 between its blocks) to send exactly nothing from the ~998 unmarked steps into the sum its state

@@ -51,16 +51,6 @@ class ClassicConfig:
         check_choice("kernel", self.kernel, KERNELS)
 
 
-def freeze_padding(t: int, lengths: torch.Tensor | None, new: State, old: State) -> State:
-    """Keep the previous state for sequences whose length is <= t (their step t is padding)."""
-    if lengths is None:
-        return new
-    valid = (t < lengths)[:, None]  # (B, 1)
-    if isinstance(new, torch.Tensor):
-        return torch.where(valid, new, old)
-    return type(new)(*(torch.where(valid, n, o) for n, o in zip(new, old)))
-
-
 def time_major_mask(lengths: torch.Tensor | None, max_len: int) -> torch.Tensor | None:
     """``(T, B, 1)`` bool validity mask for the time-major kernels, or None."""
     if lengths is None:
@@ -82,6 +72,9 @@ class ClassicRNN(Recurrence):
     MODES = ("recurrent", "fused")
     #: Gate blocks stacked in ``weight_ih_l0`` (1 Elman, 3 GRU, 4 LSTM).
     GATES: ClassVar[int] = 1
+    #: Whether ``kernel="auto"`` takes PyTorch's kernel on the CPU (on accelerators it always does:
+    #: cuDNN's fused kernels beat a per-step loop there).
+    TORCH_KERNEL_ON_CPU: ClassVar[bool] = True
 
     def __init__(self, config: ClassicConfig, output_size: int | None = None) -> None:
         super().__init__()
@@ -113,7 +106,7 @@ class ClassicRNN(Recurrence):
 
     def prefers_torch_kernel(self, device: torch.device) -> bool:
         """Whether ``kernel="auto"`` uses PyTorch's kernel (when available) on ``device``."""
-        return True
+        return device.type != "cpu" or self.TORCH_KERNEL_ON_CPU
 
     def fused_kernel(self, device: torch.device) -> str:
         """``"torch"`` or ``"rnnkit"``: the kernel mode ``fused`` runs on ``device``."""
@@ -135,6 +128,13 @@ class ClassicRNN(Recurrence):
             return True
         dtype = torch.get_autocast_dtype(device.type)
         return torch_kernels.runs_under_autocast(self.torch_kind(), device.type, dtype)
+
+    def _params(self) -> tuple[torch.Tensor | None, ...]:
+        """The cell's parameters in the order its reference functions take them."""
+        return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
+
+    def _init_state(self, batch_size, device, dtype):
+        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
 
     def flat_weights(self) -> list[torch.Tensor]:
         """Parameters in ``nn.LSTM._flat_weights`` order (layer 0)."""

@@ -3,8 +3,7 @@
 Each of these layers computes ``h_t = a_t * h_{t-1} + b_t`` with an elementwise ``a_t``, so besides
 its own per-step loop (mode ``recurrent``, the definition) it runs every form of
 :func:`rnnkit.ops.linear_scan` as a mode of the same name. This module holds the pieces they have in
-common: the scan call with ``lengths``, complex states stored as real tensors, the short causal
-depthwise convolution whose last inputs are part of the state, and a float-range check.
+common: the scan call with ``lengths``, complex states stored as real tensors, and a float-range check.
 """
 
 from __future__ import annotations
@@ -13,10 +12,10 @@ import math
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from rnnkit.errors import InputError, describe
-from rnnkit.layers.base import Recurrence, length_mask, map_state
+from rnnkit.layers.base import Recurrence, map_state
+from rnnkit.ops.padding import freeze, step_valid
 
 #: Forms of :func:`rnnkit.ops.linear_scan` each diagonal layer offers as a mode of the same name.
 SCAN_MODES = ("parallel", "chunk", "fused")
@@ -48,18 +47,6 @@ def scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, lengths: torch.Tens
     return linear_scan(a, b, h0, lengths=lengths, mode=mode)
 
 
-def freeze(valid: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` where ``valid`` (B,) is True, else ``old`` (padding steps keep the state)."""
-    if valid is None:
-        return new
-    return torch.where(valid.view(-1, *([1] * (new.dim() - 1))), new, old)
-
-
-def step_valid(t: int, lengths: torch.Tensor | None) -> torch.Tensor | None:
-    """``(B,)`` True where step ``t`` is a valid (non-padding) step, or None without lengths."""
-    return None if lengths is None else t < lengths
-
-
 def to_complex(state: torch.Tensor) -> torch.Tensor:
     """A complex state stored as real ``(..., 2)`` (real, imaginary) -> complex ``(...)``.
 
@@ -73,48 +60,6 @@ def to_real(h: torch.Tensor) -> torch.Tensor:
     return torch.stack([h.real, h.imag], -1)
 
 
-def causal_conv(
-    u: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    lengths: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal depthwise convolution over time whose last ``W - 1`` inputs are carried as state.
-
-    Args:
-        u: ``(B, T, E)`` input.
-        window: ``(B, W - 1, E)`` the inputs before ``u[:, 0]`` (zeros at the start of a sequence).
-        weight: ``(E, 1, W)`` depthwise kernel (``torch.nn.Conv1d`` layout, ``groups=E``); bias ``(E,)``.
-        lengths: ``(B,)`` or None.
-
-    Returns:
-        ``y`` ``(B, T, E)`` with ``y_t = bias + sum_k weight[:, 0, k] * u_{t - W + 1 + k}``, and the new
-        window: the last ``W - 1`` inputs up to each sequence's last valid step.
-    """
-    W = weight.shape[-1]
-    full = torch.cat([window, u], 1)  # (B, W-1+T, E)
-    y = F.conv1d(full.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)  # (B, T, E)
-    if lengths is None:
-        new_window = full[:, full.shape[1] - (W - 1):]  # (B, W-1, E)
-    else:
-        # The last W-1 valid inputs of sequence b sit at positions lengths[b] .. lengths[b]+W-2 of full.
-        idx = lengths[:, None] + torch.arange(W - 1, device=u.device)[None, :]  # (B, W-1)
-        new_window = full.gather(1, idx[..., None].expand(-1, -1, full.shape[2]))  # (B, W-1, E)
-    return y, new_window
-
-
-def causal_conv_step(
-    u_t: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of :func:`causal_conv`: ``u_t`` (B, E), window (B, W-1, E) -> y_t (B, E), new window."""
-    full = torch.cat([window, u_t[:, None]], 1)  # (B, W, E)
-    y_t = torch.einsum("bwe,ew->be", full, weight[:, 0])  # (B, E)
-    if bias is not None:
-        y_t = y_t + bias
-    return y_t, full[:, 1:]
-
-
-def valid_mask(lengths: torch.Tensor | None, max_len: int) -> torch.Tensor | None:
-    """``(B, T)`` bool, True at valid steps, or None without lengths."""
-    return None if lengths is None else length_mask(lengths, max_len)
 
 
 class DiagonalRecurrence(Recurrence):

@@ -4,9 +4,8 @@ DeltaNet, Gated DeltaNet, attention).
 - :class:`MultiHeadRecurrence`: the base class: modes ``recurrent`` / ``parallel`` / ``chunk``,
   ``auto`` (``chunk`` for sequences, ``recurrent`` for a single step), ``step`` as a one-step forward;
 - :func:`split_heads` / :func:`merge_heads`: ``(B, T, H*K) <-> (B, H, T, K)``;
-- :class:`ShortConv`: causal depthwise convolution over time whose last ``W - 1`` inputs are state
-  (Mamba, GLA, DeltaNet put one in front of q/k/v); :func:`short_conv_qkv` runs q, k, v through one
-  and :class:`ConvState` pairs its history with the layer's matrix state;
+- :func:`short_conv_qkv` runs q, k, v through one :class:`~rnnkit.layers._conv.ShortConv` and
+  :class:`ConvState` pairs its history with the layer's matrix state;
 - :func:`feature_map` / :func:`feature_dim`: the kernel feature maps of linear attention
   (identity, elu+1, relu, 2nd-order Taylor);
 - :class:`HeadNorm`: per-head RMS or layer norm of the read-out, optionally multiplied by a SiLU
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import InputError, check_choice, check_positive_int
+from rnnkit.layers._conv import ShortConv
 from rnnkit.layers.base import Recurrence, State
 
 
@@ -76,58 +76,6 @@ class MultiHeadRecurrence(Recurrence):
 
 
 # --------------------------------------------------------------------------- short convolution
-class ShortConv(nn.Module):
-    """Causal depthwise convolution over time with its input history as state.
-
-        y_t = act(bias + sum_{s=0}^{W-1} w_s ⊙ x_{t-W+1+s})
-
-    The state is the last ``W - 1`` inputs, ``(B, D, W-1)``, oldest first; zeros at the start.
-    Initialised as ``torch.nn.Conv1d`` (as in Mamba / Mamba-2).
-
-    Args:
-        channels: ``D``.
-        kernel_size: ``W >= 2``.
-        activation: ``"silu"`` (Mamba-2, GLA, DeltaNet) or ``"identity"``.
-        bias: learn a bias.
-
-    Example:
-        >>> conv = ShortConv(8, 4)
-        >>> y, state = conv(torch.randn(2, 10, 8), conv.init_state(2))   # y (2, 10, 8), state (2, 8, 3)
-    """
-
-    def __init__(self, channels: int, kernel_size: int = 4, activation: str = "silu", bias: bool = True) -> None:
-        super().__init__()
-        check_positive_int("conv_size", kernel_size, minimum=2)
-        check_choice("conv_activation", activation, ("silu", "identity"))
-        self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
-        conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=bias)
-        self.weight = nn.Parameter(conv.weight.detach()[:, 0].clone())  # (D, W)
-        self.bias = nn.Parameter(conv.bias.detach().clone()) if bias else None
-
-    def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
-        return torch.zeros(batch_size, self.channels, self.kernel_size - 1, device=device, dtype=dtype)
-
-    def _act(self, y: torch.Tensor) -> torch.Tensor:
-        return F.silu(y) if self.activation == "silu" else y
-
-    def forward(
-        self, x: torch.Tensor, state: torch.Tensor, lengths: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` (B, T, D), ``state`` (B, D, W-1) -> ``y`` (B, T, D) and the state after each
-        sequence's last valid step (``lengths`` (B,) or None)."""
-        B, T, D = x.shape
-        W = self.kernel_size
-        xs = torch.cat([state, x.transpose(1, 2)], 2)  # (B, D, W-1+T)
-        y = F.conv1d(xs, self.weight[:, None], self.bias, groups=D).transpose(1, 2)  # (B, T, D)
-        if lengths is None:
-            new_state = xs[:, :, T:]
-        else:
-            # The W-1 inputs ending at each sequence's last valid step: xs[:, :, L : L+W-1].
-            idx = lengths[:, None, None] + torch.arange(W - 1, device=x.device)  # (B, 1, W-1)
-            new_state = xs.gather(2, idx.expand(B, D, W - 1))
-        return self._act(y), new_state
-
-
 class ConvState(NamedTuple):
     """State of a matrix-memory layer with a short convolution in front of q, k, v: ``S`` the
     layer's own state (e.g. ``(B, H, K, V)``) and ``conv`` ``(B, C, W-1)``, the last ``W - 1``

@@ -154,7 +154,7 @@ class Attention(MultiHeadRecurrence):
             q, k = rotate(q, positions), rotate(k, positions)
             steps = lengths[:, None].to(position.dtype) if lengths is not None else x.shape[1]
         state = WindowState(*state[:3])
-        y, state = sliding_window_attention(mode, q, k, v, self.span, state, lengths, chunk_size=c.chunk_size)
+        y, state = sliding_window_attention(q, k, v, self.span, state, lengths, mode=mode, chunk_size=c.chunk_size)
         if c.rope:
             state = RotaryCacheState(*state, position + steps)
         return self.o_proj(merge_heads(y)), state

@@ -35,7 +35,7 @@ from rnnkit.errors import (
     describe,
 )
 
-#: Every mode name rnnkit knows, in DESIGN.md's order.
+#: Every mode name rnnkit knows, in the order of docs/design.md.
 MODE_NAMES = ("recurrent", "parallel", "chunk", "conv", "fused")
 
 State = Any  # a tensor, or a (named) tuple of states
@@ -90,6 +90,11 @@ class Recurrence(nn.Module):
     - ``_step(x_t, state) -> (y_t, state)``;
     - ``_init_state(batch_size, device, dtype) -> state``.
 
+    A layer that reads a per-step input besides ``x`` (CfC's elapsed time ``dt``) names it in
+    :attr:`STEP_INPUTS`; callers pass it as a keyword argument of :meth:`forward` (``(B, T)``) and
+    :meth:`step` (``(B,)``), the base class checks its shape, dtype and device, and hands it on as a
+    keyword argument of ``_forward`` and ``_step`` (only when given).
+
     Outputs past a sequence's length are zeroed here; subclasses must return the state at each
     sequence's last valid step.
     """
@@ -106,6 +111,8 @@ class Recurrence(nn.Module):
     #: False for layers whose kernels need one dtype throughout (compiled scans, complex FFT
     #: convolutions): under ``torch.autocast`` they run with autocast off, in the parameters' dtype.
     autocast_safe: ClassVar[bool] = True
+    #: Per-step inputs besides ``x`` that :meth:`forward` and :meth:`step` accept as keyword arguments.
+    STEP_INPUTS: ClassVar[tuple[str, ...]] = ()
 
     d_input: int
     d_output: int
@@ -123,6 +130,7 @@ class Recurrence(nn.Module):
         lengths: torch.Tensor | Sequence[int] | None = None,
         mode: str = "auto",
         check_finite: bool = False,
+        **step_inputs: torch.Tensor | None,
     ) -> tuple[torch.Tensor, State]:
         """Run the recurrence over a whole sequence.
 
@@ -132,12 +140,15 @@ class Recurrence(nn.Module):
             lengths: optional ``(B,)`` integers in ``[1, T]`` for right-padded batches. Outputs past a
                 sequence's length are zero and the returned state is the one at its last valid step.
             mode: one of :attr:`modes` or ``"auto"`` (the fastest for this device and shape).
-            check_finite: raise :class:`InputError` if a valid (non-padding) input is NaN or Inf.
+            check_finite: raise :class:`InputError` if a valid (non-padding) input, the passed-in
+                state or a per-step input is NaN or Inf.
+            **step_inputs: the layer's :attr:`STEP_INPUTS`, each ``(B, T)`` (None: the default).
 
         Returns:
             ``y`` of shape ``(B, T, D_out)`` and the final state.
         """
         x = self._check_x("x", x, rank=3)
+        step_inputs = self._check_step_inputs(step_inputs, x, "(B, T)")
         batch_size, max_len = x.shape[0], x.shape[1]
         if max_len < 1:
             raise InputError(f"x: expected at least one time step (T >= 1), got shape {tuple(x.shape)}")
@@ -151,19 +162,32 @@ class Recurrence(nn.Module):
         if check_finite and not bool(torch.isfinite(x).all()):
             raise InputError("x: expected finite values at valid steps (check_finite=True), got NaN or Inf")
         mode = self._resolve_mode(mode, x)
+        if batch_size == 0 and not self.delegates_auto:
+            # An empty batch is a valid call with an empty result; the reference loop computes it
+            # in every layer, while fast kernels need not accept zero-sized dimensions.
+            mode = "recurrent"
         state = self._check_or_init_state(state, batch_size, x)
+        if check_finite:
+            checked = [("state", leaf) for leaf in flatten_state(state)]
+            checked += [(name, value if mask is None else value[mask]) for name, value in step_inputs.items()]
+            for name, value in checked:
+                if not bool(torch.isfinite(value).all()):
+                    raise InputError(f"{name}: expected finite values (check_finite=True), got NaN or Inf")
         with self._autocast_guard(x, mode) as cast:
-            y, state = self._forward(cast(x), cast(state), lengths, mode)
+            y, state = self._forward(cast(x), cast(state), lengths, mode, **step_inputs)
         if mask is not None:
             y = torch.where(mask[..., None], y, torch.zeros((), dtype=y.dtype, device=y.device))
         return y, state
 
-    def step(self, x_t: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def step(
+        self, x_t: torch.Tensor, state: State | None = None, **step_inputs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, State]:
         """Advance the recurrence by one time step with constant memory.
 
         Args:
             x_t: ``(B, D_in)`` input at one step.
             state: current state (zeros if None).
+            **step_inputs: the layer's :attr:`STEP_INPUTS`, each ``(B,)`` (None: the default).
 
         Returns:
             ``y_t`` of shape ``(B, D_out)`` and the next state.
@@ -174,9 +198,10 @@ class Recurrence(nn.Module):
                 "needs the whole sequence); use forward on complete sequences"
             )
         x_t = self._check_x("x_t", x_t, rank=2)
+        step_inputs = self._check_step_inputs(step_inputs, x_t, "(B,)")
         state = self._check_or_init_state(state, x_t.shape[0], x_t)
         with self._autocast_guard(x_t, None) as cast:
-            return self._step(cast(x_t), cast(state))
+            return self._step(cast(x_t), cast(state), **step_inputs)
 
     def init_state(
         self,
@@ -247,6 +272,28 @@ class Recurrence(nn.Module):
         else:
             check_floating(name, x)
         return x
+
+    def _check_step_inputs(
+        self, given: dict[str, torch.Tensor | None], x: torch.Tensor, symbols: str
+    ) -> dict[str, torch.Tensor]:
+        """The given :attr:`STEP_INPUTS` (None dropped), each checked to be a floating tensor shaped
+        like ``x`` without its feature axis, in ``x``'s dtype and on its device."""
+        unknown = sorted(set(given) - set(self.STEP_INPUTS))
+        if unknown:
+            takes = f"its per-step inputs are {self.STEP_INPUTS}" if self.STEP_INPUTS else "it takes no per-step inputs"
+            raise InputError(f"{', '.join(unknown)}: not an argument of {type(self).__name__} ({takes})")
+        checked = {}
+        for name, value in given.items():
+            if value is None:
+                continue
+            value = check_tensor(name, value)
+            shape = tuple(x.shape[:-1])
+            if tuple(value.shape) != shape:
+                raise InputError(f"{name}: expected shape {symbols} = {shape}, got {tuple(value.shape)}")
+            check_floating(name, value, x.dtype)
+            check_device(name, value, x.device)
+            checked[name] = value
+        return checked
 
     def _autocast_safe(self, x: torch.Tensor, mode: str | None) -> bool:
         """Whether the kernel this call runs (``mode``; None for :meth:`step`) takes autocast's mixed

@@ -22,9 +22,8 @@ from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int
 from rnnkit.layers._multihead import MultiHeadRecurrence, check_head_config, feature_dim, feature_map, merge_heads, split_heads
-from rnnkit.layers.linear_attention import run_gla
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
+from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK, gated_linear_attention
 from rnnkit.ops.sliding_window_attention import (
     WindowState,
     empty_window,
@@ -104,8 +103,9 @@ class Based(MultiHeadRecurrence):
         fk = feature_map("taylor", split_heads(self.fk_proj(x), H))  # (B, H, T, F)
         q, k, v = (split_heads(t, H) for t in self.qkv_proj(x).chunk(3, -1))  # (B, H, T, K)
         v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (B, H, T, V+1): last column accumulates z
-        o, kv = run_gla(mode, fq, fk, v1, fq.new_zeros(fq.shape[:3]), state.kv, lengths, c.chunk_size)
+        o, kv = gated_linear_attention(fq, fk, v1, fq.new_zeros(fq.shape[:3]), state.kv, lengths, mode=mode,
+                                       chunk_size=c.chunk_size)
         o = o[..., :-1] / (o[..., -1:] + c.eps)  # (B, H, T, V)
         window = WindowState(state.win_k, state.win_v, state.win_valid)
-        a, window = sliding_window_attention(mode, q, k, v, c.window, window, lengths, chunk_size=c.chunk_size)
+        a, window = sliding_window_attention(q, k, v, c.window, window, lengths, mode=mode, chunk_size=c.chunk_size)
         return self.o_proj(merge_heads(o + a)), BasedState(kv, *window)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from rnnkit.errors import InputError, check_choice, check_device, check_floating, check_positive_int, check_tensor
-from rnnkit.layers.base import Recurrence, State, length_mask
+from rnnkit.errors import InputError, check_choice, check_positive_int
+from rnnkit.layers.base import Recurrence, length_mask
 from rnnkit.layers.registry import make_config, register
+from rnnkit.ops.padding import freeze_padding
 
 ACTIVATIONS = ("lecun_tanh", "tanh", "silu", "relu", "gelu")
 
@@ -87,6 +87,7 @@ class CfC(Recurrence):
     """
 
     MODES = ("recurrent",)
+    STEP_INPUTS = ("dt",)
 
     def __init__(self, **config) -> None:
         super().__init__()
@@ -96,7 +97,6 @@ class CfC(Recurrence):
         self.backbone = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:]))
         self.heads = nn.Linear(cfg.backbone_units, 4 * cfg.hidden_size)  # [f_a; f_b; g; k]
         self._act = _activation(cfg.activation)
-        self._dt: torch.Tensor | None = None  # dt of the forward/step call in progress (not a parameter)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -109,51 +109,6 @@ class CfC(Recurrence):
     def _init_state(self, batch_size, device, dtype):
         return torch.zeros(batch_size, self.config.hidden_size, device=device, dtype=dtype)
 
-    # ----------------------------------------------------------------- dt: the extra input
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: State | None = None,
-        lengths: torch.Tensor | Sequence[int] | None = None,
-        mode: str = "auto",
-        check_finite: bool = False,
-        *,
-        dt: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, State]:
-        """:meth:`Recurrence.forward` with ``dt`` ``(B, T)``: time elapsed before each step (default 1).
-
-        ``dt`` must be positive and finite at valid steps; at padding steps it is ignored.
-        """
-        if dt is not None:
-            x = self._check_x("x", x, rank=3)
-            dt = self._check_dt("dt", dt, x, tuple(x.shape[:2]), "(B, T)")
-        self._dt = dt
-        try:
-            return super().forward(x, state, lengths, mode, check_finite)
-        finally:
-            self._dt = None
-
-    def step(self, x_t: torch.Tensor, state: State | None = None, *, dt: torch.Tensor | None = None):
-        """:meth:`Recurrence.step` with ``dt`` ``(B,)``: time elapsed since the previous step (default 1)."""
-        if dt is not None:
-            x_t = self._check_x("x_t", x_t, rank=2)
-            dt = self._check_dt("dt", dt, x_t, tuple(x_t.shape[:1]), "(B,)")
-            if not bool((torch.isfinite(dt) & (dt > 0)).all()):
-                raise InputError("dt: expected positive finite values, got a value <= 0, NaN or Inf")
-        self._dt = dt
-        try:
-            return super().step(x_t, state)
-        finally:
-            self._dt = None
-
-    def _check_dt(self, name: str, dt: object, x: torch.Tensor, shape: tuple[int, ...], symbols: str) -> torch.Tensor:
-        dt = check_tensor(name, dt)
-        if tuple(dt.shape) != shape:
-            raise InputError(f"{name}: expected shape {symbols} = {shape}, got {tuple(dt.shape)}")
-        check_floating(name, dt, x.dtype)
-        check_device(name, dt, x.device)
-        return dt
-
     # ----------------------------------------------------------------- the cell
     def _cell(self, x_t: torch.Tensor, h: torch.Tensor, dt: torch.Tensor | None) -> torch.Tensor:
         """One CfC update: x_t (B, D), h (B, H), dt (B,) or None (= 1) -> new h (B, H)."""
@@ -165,12 +120,13 @@ class CfC(Recurrence):
         gate = torch.sigmoid(-ft)
         return gate * torch.tanh(g) + (1 - gate) * torch.tanh(k)
 
-    def _step(self, x_t, state):
-        h = self._cell(x_t, state, self._dt)  # self._dt: (B,) or None, set by step
+    def _step(self, x_t, state, dt=None):
+        if dt is not None and not bool((torch.isfinite(dt) & (dt > 0)).all()):
+            raise InputError("dt: expected positive finite values, got a value <= 0, NaN or Inf")
+        h = self._cell(x_t, state, dt)
         return h, h
 
-    def _forward(self, x, state, lengths, mode):
-        dt = self._dt
+    def _forward(self, x, state, lengths, mode, dt=None):
         if dt is not None:
             valid = torch.ones_like(dt, dtype=torch.bool) if lengths is None else length_mask(lengths, x.shape[1])
             if not bool((torch.isfinite(dt[valid]) & (dt[valid] > 0)).all()):
@@ -179,6 +135,6 @@ class CfC(Recurrence):
         h, ys = state, []
         for t, x_t in enumerate(x.unbind(1)):
             new = self._cell(x_t, h, None if dt is None else dt[:, t])
-            h = new if lengths is None else torch.where((t < lengths)[:, None], new, h)
+            h = freeze_padding(t, lengths, new, h)
             ys.append(h)
         return torch.stack(ys, 1), h

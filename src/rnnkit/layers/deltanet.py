@@ -23,27 +23,30 @@ The kernel is :mod:`rnnkit.ops.delta_rule`; see there for the orientation of ``S
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int
-from rnnkit.layers._multihead import HeadNorm, MultiHeadRecurrence, ShortConv, check_head_config, merge_heads, split_heads
+from rnnkit.layers._multihead import (
+    ConvState,
+    HeadNorm,
+    MultiHeadRecurrence,
+    ShortConv,
+    check_head_config,
+    merge_heads,
+    short_conv_qkv,
+    split_heads,
+)
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.delta_rule import CHUNK_SIZE, delta_rule_chunk, delta_rule_parallel, delta_rule_recurrent
-
-_FORMS = {"recurrent": delta_rule_recurrent, "parallel": delta_rule_parallel}
+from rnnkit.ops.delta_rule import CHUNK_SIZE, delta_rule
 
 
-class DeltaNetState(NamedTuple):
-    """DeltaNet state: ``S`` (B, H, K, V) the matrix memory of every head, ``conv`` (B, 2HK + HV, W - 1)
-    the last ``W - 1`` projected inputs that the short convolution still needs (``W - 1 = 0``, an
-    empty history, with ``use_short_conv=False``)."""
-
-    S: torch.Tensor
-    conv: torch.Tensor
+#: DeltaNet's state with the short convolution: ``S`` (B, H, K, V) the matrix memory of every head,
+#: ``conv`` (B, 2HK + HV, W - 1) the last ``W - 1`` projected inputs the convolution still needs.
+#: Without it (``use_short_conv=False``) the state is ``S`` alone, as for GLA and linear attention.
+DeltaNetState = ConvState
 
 
 @dataclass
@@ -120,19 +123,17 @@ class DeltaRuleLayer(MultiHeadRecurrence):
 
     def _init_state(self, batch_size, device, dtype):
         H, K, V = self.num_heads, self.head_dim, self.value_dim
-        if self.conv is not None:
-            conv = self.conv.init_state(batch_size, device=device, dtype=dtype)
-        else:
-            conv = torch.zeros(batch_size, 2 * H * K + H * V, 0, device=device, dtype=dtype)
-        return DeltaNetState(torch.zeros(batch_size, H, K, V, device=device, dtype=dtype), conv)
+        S = torch.zeros(batch_size, H, K, V, device=device, dtype=dtype)
+        if self.conv is None:
+            return S
+        return ConvState(S, self.conv.init_state(batch_size, device=device, dtype=dtype))
 
     def _forward(self, x, state, lengths, mode):
         H, K, V = self.num_heads, self.head_dim, self.value_dim
-        if self.conv is not None:
-            mixed, conv = self.conv(self.qkv_proj(x), state.conv, lengths)  # (B, T, 2HK + HV), SiLU applied
-        else:
-            mixed, conv = F.silu(self.qkv_proj(x)), state.conv
-        q, k, v = mixed.split([H * K, H * K, H * V], -1)
+        (mixed,), S0, history = short_conv_qkv(self.conv, [self.qkv_proj(x)], state, lengths)
+        if history is None:
+            mixed = F.silu(mixed)  # the convolution applies its own SiLU
+        q, k, v = mixed.split([H * K, H * K, H * V], -1)  # (B, T, HK), (B, T, HK), (B, T, HV)
         q = F.normalize(split_heads(q, H), dim=-1) * K**-0.5  # (B, H, T, K); attention's 1/sqrt(K)
         k = F.normalize(split_heads(k, H), dim=-1)  # (B, H, T, K): unit keys keep |1 - beta| <= 1
         v = split_heads(v, H)  # (B, H, T, V)
@@ -140,12 +141,9 @@ class DeltaRuleLayer(MultiHeadRecurrence):
         log_decay = self._log_decay(x)
         if log_decay is not None:
             log_decay = log_decay.transpose(1, 2)  # (B, H, T)
-        if mode == "chunk":
-            o, S = delta_rule_chunk(q, k, v, beta, log_decay, state.S, lengths, chunk_size=self.config.chunk_size)
-        else:
-            o, S = _FORMS[mode](q, k, v, beta, log_decay, state.S, lengths)
+        o, S = delta_rule(q, k, v, beta, log_decay, S0, lengths, mode=mode, chunk_size=self.config.chunk_size)
         gate = self.gate_proj(x) if self.gate_proj is not None else None
-        return self.out_proj(self.norm(merge_heads(o), gate)), DeltaNetState(S, conv)
+        return self.out_proj(self.norm(merge_heads(o), gate)), S if history is None else ConvState(S, history)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self.config).items())
@@ -176,7 +174,7 @@ class DeltaNet(DeltaRuleLayer):
         chunk_size: C for ``mode="chunk"``.
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`DeltaNetState` (``S`` (B, H, K, V),
-    ``conv`` (B, 2HK + HV, W - 1)). Modes: ``recurrent`` (the loop), ``parallel`` (one ``(T, T)``
+    ``conv`` (B, 2HK + HV, W - 1)), or ``S`` alone with ``use_short_conv=False``. Modes: ``recurrent`` (the loop), ``parallel`` (one ``(T, T)``
     WY/UT block), ``chunk`` (the default).
 
     Example:

@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rnnkit.errors import check_choice
-from rnnkit.layers._classic import ClassicConfig, ClassicRNN, freeze_padding
+from rnnkit.layers._classic import ClassicConfig, ClassicRNN
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.classic_rnn import elman_sequence
+from rnnkit.ops.classic_rnn import elman, elman_cell, elman_sequence
 
 
 @dataclass
@@ -26,28 +25,6 @@ class ElmanConfig(ClassicConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("nonlinearity", self.nonlinearity, ("tanh", "relu"))
-
-
-def elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity: str):
-    """One Elman step: ``x_t`` (B, D), ``h`` (B, H) -> next ``h`` (B, H)."""
-    pre = F.linear(x_t, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)
-    return torch.relu(pre) if nonlinearity == "relu" else torch.tanh(pre)
-
-
-def elman_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity="tanh", lengths=None):
-    """The plain loop that defines the layer.
-
-    Args:
-        x: ``(B, T, D)``; h0: ``(B, H)``; weights as ``torch.nn.RNN`` layer 0; lengths: ``(B,)`` or None.
-
-    Returns:
-        ``y`` ``(B, T, H)`` and the final ``h`` ``(B, H)`` (at each sequence's last valid step).
-    """
-    h, ys = h0, []
-    for t, x_t in enumerate(x.unbind(1)):
-        h = freeze_padding(t, lengths, elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity), h)
-        ys.append(h)
-    return torch.stack(ys, 1), h
 
 
 @register(
@@ -79,6 +56,7 @@ class Elman(ClassicRNN):
     """
 
     GATES = 1
+    TORCH_KERNEL_ON_CPU = False  # rnnkit's loop trains faster there (benchmarks/classic_speed.py)
 
     def __init__(self, **config) -> None:
         super().__init__(make_config(ElmanConfig, "elman", config))
@@ -87,19 +65,9 @@ class Elman(ClassicRNN):
     def torch_kind(self) -> str | None:
         return "rnn_relu" if self.config.nonlinearity == "relu" else "rnn_tanh"
 
-    def prefers_torch_kernel(self, device: torch.device) -> bool:
-        # On CPU rnnkit's loop trains 1.35-1.45x faster than torch.nn.RNN's kernel at D = 256..1024
-        # (benchmarks/classic_speed.py); on GPU cuDNN wins.
-        return device.type != "cpu"
-
-    def _params(self):
-        return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
-
-    def _init_state(self, batch_size, device, dtype):
-        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
-
     def _recurrent(self, x, state, lengths):
-        return elman_recurrent(x, state, *self._params(), self.config.nonlinearity, lengths)
+        return elman(x, state, *self._params(), nonlinearity=self.config.nonlinearity, lengths=lengths,
+                     mode="recurrent")
 
     def _native(self, x, state, mask):
         xp = self.input_projection(x, fold_hidden_bias=True)  # (T, B, H)

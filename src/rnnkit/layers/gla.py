@@ -37,9 +37,8 @@ from rnnkit.layers._multihead import (
     short_conv_qkv,
     split_heads,
 )
-from rnnkit.layers.linear_attention import run_gla
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
+from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK, gated_linear_attention
 
 
 @dataclass
@@ -133,6 +132,6 @@ class GLA(MultiHeadRecurrence):
         v = split_heads(v, c.num_heads)  # (B, H, T, V)
         gate = F.logsigmoid(self.gate_up(self.gate_down(x))) / c.gate_temperature  # (B, T, H*K), log alpha
         log_decay = split_heads(gate, c.num_heads)  # (B, H, T, K)
-        o, S = run_gla(mode, q, k, v, log_decay, S, lengths, c.chunk_size)
+        o, S = gated_linear_attention(q, k, v, log_decay, S, lengths, mode=mode, chunk_size=c.chunk_size)
         y = self.norm(merge_heads(o), self.r_proj(x))  # swish(W_r x) ⊙ RMSNorm(o)
         return self.o_proj(y), S if history is None else ConvState(S, history)

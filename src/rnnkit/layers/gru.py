@@ -13,42 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from rnnkit.layers._classic import ClassicConfig, ClassicRNN, freeze_padding
+from rnnkit.layers._classic import ClassicConfig, ClassicRNN
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.classic_rnn import gru_sequence
+from rnnkit.ops.classic_rnn import gru, gru_cell, gru_sequence
 
 
 @dataclass
 class GRUConfig(ClassicConfig):
     """GRU options: only the shared ones (see :class:`ClassicConfig`)."""
-
-
-def gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh):
-    """One GRU step: ``x_t`` (B, D), ``h`` (B, H) -> next ``h`` (B, H)."""
-    xr, xz, xn = F.linear(x_t, weight_ih, bias_ih).chunk(3, 1)
-    hr, hz, hn = F.linear(h, weight_hh, bias_hh).chunk(3, 1)
-    r = torch.sigmoid(xr + hr)
-    z = torch.sigmoid(xz + hz)
-    n = torch.tanh(xn + r * hn)
-    return (1 - z) * n + z * h
-
-
-def gru_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths=None):
-    """The plain loop that defines the layer.
-
-    Args:
-        x: ``(B, T, D)``; h0: ``(B, H)``; weights as ``torch.nn.GRU`` layer 0; lengths: ``(B,)`` or None.
-
-    Returns:
-        ``y`` ``(B, T, H)`` and the final ``h`` ``(B, H)`` (at each sequence's last valid step).
-    """
-    h, ys = h0, []
-    for t, x_t in enumerate(x.unbind(1)):
-        h = freeze_padding(t, lengths, gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh), h)
-        ys.append(h)
-    return torch.stack(ys, 1), h
 
 
 @register(
@@ -78,6 +51,7 @@ class GRU(ClassicRNN):
     """
 
     GATES = 3
+    TORCH_KERNEL_ON_CPU = False  # rnnkit's loop trains faster there (benchmarks/classic_speed.py)
 
     def __init__(self, **config) -> None:
         super().__init__(make_config(GRUConfig, "gru", config))
@@ -86,19 +60,8 @@ class GRU(ClassicRNN):
     def torch_kind(self) -> str | None:
         return "gru"
 
-    def prefers_torch_kernel(self, device: torch.device) -> bool:
-        # On CPU rnnkit's loop trains ~1.5x faster than torch.nn.GRU's kernel at D = 256..1024
-        # (benchmarks/classic_speed.py); on GPU cuDNN wins.
-        return device.type != "cpu"
-
-    def _params(self):
-        return self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
-
-    def _init_state(self, batch_size, device, dtype):
-        return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
-
     def _recurrent(self, x, state, lengths):
-        return gru_recurrent(x, state, *self._params(), lengths)
+        return gru(x, state, *self._params(), lengths=lengths, mode="recurrent")
 
     def _native(self, x, state, mask):
         xp = self.input_projection(x, fold_hidden_bias=False)  # (T, B, 3H); b_hn is gated by r

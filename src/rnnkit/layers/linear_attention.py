@@ -38,25 +38,7 @@ from rnnkit.layers._multihead import (
     split_heads,
 )
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.gated_linear_attention import (
-    DEFAULT_CHUNK,
-    gated_linear_attention_chunk,
-    gated_linear_attention_parallel,
-    gated_linear_attention_recurrent,
-)
-
-GLA_FORMS = {
-    "recurrent": gated_linear_attention_recurrent,
-    "parallel": gated_linear_attention_parallel,
-    "chunk": gated_linear_attention_chunk,
-}
-
-
-def run_gla(mode: str, q, k, v, log_decay, state, lengths, chunk_size: int = DEFAULT_CHUNK):
-    """Dispatch to the ``mode`` form of the gated linear attention op (shapes as in the op)."""
-    if mode == "chunk":
-        return gated_linear_attention_chunk(q, k, v, log_decay, state, lengths, chunk_size=chunk_size)
-    return GLA_FORMS[mode](q, k, v, log_decay, state, lengths)
+from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK, gated_linear_attention
 
 
 @dataclass
@@ -148,7 +130,7 @@ class LinearAttention(MultiHeadRecurrence):
         else:
             q = q * self.feature_width**-0.5
         log_decay = q.new_zeros(q.shape[:3])  # (B, H, T): no forgetting
-        o, S = run_gla(mode, q, k, v, log_decay, S, lengths, c.chunk_size)
+        o, S = gated_linear_attention(q, k, v, log_decay, S, lengths, mode=mode, chunk_size=c.chunk_size)
         if c.normalize:
             o = o[..., :-1] / (o[..., -1:] + c.eps)  # (B, H, T, V)
         return self.o_proj(merge_heads(o)), S if history is None else ConvState(S, history)

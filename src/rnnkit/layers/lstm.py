@@ -13,25 +13,16 @@ Jozefowicz, Zaremba & Sutskever 2015) and everything else at U(-1/sqrt(H), 1/sqr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int
-from rnnkit.layers._classic import ClassicConfig, ClassicRNN, freeze_padding
+from rnnkit.layers._classic import ClassicConfig, ClassicRNN
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.classic_rnn import lstm_sequence
+from rnnkit.ops.classic_rnn import LSTMState, lstm, lstm_cell, lstm_sequence
 
-
-class LSTMState(NamedTuple):
-    """LSTM state: ``h`` (B, R) the last output (R = proj_size or H), ``c`` (B, H) the cell."""
-
-    h: torch.Tensor
-    c: torch.Tensor
 
 
 @dataclass
@@ -53,41 +44,6 @@ class LSTMConfig(ClassicConfig):
             )
         if not isinstance(self.forget_bias, (int, float)) or isinstance(self.forget_bias, bool):
             raise InputError(f"forget_bias: expected a number, got {self.forget_bias!r}")
-
-
-def lstm_cell(x_t, state, weight_ih, weight_hh, bias_ih, bias_hh, peephole=None, weight_hr=None) -> LSTMState:
-    """One LSTM step: ``x_t`` (B, D), ``state`` (h (B, R), c (B, H)) -> next state."""
-    h, c = state
-    gates = F.linear(x_t, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)  # (B, 4H)
-    gi, gf, gg, go = gates.chunk(4, 1)
-    if peephole is not None:
-        gi = gi + peephole[0] * c
-        gf = gf + peephole[1] * c
-    c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
-    if peephole is not None:
-        go = go + peephole[2] * c
-    h = torch.sigmoid(go) * torch.tanh(c)
-    if weight_hr is not None:
-        h = F.linear(h, weight_hr)
-    return LSTMState(h, c)
-
-
-def lstm_recurrent(x, state, weight_ih, weight_hh, bias_ih, bias_hh, peephole=None, weight_hr=None, lengths=None):
-    """The plain loop that defines the layer.
-
-    Args:
-        x: ``(B, T, D)``; state: :class:`LSTMState`; weights as ``torch.nn.LSTM`` layer 0 plus
-            ``peephole`` ``(3, H)`` (rows i, f, o) or None; lengths: ``(B,)`` or None.
-
-    Returns:
-        ``y`` ``(B, T, R)`` and the final :class:`LSTMState` (at each sequence's last valid step).
-    """
-    ys = []
-    for t, x_t in enumerate(x.unbind(1)):
-        new = lstm_cell(x_t, state, weight_ih, weight_hh, bias_ih, bias_hh, peephole, weight_hr)
-        state = freeze_padding(t, lengths, new, state)
-        ys.append(state.h)
-    return torch.stack(ys, 1), state
 
 
 @register(
@@ -154,8 +110,7 @@ class LSTM(ClassicRNN):
         return weights + [self.weight_hr_l0] if self.weight_hr_l0 is not None else weights
 
     def _params(self):
-        return (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0,
-                self.weight_peephole_l0, self.weight_hr_l0)
+        return super()._params() + (self.weight_peephole_l0, self.weight_hr_l0)
 
     def _init_state(self, batch_size, device, dtype):
         return LSTMState(
@@ -164,7 +119,9 @@ class LSTM(ClassicRNN):
         )
 
     def _recurrent(self, x, state, lengths):
-        return lstm_recurrent(x, state, *self._params(), lengths=lengths)
+        w_ih, w_hh, b_ih, b_hh, peephole, w_hr = self._params()
+        return lstm(x, state, w_ih, w_hh, b_ih, b_hh, peephole=peephole, weight_hr=w_hr, lengths=lengths,
+                    mode="recurrent")
 
     def _native(self, x, state, mask):
         xp = self.input_projection(x, fold_hidden_bias=True)  # (T, B, 4H)

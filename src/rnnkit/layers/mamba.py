@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from rnnkit.errors import check_positive_int
-from rnnkit.layers._diagonal import DiagonalRecurrence, causal_conv, causal_conv_step, check_float, scan, valid_mask
+from rnnkit.layers._conv import ShortConv
+from rnnkit.layers._diagonal import DiagonalRecurrence, check_float
 from rnnkit.layers.registry import make_config, register
+from rnnkit.ops.selective_scan import selective_scan, selective_scan_step
 
 
 @dataclass
@@ -36,7 +37,10 @@ class MambaConfig:
     dt_min: float = 0.001  # initial delta drawn log-uniformly from [dt_min, dt_max]
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4  # smallest initial delta
-    chunk_size: int = 64  # time steps whose (B, chunk, E, N) expanded state exists at once in training
+    steps_per_block: int = 64  # time steps whose (B, block, E, N) expanded state exists at once in training
+
+    #: Former option names, still accepted so that saved configurations load.
+    RENAMED: ClassVar[dict[str, str]] = {"chunk_size": "steps_per_block"}
 
     def __post_init__(self) -> None:
         check_positive_int("d_model", self.d_model)
@@ -49,46 +53,21 @@ class MambaConfig:
         check_float("dt_min", self.dt_min, 0.0, math.inf, open_low=True)
         check_float("dt_max", self.dt_max, self.dt_min, math.inf)
         check_float("dt_init_floor", self.dt_init_floor, 0.0, math.inf, open_low=True)
-        check_positive_int("chunk_size", self.chunk_size)
+        check_positive_int("steps_per_block", self.steps_per_block)
 
 
 class MambaState(NamedTuple):
     """State of a Mamba block: the conv's last ``W - 1`` inputs and the SSM state."""
 
-    conv: torch.Tensor  # (B, W-1, E)
+    conv: torch.Tensor  # (B, E, W-1)
     h: torch.Tensor  # (B, E, N)
-
-
-def selective_scan_chunk(
-    delta: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, u: torch.Tensor, h0: torch.Tensor,
-    A: torch.Tensor, valid: torch.Tensor | None, mode: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selective SSM over one time chunk (Algorithm 2), without the D skip.
-
-    Args:
-        delta, u: ``(B, Tc, E)``; Bm, Cm: ``(B, Tc, N)``; h0: ``(B, E, N)``; A: ``(E, N)``;
-        valid: ``(B, Tc)`` bool or None (padding steps keep the state); mode: a linear_scan form.
-
-    Returns:
-        ``y`` ``(B, Tc, E)`` with ``y_t = C_t . h_t`` and the state after the chunk ``(B, E, N)``.
-    """
-    dA = torch.exp(delta[..., None] * A)  # (B, Tc, E, N)
-    dBu = (delta * u)[..., None] * Bm[:, :, None, :]  # (B, Tc, E, N)
-    if valid is not None:
-        keep = valid[..., None, None]
-        dA = torch.where(keep, dA, torch.ones((), dtype=dA.dtype, device=dA.device))
-        dBu = torch.where(keep, dBu, torch.zeros((), dtype=dBu.dtype, device=dBu.device))
-    h = scan(dA, dBu, h0, None, mode)  # (B, Tc, E, N)
-    y = torch.einsum("bten,btn->bte", h, Cm)  # (B, Tc, E)
-    # A copy, not a view: a view of h[:, -1] would keep the chunk's whole (B, Tc, E, N) alive.
-    return y, h[:, -1].clone()
 
 
 @register(
     "mamba",
-    description="Mamba (Gu & Dao 2023): selective SSM, causal conv, SiLU gate; chunked so (B,T,E,N) never exists",
-    test_configs={"default": {"d_state": 3, "expand": 1, "chunk_size": 16},
-                  "w2-r2": {"d_state": 2, "d_conv": 2, "dt_rank": 2, "chunk_size": 64}},
+    description="Mamba (Gu & Dao 2023): selective SSM, causal conv, SiLU gate; scanned in blocks so (B,T,E,N) never exists",
+    test_configs={"default": {"d_state": 3, "expand": 1, "steps_per_block": 16},
+                  "w2-r2": {"d_state": 2, "d_conv": 2, "dt_rank": 2, "steps_per_block": 64}},
 )
 class Mamba(DiagonalRecurrence):
     """The Mamba block (Gu & Dao 2023, Fig. 3): projections, causal conv, selective SSM, SiLU gate.
@@ -109,20 +88,20 @@ class Mamba(DiagonalRecurrence):
     ``in_proj``, ``x_proj`` and ``out_proj`` have no bias, the conv has one (the paper's defaults).
 
     Memory: the expanded state ``(B, T, E, N)`` is never formed for the whole sequence. Time is
-    processed in chunks of ``chunk_size`` steps carrying the state; under autograd each chunk is
+    processed in blocks of ``steps_per_block`` steps carrying the state; under autograd each block is
     recomputed in the backward pass (activation checkpointing), so only the ``(B, T, E)``-sized
-    inputs of the scan and one ``(B, E, N)`` state per chunk are kept, and at most one chunk's
-    ``(B, chunk, E, N)`` exists at a time (``benchmarks/mamba_memory.py`` measures it).
+    inputs of the scan and one ``(B, E, N)`` state per block are kept, and at most one block's
+    ``(B, block, E, N)`` exists at a time (``benchmarks/mamba_memory.py`` measures it).
 
     Args:
         d_model: D. d_state: N. d_conv: W. expand: E / D. dt_rank: R (default ``ceil(D / 16)``).
-        dt_min, dt_max, dt_init_floor: initial step sizes. chunk_size: time chunk of the training form.
+        dt_min, dt_max, dt_init_floor: initial step sizes. steps_per_block: time block of the training form.
 
-    Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`MambaState` ``(conv (B, W-1, E),
+    Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`MambaState` ``(conv (B, E, W-1),
     h (B, E, N))``.
 
     Modes: ``recurrent`` (the loop over :meth:`step`), ``parallel``, ``chunk``, ``fused``: the time
-    chunks above, each scanned by that form of :func:`rnnkit.ops.linear_scan`.
+    blocks above, each scanned by that form of :func:`rnnkit.ops.linear_scan`.
 
     Example:
         >>> block = Mamba(d_model=16)
@@ -137,7 +116,7 @@ class Mamba(DiagonalRecurrence):
         self.d_input = self.d_output = D = cfg.d_model
         E, N, R = cfg.expand * D, cfg.d_state, cfg.dt_rank
         self.in_proj = nn.Linear(D, 2 * E, bias=False)
-        self.conv = nn.Conv1d(E, E, cfg.d_conv, groups=E)
+        self.conv = ShortConv(E, cfg.d_conv, activation="identity")
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
         self.dt_proj = nn.Linear(R, E)
         self.A_log = nn.Parameter(torch.empty(E, N))
@@ -160,7 +139,7 @@ class Mamba(DiagonalRecurrence):
     def _init_state(self, batch_size, device, dtype):
         cfg = self.config
         E = cfg.expand * cfg.d_model
-        return MambaState(torch.zeros(batch_size, cfg.d_conv - 1, E, device=device, dtype=dtype),
+        return MambaState(self.conv.init_state(batch_size, device=device, dtype=dtype),
                           torch.zeros(batch_size, E, cfg.d_state, device=device, dtype=dtype))
 
     def _ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,33 +150,21 @@ class Mamba(DiagonalRecurrence):
 
     def _step(self, x_t, state):
         u, z = self.in_proj(x_t).chunk(2, -1)  # (B, E) each
-        u, window = causal_conv_step(u, state.conv, self.conv.weight, self.conv.bias)
+        u, window = self.conv.step(u, state.conv)
         u = F.silu(u)
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, E), (B, N), (B, N)
         A = -torch.exp(self.A_log)  # (E, N)
-        h = torch.exp(delta[..., None] * A) * state.h + (delta * u)[..., None] * Bm[:, None, :]  # (B, E, N)
-        y = (h * Cm[:, None, :]).sum(-1) + self.D * u  # (B, E)
+        y, h = selective_scan_step(delta, Bm, Cm, u, A, state.h)  # (B, E), (B, E, N)
+        y = y + self.D * u  # (B, E)
         return self.out_proj(y * F.silu(z)), MambaState(window, h)
 
     def _scan_forward(self, x, state, lengths, mode):
-        B, T, _ = x.shape
         u, z = self.in_proj(x).chunk(2, -1)  # (B, T, E) each
-        u, window = causal_conv(u, state.conv, self.conv.weight, self.conv.bias, lengths)
+        u, window = self.conv(u, state.conv, lengths)
         u = F.silu(u)
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, T, E), (B, T, N), (B, T, N)
         A = -torch.exp(self.A_log)  # (E, N)
-        valid = valid_mask(lengths, T)
-        recompute = torch.is_grad_enabled()
-        h, ys = state.h, []
-        for start in range(0, T, self.config.chunk_size):
-            sl = slice(start, start + self.config.chunk_size)
-            args = (delta[:, sl], Bm[:, sl], Cm[:, sl], u[:, sl], h, A, None if valid is None else valid[:, sl], mode)
-            if recompute:
-                # Keep only the chunk's (B, chunk, E)-sized inputs; rebuild its (B, chunk, E, N)
-                # expanded state in the backward pass instead of storing it.
-                y_c, h = checkpoint(selective_scan_chunk, *args, use_reentrant=False)
-            else:
-                y_c, h = selective_scan_chunk(*args)
-            ys.append(y_c)
-        y = torch.cat(ys, 1) + self.D * u  # (B, T, E)
+        y, h = selective_scan(delta, Bm, Cm, u, A, state.h, lengths=lengths, mode=mode,
+                              steps_per_block=self.config.steps_per_block)
+        y = y + self.D * u  # (B, T, E)
         return self.out_proj(y * F.silu(z)), MambaState(window, h)

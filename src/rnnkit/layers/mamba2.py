@@ -26,9 +26,8 @@ from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int
 from rnnkit.layers._multihead import HeadNorm, MultiHeadRecurrence, ShortConv
-from rnnkit.layers.linear_attention import run_gla
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
+from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK, gated_linear_attention
 
 
 class Mamba2State(NamedTuple):
@@ -128,7 +127,8 @@ class Mamba2(MultiHeadRecurrence):
         xh = xs.view(Bsz, T, H, P).transpose(1, 2)  # (B, H, T, P)
         q = Cm[:, None].expand(Bsz, H, T, N)  # (B, H, T, N): C shared by the heads
         k = Bm[:, None].expand(Bsz, H, T, N)  # (B, H, T, N)
-        y, ssm = run_gla(mode, q, k, xh * dt[..., None], log_decay, state.ssm, lengths, c.chunk_size)
+        y, ssm = gated_linear_attention(q, k, xh * dt[..., None], log_decay, state.ssm, lengths, mode=mode,
+                                        chunk_size=c.chunk_size)
         y = y + self.D[:, None, None] * xh  # (B, H, T, P) skip
         y = y.transpose(1, 2).reshape(Bsz, T, E)
         return self.out_proj(self.norm(y, z)), Mamba2State(conv_state, ssm)

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int
-from rnnkit.layers._classic import freeze_padding
 from rnnkit.layers.base import Recurrence
 from rnnkit.layers.registry import make_config, register
+from rnnkit.ops.padding import freeze_padding
 from rnnkit.ops.scan import fused_available, linear_scan, linear_scan_log
 
 
@@ -50,7 +50,8 @@ class MinGRUConfig:
     d_model: int  # input width D
     hidden_size: int | None = None  # state and output width H; defaults to d_model
     bias: bool = True  # learn b_z and b_h
-    chunk_size: int = 64  # steps per chunk of the `chunk` mode and of the log-space `parallel` mode
+    chunk_size: int = 64  # steps per chunk of the `chunk` mode
+    log_block_size: int = 64  # steps per block of the log-space `parallel` mode (bounds fp32 cancellation)
 
     def __post_init__(self) -> None:
         check_positive_int("d_model", self.d_model)
@@ -60,6 +61,7 @@ class MinGRUConfig:
         if not isinstance(self.bias, bool):
             raise InputError(f"bias: expected a bool, got {self.bias!r}")
         check_positive_int("chunk_size", self.chunk_size)
+        check_positive_int("log_block_size", self.log_block_size)
 
 
 def mingru_cell(k_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,7 @@ class MinRNN(Recurrence):
 
     - ``recurrent``: ``cell`` stepped over time (:func:`min_rnn_loop`); the definition;
     - ``parallel``: the paper's log-space scan (:func:`rnnkit.ops.linear_scan_log`, in chunks of
-      ``chunk_size`` steps to bound fp32 cancellation);
+      ``log_block_size`` steps to bound fp32 cancellation);
     - ``chunk``: :func:`rnnkit.ops.linear_scan` in its chunked form;
     - ``fused``: the compiled CPU scan (only offered when it compiled on this machine).
     """
@@ -148,7 +150,7 @@ class MinRNN(Recurrence):
             return min_rnn_loop(self.cell, k, state, lengths)
         if mode == "parallel":
             log_a, log_b = self._log_coefficients(k)  # (B, T, H) each
-            h = linear_scan_log(log_a, log_b, state, lengths=lengths, chunk_size=self.config.chunk_size)
+            h = linear_scan_log(log_a, log_b, state, lengths=lengths, block_size=self.config.log_block_size)
         else:
             a, b = self._coefficients(k)  # (B, T, H) each
             h = linear_scan(a, b, state, lengths=lengths, mode=mode, chunk_size=self.config.chunk_size)
@@ -160,13 +162,13 @@ class MinRNN(Recurrence):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"{c.d_model}, {c.hidden_size}, bias={c.bias}, chunk_size={c.chunk_size}"
+        return f"{c.d_model}, {c.hidden_size}, bias={c.bias}, chunk_size={c.chunk_size}, log_block_size={c.log_block_size}"
 
 
 @register(
     "mingru",
     description="minGRU (Feng et al. 2024): input-only gates, parallel log-space scan",
-    test_configs={"default": {"hidden_size": 6, "chunk_size": 16}, "nobias": {"hidden_size": 4, "bias": False}},
+    test_configs={"default": {"hidden_size": 6, "chunk_size": 16, "log_block_size": 8}, "nobias": {"hidden_size": 4, "bias": False}},
 )
 class MinGRU(MinRNN):
     """minGRU layer (module docstring: equations and reference).
@@ -175,7 +177,8 @@ class MinGRU(MinRNN):
         d_model: input width D.
         hidden_size: state and output width H (default D).
         bias: learn biases.
-        chunk_size: steps per chunk of the ``chunk`` and ``parallel`` modes.
+        chunk_size: steps per chunk of the ``chunk`` mode.
+        log_block_size: steps per block of the log-space ``parallel`` mode.
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, H)``; state ``h`` ``(B, H)`` (y is the state sequence).
 

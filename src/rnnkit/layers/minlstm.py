@@ -49,7 +49,7 @@ def minlstm_recurrent(x, h0, weight, bias=None, lengths=None):
 @register(
     "minlstm",
     description="minLSTM (Feng et al. 2024): normalised input-only gates, parallel log-space scan",
-    test_configs={"default": {"hidden_size": 6, "chunk_size": 16}, "nobias": {"hidden_size": 4, "bias": False}},
+    test_configs={"default": {"hidden_size": 6, "chunk_size": 16, "log_block_size": 8}, "nobias": {"hidden_size": 4, "bias": False}},
 )
 class MinLSTM(MinRNN):
     """minLSTM layer (module docstring: equations and reference).
@@ -58,7 +58,8 @@ class MinLSTM(MinRNN):
         d_model: input width D.
         hidden_size: state and output width H (default D).
         bias: learn biases.
-        chunk_size: steps per chunk of the ``chunk`` and ``parallel`` modes.
+        chunk_size: steps per chunk of the ``chunk`` mode.
+        log_block_size: steps per block of the log-space ``parallel`` mode.
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, H)``; state ``h`` ``(B, H)`` (y is the state sequence).
 

@@ -28,7 +28,7 @@ from rnnkit.errors import InputError, check_positive_int
 from rnnkit.layers._multihead import HeadNorm, MultiHeadRecurrence, ShortConv, merge_heads, split_heads
 from rnnkit.layers.registry import make_config, register
 from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
-from rnnkit.ops.mlstm import MLSTMState, mlstm_chunk, mlstm_parallel, mlstm_recurrent
+from rnnkit.ops.mlstm import MLSTMState, mlstm
 
 
 class MLSTMLayerState(NamedTuple):
@@ -127,11 +127,6 @@ class MLSTM(MultiHeadRecurrence):
         q, k, v = split_heads(q, H), split_heads(k, H) * self.head_dim**-0.5, split_heads(v, H)  # (B, H, T, K)
         log_i, log_f = log_i.transpose(1, 2), F.logsigmoid(f_pre).transpose(1, 2)  # (B, H, T)
         cell = MLSTMState(state.C, state.n, state.m)
-        if mode == "chunk":
-            h, cell = mlstm_chunk(q, k, v, log_i, log_f, cell, lengths, eps=c.eps, chunk_size=c.chunk_size)
-        elif mode == "parallel":
-            h, cell = mlstm_parallel(q, k, v, log_i, log_f, cell, lengths, eps=c.eps)
-        else:
-            h, cell = mlstm_recurrent(q, k, v, log_i, log_f, cell, lengths, eps=c.eps)
+        h, cell = mlstm(q, k, v, log_i, log_f, cell, lengths, eps=c.eps, mode=mode, chunk_size=c.chunk_size)
         y = (self.norm(merge_heads(h)) + self.skip * x_c) * F.silu(z)  # (B, T, E)
         return self.down_proj(y), MLSTMLayerState(conv_state, *cell)

@@ -97,6 +97,13 @@ def build(name: str, **config: Any) -> Recurrence:
 def make_config(config_cls: type, layer: str, kwargs: dict[str, Any]) -> Any:
     """Instantiate a config dataclass, turning unknown or missing fields into a clear InputError."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
+    renamed = getattr(config_cls, "RENAMED", {})
+    for old, new in renamed.items():
+        if old in kwargs and old not in fields:
+            if new in kwargs:
+                raise InputError(f"{layer}: {old!r} is the former name of {new!r}; give one of them, got both")
+            # Configurations saved under the former name (checkpoints, results files) keep loading.
+            kwargs = {(new if key == old else key): value for key, value in kwargs.items()}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise InputError(f"{layer}: unknown option(s) {unknown}; expected a subset of {sorted(fields)}")

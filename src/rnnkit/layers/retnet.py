@@ -34,9 +34,8 @@ from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int
 from rnnkit.layers._multihead import HeadNorm, MultiHeadRecurrence, check_head_config, merge_heads, split_heads
-from rnnkit.layers.linear_attention import run_gla
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
+from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK, gated_linear_attention
 
 
 @dataclass
@@ -107,12 +106,18 @@ class RetNet(MultiHeadRecurrence):
         self.g_proj = nn.Linear(c.d_model, value_width, bias=False)
         self.o_proj = nn.Linear(value_width, c.d_model, bias=False)
         self.norm = HeadNorm(c.num_heads, self.value_dim, kind="layer")
-        # Fixed, not learned: a buffer (kept in fp64 precision until cast with the layer).
-        self.register_buffer("log_gamma", retention_log_decay(c.num_heads).to(torch.get_default_dtype()))
+        # Fixed, not learned, and kept in fp64 outside the module's tensors: a buffer would be rounded to
+        # the dtype the layer is built in, and casting the layer to fp64 afterwards could not undo that.
+        self.log_gamma = retention_log_decay(c.num_heads)  # (H,) fp64
         # Angles stay fp64 (not a buffer, so a cast of the layer leaves them): positions times
         # angles are formed in fp64 and only their cosines and sines take the layer's dtype.
         self.theta = xpos_angles(c.head_dim) if c.xpos else None
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written while the decays were a buffer carry them; they are recomputed instead.
+        state_dict.pop(prefix + "log_gamma", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
@@ -129,9 +134,10 @@ class RetNet(MultiHeadRecurrence):
         q = split_heads(self.q_proj(x), c.num_heads)  # (B, H, T, K)
         k = split_heads(self.k_proj(x), c.num_heads) * c.head_dim**-0.5  # (B, H, T, K)
         v = split_heads(self.v_proj(x), c.num_heads)  # (B, H, T, V)
-        log_decay = self.log_gamma[None, :, None].expand(B, c.num_heads, T)  # (B, H, T)
+        log_gamma = self.log_gamma.to(device=x.device, dtype=q.dtype)
+        log_decay = log_gamma[None, :, None].expand(B, c.num_heads, T)  # (B, H, T)
         if self.theta is None:
-            o, state = run_gla(mode, q, k, v, log_decay, state, lengths, c.chunk_size)
+            o, state = gated_linear_attention(q, k, v, log_decay, state, lengths, mode=mode, chunk_size=c.chunk_size)
         else:
             o, state = self._retain_rotated(mode, q, k, v, log_decay, state, lengths)
         y = self.norm(merge_heads(o), self.g_proj(x))  # swish(W_G x) ⊙ GroupNorm(o)
@@ -144,8 +150,8 @@ class RetNet(MultiHeadRecurrence):
         theta = self.theta.to(q.device)
         angle = torch.arange(1, T + 1, device=q.device, dtype=torch.float64)[:, None] * theta  # (T, P)
         cos, sin = angle.cos().to(q.dtype), angle.sin().to(q.dtype)
-        o, S = run_gla(mode, rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin), v, log_decay, state, lengths,
-                       self.config.chunk_size)
+        o, S = gated_linear_attention(rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin), v, log_decay, state,
+                                      lengths, mode=mode, chunk_size=self.config.chunk_size)
         L = torch.full((q.shape[0],), T, device=q.device) if lengths is None else lengths  # (B,)
         back = -L.to(torch.float64)[:, None, None, None] * theta  # (B, 1, 1, P)
         S = rotate_pairs(S.transpose(-1, -2), back.cos().to(q.dtype), back.sin().to(q.dtype))  # (B, H, V, K)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int
-from rnnkit.layers._diagonal import DiagonalRecurrence, causal_conv, causal_conv_step, check_float, scan
+from rnnkit.layers._conv import ShortConv
+from rnnkit.layers._diagonal import DiagonalRecurrence, check_float, scan
 from rnnkit.layers.registry import make_config, register
 
 
@@ -134,7 +135,7 @@ class RGLRU(DiagonalRecurrence):
 class HawkState(NamedTuple):
     """State of a Hawk block: the causal conv's last ``W - 1`` inputs and the RG-LRU state."""
 
-    conv: torch.Tensor  # (B, W-1, E)
+    conv: torch.Tensor  # (B, E, W-1)
     h: torch.Tensor  # (B, E)
 
 
@@ -182,7 +183,7 @@ class Hawk(DiagonalRecurrence):
         conv_width: W.
         num_heads, c, a_min, a_max: RG-LRU options.
 
-    Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`HawkState` ``(conv (B, W-1, E), h (B, E))``.
+    Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`HawkState` ``(conv (B, E, W-1), h (B, E))``.
 
     Modes: those of :class:`RGLRU`.
 
@@ -197,7 +198,7 @@ class Hawk(DiagonalRecurrence):
         self.d_input = self.d_output = D = cfg.d_model
         E = cfg.d_rnn
         self.in_proj = nn.Linear(D, 2 * E)  # [W_g; W_u]
-        self.conv = nn.Conv1d(E, E, cfg.conv_width, groups=E)
+        self.conv = ShortConv(E, cfg.conv_width, activation="identity")
         self.rglru = RGLRU(d_model=E, num_heads=cfg.num_heads, c=cfg.c, a_min=cfg.a_min, a_max=cfg.a_max)
         self.out_proj = nn.Linear(E, D)
         with torch.no_grad():
@@ -206,8 +207,8 @@ class Hawk(DiagonalRecurrence):
                 nn.init.zeros_(lin.bias)
 
     def _init_state(self, batch_size, device, dtype):
-        E, W = self.config.d_rnn, self.config.conv_width
-        return HawkState(torch.zeros(batch_size, W - 1, E, device=device, dtype=dtype),
+        E = self.config.d_rnn
+        return HawkState(self.conv.init_state(batch_size, device=device, dtype=dtype),
                          torch.zeros(batch_size, E, device=device, dtype=dtype))
 
     def _branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,12 +217,12 @@ class Hawk(DiagonalRecurrence):
 
     def _step(self, x_t, state):
         g, u = self._branches(x_t)  # (B, E)
-        u, window = causal_conv_step(u, state.conv, self.conv.weight, self.conv.bias)
+        u, window = self.conv.step(u, state.conv)
         h, _ = self.rglru._step(u, state.h)
         return self.out_proj(g * h), HawkState(window, h)
 
     def _scan_forward(self, x, state, lengths, mode):
         g, u = self._branches(x)  # (B, T, E)
-        u, window = causal_conv(u, state.conv, self.conv.weight, self.conv.bias, lengths)
+        u, window = self.conv(u, state.conv, lengths)
         h, h_last = self.rglru._scan_forward(u, state.h, lengths, mode)
         return self.out_proj(g * h), HawkState(window, h_last)

@@ -3,8 +3,8 @@
 The chunk kernels' carry loops form, for chunk ``n``, a batch of small products whose result
 belongs in ``X[:, n]`` of a ``(G, N, R, M)`` buffer. ``torch.bmm``/``baddbmm`` give their fast
 batched path only to a contiguous result; for such a slice they fall back to one matrix at a
-time (2-3x slower), so the loops wrote into a temporary and copied it into place (about 5% of a
-DeltaNet training step at T=8192 on the 2-core benchmark machine, docs/benchmarks.md).
+time, so a plain loop would have to write into a temporary and copy it into place, an extra pass
+over memory per product (``benchmarks/delta_speed.py`` measures the carry loops).
 
 The CBLAS batch interface of MKL (``cblas_sgemm_batch``, ``cblas_dgemm_batch``) takes one
 address per matrix, so any batch strides do. PyTorch's x86 CPU builds link MKL into

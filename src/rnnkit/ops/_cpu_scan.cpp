@@ -13,10 +13,6 @@
 #include <thread>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace {
 
 // Below this many elements a second thread costs more (its start, ~20 us) than it saves.
@@ -314,22 +310,5 @@ RNNKIT_SCAN_EXPORT(f64, double, fwd_real, bwd_real)
 RNNKIT_SCAN_EXPORT(c64, float, fwd_complex, bwd_complex)
 RNNKIT_SCAN_EXPORT(c128, double, fwd_complex, bwd_complex)
 
-// Asks the kernel to back [p, p + bytes) with 2 MiB pages where it can (Linux, THP in "madvise" mode).
-// A fresh output over ~32 MiB comes from mmap and page-faults on its first write, one fault per 4 KiB
-// page; with huge pages that is one per 2 MiB, which lifts a fresh-output scan close to the speed
-// of writing into a reused buffer. Only whole 2 MiB pages inside the range are advised; errors are
-// ignored (it is a hint, and the memory works either way).
-extern "C" void rnnkit_advise_huge_pages(void* p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const uintptr_t huge = uintptr_t(1) << 21;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(huge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 // Lets the loader check that the library it opened is the one built from this source.
-extern "C" int rnnkit_scan_abi_version() { return 4; }
+extern "C" int rnnkit_scan_abi_version() { return 5; }

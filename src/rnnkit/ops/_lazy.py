@@ -1,6 +1,6 @@
 """A native resource loaded on first use, whose failure is recorded instead of raised.
 
-Why: the compiled CPU kernels (:mod:`rnnkit.ops._cpu_scan`) and MKL's batch interface
+Why: the compiled CPU kernels (:mod:`rnnkit.ops._native`) and MKL's batch interface
 (:mod:`rnnkit.ops._blas`) are optional fast paths. Importing rnnkit must not compile, look up
 symbols or fail; the first caller pays the loading once (thread-safely), and every later caller
 sees either the resource or the reason it is missing, so that it can fall back to PyTorch.

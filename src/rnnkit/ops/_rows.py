@@ -3,9 +3,10 @@
 Why: outside their matmuls the chunk kernels spend their time in passes over memory (scale the
 rows of ``q`` by a decay, add a per-chunk vector, take a dot product with another tensor's rows,
 sum a chunk's rows). In PyTorch each is a pass over tens of MiB, and a dot product of rows runs
-as a batched matmul of 1 x D by D x 1 at a few GFLOP/s. :func:`row_pass` does a chain of them in
-one read of its input, through the compiled library of :mod:`rnnkit.ops._cpu_scan` (fp32 and
-fp64 on the CPU), and in PyTorch otherwise, with the same result up to rounding.
+as a batched matmul of 1 x D by D x 1, far below the matmul rate. :func:`row_pass` does a chain
+of them in one read of its input, through the compiled library (:mod:`rnnkit.ops._native`; fp32
+and fp64 on the CPU), and in PyTorch otherwise, with the same result up to rounding
+(``benchmarks/chunk_speed.py`` and ``benchmarks/delta_speed.py`` time the kernels that use it).
 
 Per row ``i`` of chunk ``g`` (the rows of ``x`` reshaped to ``(G * N * C, D)``; ``C`` rows per
 chunk)::
@@ -20,10 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from rnnkit.ops import _cpu_scan
-from rnnkit.ops._cpu_scan import _ptr
-
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+from rnnkit.ops import _native
+from rnnkit.ops._native import ROW_DTYPES
+from rnnkit.ops._native import ptr as _ptr
 
 
 def _rows_view(t: torch.Tensor, D: int) -> tuple[int, int] | None:
@@ -96,7 +96,7 @@ def row_pass(
         raise ValueError("out: given with write=False, which stores nothing")
     if write and out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    lib = _cpu_scan._library() if x.device.type == "cpu" and x.dtype in _SUFFIX else None
+    lib = _native.library() if x.device.type == "cpu" and x.dtype in ROW_DTYPES else None
     x_strides = _rows_view(x, D)
     # per-row and per-chunk operands are small (1/D of x): made contiguous; full-size ones must be
     a, vec, weights = (None if t is None else t.contiguous() for t in (a, vec, weights))
@@ -112,7 +112,7 @@ def row_pass(
     dot = torch.empty(lead, dtype=x.dtype, device=x.device) if dot_with is not None else None
     cols = torch.empty((*chunks, D), dtype=x.dtype, device=x.device) if col else None
     per_row = dot_with is not None and dot_with.shape == x.shape
-    fn = getattr(lib, f"rnnkit_row_pass_{_SUFFIX[x.dtype]}")
+    fn = getattr(lib, f"rnnkit_row_pass_{ROW_DTYPES[x.dtype]}")
     fn(rows, D, group, x.data_ptr(), *x_strides,
        _ptr(a), _ptr(vec), D if vec is not None and vec.dim() > 1 else 0,
        None if full_scale else _ptr(scale), _ptr(scale) if full_scale else None, _ptr(out),

@@ -1,4 +1,13 @@
-"""Whole-sequence kernels for the classic cells (Elman, LSTM, GRU) with hand-written backward passes.
+"""The classic cells (Elman, LSTM, GRU): their definitions and whole-sequence kernels.
+
+One entry per cell, :func:`elman`, :func:`lstm` and :func:`gru`, each with ``mode=``:
+
+- ``"recurrent"``: :func:`elman_recurrent`, :func:`lstm_recurrent`, :func:`gru_recurrent`, plain
+  loops over the cells (:func:`elman_cell`, :func:`lstm_cell`, :func:`gru_cell`) that autograd
+  differentiates step by step. The definition.
+- ``"fused"``: the input projection hoisted out of the loop, then :func:`elman_sequence`,
+  :func:`lstm_sequence` or :func:`gru_sequence`, whole-sequence kernels with hand-written backward
+  passes (below).
 
 Why not autograd through a Python loop: autograd records one small weight-gradient GEMM per time
 step for the recurrent matrix, which at D=1024 streams the 16 MiB gradient buffer through memory T
@@ -13,7 +22,7 @@ so the time loops issue as few ops as possible:
 
 - buffers are preallocated; ops write with ``out=`` or in place into views made with one ``unbind``
   per block of steps (made per block, not per sequence, so that thousands of views do not outlive
-  Python's young GC generations and trigger full collections, ~65 ms each with torch imported);
+  Python's young GC generations and trigger full collections, each costly with torch imported);
 - the backward never differentiates op by op: whatever does not depend on the incoming gradient
   (activation derivatives, peephole terms, the padding mask) is folded, a block of steps at a time
   with large ops, into coefficients, so that a backward step is one broadcast multiply per group of
@@ -27,17 +36,26 @@ so the time loops issue as few ops as possible:
 
 All tensors here are time-major: ``xp`` is ``(T, B, G)``, which keeps each step's slice contiguous.
 ``mask`` is ``(T, B, 1)`` bool (True at valid steps) or None; at an invalid step the state is frozen
-(and the output is that frozen state; the layers zero it), exactly as the layers' ``*_recurrent``
+(and the output is that frozen state; the layers zero it), exactly as the ``*_recurrent``
 reference loops define.
 
-The plain loops in ``rnnkit.layers.{elman,lstm,gru}`` are the specification; the contract tests
+The ``*_recurrent`` loops are the specification; the op tests and the layers' contract tests
 compare these kernels against them, gradients included, and run ``gradcheck`` on them in fp64.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from rnnkit.errors import InputError, check_choice, check_lengths, check_tensor
+from rnnkit.ops.padding import freeze_padding, valid_mask
+
+#: Forms the classic entries run, ``recurrent`` (the definition) first.
+CLASSIC_MODES = ("recurrent", "fused")
 
 #: Steps per block of the forward loops (bounds how many views are alive at once).
 _STEPS = 32
@@ -61,10 +79,11 @@ def _step_matmul(m: torch.Tensor, batch: int):
     """``f(out, bias, a)`` computing ``out = bias + a @ m`` for one step's ``a`` ``(B, K)``, ``m`` ``(K, N)``.
 
     ``out`` may be ``bias`` (accumulate in place). A weight that fits in cache goes to MKL row-major
-    as is (an NN GEMM, 1.3-1.8x faster than with the transposed view). A larger one is multiplied
-    the other way round, ``(m^T a^T)^T``, so that the weight is the GEMM's tall operand: measured
-    1.3-2x faster at 9-16 MiB for B = 16, slower below ~6 MiB (2 MiB of L2 per core here), hence
-    the threshold; the two transposing copies it costs are ``(B, K)`` and ``(B, N)`` small.
+    as is (an NN GEMM, faster than the GEMM with the transposed view). A weight too large for the
+    cache is multiplied the other way round, ``(m^T a^T)^T``, so that it is the GEMM's tall operand,
+    which streams it once; below the threshold that order is the slower one, hence
+    ``_WIDE_WEIGHT_BYTES`` (both orders are timed by ``benchmarks/classic_speed.py``). The two
+    transposing copies it costs are ``(B, K)`` and ``(B, N)``, small.
     """
     K, N = m.shape
     if m.numel() * m.element_size() <= _WIDE_WEIGHT_BYTES:
@@ -561,3 +580,192 @@ def lstm_sequence(xp, h0, c0, w_hh, peephole=None, w_hr=None, mask=None):
     s, _, _, _ = _lstm_loop(xp, h0, c0, w_hh, peephole, w_hr, mask, save=False)
     R = h0.shape[1]
     return s[1:, :, :R], s[-1, :, :R].clone(), s[-1, :, R:].clone()
+
+
+# ------------------------------------------------------------------------------ the definitions
+class LSTMState(NamedTuple):
+    """LSTM state: ``h`` (B, R) the last output (R = proj_size or H), ``c`` (B, H) the cell."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+
+
+def elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity: str):
+    """One Elman step: ``x_t`` (B, D), ``h`` (B, H) -> next ``h`` (B, H)."""
+    pre = F.linear(x_t, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)
+    return torch.relu(pre) if nonlinearity == "relu" else torch.tanh(pre)
+
+
+def elman_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity="tanh", lengths=None):
+    """The plain loop that defines the Elman recurrence.
+
+    Args:
+        x: ``(B, T, D)``; h0: ``(B, H)``; weights as ``torch.nn.RNN`` layer 0; lengths: ``(B,)`` or None.
+
+    Returns:
+        ``y`` ``(B, T, H)`` and the final ``h`` ``(B, H)`` (at each sequence's last valid step).
+    """
+    h, ys = h0, []
+    for t, x_t in enumerate(x.unbind(1)):
+        h = freeze_padding(t, lengths, elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity), h)
+        ys.append(h)
+    return torch.stack(ys, 1), h
+
+
+def gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh):
+    """One GRU step (``torch.nn.GRU``'s formulation): ``x_t`` (B, D), ``h`` (B, H) -> next ``h``."""
+    xr, xz, xn = F.linear(x_t, weight_ih, bias_ih).chunk(3, 1)
+    hr, hz, hn = F.linear(h, weight_hh, bias_hh).chunk(3, 1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h
+
+
+def gru_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths=None):
+    """The plain loop that defines the GRU recurrence.
+
+    Args:
+        x: ``(B, T, D)``; h0: ``(B, H)``; weights as ``torch.nn.GRU`` layer 0; lengths: ``(B,)`` or None.
+
+    Returns:
+        ``y`` ``(B, T, H)`` and the final ``h`` ``(B, H)`` (at each sequence's last valid step).
+    """
+    h, ys = h0, []
+    for t, x_t in enumerate(x.unbind(1)):
+        h = freeze_padding(t, lengths, gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh), h)
+        ys.append(h)
+    return torch.stack(ys, 1), h
+
+
+def lstm_cell(x_t, state, weight_ih, weight_hh, bias_ih, bias_hh, peephole=None, weight_hr=None) -> LSTMState:
+    """One LSTM step: ``x_t`` (B, D), ``state`` (h (B, R), c (B, H)) -> next state."""
+    h, c = state
+    gates = F.linear(x_t, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)  # (B, 4H)
+    gi, gf, gg, go = gates.chunk(4, 1)
+    if peephole is not None:
+        gi = gi + peephole[0] * c
+        gf = gf + peephole[1] * c
+    c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
+    if peephole is not None:
+        go = go + peephole[2] * c
+    h = torch.sigmoid(go) * torch.tanh(c)
+    if weight_hr is not None:
+        h = F.linear(h, weight_hr)
+    return LSTMState(h, c)
+
+
+def lstm_recurrent(x, state, weight_ih, weight_hh, bias_ih, bias_hh, peephole=None, weight_hr=None, lengths=None):
+    """The plain loop that defines the LSTM recurrence.
+
+    Args:
+        x: ``(B, T, D)``; state: :class:`LSTMState`; weights as ``torch.nn.LSTM`` layer 0 plus
+            ``peephole`` ``(3, H)`` (rows i, f, o) or None; lengths: ``(B,)`` or None.
+
+    Returns:
+        ``y`` ``(B, T, R)`` and the final :class:`LSTMState` (at each sequence's last valid step).
+    """
+    ys = []
+    for t, x_t in enumerate(x.unbind(1)):
+        new = lstm_cell(x_t, state, weight_ih, weight_hh, bias_ih, bias_hh, peephole, weight_hr)
+        state = freeze_padding(t, lengths, new, state)
+        ys.append(state.h)
+    return torch.stack(ys, 1), state
+
+
+# ------------------------------------------------------------------------------ the entries
+def _prepare(mode: str, x: torch.Tensor, lengths):
+    """Check ``mode``, ``x`` (B, T, D) and ``lengths``; returns lengths as a (B,) int64 tensor or None."""
+    check_choice("mode", mode, CLASSIC_MODES)
+    check_tensor("x", x)
+    if x.dim() != 3:
+        raise InputError(f"x: expected shape (B, T, D), got {tuple(x.shape)}")
+    return check_lengths(lengths, x.shape[0], x.shape[1], x.device)
+
+
+def _zeros_if_none(state, x, batch_shapes):
+    """``state``, or zeros of ``(B, n)`` for each ``n`` in ``batch_shapes`` (a tuple for several)."""
+    if state is not None:
+        return state
+    zeros = [x.new_zeros(x.shape[0], n) for n in batch_shapes]
+    return zeros[0] if len(zeros) == 1 else LSTMState(*zeros)
+
+
+def _time_major(x, weight_ih, bias, lengths):
+    """``(T, B, G)`` input projection and ``(T, B, 1)`` validity mask (or None) of the fused forms."""
+    mask = valid_mask(lengths, x.shape[1])
+    return F.linear(x.transpose(0, 1), weight_ih, bias), None if mask is None else mask.t().unsqueeze(-1)
+
+
+def _summed(a, b):
+    return a if b is None else a + b
+
+
+def elman(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, nonlinearity: str = "tanh", lengths=None,
+          mode: str = "fused"):
+    """The Elman recurrence ``h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)`` over a sequence.
+
+    Args:
+        x: ``(B, T, D)``; h0: ``(B, H)`` or None (zeros); weight_ih ``(H, D)``, weight_hh ``(H, H)``, biases ``(H,)``
+            or None (``torch.nn.RNN`` layer 0); nonlinearity: ``"tanh"`` or ``"relu"``;
+            lengths: ``(B,)`` or None (the state is kept through padding).
+        mode: ``"recurrent"`` (the definition) or ``"fused"`` (:func:`elman_sequence`).
+
+    Returns:
+        ``y`` ``(B, T, H)`` (the frozen state at padding steps) and the final ``h`` ``(B, H)``.
+    """
+    lengths = _prepare(mode, x, lengths)
+    check_choice("nonlinearity", nonlinearity, ("tanh", "relu"))
+    h0 = _zeros_if_none(h0, x, (weight_hh.shape[1],))
+    if mode == "recurrent":
+        return elman_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, lengths)
+    bias = None if bias_ih is None else _summed(bias_ih, bias_hh)
+    xp, mask = _time_major(x, weight_ih, bias, lengths)
+    y, h = elman_sequence(xp, h0, weight_hh, nonlinearity == "relu", mask)
+    return y.transpose(0, 1), h
+
+
+def gru(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, lengths=None, mode: str = "fused"):
+    """The GRU recurrence (``torch.nn.GRU``'s formulation) over a sequence.
+
+    Args:
+        x: ``(B, T, D)``; h0: ``(B, H)`` or None (zeros); weight_ih ``(3H, D)``, weight_hh ``(3H, H)``, biases
+            ``(3H,)`` or None, gates ordered r, z, n; lengths: ``(B,)`` or None.
+        mode: ``"recurrent"`` (the definition) or ``"fused"`` (:func:`gru_sequence`).
+
+    Returns:
+        ``y`` ``(B, T, H)`` (the frozen state at padding steps) and the final ``h`` ``(B, H)``.
+    """
+    lengths = _prepare(mode, x, lengths)
+    h0 = _zeros_if_none(h0, x, (weight_hh.shape[1],))
+    if mode == "recurrent":
+        return gru_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths)
+    xp, mask = _time_major(x, weight_ih, bias_ih, lengths)  # b_hn is gated by r: b_hh stays apart
+    y, h = gru_sequence(xp, h0, weight_hh, bias_hh, mask)
+    return y.transpose(0, 1), h
+
+
+def lstm(x, state, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, peephole=None, weight_hr=None,
+         lengths=None, mode: str = "fused"):
+    """The LSTM recurrence (forget gate; optional peepholes and projection) over a sequence.
+
+    Args:
+        x: ``(B, T, D)``; state: :class:`LSTMState` (``h`` (B, R), ``c`` (B, H)) or None (zeros);
+            weight_ih
+            ``(4H, D)``, weight_hh ``(4H, R)``, biases ``(4H,)`` or None, gates ordered i, f, g, o;
+            peephole: ``(3, H)`` (rows i, f, o) or None; weight_hr: ``(R, H)`` or None;
+            lengths: ``(B,)`` or None.
+        mode: ``"recurrent"`` (the definition) or ``"fused"`` (:func:`lstm_sequence`).
+
+    Returns:
+        ``y`` ``(B, T, R)`` (the frozen output at padding steps) and the final :class:`LSTMState`.
+    """
+    lengths = _prepare(mode, x, lengths)
+    state = _zeros_if_none(state, x, (weight_hh.shape[1], weight_hh.shape[0] // 4))
+    if mode == "recurrent":
+        return lstm_recurrent(x, LSTMState(*state), weight_ih, weight_hh, bias_ih, bias_hh, peephole, weight_hr,
+                              lengths)
+    bias = None if bias_ih is None else _summed(bias_ih, bias_hh)
+    xp, mask = _time_major(x, weight_ih, bias, lengths)
+    y, h, c = lstm_sequence(xp, state[0], state[1], weight_hh, peephole, weight_hr, mask)
+    return y.transpose(0, 1), LSTMState(h, c)

@@ -14,8 +14,9 @@ keys, ``beta_t`` in ``(0, 2)`` gives the transition ``I - beta k k^T`` an eigenv
 ``(-1, 1)``; beyond 1 it is negative, which Grazzi et al. 2025 ("Unlocking State-Tracking in Linear
 RNNs Through Negative Eigenvalues") show is what lets a linear RNN track parity.
 
-Forms, one signature (``q, k, v, beta, log_decay=None, state=None, lengths=None``), laid out
-head-first as the gated linear-attention op (:mod:`rnnkit.ops.gated_linear_attention`):
+One entry, :func:`delta_rule` with ``mode=``, runs three forms with one signature (``q, k, v,
+beta, log_decay=None, state=None, lengths=None``), laid out head-first as the gated
+linear-attention op (:mod:`rnnkit.ops.gated_linear_attention`):
 
 - :func:`delta_rule_recurrent`: the loop over time, the definition;
 - :func:`delta_rule_chunk`: chunkwise. Inside a chunk of ``C`` steps the product of Householder-like
@@ -48,17 +49,11 @@ from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
 from rnnkit.ops._blas import ChunkProducts
+from rnnkit.ops._chunk_math import addmm_, causal_float, decay_matrix_log, mm, pad_time, rowdot
+from rnnkit.ops._forms import run_form
 from rnnkit.ops._rows import row_pass
-from rnnkit.ops.gated_linear_attention import (
-    _addmm_,
-    _causal_float,
-    _like,
-    _mm,
-    _pad_time,
-    _workspace,
-    decay_matrix_log,
-    rowdot,
-)
+from rnnkit.ops._workspace import workspace, workspace_like
+from rnnkit.ops.padding import valid_mask
 
 #: Default chunk length of :func:`delta_rule_chunk` (see ``benchmarks/delta_speed.py``).
 CHUNK_SIZE = 32
@@ -99,7 +94,7 @@ def _freeze_padding(q, k, v, beta, log_decay, lengths):
     """Make the steps past each length exact identities: beta = 0, decay 1, and finite q, k, v."""
     if lengths is None:
         return q, k, v, beta, log_decay
-    valid = (torch.arange(q.shape[2], device=q.device)[None, :] < lengths[:, None])[:, None]  # (B, 1, T)
+    valid = valid_mask(lengths, q.shape[2])[:, None]  # (B, 1, T)
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
     beta = torch.where(valid, beta, zero)
     if log_decay is not None:
@@ -207,6 +202,32 @@ def delta_rule_parallel(
     return _wy_chunks(q, k, v, beta, log_decay, state, q.shape[2])
 
 
+#: Forms :func:`delta_rule` runs, ``recurrent`` (the definition) first.
+_FORMS = {"recurrent": delta_rule_recurrent, "parallel": delta_rule_parallel, "chunk": delta_rule_chunk}
+DELTA_RULE_MODES = tuple(_FORMS)
+
+
+def delta_rule(q, k, v, beta, log_decay=None, state=None, lengths=None, *, mode: str = "chunk",
+               chunk_size: int = CHUNK_SIZE):
+    """The (gated) delta rule in the form ``mode`` (see the module docstring for the recurrence).
+
+    Args:
+        q, k: ``(B, H, T, K)``; v: ``(B, H, T, V)``; beta: ``(B, H, T)``; log_decay: ``(B, H, T)`` or
+            None; state: ``(B, H, K, V)`` or None; lengths: ``(B,)`` or None (as
+            :func:`delta_rule_recurrent`).
+        mode: ``"recurrent"`` (the loop, the definition), ``"parallel"`` (one ``(T, T)`` WY/UT block)
+            or ``"chunk"`` (chunkwise WY/UT, the default).
+        chunk_size: steps per chunk of the ``chunk`` form.
+
+    Returns:
+        ``y`` ``(B, H, T, V)`` and the final state ``(B, H, K, V)``.
+
+    Raises:
+        InputError: an unknown ``mode``, or bad shapes, dtypes or lengths.
+    """
+    return run_form(mode, _FORMS, (q, k, v, beta, log_decay, state, lengths), chunk_size)
+
+
 def _wy_chunks(q, k, v, beta, log_decay, state, C):
     """The chunkwise algorithm of the module docstring on validated, padding-frozen inputs."""
     B, H, T, K = q.shape
@@ -215,12 +236,12 @@ def _wy_chunks(q, k, v, beta, log_decay, state, C):
     pad = N * C - T
     G = B * H
     # Padded steps are zeros: beta = 0 and log decay 0 make them identities.
-    q, k, v, beta = (_pad_time(t, pad) for t in (q, k, v, beta))
+    q, k, v, beta = (pad_time(t, pad) for t in (q, k, v, beta))
     q, k = q.reshape(G, N, C, K), k.reshape(G, N, C, K)  # (G, N, C, K)
     v = v.reshape(G, N, C, V)  # (G, N, C, V)
     beta = beta.reshape(G, N, C)  # (G, N, C)
     if log_decay is not None:
-        log_decay = _pad_time(log_decay, pad).reshape(G, N, C)  # (G, N, C)
+        log_decay = pad_time(log_decay, pad).reshape(G, N, C)  # (G, N, C)
     S0 = state.reshape(G, K, V) if state is not None else q.new_zeros(G, K, V)
     with torch.autocast(q.device.type, enabled=False):  # bf16 matmuls would not fit the out= buffers
         y, S = _ChunkwiseDelta.apply(q, k, v, beta, log_decay, S0)
@@ -263,8 +284,8 @@ class _ChunkwiseDelta(torch.autograd.Function):
         V = v.shape[-1]
         gated = g is not None
         bc = beta[..., None]  # (G, N, C, 1)
-        A = _mm(k, k.transpose(-1, -2))  # (G, N, C, C) k_i . k_j, times beta_i below
-        P = _mm(q, k.transpose(-1, -2))  # (G, N, C, C) q_i . k_j
+        A = mm(k, k.transpose(-1, -2))  # (G, N, C, C) k_i . k_j, times beta_i below
+        P = mm(q, k.transpose(-1, -2))  # (G, N, C, C) q_i . k_j
         M = e = f = e_end = None
         if gated:
             gamma = g.cumsum(-1)  # (G, N, C) inclusive cumulative log decay
@@ -274,37 +295,37 @@ class _ChunkwiseDelta(torch.autograd.Function):
             e = gamma.exp()[..., None]  # (G, N, C, 1) decay from the chunk start to step i
             f = M[..., -1, :, None]  # (G, N, C, 1) decay from step i to the chunk end, exp(gamma_C - gamma_i)
             e_end = e[..., -1:, :]  # (G, N, 1, 1)
-            q_in = torch.mul(q, e, out=_like(q))
-            k_out = torch.mul(k, f, out=_like(k))
+            q_in = torch.mul(q, e, out=workspace_like(q))
+            k_out = torch.mul(k, f, out=workspace_like(k))
         else:
             A.mul_(bc)
-            P.mul_(_causal_float(C, q))
+            P.mul_(causal_float(C, q))
             q_in, k_out = q, k
-        # (G, N, C, C), in the working precision: formed in fp64 it cost 7% of a step at T=8192 and
-        # moved the kernel's error against an fp64 run by 1-3% (docs/benchmarks.md). Long chunks
-        # need it only for the backward.
+        # (G, N, C, C), in the working precision: forming it in fp64 costs time and barely moves
+        # the kernel's error against an fp64 run (benchmarks/delta_speed.py). Long chunks need it
+        # only for the backward.
         direct = C > DIRECT_SOLVE_ABOVE
         Tinv = _unit_lower_inverse(A) if not direct or any(ctx.needs_input_grad) else None
         if not direct:
             # [U | W] = T [beta v | beta e k], with beta (and e) scaling T's columns instead of v and
             # k: a pass over (C, C) matrices instead of two over (C, 64) ones, and no right-hand side.
-            T_scaled = torch.mul(Tinv, beta[..., None, :], out=_like(Tinv))
-            U = _mm(T_scaled, v)  # (G, N, C, V)
+            T_scaled = torch.mul(Tinv, beta[..., None, :], out=workspace_like(Tinv))
+            U = mm(T_scaled, v)  # (G, N, C, V)
             if gated:
                 T_scaled.mul_(e.transpose(-1, -2))
-            W = _mm(T_scaled, k)  # (G, N, C, K)
+            W = mm(T_scaled, k)  # (G, N, C, K)
             del T_scaled
         else:
             # Long chunks (the parallel form): the inverse's entries grow with C, and a product with
-            # it loses accuracy that solving against the right-hand side keeps (fp32, beta near 2,
-            # C = 64, 24 seeds: worst error against the loop 1.1e-5 against 7.9e-6). The right-hand
-            # sides are column-major so that LAPACK substitutes down each column, as the loop does
-            # (solved row-major, as X^T (I + A)^T = R^T, the worst error was 1.0e-5).
+            # it loses accuracy that solving against the right-hand side keeps (in fp32 with beta
+            # near 2 the difference shows against the loop; tests/ops/test_delta_rule.py). The
+            # right-hand sides are column-major so that LAPACK substitutes down each column, as the
+            # loop does, rather than along rows as a row-major solve of X^T (I + A)^T = R^T would.
             U = _solve_unit_lower_(A, torch.mul(v, bc, out=_column_major(v)))  # (G, N, C, V)
             rhs = torch.mul(k, bc, out=_column_major(k))
             W = _solve_unit_lower_(A, rhs.mul_(e) if gated else rhs)  # (G, N, C, K)
         # The only sequential part: the state entering each chunk and what each chunk writes.
-        S_start = _workspace((G, N, K, V), q)
+        S_start = workspace((G, N, K, V), q)
         Delta = U  # Delta_n = U_n - W_n S_n, overwritten chunk by chunk
         S = S0.clone()  # the running state, updated in place (its address is fixed for the plan)
         subtract_ws = ChunkProducts(W, S, Delta, alpha=-1.0, beta=1.0)  # Delta_n -= W_n S_n (G, C, V)
@@ -315,7 +336,7 @@ class _ChunkwiseDelta(torch.autograd.Function):
             if gated:
                 S.mul_(e_end[:, n])
             write_state(n)
-        y = _addmm_(_mm(q_in, S_start), P, Delta)  # (G, N, C, V)
+        y = addmm_(mm(q_in, S_start), P, Delta)  # (G, N, C, V)
         del U
         ctx.save_for_backward(q, k, v, beta, P, Tinv, W, q_in, k_out, S_start, Delta, A if gated else None,
                               M, e, f, e_end)
@@ -336,21 +357,20 @@ class _ChunkwiseDelta(torch.autograd.Function):
         if dy.is_contiguous():
             dyc = dy
         else:
-            dyc = _like(dy)
+            dyc = workspace_like(dy)
             dyc.copy_(dy)
         # State gradients, carried backwards. Every product that involves dS_{n+1} or dDelta_n is
         # formed in the loop, where they are in cache: dDelta_n = P^T dy + (f k) dS_{n+1},
         # dR_v = T^T dDelta_n, k's share of the end state Delta_n dS_{n+1}^T, and dS_n; only dR_v
         # and Delta_n dS_{n+1}^T are written out. As one batched product after the loop
-        # Delta_n dS_{n+1}^T ran slower (56 against 68 GFLOP/s at T=8192, its right operand
-        # transposed and read from memory) and needed every dS_{n+1} copied out; the others time
-        # the same either way, and here they need no dDelta and (e q)^T dy tensors (peak memory of
-        # a step at T=8192: 2.27 against 2.52 GB; docs/benchmarks.md).
-        dRv = _workspace((G, N, C, V), q)  # T^T dDelta_n
-        dk_end = _workspace((G, N, C, K), q)  # Delta_n dS_{n+1}^T
+        # Delta_n dS_{n+1}^T would read its right operand transposed from memory and need every
+        # dS_{n+1} copied out; here it reads them from cache, and the loop needs no dDelta and
+        # (e q)^T dy tensors, which lowers a step's peak memory (benchmarks/delta_speed.py).
+        dRv = workspace((G, N, C, V), q)  # T^T dDelta_n
+        dk_end = workspace((G, N, C, K), q)  # Delta_n dS_{n+1}^T
         end_dot = q.new_empty(G, N) if gated else None  # <dS_{n+1}, S_n>, for the carried decay e_C
         dS = dS_final.clone() if dS_final is not None else q.new_zeros(G, K, V)  # updated in place
-        delta = _workspace((G, C, V), q)
+        delta = workspace((G, C, V), q)
         # every product of the loop as a plan of per-chunk addresses (ops/_blas.py): no views, no
         # dispatch, results straight into their chunk's slice
         k_share = ChunkProducts(Delta, dS.transpose(-1, -2), dk_end)  # Delta_n dS^T
@@ -372,27 +392,27 @@ class _ChunkwiseDelta(torch.autograd.Function):
             state_w(n)
         del delta, k_share, read_dy, carry_in, solve_share, state_q, state_w
         dS0 = dS
-        dq_in = _mm(dyc, S_start.transpose(-1, -2))  # (G, N, C, K)
-        dP = _mm(dyc, Delta.transpose(-1, -2))  # (G, N, C, C)
-        xP = torch.mul(dP, P, out=_like(P)) if gated else None  # x dx for the decay factors of P
-        dP.mul_(M if gated else _causal_float(C, q))  # now w.r.t. q k^T
+        dq_in = mm(dyc, S_start.transpose(-1, -2))  # (G, N, C, K)
+        dP = mm(dyc, Delta.transpose(-1, -2))  # (G, N, C, C)
+        xP = torch.mul(dP, P, out=workspace_like(P)) if gated else None  # x dx for the decay factors of P
+        dP.mul_(M if gated else causal_float(C, q))  # now w.r.t. q k^T
         # Through X = T R with dU = dDelta and dW = -dDelta S_n^T: dR = T^T dX, so dR_v = T^T dDelta
         # and dR_k = -dR_v S_n^T; dA = -(dR_v U^T + dR_k W^T) = -dR_v (U - W S_n)^T = -dR_v Delta_n^T
         # below the diagonal. Two products where the four of dW, T^T dW and dR X^T took twice the
         # FLOPs; the minus signs are carried in the names ending in _neg.
-        dRk_neg = _mm(dRv, S_start.transpose(-1, -2))  # (G, N, C, K)
-        dA_neg = _mm(dRv, Delta.transpose(-1, -2))  # (G, N, C, C)
+        dRk_neg = mm(dRv, S_start.transpose(-1, -2))  # (G, N, C, K)
+        dA_neg = mm(dRv, Delta.transpose(-1, -2))  # (G, N, C, C)
         if gated:
-            xA = torch.mul(dA_neg, A, out=_like(A))
+            xA = torch.mul(dA_neg, A, out=workspace_like(A))
             dA_neg.mul_(M)
-        dA_neg.mul_(_causal_float(C, q).tril_(-1))  # now -dL/d(kb k^T), strictly lower
+        dA_neg.mul_(causal_float(C, q).tril_(-1))  # now -dL/d(kb k^T), strictly lower
         if gated:
             # (G, N, C): e enters as e q; the dot products are taken in the passes that scale
             _, dgamma_in, _ = row_pass(dq_in, C, scale=e[..., 0], out=dq_in, dot_with=q, dot_before_scale=True)
             dgamma_in.mul_(e[..., 0])
             _, xf, _ = row_pass(dk_end, C, scale=f[..., 0], out=dk_end, dot_with=k)  # k enters as f k; x dx of f
-        dq = _addmm_(dq_in, dP, k)
-        dk = _addmm_(dk_end, dP.transpose(-1, -2), q)  # (G, N, C, K)
+        dq = addmm_(dq_in, dP, k)
+        dk = addmm_(dk_end, dP.transpose(-1, -2), q)  # (G, N, C, K)
         del dP
         # beta and the chunk-start decay e enter as R = [beta v | beta e k] and as the row factor
         # beta_i of A = beta_i k_i . k_j: with t = -(e dRk + dA k), dL/dbeta = sum(dRv v) + sum(t k)
@@ -400,8 +420,8 @@ class _ChunkwiseDelta(torch.autograd.Function):
         if gated:
             _, dRk_dot, _ = row_pass(dRk_neg, C, scale=e[..., 0], out=dRk_neg, dot_with=k, dot_before_scale=True)
             dgamma_in.addcmul_(dRk_dot, beta * e[..., 0], value=-1)  # and as beta e k
-        t_neg = _addmm_(dRk_neg, dA_neg, k)  # (G, N, C, K)
-        _addmm_(dk, dA_neg.mul_(beta[..., None]).transpose(-1, -2), k, alpha=-1)
+        t_neg = addmm_(dRk_neg, dA_neg, k)  # (G, N, C, K)
+        addmm_(dk, dA_neg.mul_(beta[..., None]).transpose(-1, -2), k, alpha=-1)
         del dA_neg
         # dbeta = sum(dRv v) - sum(t_neg k) (G, N, C), each in the pass that applies beta
         dv, dbeta, _ = row_pass(dRv, C, scale=beta, out=dRv, dot_with=v, dot_before_scale=True)
@@ -424,18 +444,18 @@ def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
 
     One batched triangular solve ``(I + A) T = I``, written in place into a workspace buffer that
     starts as the identity (``solve_triangular`` with ``out`` the right-hand side solves in place:
-    no copy of ``A`` or of the result). On the 2-core CPU at T=8192 this takes 2.5x less time than
-    the blocked forward substitution in batched matmuls it replaces (0.04 s against 0.10 s a step),
-    and the kernel's accuracy against an fp64 run is unchanged (docs/benchmarks.md).
+    no copy of ``A`` or of the result). LAPACK's substitution reads each matrix once, where a
+    blocked forward substitution in batched matmuls takes several passes, with the same accuracy
+    against an fp64 run (``benchmarks/delta_speed.py`` times the kernel).
     """
-    T = _like(A)
+    T = workspace_like(A)
     T.copy_(torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A))
     return _solve_unit_lower_(A, T)
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
     """An uninitialised workspace buffer shaped as ``t`` (..., R, M), its last two dims column-major."""
-    return _workspace((*t.shape[:-2], t.shape[-1], t.shape[-2]), t).mT
+    return workspace((*t.shape[:-2], t.shape[-1], t.shape[-2]), t).mT
 
 
 def _solve_unit_lower_(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ attention, RetNet, Mamba-2) or one value per key dimension broadcast over ``V`` 
 shape ``(B, H, T, K)``: GLA, Yang et al. 2024, "Gated Linear Attention Transformers with
 Hardware-Efficient Training", eq. 3).
 
-Forms (same signature, same result):
+One entry, :func:`gated_linear_attention` with ``mode=``, runs three forms (same signature, same
+result):
 
 - :func:`gated_linear_attention_recurrent`: the loop over time, the definition;
 - :func:`gated_linear_attention_parallel`: the quadratic masked form over the whole sequence;
@@ -25,7 +26,7 @@ without such a division; the chunk is split recursively in halves (a dyadic vers
 secondary chunking): the pairs (i in the second half, j in the first half) of each block are one
 matmul of ``q_i exp(b_i - b_m)`` and ``k_j exp(b_m - b_j)``, both factors ``<= 1``, with ``m`` the
 last step of the first half; the halves recurse down to single steps. When every ``|b|`` of a
-call stays within ``FACTOR_BOUND`` (mild decays, the usual case) the scores are one matmul of
+call stays within ``SCORE_FACTOR_BOUND`` (mild decays, the usual case) the scores are one matmul of
 ``q exp(b)`` and ``k exp(-b)`` instead, exact and far from overflow.
 
 Padding: with ``lengths`` (B,), steps ``t >= lengths[b]`` have ``g = 0`` and ``k = v = q = 0``, so
@@ -39,26 +40,32 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
-from rnnkit.ops import _cpu_scan
+from rnnkit.ops._chunk_math import (
+    addmm_,
+    causal_float,
+    common_dtype,
+    decay_matrix_log,
+    mm,
+    pad_time,
+    suffix_sum,
+)
+from rnnkit.ops._forms import run_form
+from rnnkit.ops._workspace import workspace, workspace_like
+from rnnkit.ops.padding import valid_mask
 
-#: Chunk size measured fastest on a 2-core CPU (benchmarks/chunk_speed.py).
+#: Default chunk size: large enough for efficient batched matmuls, small enough that the (C, C)
+#: scores stay in cache (benchmarks/chunk_speed.py compares chunk sizes).
 DEFAULT_CHUNK = 64
 #: Per-key-dimension decay: when every cumulative log decay of a chunk is within this bound, the
 #: intra-chunk scores factor into exp(b_i) and exp(-b_j) (at most e^20 ~ 5e8 apart from 1);
 #: otherwise the recursive halving below, which never exponentiates a positive sum.
-FACTOR_BOUND = 20.0
-#: Reused buffers for the chunk kernel's large tensors (see :func:`_workspace`); at most
-#: ``RNNKIT_CHUNK_POOL_MB`` MiB (default 4096; 0 disables) are kept.
-WORKSPACE = _cpu_scan.OutputPool(int(float(os.environ.get("RNNKIT_CHUNK_POOL_MB", "4096")) * (1 << 20)))
+SCORE_FACTOR_BOUND = 20.0
 
 
 def _check_inputs(q, k, v, log_decay, state, lengths):
@@ -91,7 +98,7 @@ def _check_inputs(q, k, v, log_decay, state, lengths):
     lengths = check_lengths(lengths, B, T, q.device)
     mask = None
     if lengths is not None:
-        mask = torch.arange(T, device=q.device)[None, :] < lengths[:, None]  # (B, T)
+        mask = valid_mask(lengths, T)  # (B, T)
         m4 = mask[:, None, :, None]  # (B, 1, T, 1)
         zero = torch.zeros((), dtype=q.dtype, device=q.device)
         q, k, v = (torch.where(m4, t, zero) for t in (q, k, v))
@@ -156,16 +163,39 @@ def gated_linear_attention_chunk(q, k, v, log_decay, state=None, lengths=None, c
     return _chunked(q, k, v, g, S, min(chunk_size, _pow2_at_least(q.shape[2]) if g.dim() == 4 else q.shape[2]))
 
 
+#: Forms :func:`gated_linear_attention` runs, ``recurrent`` (the definition) first.
+_FORMS = {
+    "recurrent": gated_linear_attention_recurrent,
+    "parallel": gated_linear_attention_parallel,
+    "chunk": gated_linear_attention_chunk,
+}
+GLA_MODES = tuple(_FORMS)
+
+
+def gated_linear_attention(q, k, v, log_decay, state=None, lengths=None, *, mode: str = "chunk",
+                           chunk_size: int = DEFAULT_CHUNK):
+    """Gated linear attention in the form ``mode`` (see the module docstring for the recurrence).
+
+    Args:
+        q: ``(B, H, T, K)`` queries; k: ``(B, H, T, K)`` keys; v: ``(B, H, T, V)`` values.
+        log_decay: ``(B, H, T)`` (scalar per head) or ``(B, H, T, K)`` (per key dimension).
+        state: ``(B, H, K, V)`` initial state, zeros if None.
+        lengths: optional ``(B,)`` ints in ``[1, T]``.
+        mode: ``"recurrent"`` (the loop, the definition), ``"parallel"`` (quadratic masked form) or
+            ``"chunk"`` (chunkwise, the default).
+        chunk_size: steps per chunk of the ``chunk`` form (a power of two for per-key decay).
+
+    Returns:
+        ``y`` ``(B, H, T, V)`` and the final state ``(B, H, K, V)``.
+
+    Raises:
+        InputError: an unknown ``mode``, or bad shapes, dtypes or lengths.
+    """
+    return run_form(mode, _FORMS, (q, k, v, log_decay, state, lengths), chunk_size)
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << (n - 1).bit_length()
-
-
-def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
-    """Right-pad dimension 2 (time) with zeros."""
-    if not pad:
-        return t
-    widths = [0, 0] * (t.dim() - 3) + [0, pad]
-    return F.pad(t, widths)
 
 
 def _chunked(q, k, v, g, S, C):
@@ -177,7 +207,7 @@ def _chunked(q, k, v, g, S, C):
     per_dim = g.dim() == 4
     G = B * H
     # Padding steps have g = 0 and k = 0: they carry the state through unchanged.
-    q, k, v, g = (_pad_time(t, pad) for t in (q, k, v, g))
+    q, k, v, g = (pad_time(t, pad) for t in (q, k, v, g))
     q = q.reshape(G, N, C, K)
     k = k.reshape(G, N, C, K)
     v = v.reshape(G, N, C, V)
@@ -191,7 +221,7 @@ def _chunked(q, k, v, g, S, C):
         b = _chunk_cumsum(g.detach())  # (G, N, C, Kg) cumulative log decay from the chunk start, inclusive
         # Mild decays: differences of cumulative sums are exact to ~1e-6 and the scores may factor.
         lo, hi = torch.aminmax(b)
-        mild = max(-float(lo), float(hi)) <= FACTOR_BOUND
+        mild = max(-float(lo), float(hi)) <= SCORE_FACTOR_BOUND
         fixed = not per_dim and not g.requires_grad and N > 1 and bool((g == g[:, :1, :1]).all())
         if per_dim and not mild:
             y, S = _chunked_per_dim_strong(q, k, v, g, S)
@@ -203,17 +233,6 @@ def _chunked(q, k, v, g, S, C):
     with torch.autocast(q.device.type, enabled=False):  # bf16 matmuls would not fit the fp32 out= buffers
         y, S = _ChunkwiseGLA.apply(q, k, v, g if b is not None else None, b, S, mode)
     return y.reshape(B, H, N * C, V)[:, :, :T], S.reshape(B, H, K, V)
-
-
-def common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors in their widest dtype (as given when they already share one).
-
-    Why: under autocast the projections arrive in bf16 while decays, gates and states stay fp32; the
-    chunk kernels' ``out=`` workspace buffers take one dtype, and the kernels run with autocast off."""
-    if len({t.dtype for t in tensors}) == 1:
-        return tensors
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
-    return tuple(t.to(dtype) for t in tensors)
 
 
 def _chunked_per_dim_strong(q, k, v, g, S):
@@ -243,50 +262,15 @@ def _carry(S, decay, U):
     return torch.stack(starts, 1), S
 
 
-def _workspace(shape, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised contiguous tensor for the chunk kernel, from :data:`WORKSPACE` on the CPU.
-
-    Why a pool: the kernel's (G, N, C, *) tensors are tens of MiB, so each fresh one comes from
-    ``mmap`` and page-faults 4 KiB at a time on its first write; on the 2-core benchmark machine that
-    took more than half of a training step's time (docs/benchmarks.md). A training loop asks for the
-    same shapes every step; the pool hands back buffers nothing else references any more."""
-    if like.device.type != "cpu":
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    return WORKSPACE.empty(torch.Size(shape), like.dtype, _cpu_scan._library())
-
-
-def _mm(a, b, out=None):
-    """Batched matmul over leading dims (G, N) as one 3-D bmm; ``out`` a contiguous buffer."""
-    shape = (*a.shape[:-1], b.shape[-1])
-    out = _workspace(shape, a) if out is None else out
-    torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out=out.view(-1, *shape[-2:]))
-    return out
-
-
-def _addmm_(out, a, b, alpha=1):
-    """``out += alpha * a @ b`` batched over leading dims, in place.
-
-    Spelt ``baddbmm(o, ..., out=o)``, the same in-place kernel as ``o.baddbmm_``, because
-    ``torch.utils.flop_counter`` counts ``aten.baddbmm`` but not the in-place overload (the
-    benchmarks' GFLOP/s would miss these products)."""
-    o = out.view(-1, *out.shape[-2:])
-    torch.baddbmm(o, a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), alpha=alpha, out=o)
-    return out
-
-
-def _like(t):
-    return _workspace(t.shape, t)
-
-
 class _ChunkwiseGLA(torch.autograd.Function):
     """Chunkwise gated linear attention with a hand-written backward.
 
     q, k (G, N, C, K); v (G, N, C, V); g (G, N, C, Kg) log decays (Kg = 1 or K) or None (no decay),
     b its within-chunk cumulative sum (no gradient); S0 (G, K, V). ``mode``: ``"none"`` (no
-    decay), ``"factor"`` (scores = (q e^b)(k e^-b)^T, every |b| within FACTOR_BOUND),
+    decay), ``"factor"`` (scores = (q e^b)(k e^-b)^T, every |b| within SCORE_FACTOR_BOUND),
     ``"matrix"`` / ``"matrix_fixed"`` (scalar decay: scores = (q k^T) ⊙ D, D from
     :func:`decay_matrix_log`, one D for all chunks when the decay is fixed per head), with suffix
-    ``"_strong"`` when some |b| exceeds FACTOR_BOUND.
+    ``"_strong"`` when some |b| exceeds SCORE_FACTOR_BOUND.
 
     Forward, with ``b_C`` the chunk's total log decay:
     ``y = (q e^b) S_n + scores v``, ``U_n = (k e^{b_C - b})^T v``, ``S_{n+1} = e^{b_C} S_n + U_n``.
@@ -308,23 +292,23 @@ class _ChunkwiseGLA(torch.autograd.Function):
             qf, kf, q_dec, k_end, decay = q, k, q, k, None
         else:
             b_last = b[:, :, -1:]
-            eb = torch.exp(b, out=_like(b))
-            q_dec = torch.mul(q, eb, out=_like(q))  # factors <= 1 for a contraction
+            eb = torch.exp(b, out=workspace_like(b))
+            q_dec = torch.mul(q, eb, out=workspace_like(q))  # factors <= 1 for a contraction
             if mode == "factor":
-                # |b| <= FACTOR_BOUND: e^b and e^-b are far from overflow and underflow
-                qf, kf = q_dec, torch.div(k, eb, out=_like(k))
-                k_end = torch.mul(kf, torch.exp(b_last), out=_like(k))
+                # |b| <= SCORE_FACTOR_BOUND: e^b and e^-b are far from overflow and underflow
+                qf, kf = q_dec, torch.div(k, eb, out=workspace_like(k))
+                k_end = torch.mul(kf, torch.exp(b_last), out=workspace_like(k))
             else:
                 qf, kf = q, k
                 if mode.startswith("matrix_fixed"):  # every chunk has the same matrix: build it once
                     D = torch.exp(decay_matrix_log(g[:, :1, :, 0], b[:, :1, :, 0]))  # (G, 1, C, C)
                 else:
                     D = torch.exp(decay_matrix_log(g[..., 0], b[..., 0]))  # (G, N, C, C), 0 above the diagonal
-                k_end = torch.mul(k, _end_factor(g, b, mode), out=_like(k))
+                k_end = torch.mul(k, _end_factor(g, b, mode), out=workspace_like(k))
             decay = torch.exp(b_last).transpose(-1, -2)  # (G, N, Kg, 1)
-        U = _mm(k_end.transpose(-1, -2), v)  # (G, N, K, V) each chunk's own share of its end state
+        U = mm(k_end.transpose(-1, -2), v)  # (G, N, K, V) each chunk's own share of its end state
         # The only sequential part: the state entering each chunk, written in place.
-        S_start = _workspace((G, N, K, V), q)
+        S_start = workspace((G, N, K, V), q)
         S_start[:, 0] = S0
         for n in range(N - 1):
             if decay is None:
@@ -333,12 +317,12 @@ class _ChunkwiseGLA(torch.autograd.Function):
                 torch.addcmul(U[:, n], decay[:, n], S_start[:, n], out=S_start[:, n + 1])
         S = U[:, -1] + S_start[:, -1] if decay is None else torch.addcmul(U[:, -1], decay[:, -1], S_start[:, -1])
         del U
-        scores = _mm(qf, kf.transpose(-1, -2))  # (G, N, C, C)
+        scores = mm(qf, kf.transpose(-1, -2))  # (G, N, C, C)
         if D is None:
-            scores.mul_(_causal_float(C, q))  # finite products: |b| <= FACTOR_BOUND in "factor" mode
+            scores.mul_(causal_float(C, q))  # finite products: |b| <= SCORE_FACTOR_BOUND in "factor" mode
         else:
             scores.mul_(D)
-        y = _addmm_(_mm(q_dec, S_start), scores, v)
+        y = addmm_(mm(q_dec, S_start), scores, v)
         ctx.mode = mode
         ctx.save_for_backward(k, v, g, b, eb, qf, kf, q_dec, k_end, scores, D, S_start, S, decay)
         return y, S
@@ -358,11 +342,11 @@ class _ChunkwiseGLA(torch.autograd.Function):
         if dy.is_contiguous():
             dyc = dy
         else:
-            dyc = _like(dy)
+            dyc = workspace_like(dy)
             dyc.copy_(dy)
         # State gradients: from each chunk's readout, then carried backwards; dU_n = dL/dS_{n+1}.
-        dS_start = _mm(q_dec.transpose(-1, -2), dyc)  # (G, N, K, V)
-        dU = _workspace((G, N, K, V), k)
+        dS_start = mm(q_dec.transpose(-1, -2), dyc)  # (G, N, K, V)
+        dU = workspace((G, N, K, V), k)
         if dS_final is None:
             dU[:, -1].zero_()
         else:
@@ -374,23 +358,23 @@ class _ChunkwiseGLA(torch.autograd.Function):
                 torch.addcmul(dS_start[:, n], decay[:, n], dU[:, n], out=dU[:, n - 1])
         dS0 = dS_start[:, 0] + dU[:, 0] if decay is None else torch.addcmul(dS_start[:, 0], decay[:, 0], dU[:, 0])
         del dS_start
-        dscores = _mm(dyc, v.transpose(-1, -2))  # (G, N, C, C)
+        dscores = mm(dyc, v.transpose(-1, -2))  # (G, N, C, C)
         if D is None:
-            dscores.mul_(_causal_float(C, k))
+            dscores.mul_(causal_float(C, k))
         else:
             dscores.mul_(D)
-        dv = _addmm_(_mm(scores.transpose(-1, -2), dyc), k_end, dU)
-        dq_dec = _mm(dyc, S_start.transpose(-1, -2))  # (G, N, C, K)
-        dkf = _mm(dscores.transpose(-1, -2), qf)
-        dk_end = _mm(v, dU.transpose(-1, -2))
+        dv = addmm_(mm(scores.transpose(-1, -2), dyc), k_end, dU)
+        dq_dec = mm(dyc, S_start.transpose(-1, -2))  # (G, N, C, K)
+        dkf = mm(dscores.transpose(-1, -2), qf)
+        dk_end = mm(v, dU.transpose(-1, -2))
         if mode == "none":
-            return _addmm_(dq_dec, dscores, kf), dkf.add_(dk_end), dv, None, None, dS0, None
+            return addmm_(dq_dec, dscores, kf), dkf.add_(dk_end), dv, None, None, dS0, None
         need_g = ctx.needs_input_grad[3]
         if mode == "factor":
-            dq = _addmm_(dq_dec, dscores, kf)  # gradient w.r.t. q e^b
+            dq = addmm_(dq_dec, dscores, kf)  # gradient w.r.t. q e^b
             dqf = None
         else:
-            dqf = _mm(dscores, kf)
+            dqf = mm(dscores, kf)
         del dscores
         # q and k enter as (q e^b, k e^-b) in "factor" mode and as themselves in "matrix" mode: take
         # the gradients w.r.t. those first; dL/db = q . dq - k . dk is the same in both terms.
@@ -403,11 +387,11 @@ class _ChunkwiseGLA(torch.autograd.Function):
         del dk_end, dq_dec
         dg = None
         if need_g:
-            db = torch.mul(qf, dqs, out=_like(k)).addcmul_(kf, dks, value=-1)  # (G, N, C, K)
+            db = torch.mul(qf, dqs, out=workspace_like(k)).addcmul_(kf, dks, value=-1)  # (G, N, C, K)
             if g.shape[-1] == 1:
                 db = db.sum(-1, keepdim=True)
             # the end-of-chunk states S_{n+1}: S_start shifted by one, then the final state
-            prod = _like(dU)
+            prod = workspace_like(dU)
             torch.mul(dU[:, :-1], S_start[:, 1:], out=prod[:, :-1])
             torch.mul(dU[:, -1], S_final, out=prod[:, -1])
             db_last = prod.sum(-1)
@@ -415,8 +399,8 @@ class _ChunkwiseGLA(torch.autograd.Function):
             db_last = db_last.sum(-1, keepdim=True) if g.shape[-1] == 1 else db_last  # (G, N, Kg)
             # dg_s = sum_{i >= s} db_i + db_last: a reverse cumulative sum, as a matmul with ones on
             # and above the diagonal (faster than cumsum along a middle dimension)
-            upper = _causal_float(C, db).transpose(0, 1)
-            dg = _mm(upper.expand(G * N, C, C), db.view(G * N, C, -1)).view(db.shape).add_(db_last[:, :, None])
+            upper = causal_float(C, db).transpose(0, 1)
+            dg = mm(upper.expand(G * N, C, C), db.view(G * N, C, -1)).view(db.shape).add_(db_last[:, :, None])
             del db
         if mode == "factor":
             dq = dqs.mul_(eb)
@@ -424,26 +408,15 @@ class _ChunkwiseGLA(torch.autograd.Function):
         return dq, dk, dv, dg, None, dS0, None
 
 
-def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(-1)`` without writing the product (one batched matmul: ~1.5x faster than
-    multiply-then-sum on a CPU)."""
-    return torch.einsum("...i,...i->...", a, b)
-
-
-def _causal_float(C: int, like: torch.Tensor) -> torch.Tensor:
-    """``(C, C)`` ones on and below the diagonal, zeros above, in ``like``'s dtype and device."""
-    return torch.ones(C, C, dtype=like.dtype, device=like.device).tril_()
-
-
 def _chunk_cumsum(g: torch.Tensor) -> torch.Tensor:
     """Cumulative sums over dimension 2 of ``g`` (G, N, C, Kg), into a workspace buffer; for wide
-    ``Kg`` as a batched matmul with a lower-triangular ones matrix (cumsum along a middle dimension
-    runs at a third of the speed on a CPU)."""
+    ``Kg`` as a batched matmul with a lower-triangular ones matrix (a CPU's cumsum along a middle
+    dimension is strided and slow; ``benchmarks/chunk_speed.py``)."""
     G, N, C, Kg = g.shape
-    out = _like(g)
+    out = workspace_like(g)
     if Kg < 16:
         return torch.cumsum(g, 2, out=out)
-    torch.bmm(_causal_float(C, g).expand(G * N, C, C), g.reshape(G * N, C, Kg), out=out.view(G * N, C, Kg))
+    torch.bmm(causal_float(C, g).expand(G * N, C, C), g.reshape(G * N, C, Kg), out=out.view(G * N, C, Kg))
     return out
 
 
@@ -451,43 +424,6 @@ def _end_factor(g, b, mode):
     """``exp(b_C - b_j)`` (G, N, C, Kg); with strong decays from suffix sums, since the difference
     of cumulative sums would lose ``|b_j|`` ulp."""
     return torch.exp(suffix_sum(g) if mode.endswith("_strong") else b[:, :, -1:] - b)
-
-
-def suffix_sum(g: torch.Tensor) -> torch.Tensor:
-    """``out[..., j, :] = sum_{s > j} g[..., s, :]``: exclusive suffix sums along dimension -2."""
-    incl = g.flip(-2).cumsum(-2).flip(-2)
-    return torch.cat([incl[..., 1:, :], torch.zeros_like(incl[..., :1, :])], -2)
-
-
-def segment_sum(g: torch.Tensor) -> torch.Tensor:
-    """``out[..., i, j] = sum_{j < s <= i} g[..., s]`` for ``j <= i``, ``-inf`` above the diagonal.
-
-    ``g`` (..., C) -> (..., C, C). Summed segment by segment (as Mamba-2's ``segsum``) instead of
-    as ``b_i - b_j`` of cumulative sums, whose rounding grows with ``|b|`` rather than with the
-    segment: with strong decays ``|b|`` reaches hundreds inside one chunk.
-    """
-    C = g.shape[-1]
-    rep = g[..., :, None].expand(*g.shape, C)  # (..., C, C) rep[i, j] = g_i
-    strict = torch.ones(C, C, dtype=torch.bool, device=g.device).tril(-1)
-    seg = rep.masked_fill(~strict, 0).cumsum(-2)  # sum over s in (j, i]
-    return seg.masked_fill(~causal_mask(C, g.device), -math.inf)
-
-
-def decay_matrix_log(g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``b_i - b_j`` for ``j <= i`` and ``-inf`` above the diagonal; ``g`` (..., C), ``b`` its cumsum.
-
-    When every ``|b|`` is at most 16 the difference of cumulative sums is exact to ~1e-6 in the
-    exponent and takes one pass; otherwise (strong decays) :func:`segment_sum` keeps the rounding
-    to that of each segment. Both give the same matrix up to rounding.
-    """
-    if b.numel() and bool(b.detach().abs().max() <= 16):
-        return (b[..., :, None] - b[..., None, :]).masked_fill(~causal_mask(b.shape[-1], b.device), -math.inf)
-    return segment_sum(g)
-
-
-def causal_mask(C: int, device: torch.device) -> torch.Tensor:
-    """``(C, C)`` bool, True where ``j <= i``."""
-    return torch.ones(C, C, dtype=torch.bool, device=device).tril()
 
 
 def _intra_per_dim(q, k, v, g):

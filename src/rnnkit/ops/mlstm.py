@@ -1,5 +1,7 @@
 """The mLSTM cell of xLSTM (Beck et al. 2024, "xLSTM: Extended Long Short-Term Memory", eq. 19-27)
-with its max-stabiliser, in three interchangeable forms.
+with its max-stabiliser, in three interchangeable forms run by one entry, :func:`mlstm` with
+``mode=``: :func:`mlstm_recurrent` (the loop, the definition), :func:`mlstm_parallel` (the whole
+sequence as one block) and :func:`mlstm_chunk` (chunkwise).
 
     m_t = max(log f_t + m_{t-1}, log i_t)                       stabiliser (B, H)
     i'_t = exp(log i_t - m_t)       f'_t = exp(log f_t + m_{t-1} - m_t)
@@ -40,19 +42,12 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
+from rnnkit.ops._chunk_math import addmm_, causal_float, common_dtype, decay_matrix_log, mm, pad_time, suffix_sum
+from rnnkit.ops._forms import run_form
 from rnnkit.ops._rows import row_pass
-from rnnkit.ops.gated_linear_attention import (
-    DEFAULT_CHUNK,
-    _addmm_,
-    _causal_float,
-    _like,
-    _mm,
-    _pad_time,
-    _workspace,
-    common_dtype,
-    decay_matrix_log,
-    suffix_sum,
-)
+from rnnkit.ops._workspace import workspace, workspace_like
+from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
+from rnnkit.ops.padding import valid_mask
 
 #: The hand-written kernel runs when every within-chunk cumulative log forget gate is within this
 #: bound (differences of cumulative sums then exact to ~1e-6); stronger decays take the autograd
@@ -65,7 +60,7 @@ MILD_BOUND = 16.0
 #: the dtype's overflow exponent): the factors stay far from overflow and underflow, and no (C, C)
 #: weight matrix is formed (four passes: subtract, clamp, exp, mask); the row factors and the causal
 #: mask are applied in the pass that takes the scores' row sums.
-FACTOR_BOUND = 20.0
+ROW_FACTOR_BOUND = 20.0
 
 
 class MLSTMState(NamedTuple):
@@ -104,7 +99,7 @@ def _check_inputs(q, k, v, log_i, log_f, state, lengths):
         state = MLSTMState(*state)
     lengths = check_lengths(lengths, B, T, q.device)
     if lengths is not None:
-        mask = (torch.arange(T, device=q.device)[None, :] < lengths[:, None])[:, None]  # (B, 1, T)
+        mask = valid_mask(lengths, T)[:, None]  # (B, 1, T)
         zero = torch.zeros((), dtype=q.dtype, device=q.device)
         q, k, v = (torch.where(mask[..., None], t, zero) for t in (q, k, v))
         log_f = torch.where(mask, log_f, zero)
@@ -157,6 +152,31 @@ def mlstm_chunk(q, k, v, log_i, log_f, state=None, lengths=None, eps: float = 1e
     return _chunked(q, k, v, log_i, log_f, state, min(chunk_size, q.shape[2]), eps)
 
 
+#: Forms :func:`mlstm` runs, ``recurrent`` (the definition) first.
+_FORMS = {"recurrent": mlstm_recurrent, "parallel": mlstm_parallel, "chunk": mlstm_chunk}
+MLSTM_MODES = tuple(_FORMS)
+
+
+def mlstm(q, k, v, log_i, log_f, state=None, lengths=None, *, eps: float = 1e-6, mode: str = "chunk",
+          chunk_size: int = DEFAULT_CHUNK):
+    """The mLSTM cell in the form ``mode`` (see the module docstring for the recurrence).
+
+    Args:
+        q, k: ``(B, H, T, K)``; v: ``(B, H, T, V)``; log_i, log_f: ``(B, H, T)``; state:
+            :class:`MLSTMState` or None; lengths: ``(B,)`` or None; eps: as :func:`mlstm_recurrent`.
+        mode: ``"recurrent"`` (the loop, the definition), ``"parallel"`` (one block) or ``"chunk"``
+            (chunkwise, the default).
+        chunk_size: steps per chunk of the ``chunk`` form.
+
+    Returns:
+        ``h`` ``(B, H, T, V)`` and the final :class:`MLSTMState`.
+
+    Raises:
+        InputError: an unknown ``mode``, or bad shapes, dtypes, state or lengths.
+    """
+    return run_form(mode, _FORMS, (q, k, v, log_i, log_f, state, lengths, eps), chunk_size)
+
+
 def _chunked(q, k, v, log_i, log_f, state, C, eps):
     """Core of the parallel and chunk forms on validated inputs, chunks of ``C`` steps."""
     B, H, T, K = q.shape
@@ -165,7 +185,7 @@ def _chunked(q, k, v, log_i, log_f, state, C, eps):
     pad = N * C - T
     G = B * H
     # Padded steps: log f = 0, log i = -inf (no input), k = v = 0: they change nothing.
-    q, k, v, log_f = (_pad_time(t, pad) for t in (q, k, v, log_f))
+    q, k, v, log_f = (pad_time(t, pad) for t in (q, k, v, log_f))
     if pad:
         log_i = F.pad(log_i, (0, pad), value=-math.inf)
     q = q.reshape(G, N, C, K)
@@ -232,10 +252,10 @@ def _chunked_strong(q, k, v, log_i, log_f, S, n, m, eps):
 
 def _weights_factor(rise: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether the kernel's intra-chunk weights are formed from row and column factors: every row
-    factor's exponent ``rise = Y_n - X_i`` (G, N, C) within :data:`FACTOR_BOUND` and a quarter of
+    factor's exponent ``rise = Y_n - X_i`` (G, N, C) within :data:`ROW_FACTOR_BOUND` and a quarter of
     ``dtype``'s overflow exponent (fp32 and bf16: 22; fp16: 2.8), so that the row factors, and the
     gradients they scale, stay finite."""
-    bound = min(FACTOR_BOUND, math.log(torch.finfo(dtype).max) / 4)
+    bound = min(ROW_FACTOR_BOUND, math.log(torch.finfo(dtype).max) / 4)
     return bool(rise.max() <= bound)
 
 
@@ -254,7 +274,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
     state's read-out factor ``exp(m_n - X_i)``, the chunk's share of its end state
     ``exp(c_j - Y_n)`` and the carry ``exp(m_n - Y_n)`` with ``Y_n = max(m_n, max_j c_j)`` and
     ``m_{n+1} = b_C + Y_n``; all ``<= 0`` in the exponent. When every ``Y_n - X_i`` is within
-    :data:`FACTOR_BOUND` (:func:`_weights_factor`), ``P_ij = exp(Y_n - X_i) exp(c_j - Y_n)``: the
+    :data:`ROW_FACTOR_BOUND` (:func:`_weights_factor`), ``P_ij = exp(Y_n - X_i) exp(c_j - Y_n)``: the
     scores are ``q k_end^T`` with ``k_end = k exp(c - Y_n)`` (the chunk's end-state keys), rows
     scaled by ``exp(Y_n - X_i)`` and masked to ``j <= i``, and no ``(C, C)`` weight matrix is formed.
     A row factor may be large but its product with each unmasked column factor is a weight ``<= 1``.
@@ -294,9 +314,9 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         alpha = torch.exp(m_start - Y)  # (G, N) carry factor, <= 1
         e = torch.exp(c - Y[..., None])  # (G, N, C) weight of step j in the chunk's end state, <= 1
         # k_end = e k and u (G, N, K), the normaliser's share of the chunk's end state, in one pass
-        k_end, _, u = row_pass(k, C, scale=e, out=_like(k), col=True)
-        U = _mm(k_end.transpose(-1, -2), v)  # (G, N, K, V) each chunk's share of its end state
-        S_start = _workspace((G, N, K, V), q)
+        k_end, _, u = row_pass(k, C, scale=e, out=workspace_like(k), col=True)
+        U = mm(k_end.transpose(-1, -2), v)  # (G, N, K, V) each chunk's share of its end state
+        S_start = workspace((G, N, K, V), q)
         n_start = q.new_empty(G, N, K)
         S_start[:, 0] = S0
         n_start[:, 0] = n0
@@ -318,23 +338,23 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         factor = _weights_factor(rise, q.dtype)
         if factor:
             P = rise.exp_()
-            scores = _mm(q, k_end.transpose(-1, -2))  # (G, N, C, C), times P below
+            scores = mm(q, k_end.transpose(-1, -2))  # (G, N, C, C), times P below
         else:
-            P = _workspace((G, N, C, C), q)
+            P = workspace((G, N, C, C), q)
             torch.sub(c[..., None, :], X[..., :, None], out=P)  # c_j - X_i <= 0 for j <= i
-            # Clamped: exp of an argument where the result underflows (or of -inf) runs ~10-50x
-            # slower than exp of a normal argument; a weight below the smallest normal number is
+            # Clamped: exp of an argument where the result underflows (or of -inf) runs far slower
+            # than exp of a normal argument (benchmarks/chunk_speed.py); a weight below the smallest normal number is
             # rounding anyway. Above the diagonal the argument may be positive: clamped to 0, then
             # masked.
-            P.clamp_(min=math.log(torch.finfo(q.dtype).tiny) + 1, max=0).exp_().mul_(_causal_float(C, q))
-            scores = _mm(q, k.transpose(-1, -2))  # (G, N, C, C), times P below
+            P.clamp_(min=math.log(torch.finfo(q.dtype).tiny) + 1, max=0).exp_().mul_(causal_float(C, q))
+            scores = mm(q, k.transpose(-1, -2))  # (G, N, C, C), times P below
         # n_t^T q_t (G, N, C): the scores' row sums plus the carried normaliser's share, each taken
         # in the pass that forms its left factor
         _, den, _ = row_pass(scores, C, scale=P, causal=factor, out=scores, dot_with=_ones(C, q))
         r = torch.exp(m_start[..., None] - X)  # (G, N, C) read-out factor of the carried state, <= 1
-        q_inter, den_inter, _ = row_pass(q, C, scale=r, out=_like(q), dot_with=n_start)
+        q_inter, den_inter, _ = row_pass(q, C, scale=r, out=workspace_like(q), dot_with=n_start)
         den += den_inter
-        num = _addmm_(_mm(q_inter, S_start), scores, v)  # (G, N, C, V) C_t^T q_t
+        num = addmm_(mm(q_inter, S_start), scores, v)  # (G, N, C, V) C_t^T q_t
         lower = torch.exp(-(b + X))  # exp(-m_t)
         active = den.abs() > lower  # |n_t^T q_t| is the denominator, else the lower bound
         Dn = torch.maximum(den.abs(), lower).add_(eps)
@@ -359,15 +379,15 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
          den_sign, c_arg, carry_wins, c_cum_arg, inter_wins) = ctx.saved_tensors
         G, N, C, K = q.shape
         # written contiguous (dh may be a broadcast): the batched matmuls read only dnum
-        dnum, dDn, _ = row_pass(dh, C, scale=Dn.reciprocal(), out=_like(h), dot_with=h)
+        dnum, dDn, _ = row_pass(dh, C, scale=Dn.reciprocal(), out=workspace_like(h), dot_with=h)
         dDn.neg_()  # (G, N, C) dL/dDn = -h . dh / Dn
         dden = dDn * den_sign  # 0 where the lower bound is the denominator
         g_m = dDn * ctx.eps  # (G, N, C) dL/dm_t through the eps of the denominator
 
         # State gradients: from each chunk's read-out, then carried backwards; dU[:, n] = dL/dS_{n+1}.
-        dS_start = _mm(q_inter.transpose(-1, -2), dnum)  # (G, N, K, V)
+        dS_start = mm(q_inter.transpose(-1, -2), dnum)  # (G, N, K, V)
         _, _, dn_start = row_pass(q_inter, C, write=False, col=True, weights=dden)  # (G, N, K)
-        dU = _workspace(S_start.shape, q)
+        dU = workspace(S_start.shape, q)
         du = torch.empty_like(n_start)
         if dS_fin is None:
             dU[:, -1].zero_()
@@ -395,22 +415,22 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         d_end[:, :-1] += (du[:, :-1] * n_start[:, 1:]).sum(-1)
         d_end[:, -1] += (du[:, -1] * n_fin).sum(-1)
 
-        dscores = _mm(dnum, v.transpose(-1, -2))
+        dscores = mm(dnum, v.transpose(-1, -2))
         row_pass(dscores, C, a=dden, vec=_ones(C, q), scale=P, causal=ctx.factor, out=dscores)  # (G, N, C, C)
-        dv = _addmm_(_mm(scores.transpose(-1, -2), dnum), k_end, dU)
-        dq = _mm(dnum, S_start.transpose(-1, -2))
+        dv = addmm_(mm(scores.transpose(-1, -2), dnum), k_end, dU)
+        dq = mm(dnum, S_start.transpose(-1, -2))
         row_pass(dq, C, a=dden, vec=n_start, scale=r, out=dq)  # (dq_inter + dden n^T) r
-        dk_end = _mm(v, dU.transpose(-1, -2))  # w.r.t. k_end, less du
+        dk_end = mm(v, dU.transpose(-1, -2))  # w.r.t. k_end, less du
         # Gates with every stabiliser held fixed: log i_j enters as exp(log i_j) k_j, b as GLA's
         # decays (only through exp(b_i - b_j) and the chunk's end); dlog_i = k . dk (G, N, C).
         if ctx.factor:  # the scores' keys are k_end: their gradient joins dk_end before the e scale
-            dq = _addmm_(dq, dscores, k_end)
-            dk, dlog_i, _ = row_pass(_addmm_(dk_end, dscores.transpose(-1, -2), q), C, vec=du, scale=e,
+            dq = addmm_(dq, dscores, k_end)
+            dk, dlog_i, _ = row_pass(addmm_(dk_end, dscores.transpose(-1, -2), q), C, vec=du, scale=e,
                                      out=dk_end, dot_with=k)
         else:
-            dq = _addmm_(dq, dscores, k)
+            dq = addmm_(dq, dscores, k)
             row_pass(dk_end, C, vec=du, scale=e, out=dk_end)
-            dk = _addmm_(dk_end, dscores.transpose(-1, -2), q)
+            dk = addmm_(dk_end, dscores.transpose(-1, -2), q)
             _, dlog_i, _ = row_pass(dk, C, write=False, dot_with=k)
         del dscores, dnum, dU
 

@@ -13,7 +13,7 @@ The recurrence behind minGRU, minLSTM, LRU, S4D, RG-LRU and Mamba. One public en
   (vectorised across chunks) finds each chunk's end state given a zero start, a short loop carries
   the true state across chunk boundaries, and a second pass writes every state. Memory is ``O(T)``
   whatever ``T`` (no ``log T`` levels), work is the loop's.
-- ``fused``: a compiled CPU kernel (:mod:`rnnkit.ops._cpu_scan`) that reads ``a`` and ``b`` once and
+- ``fused``: a compiled CPU kernel (:mod:`rnnkit.ops._native`) that reads ``a`` and ``b`` once and
   writes ``h`` once; available when a C++ compiler is (else ``mode="fused"`` raises).
 - ``auto``: ``fused`` on the CPU when it is available for the dtype, ``chunk`` otherwise.
 
@@ -35,9 +35,12 @@ from typing import Callable
 import torch
 
 from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_tensor, describe
+from rnnkit.ops import _native, _workspace
+from rnnkit.ops._native import SCAN_DTYPES, ptr
+from rnnkit.ops.padding import freeze_padding, valid_mask
 
 #: Forms :func:`linear_scan` accepts, ``recurrent`` (the definition) first.
-SCAN_MODES = ("recurrent", "parallel", "chunk", "fused", "auto")
+LINEAR_SCAN_MODES = ("recurrent", "parallel", "chunk", "fused", "auto")
 
 Form = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -81,7 +84,7 @@ def _mask_padding(a, b, lengths):
     if lengths is None:
         return a, b
     T = a.shape[1]
-    valid = torch.arange(T, device=a.device)[None, :] < lengths[:, None]  # (B, T)
+    valid = valid_mask(lengths, T)  # (B, T)
     valid = valid.view(valid.shape + (1,) * (a.dim() - 2))  # (B, T, 1, ...)
     one, zero = torch.ones((), dtype=a.dtype, device=a.device), torch.zeros((), dtype=a.dtype, device=a.device)
     return torch.where(valid, a, one), torch.where(valid, b, zero)
@@ -112,11 +115,7 @@ def linear_scan_recurrent(
     # unbind, not a[:, t]: the backward of one unbind stacks T gradients once, while each a[:, t]
     # would scatter into its own zero-filled (B, T, *S) buffer, O(T^2) memory traffic in all.
     for t, (a_t, b_t) in enumerate(zip(a.unbind(1), b.unbind(1))):
-        new = a_t * h + b_t
-        if lengths is not None:
-            valid = (t < lengths).view((-1,) + (1,) * (h.dim() - 1))  # (B, 1, ...)
-            new = torch.where(valid, new, h)
-        h = new
+        h = freeze_padding(t, lengths, a_t * h + b_t, h)
         hs.append(h)
     return torch.stack(hs, 1)
 
@@ -200,13 +199,40 @@ def _scan_backward(a, h, h0, g_out, need_a: bool, need_h0: bool, reverse: Callab
     return da, g, dh0
 
 
+# ----------------------------------------------------------------------------------- fused kernel
+def _dims(x: torch.Tensor) -> tuple[int, int, int]:
+    B, T, S = x.shape
+    return B, T, S
+
+
+def _fused_forward(a, b, h0, out=None):
+    """``h`` (B, T, S) by the compiled kernel from contiguous ``a``, ``b`` (B, T, S) and ``h0``
+    (B, S) or None; ``out``, when given, a contiguous (B, T, S) tensor of the same dtype to write
+    ``h`` into (by default a buffer of the workspace pool)."""
+    lib = _native.library()
+    h = _workspace.POOL.empty(b.shape, b.dtype) if out is None else out
+    fn = getattr(lib, f"rnnkit_scan_fwd_{SCAN_DTYPES[a.dtype]}")
+    fn(ptr(a), ptr(b), ptr(h0), ptr(h), *_dims(a), torch.get_num_threads())
+    return h
+
+
+def _fused_backward(a, h, h0, g_out, need_a: bool, need_h0: bool):
+    """``(da, db, dh0)`` of the scan by the compiled kernel (None where not needed), from
+    contiguous tensors."""
+    lib = _native.library()
+    db = _workspace.POOL.empty(g_out.shape, g_out.dtype)
+    da = _workspace.POOL.empty(a.shape, a.dtype) if need_a else None
+    dh0 = torch.empty_like(h0, memory_format=torch.contiguous_format) if need_h0 else None
+    fn = getattr(lib, f"rnnkit_scan_bwd_{SCAN_DTYPES[a.dtype]}")
+    fn(ptr(a), ptr(h), ptr(h0), ptr(g_out), ptr(da), ptr(db), ptr(dh0), *_dims(a), torch.get_num_threads())
+    return da, db, dh0
+
+
 # ----------------------------------------------------------------------------------- autograd
 def _forms(mode: str, chunk_size: int):
     """``(forward(a, b, h0) -> h, backward(a, h, h0, g_out, need_a, need_h0) -> (da, db, dh0))``."""
     if mode == "fused":
-        from rnnkit.ops import _cpu_scan
-
-        return _cpu_scan.forward, _cpu_scan.backward
+        return _fused_forward, _fused_backward
     if mode == "parallel":
         form = _scan_parallel
     else:
@@ -259,9 +285,7 @@ class _LinearScan(torch.autograd.Function):
 # ----------------------------------------------------------------------------------- public entry
 def fused_available(dtype: torch.dtype | None = None) -> bool:
     """Whether the compiled CPU kernel is usable (for ``dtype`` when given)."""
-    from rnnkit.ops import _cpu_scan
-
-    return _cpu_scan.available() and (dtype is None or dtype in _cpu_scan.DTYPES)
+    return _native.available() and (dtype is None or dtype in SCAN_DTYPES)
 
 
 def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -270,21 +294,19 @@ def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype) -> str:
     Raises:
         InputError: for an unknown mode, or ``fused`` where the compiled kernel cannot run.
     """
-    check_choice("mode", mode, SCAN_MODES)
+    check_choice("mode", mode, LINEAR_SCAN_MODES)
     if mode == "auto":
         return "fused" if device.type == "cpu" and fused_available(dtype) else "chunk"
     if mode == "fused":
-        from rnnkit.ops import _cpu_scan
-
         if device.type != "cpu":
             raise InputError(f"mode: 'fused' is a CPU kernel; expected CPU tensors, got {device} (use mode='auto')")
-        if not _cpu_scan.available():
+        if not _native.available():
             raise InputError(
                 f"mode: 'fused' expected the compiled CPU kernel, which is unavailable "
-                f"({_cpu_scan.unavailable_reason()}); use mode='auto' or 'chunk'"
+                f"({_native.unavailable_reason()}); use mode='auto' or 'chunk'"
             )
-        if dtype not in _cpu_scan.DTYPES:
-            raise InputError(f"a: mode 'fused' expected a dtype in {list(_cpu_scan.DTYPES)}, got {dtype}")
+        if dtype not in SCAN_DTYPES:
+            raise InputError(f"a: mode 'fused' expected a dtype in {list(SCAN_DTYPES)}, got {dtype}")
     return mode
 
 
@@ -322,7 +344,7 @@ def linear_scan(
         >>> b = torch.randn(4, 1000, 64)
         >>> h = linear_scan(a, b)                  # (4, 1000, 64); h[:, -1] is the final state
     """
-    check_choice("mode", mode, SCAN_MODES)
+    check_choice("mode", mode, LINEAR_SCAN_MODES)
     check_positive_int("chunk_size", chunk_size)
     a, b, h0, lengths = _check_inputs(a, b, h0, lengths)
     if mode == "recurrent":
@@ -351,7 +373,7 @@ def linear_scan_log(
     h0: torch.Tensor | None = None,
     *,
     lengths: torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """Heinsen's (2023) log-space parallel scan for ``a > 0`` and ``b > 0``, given as logarithms.
 
@@ -363,33 +385,34 @@ def linear_scan_log(
 
     Numerics: ``A_t`` and ``-A_s`` cancel, so the relative error of ``h_t`` grows like
     ``eps * |A_t|``, which over a long fp32 sequence (``|A_T|`` in the hundreds) exceeds 1e-5.
-    ``chunk_size=C`` bounds it: the form runs inside chunks of ``C`` steps (all chunks at once, so
-    ``|A|`` never exceeds ``C`` steps' worth) and the state is carried across chunk boundaries by
+    ``block_size=C`` bounds it: the form runs inside blocks of ``C`` steps (all blocks at once, so
+    ``|A|`` never exceeds ``C`` steps' worth) and the state is carried across block boundaries by
     :func:`linear_scan` in linear space. ``None`` runs the whole sequence as one chunk, exactly as
-    the paper does.
+    the paper does. (Not the ``chunk_size`` of :func:`linear_scan`'s ``chunk`` form: a
+    bound on cancellation, not a unit of work.)
 
     Args:
         log_a: ``(B, T, *S)`` real, ``log a_t``, finite (``a_t = 0`` is outside this form's domain).
         log_b: ``(B, T, *S)`` real, ``log b_t``.
         h0: ``(B, *S)`` initial state (any sign), or None for zeros.
         lengths: optional ``(B,)`` in ``[1, T]``; steps past it act as ``a = 1, b = 0``.
-        chunk_size: steps per chunk, or None for one chunk.
+        block_size: steps per block, or None for one block.
 
     Returns:
         ``h`` ``(B, T, *S)``.
 
     Example:
         >>> z = torch.rand(2, 100, 8)
-        >>> h = linear_scan_log(torch.log1p(-z), torch.log(z) + torch.randn(2, 100, 8), chunk_size=32)
+        >>> h = linear_scan_log(torch.log1p(-z), torch.log(z) + torch.randn(2, 100, 8), block_size=32)
     """
     log_a, log_b, h0, lengths = _check_inputs(log_a, log_b, h0, lengths)
     if log_a.is_complex():
         raise InputError(f"log_a: expected a real tensor (log of positive decays), got dtype {log_a.dtype}")
-    if chunk_size is not None:
-        check_positive_int("chunk_size", chunk_size)
+    if block_size is not None:
+        check_positive_int("block_size", block_size)
     valid = None
     if lengths is not None:
-        valid = torch.arange(log_a.shape[1], device=log_a.device)[None, :] < lengths[:, None]  # (B, T)
+        valid = valid_mask(lengths, log_a.shape[1])  # (B, T)
         valid = valid.view(valid.shape + (1,) * (log_a.dim() - 2))  # (B, T, 1, ...)
         # Padding becomes a = b = 1: finite, so no NaN/Inf from it reaches a gradient; its states are
         # replaced below by the state at the last valid step.
@@ -397,10 +420,10 @@ def linear_scan_log(
         log_a, log_b = torch.where(valid, log_a, zero), torch.where(valid, log_b, zero)
     shape = log_a.shape
     B, T, S = shape[0], shape[1], shape[2:]
-    if chunk_size is None or chunk_size >= T:
+    if block_size is None or block_size >= T:
         h, _ = _log_scan_block(log_a, log_b, h0)
     else:
-        C = chunk_size
+        C = block_size
         n = -(-T // C)
         pad = n * C - T
         if pad:  # a = b = 1 after the end: changes nothing returned
@@ -420,4 +443,4 @@ def linear_scan_log(
     return h
 
 
-__all__ = ["SCAN_MODES", "fused_available", "linear_scan", "linear_scan_log", "linear_scan_recurrent", "resolve_mode"]
+__all__ = ["LINEAR_SCAN_MODES", "fused_available", "linear_scan", "linear_scan_log", "linear_scan_recurrent", "resolve_mode"]

@@ -5,7 +5,8 @@
 The state is the last ``w - 1`` keys and values before the sequence and a validity flag per slot
 (zeros at the start: no history; a slot counts when its flag is > 0.5, a step function whose
 gradient is zero everywhere, as finite differences see it too), so a sequence can be split anywhere and ``step`` attends over the
-same keys as the whole-sequence forms. Three forms with one signature:
+same keys as the whole-sequence forms. One entry, :func:`sliding_window_attention` with ``mode=``,
+runs three forms with one signature:
 
 - :func:`sliding_window_attention_recurrent`: one query at a time over the shifting window;
 - :func:`sliding_window_attention_parallel`: all queries against all keys under a band mask
@@ -28,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
+from rnnkit.ops._forms import run_form
 
 
 class WindowState(NamedTuple):
@@ -104,10 +106,9 @@ def _keys_and_final(k, v, state, lengths, W):
 
     Why not one concatenation sliced for both: a full cache (``W = max_len``, 2,048 by default) is
     mostly empty while training on short sequences, and gathering the final window out of all
-    ``W + T`` slots (and its backward) made the `attention` layer's training step at T = 32 five
-    times slower than with a 64-slot cache (49 ms against 10 ms, B = 32, width 32, one thread);
-    without ``lengths`` the window is a slice, and the attention reads only the history in use
-    (25-29 ms; the rest is the fixed-shape state itself).
+    ``W + T`` slots (and its backward) would make a short sequence's step cost as much as the
+    whole cache; without ``lengths`` the window is a slice, and the attention reads only the
+    history in use.
     """
     if lengths is None:
         # every sequence ends at T: the window is positions [T, T + W) of history + new steps
@@ -216,10 +217,29 @@ def sliding_window_attention_recurrent(q, k, v, window, state=None, lengths=None
     return torch.stack(ys, 2), WindowState(wk, wv, wvalid)
 
 
-def sliding_window_attention(mode: str, q, k, v, window, state=None, lengths=None, chunk_size: int = 64):
-    """Dispatch to the ``mode`` form (``chunk``, ``parallel`` or ``recurrent``; shapes as in the forms)."""
-    if mode == "chunk":
-        return sliding_window_attention_chunk(q, k, v, window, state, lengths, chunk_size=chunk_size)
-    if mode == "parallel":
-        return sliding_window_attention_parallel(q, k, v, window, state, lengths)
-    return sliding_window_attention_recurrent(q, k, v, window, state, lengths)
+#: Forms :func:`sliding_window_attention` runs, ``recurrent`` (the definition) first.
+_FORMS = {
+    "recurrent": sliding_window_attention_recurrent,
+    "parallel": sliding_window_attention_parallel,
+    "chunk": sliding_window_attention_chunk,
+}
+SLIDING_WINDOW_MODES = tuple(_FORMS)
+
+
+def sliding_window_attention(q, k, v, window, state=None, lengths=None, *, mode: str = "chunk", chunk_size: int = 64):
+    """Sliding-window attention in the form ``mode`` (see the module docstring).
+
+    Args:
+        q, k: ``(B, H, T, K)``; v: ``(B, H, T, V)``; window: ``w``, the steps each query sees (its own
+            included); state: :class:`WindowState` or None; lengths: ``(B,)`` or None.
+        mode: ``"recurrent"`` (one query at a time, the definition), ``"parallel"`` (band-masked
+            ``(T, T)`` scores) or ``"chunk"`` (blocks of queries, the default).
+        chunk_size: queries per block of the ``chunk`` form.
+
+    Returns:
+        ``y`` ``(B, H, T, V)`` and the final :class:`WindowState`.
+
+    Raises:
+        InputError: an unknown ``mode``, or bad shapes, window, state or lengths.
+    """
+    return run_form(mode, _FORMS, (q, k, v, window, state, lengths), chunk_size)

@@ -1,0 +1,176 @@
+"""Every op family through the shared harness (tests/ops/harness.py): each form == the recurrent
+definition in fp64 and fp32, with and without lengths and initial state, gradients included; NaN
+padding ignored; unknown modes rejected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rnnkit import ops
+from rnnkit.ops.classic_rnn import LSTMState
+from rnnkit.ops.mlstm import MLSTMState
+from rnnkit.ops.sliding_window_attention import sliding_window_attention_recurrent
+from tests.ops import harness
+from tests.ops.harness import Family
+
+B, H, K, V = 2, 2, 3, 4
+D, E, N = 3, 4, 3
+f64 = torch.float64
+
+
+def _randn(gen, *shape, scale=1.0):
+    return torch.randn(*shape, dtype=f64, generator=gen) * scale
+
+
+def scan_inputs(B, T, gen):
+    a = torch.rand(B, T, 3, dtype=f64, generator=gen) * 0.5 + 0.5
+    return {"a": a, "b": _randn(gen, B, T, 3), "h0": _randn(gen, B, 3)}
+
+
+def gla_inputs(per_dim):
+    def make(B, T, gen):
+        q, k = _randn(gen, B, H, T, K), _randn(gen, B, H, T, K)
+        v = _randn(gen, B, H, T, V)
+        g = F.logsigmoid(_randn(gen, B, H, T, *((K,) if per_dim else ()), scale=2.0))
+        return {"q": q, "k": k, "v": v, "log_decay": g, "state": _randn(gen, B, H, K, V)}
+
+    return make
+
+
+def delta_inputs(gated):
+    def make(B, T, gen):
+        q = _randn(gen, B, H, T, K)
+        k = F.normalize(_randn(gen, B, H, T, K), dim=-1)
+        v = _randn(gen, B, H, T, V)
+        beta = torch.rand(B, H, T, dtype=f64, generator=gen)
+        g = -torch.rand(B, H, T, dtype=f64, generator=gen) if gated else None
+        return {"q": q, "k": k, "v": v, "beta": beta, "log_decay": g, "state": _randn(gen, B, H, K, V)}
+
+    return make
+
+
+def mlstm_inputs(forget_bias):
+    def make(B, T, gen):
+        q, k = _randn(gen, B, H, T, K), _randn(gen, B, H, T, K)
+        v = _randn(gen, B, H, T, V)
+        log_i = _randn(gen, B, H, T)
+        log_f = F.logsigmoid(_randn(gen, B, H, T) + forget_bias)
+        state = MLSTMState(_randn(gen, B, H, K, V), _randn(gen, B, H, K), _randn(gen, B, H))
+        return {"q": q, "k": k, "v": v, "log_i": log_i, "log_f": log_f, "state": state}
+
+    return make
+
+
+def selective_inputs(B, T, gen):
+    delta = F.softplus(_randn(gen, B, T, E)) * 0.5
+    return {"delta": delta, "B": _randn(gen, B, T, N), "C": _randn(gen, B, T, N), "u": _randn(gen, B, T, E),
+            "A": -torch.exp(_randn(gen, E, N, scale=0.5)), "h0": _randn(gen, B, E, N)}
+
+
+def classic_inputs(gates, lstm=False, proj=0):
+    def make(B, T, gen):
+        R = proj or H
+        args = {"x": _randn(gen, B, T, D)}
+        args["state"] = LSTMState(_randn(gen, B, R), _randn(gen, B, H)) if lstm else _randn(gen, B, H)
+        args |= {"weight_ih": _randn(gen, gates * H, D, scale=0.5), "weight_hh": _randn(gen, gates * H, R, scale=0.5),
+                 "bias_ih": _randn(gen, gates * H, scale=0.5), "bias_hh": _randn(gen, gates * H, scale=0.5)}
+        if lstm:
+            args["peephole"] = _randn(gen, 3, H, scale=0.5)
+            args["weight_hr"] = _randn(gen, proj, H, scale=0.5) if proj else None
+        return args
+
+    return make
+
+
+def window_inputs(B, T, gen):
+    q, k, v = (_randn(gen, B, H, T, K) for _ in range(3))
+    prefix = [_randn(gen, B, H, 3, K) for _ in range(3)]
+    _, state = sliding_window_attention_recurrent(*prefix, 6)  # 3 of the window's 5 slots filled
+    return {"q": q, "k": k, "v": v, "window": 6, "state": state}
+
+
+HEADS = {"q": 2, "k": 2, "v": 2}
+SCAN_FORMS = ("parallel", "chunk") + (("fused",) if ops.fused_available() else ()) + ("auto",)
+FAMILIES = [
+    Family("linear_scan", ops.linear_scan, SCAN_FORMS, scan_inputs, {"a": 1, "b": 1}, 1, "h0",
+           options={"chunk": {"chunk_size": 8}}),
+    Family("gla-scalar", ops.gated_linear_attention, ("parallel", "chunk"), gla_inputs(False),
+           HEADS | {"log_decay": 2}, 2, "state", options={"chunk": {"chunk_size": 16}}),
+    Family("gla-per-dim", ops.gated_linear_attention, ("parallel", "chunk"), gla_inputs(True),
+           HEADS | {"log_decay": 2}, 2, "state", options={"chunk": {"chunk_size": 16}}),
+    Family("delta_rule", ops.delta_rule, ("parallel", "chunk"), delta_inputs(False), HEADS | {"beta": 2}, 2,
+           "state", options={"chunk": {"chunk_size": 8}}),
+    Family("gated_delta_rule", ops.delta_rule, ("parallel", "chunk"), delta_inputs(True),
+           HEADS | {"beta": 2, "log_decay": 2}, 2, "state", options={"chunk": {"chunk_size": 8}}),
+    Family("mlstm-mild", ops.mlstm, ("parallel", "chunk"), mlstm_inputs(4.0), HEADS | {"log_i": 2, "log_f": 2}, 2,
+           "state", options={"chunk": {"chunk_size": 16}}),
+    Family("mlstm-strong", ops.mlstm, ("parallel", "chunk"), mlstm_inputs(0.0), HEADS | {"log_i": 2, "log_f": 2},
+           2, "state", options={"chunk": {"chunk_size": 16}}),
+    Family("selective_scan", ops.selective_scan, SCAN_FORMS, selective_inputs,
+           {"delta": 1, "B": 1, "C": 1, "u": 1}, 1, "h0", options={"parallel": {"steps_per_block": 8}}),
+    Family("elman", ops.elman, ("fused",), classic_inputs(1), {"x": 1}, 1, "state"),
+    Family("gru", ops.gru, ("fused",), classic_inputs(3), {"x": 1}, 1, "state"),
+    Family("lstm-peephole", ops.lstm, ("fused",), classic_inputs(4, lstm=True), {"x": 1}, 1, "state",
+           keywords=("peephole", "weight_hr")),
+    Family("lstm-peephole-proj", ops.lstm, ("fused",), classic_inputs(4, lstm=True, proj=2), {"x": 1}, 1, "state",
+           keywords=("peephole", "weight_hr")),
+    Family("sliding_window", ops.sliding_window_attention, ("parallel", "chunk"), window_inputs, HEADS, 2, "state",
+           options={"chunk": {"chunk_size": 8}}, defined_past_length=False, nan_padding_safe=False),
+]
+CASES = {  # T, lengths, initial state given
+    "T37-state": (37, None, True),
+    "T37-lengths-state": (37, [37, 20], True),
+    "T37-lengths-zero-state": (37, [13, 37], False),
+    "T1": (1, [1, 1], True),
+}
+FORMS = [pytest.param(f, m, id=f"{f.name}-{m}") for f in FAMILIES for m in f.modes]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("family", "mode"), FORMS)
+def test_form_matches_reference(family, mode, dtype, case):
+    T, lengths, with_state = CASES[case]
+    harness.check_form(family, mode, dtype, T, lengths, with_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_recurrent_fp32_matches_fp64(family, dtype):
+    """The reference itself in fp32 against fp64 (and fp64 against itself: the harness is exact)."""
+    harness.check_form(family, "recurrent", dtype, 37, [37, 20], True)
+
+
+@pytest.mark.parametrize(("family", "mode"), [pytest.param(f, m, id=f"{f.name}-{m}") for f in FAMILIES
+                                              for m in ("recurrent", *f.modes)])
+def test_padding_is_ignored(family, mode):
+    harness.check_padding_ignored(family, mode)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_unknown_mode_is_rejected(family):
+    harness.check_bad_mode(family)
+
+
+def _broken_chunk(*args, **kwargs):
+    y, S = ops.gated_linear_attention(*args, **kwargs)
+    return (y + 1e-4 * y.detach().roll(1, 2) if kwargs["mode"] == "chunk" else y), S
+
+
+def _broken_grad(*args, **kwargs):
+    y, S = ops.gated_linear_attention(*args, **kwargs)
+    return y + (y - y.detach()) * 1e-3 if kwargs["mode"] == "chunk" else y, S
+
+
+@pytest.mark.parametrize(("entry", "dtype", "match"), [
+    (_broken_chunk, torch.float64, "output 0"),
+    (_broken_chunk, torch.float32, "output 0"),
+    (_broken_grad, torch.float64, "d/d q"),
+])
+def test_harness_catches_a_wrong_form(entry, dtype, match):
+    """A form off by a little in its output, or in its gradient only, fails the harness."""
+    family = Family("broken", entry, ("chunk",), gla_inputs(False), HEADS | {"log_decay": 2}, 2, "state")
+    with pytest.raises(AssertionError, match=match):
+        harness.check_form(family, "chunk", dtype, 37, [37, 20], True)
