@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
+import itertools
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rnnkit.errors import InputError
+from rnnkit.errors import InputError, NonFiniteError, check_positive_int, check_seed
 
 #: The default character model for ``rnnkit train`` on Shakespeare, chosen for a few minutes of CPU
 #: training. The run is compute-bound, so the budget goes where it buys the most: a wide recurrent
@@ -102,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keep-last", type=int, default=3, help="resumable checkpoints kept (0: all)")
     train.add_argument("--resume", action="store_true",
                        help="continue exactly from the latest checkpoint in --out (start fresh if there is none)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start a fresh run in a non-empty --out: the earlier run's checkpoints and model are "
+                            "deleted (files rnnkit did not write are never touched)")
     train.add_argument("--nan-policy", choices=["raise", "skip"], default="raise",
                        help="non-finite loss or gradient norm: raise (default) or skip the step")
     train.add_argument("--max-skips", type=int, default=10, help="--nan-policy skip: consecutive skips tolerated")
@@ -119,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--split", default="test", choices=["val", "test"])
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-batches", type=int, help="score only the first N batches (default: the whole split)")
+    ev.add_argument("--device", help="default: the training device if this machine has it, else cpu")
 
     sub.add_parser("list", help="registered layers (with modes) and tasks")
 
@@ -142,10 +150,10 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
 
     return model_config_for(
         task,
-        d_model=args.d_model or defaults["d_model"],
+        d_model=args.d_model if args.d_model is not None else defaults["d_model"],
         block=args.block or defaults["block"],
         layer=args.model or defaults["model"],
-        num_layers=args.layers or defaults["layers"],
+        num_layers=args.layers if args.layers is not None else defaults["layers"],
         layer_options=_layer_options(args, defaults),
         bidirectional=args.bidirectional,
         dropout=args.dropout,
@@ -158,14 +166,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rnnkit.train.signals import route_stop_signals
 
     # A SIGTERM/SIGINT during set-up is held back and honoured after the first step, like one in
-    # training; one after training (while the summary and sample print) finds the run already saved.
+    # training (a second Ctrl-C stops at once, as it does in training); one after training (while
+    # the summary and sample print) finds the run already saved.
     pending: list[int] = []
-    with route_stop_signals(pending.append):
-        trainer, say = _prepare_training(args)
-        if pending:
-            trainer.request_stop(pending[0])
-        result = trainer.fit()
-        return _report_training(args, trainer, result, say)
+
+    def hold(signum: int) -> None:
+        if pending and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    with route_stop_signals(hold):
+        trainer, say, lock = _prepare_training(args)
+        try:
+            if pending:
+                trainer.request_stop(pending[0])
+            result = trainer.fit()
+            return _report_training(args, trainer, result, say)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _report_training(args: argparse.Namespace, trainer, result: dict[str, Any], say) -> int:
@@ -184,7 +203,7 @@ def _report_training(args: argparse.Namespace, trainer, result: dict[str, Any], 
     print(f"checkpoint: {out}")
     if task.input_kind == "tokens" and task.target == "per_step" and hasattr(task, "vocab") and args.sample_length > 0:
         print("sample:")
-        print(_sample(model, task, "\n", args.sample_length, 0.8, None, args.seed))
+        _print_sample(model, task, "\n", args.sample_length, 0.8, None, args.seed)
     return 0
 
 
@@ -195,17 +214,35 @@ def _prepare_training(args: argparse.Namespace):
     from rnnkit.tasks import build_task
     from rnnkit.train import TrainConfig, Trainer, distributed, resolve_precision, seed_everything
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from rnnkit.train.config import check_device
+
+    for flag, value in (("--d-model", args.d_model), ("--layers", args.layers), ("--threads", args.threads)):
+        if value is not None:
+            check_positive_int(flag, value)
+    check_seed("--seed", args.seed)
+    check_device("--device", args.device)
+    if args.resume and args.overwrite:
+        raise InputError("--overwrite: expected either --resume or --overwrite, got both")
     if args.resume and not args.out:
         raise InputError("--resume: expected --out DIR naming the run to continue, got no --out")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = distributed.init_from_env(args.device)  # joins torchrun's process group, if any
     lead = distributed.rank_and_world()[0] == 0
     task = build_task(args.task, **dict(_parse_option(o) for o in args.task_opt))
     defaults = SHAKESPEARE_DEFAULTS if args.task == "shakespeare" else GENERIC_DEFAULTS
     seed_everything(args.seed)  # parameters are initialised from the run's seed
     model_config = _model_config(args, task, defaults)
-    model = SequenceModel(model_config)
+    try:
+        model = SequenceModel(model_config)
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and "alloc" not in str(error).lower():
+            raise
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(
+            f"--d-model/--layers: expected a model that fits in memory, got d_model={model_config.d_model}, "
+            f"layers={model_config.num_layers} (allocation failed: {first_line})"
+        ) from None
     pick = lambda name, key: getattr(args, name) if getattr(args, name) is not None else defaults[key]  # noqa: E731
     config = TrainConfig(
         steps=pick("steps", "steps"), batch_size=pick("batch_size", "batch_size"),
@@ -218,28 +255,74 @@ def _prepare_training(args: argparse.Namespace):
         max_skips=args.max_skips,
     )
     out = Path(args.out or f"runs/{args.task}-{model_config.layer}-{time.strftime('%Y%m%d-%H%M%S')}")
+    lock = _claim_run_directory(args, out) if lead else None
     params = sum(p.numel() for p in model.parameters())
     say = print if lead else (lambda *a, **k: None)
     say(f"rnnkit train: task {task.name}, model {model_config.block}/{model_config.layer} "
         f"d_model={model_config.d_model} layers={model_config.num_layers} ({params:,} parameters), "
         f"{config.steps} steps of batch {config.batch_size} x {config.seq_len or task.default_seq_len}, "
         f"lr {config.lr}, {config.precision}, {torch.get_num_threads()} threads", flush=True)
-    trainer = Trainer(model, task, config, out_dir=out, run_info={"argv": sys.argv[1:]}, log_dir=args.log_dir)
-    if args.resume:
-        restored = trainer.resume()
-        say(f"resumed from {restored} at step {trainer.step}" if restored else "no checkpoint to resume: starting fresh",
-            flush=True)
-    return trainer, say
+    try:
+        trainer = Trainer(model, task, config, out_dir=out, run_info={"argv": sys.argv[1:]}, log_dir=args.log_dir)
+        if args.resume:
+            restored = trainer.resume()
+            say(f"resumed from {restored} at step {trainer.step}" if restored else "no checkpoint to resume: starting fresh",
+                flush=True)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return trainer, say, lock
 
 
-def _sample(model, task, prompt: str, length: int, temperature: float, top_k: int | None, seed: int,
-            top_p: float | None = None) -> str:
+def _claim_run_directory(args: argparse.Namespace, out: Path):
+    """Check before training that the run can write where it is told to, that a fresh run does not
+    land among another run's files (unless ``--overwrite``) nor replace a file rnnkit did not write,
+    and lock ``out`` for this process. Returns the :class:`~rnnkit.train.rundir.RunLock`."""
+    from rnnkit.train import CheckpointManager
+    from rnnkit.train.rundir import RunLock, check_fresh, check_writable_dir, claim_outputs, discard_final_files
+
+    check_writable_dir(out, "--out")
+    if not args.resume and not args.overwrite:
+        check_fresh(out)
+    if args.log_dir:
+        check_writable_dir(args.log_dir, "--log-dir")
+    lock = RunLock(out)
+    try:
+        manager = CheckpointManager(out / "checkpoints")
+        if manager.root.exists() and not manager.root.is_dir():
+            raise InputError(f"--out: expected {manager.root} to be a directory for checkpoints, got a file")
+        foreign = manager.foreign()
+        if foreign:
+            raise InputError(
+                f"--out: expected only rnnkit's checkpoints under the names step-<n> in {manager.root}, got "
+                f"{', '.join(p.name for p in foreign)} not written by rnnkit; move them away or choose another --out"
+            )
+        claim_outputs(out)
+        if args.overwrite:
+            for _, path in manager.committed():
+                manager.discard(path)
+            discard_final_files(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _print_sample(model, task, prompt: str, length: int, temperature: float, top_k: int | None, seed: int,
+                  top_p: float | None = None) -> None:
+    """Print ``prompt`` and ``length`` sampled characters, each as soon as it is sampled."""
     model.eval()
     ids = task.encode(prompt)[None, :]  # (1, T0)
-    pieces = [prompt]
-    for token in model.stream(ids, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
-        pieces.append(task.decode(token))
-    return "".join(pieces)
+    tokens = model.stream(ids, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    first = next(tokens, None)  # the arguments are checked before anything is printed
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    for token in itertools.chain([] if first is None else [first], tokens):
+        sys.stdout.write(task.decode(token))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def _load_checkpoint(directory: str):
@@ -259,17 +342,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, task, _ = _load_checkpoint(args.checkpoint)
     if not hasattr(task, "vocab"):
         raise InputError(f"--checkpoint: expected a character language model, got one trained on {task.name!r}")
-    print(_sample(model, task, args.prompt, args.length, args.temperature, args.top_k, args.seed, args.top_p))
+    check_seed("--seed", args.seed)
+    _print_sample(model, task, args.prompt, args.length, args.temperature, args.top_k, args.seed, args.top_p)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rnnkit.train import TrainConfig, Trainer, describe_metrics
 
+    from rnnkit.train.config import check_device, device_available
+
+    check_positive_int("--batch-size", args.batch_size)
+    if args.max_batches is not None:
+        check_positive_int("--max-batches", args.max_batches)
     model, task, info = _load_checkpoint(args.checkpoint)
-    train = dict(info["train"], eval_batch_size=args.batch_size, progress=False)
+    saved = info["train"].get("device", "cpu")
+    device = args.device or (saved if device_available(saved) else "cpu")
+    check_device("--device", device)
+    # The whole split unless --max-batches: the training run's --eval-max-batches capped its own
+    # evaluations for speed and is not a property of the model.
+    train = dict(info["train"], eval_batch_size=args.batch_size, eval_max_batches=None, progress=False, device=device)
     trainer = Trainer(model, task, TrainConfig(**train))
-    print(f"{args.split}: {describe_metrics(trainer.evaluate(args.split, max_batches=None))}")
+    metrics, seen = trainer.evaluate_bounded(args.split, max_batches=args.max_batches)
+    part = "the whole split" if args.max_batches is None else f"the first {args.max_batches} batch(es)"
+    print(f"{args.split}: {describe_metrics(metrics)} ({seen:,} sequences: {part})")
     return 0
 
 
@@ -297,8 +393,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "bench": cmd_bench, "report": cmd_report}
     try:
         return commands[args.command](args)
-    except InputError as error:
+    except (InputError, NonFiniteError) as error:
         print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = error.filename or "a file of the run"
+        print(f"rnnkit {args.command}: error: {where}: expected room to write it, got a full disk "
+              f"({error.strerror or error})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

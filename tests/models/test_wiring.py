@@ -74,3 +74,17 @@ def test_options_cannot_override_what_the_task_fixes():
 def test_an_unknown_target_is_an_input_error():
     with pytest.raises(InputError, match="task.target"):
         task_io(_fake(target="rank"))
+
+
+def test_a_bidirectional_model_for_a_next_token_task_is_rejected():
+    """A per-step (next-token) task's model must be causal: a bidirectional layer would read the answer."""
+    from rnnkit.train import TrainConfig, Trainer
+
+    task = build_task("copy")
+    with pytest.raises(InputError, match=r"bidirectional: expected False for task 'copy'.*next token"):
+        model_config_for(task, d_model=4, layer="gru", bidirectional=True)
+    built = SequenceModel(ModelConfig(**task_io(task), d_model=4, layer="gru", bidirectional=True, block="residual"))
+    with pytest.raises(InputError, match="bidirectional: expected False"):
+        Trainer(built, task, TrainConfig(steps=1, batch_size=2, progress=False))
+    # Sequence-level heads read the whole sequence before predicting: bidirectional is fine there.
+    assert model_config_for(build_task("parity"), d_model=4, layer="gru", bidirectional=True).bidirectional

@@ -51,12 +51,23 @@ def model_config_for(task: Any, **options: Any) -> ModelConfig:
 
 
 def check_fits(config: ModelConfig, task: Any) -> None:
-    """Raise InputError unless ``config`` has the head and sizes ``task`` needs."""
+    """Raise InputError unless ``config`` has the head and sizes ``task`` needs, and is causal where
+    the task asks for a prediction at every step.
+
+    An ``lm`` head predicts each step's target (the next token) from the steps before it; a
+    bidirectional layer also reads the steps after it, where the answer is, so training would learn
+    to copy and the model could not generate.
+    """
     wired = task_io(task)
     for name, expected in wired.items():
         got = getattr(config, name)
         if expected is not None and got != expected:
             raise InputError(f"model.{name}: expected {expected!r} for task {task.name!r}, got {got!r}")
+    if config.head == "lm" and config.bidirectional:
+        raise InputError(
+            f"bidirectional: expected False for task {task.name!r}, whose model predicts the next token at every "
+            "step (a bidirectional layer would read the answer), got True"
+        )
 
 
 __all__ = ["HEAD_FOR_TARGET", "check_fits", "model_config_for", "task_io"]

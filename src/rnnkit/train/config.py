@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from rnnkit.errors import InputError, check_choice, check_positive_int
+from rnnkit.errors import InputError, check_choice, check_positive_int, check_seed
 from rnnkit.train.precision import PRECISIONS
 
 
@@ -57,7 +57,7 @@ class TrainConfig:
         check_positive_int("eval_batch_size", self.eval_batch_size)
         if self.eval_max_batches is not None:
             check_positive_int("eval_max_batches", self.eval_max_batches)
-        check_positive_int("seed", self.seed, minimum=0)
+        check_seed("seed", self.seed)
         check_positive_int("log_every", self.log_every)
         check_positive_int("checkpoint_every", self.checkpoint_every, minimum=0)
         check_positive_int("keep_last", self.keep_last, minimum=0)
@@ -74,10 +74,7 @@ class TrainConfig:
         for name in ("mode", "device"):
             if not isinstance(getattr(self, name), str):
                 raise InputError(f"{name}: expected a string, got {getattr(self, name)!r}")
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise InputError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from None
+        check_device("device", self.device)
         betas = self.betas
         if (not isinstance(betas, (tuple, list)) or len(betas) != 2
                 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
@@ -88,10 +85,33 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def device_available(device: str) -> bool:
+    """True when this torch build and machine have ``device`` (``cpu``, ``cuda[:i]``, ``mps``)."""
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        return torch.cuda.is_available() and (kind.index is None or kind.index < torch.cuda.device_count())
+    if kind.type == "mps":
+        return torch.backends.mps.is_available()
+    return True
+
+
+def check_device(name: str, device: object) -> None:
+    """Raise InputError unless ``device`` names a torch device this machine has."""
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"{name}: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if not device_available(device):
+        raise InputError(
+            f"{name}: expected a device this machine has, got {device!r} (torch {torch.__version__} sees "
+            f"{torch.cuda.device_count()} CUDA device(s){'' if torch.cuda.is_available() else '; a CPU-only build or no GPU'})"
+        )
+
+
 #: TrainConfig fields that do not change a run's trajectory: they may differ on resume.
 RESUME_FREE_FIELDS = frozenset(
     {"progress", "log_every", "eval_every", "eval_batch_size", "eval_max_batches", "device",
      "checkpoint_every", "keep_last", "nan_policy", "max_skips", "max_seconds"}
 )
 
-__all__ = ["RESUME_FREE_FIELDS", "TrainConfig"]
+__all__ = ["RESUME_FREE_FIELDS", "TrainConfig", "check_device", "device_available"]

@@ -20,16 +20,18 @@ checkpoint holds) and :mod:`~rnnkit.train.checkpoint` (how it is committed).
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from rnnkit.atomic import write_json_atomic
+from rnnkit.atomic import DISK_FULL, disk_full, fsync_dir, write_json_atomic
 from rnnkit.errors import InputError, NonFiniteError
 from rnnkit.layers.base import flatten_state, map_state
 from rnnkit.models.io import read_weights
@@ -37,7 +39,7 @@ from rnnkit.models.model import SequenceModel
 from rnnkit.models.wiring import check_fits
 from rnnkit.tasks import Batch, Task
 from rnnkit.train import distributed
-from rnnkit.train.checkpoint import CheckpointManager, remove_temporary_files, resolve_checkpoint
+from rnnkit.train.checkpoint import CheckpointManager, resolve_checkpoint
 from rnnkit.train.config import RESUME_FREE_FIELDS, TrainConfig
 from rnnkit.train.logs import MetricsLogger
 from rnnkit.train.metrics import describe_metrics, loss_and_counts, prediction_count, summarise
@@ -45,6 +47,7 @@ from rnnkit.train.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from rnnkit.train.precision import autocast, fast_bf16, resolve_precision
 from rnnkit.train.progress import ProgressReport, SessionClock
 from rnnkit.train.rng import rng_states, seed_everything, set_rng_states
+from rnnkit.train.rundir import FINAL_FILES, STAGING_PREFIX, make_owned_dir, record_final_files, remove_owned, remove_staging
 from rnnkit.train.signals import route_stop_signals
 from rnnkit.train.state import (
     CHECKPOINT_FORMAT, HISTORY_KEYS, check_format, check_same_run, history_records, history_tensor,
@@ -102,6 +105,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.config)
         self.step = 0
         self.history: list[dict[str, float]] = []  # one record per optimizer step, keys HISTORY_KEYS
+        # One row per metric of each evaluation during training (keys EVAL_KEYS), kept in the
+        # checkpoint so a resumed run's eval log is rebuilt from it; the final evaluation comes after
+        # the last checkpoint and is not kept, so resuming a finished run logs it once.
+        self.evals: list[dict[str, Any]] = []
         self.skipped = 0  # steps skipped under nan_policy="skip"
         self.consecutive_skips = 0
         self.tokens = 0  # predictions trained on so far
@@ -109,12 +116,13 @@ class Trainer:
         self._carry = None  # TBPTT state carried into the next window (detached)
         self._rng_restored = False
         self._stop_signal: int | None = None
+        self._logger: MetricsLogger | None = None  # the logger of the fit() in progress
         self.checkpoints = None
         if self.out_dir is not None:
             self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", self.config.keep_last)
             if self.rank == 0:
-                self.checkpoints.clean()  # leftovers of a killed writer
-                remove_temporary_files(self.out_dir)
+                self.checkpoints.clean()  # leftovers of a killed writer (only what rnnkit wrote)
+                remove_staging(self.out_dir)
 
     # ------------------------------------------------------------------ training
     def fit(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
@@ -135,7 +143,7 @@ class Trainer:
             seed_everything(cfg.seed)
         self.model.train()
         batches = self.task.train_batches(cfg.batch_size, cfg.seq_len, seed=cfg.seed, start=self.step)
-        logger = self._open_logger()
+        logger = self._logger = self._open_logger()
         clock = SessionClock(self.elapsed)
         report = ProgressReport(cfg, self.step, self.history[-1]["loss"] if self.history else None, self.rank == 0)
         try:
@@ -160,6 +168,7 @@ class Trainer:
                     self._finish(logger, result)
             return result
         finally:
+            self._logger = None
             if logger is not None:
                 logger.close()
 
@@ -167,7 +176,7 @@ class Trainer:
         """The CSV/TensorBoard logger of this session (rank 0 with a ``log_dir``)."""
         if self.log_dir is None or self.rank != 0:
             return None
-        return MetricsLogger(self.log_dir, self.history, self.step)
+        return MetricsLogger(self.log_dir, self.history, self.step, self.evals)
 
     def _record(self, record: dict[str, float], batch: Batch, clock: SessionClock, logger, report) -> None:
         """Add timings to a step's record, keep it in the history, log and show it."""
@@ -187,6 +196,7 @@ class Trainer:
 
     def _evaluate_during_training(self, logger, report) -> None:
         metrics = self.evaluate("val")
+        self.evals += [{"step": self.step, "split": "val", "metric": k, "value": float(v)} for k, v in metrics.items()]
         if logger is not None:
             logger.log_eval(self.step, "val", metrics)
         report.evaluation(self.step, metrics)
@@ -289,7 +299,8 @@ class Trainer:
         if self.config.nan_policy == "raise":
             error = NonFiniteError(
                 f"step {self.step}: {what}; the weights were not updated and no checkpoint was written "
-                "after the last good step. Lower the learning rate, enable clipping, or use nan_policy='skip'."
+                "after the last good step. Lower the learning rate (--lr), enable clipping (--grad-clip), "
+                "or skip such steps (--nan-policy skip, nan_policy='skip')."
             )
             error.step = self.step
             raise error
@@ -298,7 +309,8 @@ class Trainer:
         if self.consecutive_skips > self.config.max_skips:
             error = NonFiniteError(
                 f"step {self.step}: {what} for {self.consecutive_skips} consecutive steps "
-                f"(nan_policy='skip' tolerates max_skips={self.config.max_skips}); the weights were not updated"
+                f"(nan_policy='skip' tolerates max_skips={self.config.max_skips}); the weights were not updated. "
+                "Lower the learning rate (--lr) or tolerate more skips (--max-skips)."
             )
             error.step = self.step
             raise error
@@ -374,10 +386,43 @@ class Trainer:
 
     # ------------------------------------------------------------------ final model
     def save(self, out_dir: str | os.PathLike, metrics: dict[str, Any] | None = None) -> Path:
-        """Write ``model.safetensors``, ``config.json`` (model) and ``train.json`` (run) to ``out_dir``."""
+        """Write ``model.safetensors``, ``config.json`` (model) and ``train.json`` (run) to ``out_dir``.
+
+        The files are assembled in a staging directory of rnnkit's inside ``out_dir`` and then each
+        moved over its final name, so a crash or a full disk leaves every file whole (the previous
+        one or the new one) and no temporary file among the user's.
+
+        Raises:
+            NonFiniteError: a weight is NaN or infinite; nothing is written, so a sound model already
+                in ``out_dir`` stays.
+            DiskFullError: the disk filled up; the files already in ``out_dir`` are intact.
+        """
         out_dir = Path(out_dir)
-        self.model.save_pretrained(out_dir)
-        write_json_atomic(out_dir / "train.json", dict(self._run_description(), metrics=metrics or {}))
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(
+                    f"step {self.step}: the final model has non-finite weights ({name}); it was not written "
+                    f"to {out_dir}, so the model there, if any, is kept. Lower the learning rate (--lr) or "
+                    "enable clipping (--grad-clip)."
+                )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record_final_files(out_dir)  # before they exist: a later run may replace them, never a foreign file
+        staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}"
+        remove_owned(staging)
+        try:
+            make_owned_dir(staging)
+            self.model.save_pretrained(staging)
+            write_json_atomic(staging / "train.json", dict(self._run_description(), metrics=metrics or {}))
+            for name in FINAL_FILES:
+                os.replace(staging / name, out_dir / name)
+            fsync_dir(out_dir)
+        except OSError as error:
+            if error.errno not in DISK_FULL:
+                raise
+            where = out_dir / Path(error.filename or "model").name
+            raise disk_full(error, where, f"the final model was not written; the files in {out_dir} are as they were") from None
+        finally:
+            remove_owned(staging)
         return out_dir
 
     def _run_description(self) -> dict[str, Any]:
@@ -402,6 +447,10 @@ class Trainer:
         """
         if self.checkpoints is None:
             return None
+        if self._logger is not None:
+            # The logs up to this step reach the OS before the checkpoint does: a process killed later
+            # loses none of what a resume from this checkpoint keeps (TensorBoard events are buffered).
+            self._logger.flush()
         carry = None if self._carry is None else [t.detach().cpu() for t in flatten_state(self._carry)]
         mine = {"rng": rng_states(), "carry": carry}
         per_rank = distributed.gather_objects(mine) if self.world_size > 1 else [mine]
@@ -425,6 +474,7 @@ class Trainer:
             "ranks": per_rank,
             "history_keys": list(HISTORY_KEYS),
             "history": history_tensor(self.history),
+            "evals": [dict(row) for row in self.evals],
             "skipped": self.skipped,
             "consecutive_skips": self.consecutive_skips,
             "tokens": self.tokens,
@@ -447,11 +497,14 @@ class Trainer:
                 Nothing is modified in that case.
         """
         if checkpoint is None:
-            path = self.checkpoints.latest() if self.checkpoints is not None else None
+            path = self._latest_sound_checkpoint()
             if path is None:
                 return None
         else:
             path = resolve_checkpoint(checkpoint)
+            problem = CheckpointManager.verify(path)
+            if problem is not None:
+                raise InputError(f"checkpoint: expected a readable checkpoint whose files match their checksums at {path}, got {problem}")
         info, state, optimizer_state = read_checkpoint_files(path)
         check_same_run(info, self._run_description(), path)
         check_format(state, self.world_size)
@@ -465,6 +518,7 @@ class Trainer:
         self.model.load_state_dict(weights, strict=True)
         self.history = history_records(state["history_keys"], state["history"])
         self.step = int(state["step"])
+        self.evals = list(state["evals"]) if "evals" in state else self._logged_evals()
         self.skipped = int(state["skipped"])
         self.consecutive_skips = int(state["consecutive_skips"])
         self.tokens = int(state["tokens"])
@@ -473,6 +527,41 @@ class Trainer:
         set_rng_states(mine["rng"])
         self._rng_restored = True
         return path
+
+    def _latest_sound_checkpoint(self) -> Path | None:
+        """The newest committed checkpoint whose files match their checksums. Newer ones that do not
+        are set aside (kept as ``step-<n>.corrupt``), each said on stderr."""
+        if self.checkpoints is None:
+            return None
+        say = (lambda text: print(f"resume: {text}", file=sys.stderr, flush=True)) if self.rank == 0 else (lambda t: None)
+        damaged = []
+        for _, path in reversed(self.checkpoints.committed()):
+            problem = CheckpointManager.verify(path)
+            if problem is None:
+                if damaged:
+                    say(f"falling back to {path}, the newest checkpoint whose files match their checksums")
+                return path
+            kept = self.checkpoints.quarantine(path) if self.rank == 0 else path
+            say(f"checkpoint {path} is damaged ({problem}); not used, kept as {kept.name}")
+            damaged.append(path)
+        if damaged:
+            raise InputError(
+                f"resume: expected a checkpoint in {self.checkpoints.root} whose files match their checksums, "
+                f"got {len(damaged)} damaged one(s) and no other; start again with --overwrite"
+            )
+        return None
+
+    def _logged_evals(self) -> list[dict[str, Any]]:
+        """The evaluation rows of a checkpoint written before checkpoints held them: those in
+        ``eval.csv`` up to the checkpoint's step, except a final evaluation's (at the last step)."""
+        path = self.log_dir / "eval.csv" if self.log_dir is not None else None
+        if path is None or not path.is_file():
+            return []
+        with open(path, newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if r.get("step", "").isdigit()]
+        keep = lambda s: s < self.step or (s == self.step and s < self.config.steps)  # noqa: E731
+        return [{"step": int(r["step"]), "split": r["split"], "metric": r["metric"], "value": float(r["value"])}
+                for r in rows if keep(int(r["step"]))]
 
 
 __all__ = [
