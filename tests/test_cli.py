@@ -107,7 +107,7 @@ def _quick_train(out, *extra):
         (["--seed", str(2**70)], "--seed: expected an int in [0, 2**64 - 1], got 1180591620717411303424"),
         (["--d-model", str(10**7)], "--d-model/--layers: expected a model that fits in memory, got d_model=10000000"),
         (["--task", "copy", "--bidirectional"], "bidirectional: expected False for task 'copy'"),
-        (["--task", "shakespeare", "--seq-len", "10000000"], "seq_len: expected at most"),
+        (["--task", "shakespeare", "--seq-len", "10000000"], "expected seq_len at most"),
     ],
     ids=["d-model-0", "layers-0", "threads", "seed", "absurd-size", "bidirectional-lm", "seq-len"],
 )

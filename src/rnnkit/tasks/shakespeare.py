@@ -247,8 +247,9 @@ class ShakespeareTask(Task):
         if W < 1:
             # W >= 1 exactly when T * (batch_size + 1) <= N - 1: the bound is on T for this batch size.
             raise InputError(
-                f"seq_len: expected at most {(N - 1) // (batch_size + 1)} with batch_size {batch_size} (each of "
-                f"the {batch_size} streams holds a window, and {N:,} train characters leave seq_len of slack), got {T}"
+                f"batch_size * seq_len: expected seq_len at most {(N - 1) // (batch_size + 1)} for batch_size "
+                f"{batch_size} (each stream holds a window, and the {N:,} train characters leave seq_len of slack), "
+                f"got seq_len {T}"
             )
         return W
 
