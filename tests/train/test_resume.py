@@ -107,29 +107,38 @@ def test_sigkill_many_times_fresh_interpreters(tmp_path):
         print(f"{name}: reference {duration:.2f} s, {stats}, bit-identical")
 
 
-def _checkpoint_bytes(out) -> int:
-    """Bytes an atomic write puts into the latest checkpoint of ``out`` (its files, not its markers)."""
-    latest = CheckpointManager(out / "checkpoints").latest()
-    return sum(p.stat().st_size for p in latest.iterdir() if p.name not in (MARKER, OWNER_MARKER))
+def _checkpoint_bytes(path) -> int:
+    """Bytes the atomic writes of a checkpoint put into it (its files, not its markers)."""
+    return sum(p.stat().st_size for p in path.iterdir() if p.name not in (MARKER, OWNER_MARKER))
 
 
 def _killed_inside_checkpoint_writes(tmp_path, name, steps, every, kills, rng, launch):
-    """Launch with --resume ``kills`` times, each launch SIGKILLed by the writer's fault hook inside the
-    first or second checkpoint it writes (by construction: the hook counts only bytes written into a
-    checkpoint's temporary directory), then once without faults; the result equals an uninterrupted run."""
-    reference, _ = _reference(tmp_path, name, steps, every)
-    # The latest checkpoint is the largest (its history is the longest): a limit up to its size is
-    # reached within a launch's first two checkpoint writes.
-    size = _checkpoint_bytes(reference)
+    """Launch with --resume ``kills`` times, each launch SIGKILLed by the writer's fault hook inside a
+    checkpoint write (by construction: the hook counts only bytes written into a checkpoint's
+    temporary directory), alternately the launch's first and second one, so that the run progresses;
+    then once without faults. The result equals an uninterrupted run. Returns the step each launch
+    resumed from."""
+    warm_up()
+    reference = tmp_path / f"{name}-reference"
+    assert wait_pid(fork_main([*train_argv(name, reference, steps, every), "--keep-last", "0"]), 120) == 0
+    # Checkpoints grow with their history: a limit <= the smallest lands in a launch's first write,
+    # one above the largest but <= twice the smallest in its second.
+    sizes = [_checkpoint_bytes(path) for _, path in CheckpointManager(reference / "checkpoints").committed()]
+    smallest, largest = min(sizes), max(sizes)
+    assert largest < 2 * smallest, sizes
     out = tmp_path / f"{name}-faulted"
     resumed_from = []
-    for _ in range(kills):
+    for kill in range(kills + 1):
         latest = CheckpointManager(out / "checkpoints").latest()
         resumed_from.append(int(latest.name.split("-")[1]) if latest else 0)
-        faults = {FAULT_ENV: str(rng.randint(1, size)), FAULT_SCOPE_ENV: TMP_PREFIX}
+        if kill == kills:
+            break
+        limit = rng.randint(1, smallest) if kill % 2 == 0 else rng.randint(largest + 1, 2 * smallest)
+        faults = {FAULT_ENV: str(limit), FAULT_SCOPE_ENV: TMP_PREFIX}
         assert launch(train_argv(name, out, steps, every), faults) == -signal.SIGKILL
         torn = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(TMP_PREFIX)]
         assert torn and all(is_owned(p) and not (p / MARKER).exists() for p in torn), torn  # killed mid-write
+    assert resumed_from[-1] > 0, resumed_from  # the last launch resumed mid-run
     assert launch(train_argv(name, out, steps, every), {}) == 0
     assert not any(p.name.startswith(TMP_PREFIX) for p in (out / "checkpoints").iterdir())  # cleaned at start
     assert_identical(run_state(reference), run_state(out))
@@ -158,7 +167,7 @@ def test_kills_inside_checkpoint_writes_every_run(tmp_path):
     """Larger variant: every run of RUNS, 4 kills each inside checkpoint writes, 24 steps."""
     for index, name in enumerate(sorted(RUNS)):
         resumed_from = _killed_inside_checkpoint_writes(tmp_path, name, 24, 3, 4, random.Random(index), _fork_exit_code)
-        assert any(step > 0 for step in resumed_from), resumed_from  # some launch resumed mid-run
+        assert resumed_from == [0, 0, 3, 3, 6], resumed_from  # each second kill lands after a commit
 
 
 def test_resuming_a_finished_run_changes_no_log(tmp_path, capsys):
