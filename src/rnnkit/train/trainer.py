@@ -231,6 +231,8 @@ class Trainer:
         result["val"] = metrics
         if logger is not None:
             logger.log_eval(self.step, "val", metrics)
+        if self.out_dir is not None:
+            self._check_finite_weights(self.out_dir)  # on every rank (their weights are equal): all stop together
         if self.out_dir is not None and self.rank == 0:
             self.save(self.out_dir, metrics=result)
         distributed.barrier()
@@ -398,13 +400,7 @@ class Trainer:
             DiskFullError: the disk filled up; the files already in ``out_dir`` are intact.
         """
         out_dir = Path(out_dir)
-        for name, tensor in self.model.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise NonFiniteError(
-                    f"step {self.step}: the final model has non-finite weights ({name}); it was not written "
-                    f"to {out_dir}, so the model there, if any, is kept. Lower the learning rate (--lr) or "
-                    "enable clipping (--grad-clip)."
-                )
+        self._check_finite_weights(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         record_final_files(out_dir)  # before they exist: a later run may replace them, never a foreign file
         staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}"
@@ -424,6 +420,16 @@ class Trainer:
         finally:
             remove_owned(staging)
         return out_dir
+
+    def _check_finite_weights(self, out_dir: Path) -> None:
+        """Raise NonFiniteError if a weight is NaN or infinite (the final model is then not written)."""
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(
+                    f"step {self.step}: the final model has non-finite weights ({name}); it was not written "
+                    f"to {out_dir}, so the model there, if any, is kept. Lower the learning rate (--lr) or "
+                    "enable clipping (--grad-clip)."
+                )
 
     def _run_description(self) -> dict[str, Any]:
         from rnnkit import __version__
