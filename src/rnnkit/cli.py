@@ -2,7 +2,7 @@
 
 Examples::
 
-    rnnkit train                                   # the default Shakespeare character model (~5 min on 2 cores)
+    rnnkit train                                   # the default Shakespeare character model
     rnnkit train --task adding --model gru --steps 2000
     rnnkit train --out runs/lm --checkpoint-every 200 --log-dir runs/lm/logs --resume   # survives kills
     torchrun --nproc_per_node=2 -m rnnkit train --task parity --batch-size 64          # data parallel
@@ -17,23 +17,24 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
+import itertools
 import json
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from rnnkit.errors import InputError
+from rnnkit.errors import InputError, NonFiniteError, check_positive_int, check_seed
 
-#: The default character model for ``rnnkit train`` on Shakespeare: the best of the configurations
-#: measured for a ~5-minute budget on 2 CPU cores (README "What the default run reaches"). The run is
-#: compute-bound, so the budget goes where it buys the most: a wide recurrent state (hidden 512) fed by
-#: a narrow embedding (128; 84 characters need no more, and it makes the input projection 4x cheaper),
-#: with bf16 autocast where the CPU has AMX/AVX512-BF16 (1.8-2x the fp32 tokens/s, same loss per step).
+#: The default character model for ``rnnkit train`` on Shakespeare, chosen for a few minutes of CPU
+#: training. The run is compute-bound, so the budget goes where it buys the most: a wide recurrent
+#: state (hidden 512) fed by a narrow embedding (128: 84 characters need no more, and a narrow input
+#: keeps the input projection cheap), with bf16 autocast where the device runs it fast
+#: (:func:`rnnkit.train.fast_bf16`; ``benchmarks/precision_speed.py`` measures the gain).
 #: ``layer_options`` apply only while model, block and width are all left at these defaults.
 SHAKESPEARE_DEFAULTS: dict[str, Any] = {
     "model": "lstm", "block": "stacked", "d_model": 128, "layers": 1, "steps": 1800,
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keep-last", type=int, default=3, help="resumable checkpoints kept (0: all)")
     train.add_argument("--resume", action="store_true",
                        help="continue exactly from the latest checkpoint in --out (start fresh if there is none)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start a fresh run in a non-empty --out: the earlier run's checkpoints and model are "
+                            "deleted (files rnnkit did not write are never touched)")
     train.add_argument("--nan-policy", choices=["raise", "skip"], default="raise",
                        help="non-finite loss or gradient norm: raise (default) or skip the step")
     train.add_argument("--max-skips", type=int, default=10, help="--nan-policy skip: consecutive skips tolerated")
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--split", default="test", choices=["val", "test"])
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-batches", type=int, help="score only the first N batches (default: the whole split)")
+    ev.add_argument("--device", help="default: the training device if this machine has it, else cpu")
 
     sub.add_parser("list", help="registered layers (with modes) and tasks")
 
@@ -140,40 +146,50 @@ def _layer_options(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[s
 
 
 def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
-    from rnnkit.models import ModelConfig
+    from rnnkit.models import model_config_for
 
-    head = {"per_step": "lm", "classify": "classify", "regress": "regress"}[task.target]
-    tokens = task.input_kind == "tokens"
-    return ModelConfig(
-        vocab_size=task.vocab_size if tokens else None,
-        d_input=None if tokens else task.d_input,
-        d_model=args.d_model or defaults["d_model"],
+    return model_config_for(
+        task,
+        d_model=args.d_model if args.d_model is not None else defaults["d_model"],
         block=args.block or defaults["block"],
         layer=args.model or defaults["model"],
-        num_layers=args.layers or defaults["layers"],
+        num_layers=args.layers if args.layers is not None else defaults["layers"],
         layer_options=_layer_options(args, defaults),
         bidirectional=args.bidirectional,
         dropout=args.dropout,
-        head=head,
-        n_outputs=task.d_output if head == "regress" else task.n_classes * task.n_heads,
         pooling=args.pooling,
         tie_embeddings=args.tie_embeddings,
     )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from rnnkit.train.signals import route_stop_signals
+
+    # A SIGTERM/SIGINT during set-up is held back and honoured after the first step, like one in
+    # training (a second Ctrl-C stops at once, as it does in training); one after training (while
+    # the summary and sample print) finds the run already saved.
+    pending: list[int] = []
+
+    def hold(signum: int) -> None:
+        if pending and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    with route_stop_signals(hold):
+        trainer, say, lock = _prepare_training(args)
+        try:
+            if pending:
+                trainer.request_stop(pending[0])
+            result = trainer.fit()
+            return _report_training(args, trainer, result, say)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _report_training(args: argparse.Namespace, trainer, result: dict[str, Any], say) -> int:
     from rnnkit.train import describe_metrics, distributed
 
-    # A SIGTERM/SIGINT during set-up is held back and honoured after the first step, like one in training.
-    pending: list[int] = []
-    held = _hold_signals(pending.append)
-    try:
-        trainer, say = _prepare_training(args)
-    finally:
-        _restore_signals(held)
-    if pending:
-        trainer.request_stop(pending[0])
-    result = trainer.fit()
     distributed.shutdown()
     out, model, task = trainer.out_dir, trainer.model, trainer.task
     if result["interrupted"]:
@@ -187,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"checkpoint: {out}")
     if task.input_kind == "tokens" and task.target == "per_step" and hasattr(task, "vocab") and args.sample_length > 0:
         print("sample:")
-        print(_sample(model, task, "\n", args.sample_length, 0.8, None, args.seed))
+        _print_sample(model, task, "\n", args.sample_length, 0.8, None, args.seed)
     return 0
 
 
@@ -198,17 +214,35 @@ def _prepare_training(args: argparse.Namespace):
     from rnnkit.tasks import build_task
     from rnnkit.train import TrainConfig, Trainer, distributed, resolve_precision, seed_everything
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from rnnkit.train.config import check_device
+
+    for flag, value in (("--d-model", args.d_model), ("--layers", args.layers), ("--threads", args.threads)):
+        if value is not None:
+            check_positive_int(flag, value)
+    check_seed("--seed", args.seed)
+    check_device("--device", args.device)
+    if args.resume and args.overwrite:
+        raise InputError("--overwrite: expected either --resume or --overwrite, got both")
     if args.resume and not args.out:
         raise InputError("--resume: expected --out DIR naming the run to continue, got no --out")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = distributed.init_from_env(args.device)  # joins torchrun's process group, if any
     lead = distributed.rank_and_world()[0] == 0
     task = build_task(args.task, **dict(_parse_option(o) for o in args.task_opt))
     defaults = SHAKESPEARE_DEFAULTS if args.task == "shakespeare" else GENERIC_DEFAULTS
     seed_everything(args.seed)  # parameters are initialised from the run's seed
     model_config = _model_config(args, task, defaults)
-    model = SequenceModel(model_config)
+    try:
+        model = SequenceModel(model_config)
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and "alloc" not in str(error).lower():
+            raise
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(
+            f"--d-model/--layers: expected a model that fits in memory, got d_model={model_config.d_model}, "
+            f"layers={model_config.num_layers} (allocation failed: {first_line})"
+        ) from None
     pick = lambda name, key: getattr(args, name) if getattr(args, name) is not None else defaults[key]  # noqa: E731
     config = TrainConfig(
         steps=pick("steps", "steps"), batch_size=pick("batch_size", "batch_size"),
@@ -221,40 +255,74 @@ def _prepare_training(args: argparse.Namespace):
         max_skips=args.max_skips,
     )
     out = Path(args.out or f"runs/{args.task}-{model_config.layer}-{time.strftime('%Y%m%d-%H%M%S')}")
+    lock = _claim_run_directory(args, out) if lead else None
     params = sum(p.numel() for p in model.parameters())
     say = print if lead else (lambda *a, **k: None)
     say(f"rnnkit train: task {task.name}, model {model_config.block}/{model_config.layer} "
         f"d_model={model_config.d_model} layers={model_config.num_layers} ({params:,} parameters), "
         f"{config.steps} steps of batch {config.batch_size} x {config.seq_len or task.default_seq_len}, "
         f"lr {config.lr}, {config.precision}, {torch.get_num_threads()} threads", flush=True)
-    trainer = Trainer(model, task, config, out_dir=out, run_info={"argv": sys.argv[1:]}, log_dir=args.log_dir)
-    if args.resume:
-        restored = trainer.resume()
-        say(f"resumed from {restored} at step {trainer.step}" if restored else "no checkpoint to resume: starting fresh",
-            flush=True)
-    return trainer, say
+    try:
+        trainer = Trainer(model, task, config, out_dir=out, run_info={"argv": sys.argv[1:]}, log_dir=args.log_dir)
+        if args.resume:
+            restored = trainer.resume()
+            say(f"resumed from {restored} at step {trainer.step}" if restored else "no checkpoint to resume: starting fresh",
+                flush=True)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return trainer, say, lock
 
 
-def _hold_signals(record) -> dict:
-    """Route SIGTERM/SIGINT to ``record`` (main thread only); returns the previous handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, lambda signum, frame: record(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+def _claim_run_directory(args: argparse.Namespace, out: Path):
+    """Check before training that the run can write where it is told to, that a fresh run does not
+    land among another run's files (unless ``--overwrite``) nor replace a file rnnkit did not write,
+    and lock ``out`` for this process. Returns the :class:`~rnnkit.train.rundir.RunLock`."""
+    from rnnkit.train import CheckpointManager
+    from rnnkit.train.rundir import RunLock, check_fresh, check_writable_dir, claim_outputs, discard_final_files
+
+    check_writable_dir(out, "--out")
+    if not args.resume and not args.overwrite:
+        check_fresh(out)
+    if args.log_dir:
+        check_writable_dir(args.log_dir, "--log-dir")
+    lock = RunLock(out)
+    try:
+        manager = CheckpointManager(out / "checkpoints")
+        if manager.root.exists() and not manager.root.is_dir():
+            raise InputError(f"--out: expected {manager.root} to be a directory for checkpoints, got a file")
+        foreign = manager.foreign()
+        if foreign:
+            raise InputError(
+                f"--out: expected only rnnkit's checkpoints under the names step-<n> in {manager.root}, got "
+                f"{', '.join(p.name for p in foreign)} not written by rnnkit; move them away or choose another --out"
+            )
+        claim_outputs(out)
+        if args.overwrite:
+            for _, path in manager.committed():
+                manager.discard(path)
+            discard_final_files(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
-def _restore_signals(previous: dict) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-
-def _sample(model, task, prompt: str, length: int, temperature: float, top_k: int | None, seed: int,
-            top_p: float | None = None) -> str:
+def _print_sample(model, task, prompt: str, length: int, temperature: float, top_k: int | None, seed: int,
+                  top_p: float | None = None) -> None:
+    """Print ``prompt`` and ``length`` sampled characters, each as soon as it is sampled."""
     model.eval()
     ids = task.encode(prompt)[None, :]  # (1, T0)
-    pieces = [prompt]
-    for token in model.stream(ids, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
-        pieces.append(task.decode(token))
-    return "".join(pieces)
+    tokens = model.stream(ids, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    first = next(tokens, None)  # the arguments are checked before anything is printed
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    for token in itertools.chain([] if first is None else [first], tokens):
+        sys.stdout.write(task.decode(token))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def _load_checkpoint(directory: str):
@@ -274,17 +342,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, task, _ = _load_checkpoint(args.checkpoint)
     if not hasattr(task, "vocab"):
         raise InputError(f"--checkpoint: expected a character language model, got one trained on {task.name!r}")
-    print(_sample(model, task, args.prompt, args.length, args.temperature, args.top_k, args.seed, args.top_p))
+    check_seed("--seed", args.seed)
+    _print_sample(model, task, args.prompt, args.length, args.temperature, args.top_k, args.seed, args.top_p)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rnnkit.train import TrainConfig, Trainer, describe_metrics
 
+    from rnnkit.train.config import check_device, device_available
+
+    check_positive_int("--batch-size", args.batch_size)
+    if args.max_batches is not None:
+        check_positive_int("--max-batches", args.max_batches)
     model, task, info = _load_checkpoint(args.checkpoint)
-    train = dict(info["train"], eval_batch_size=args.batch_size, progress=False)
+    saved = info["train"].get("device", "cpu")
+    device = args.device or (saved if device_available(saved) else "cpu")
+    check_device("--device", device)
+    # The whole split unless --max-batches: the training run's --eval-max-batches capped its own
+    # evaluations for speed and is not a property of the model.
+    train = dict(info["train"], eval_batch_size=args.batch_size, eval_max_batches=None, progress=False, device=device)
     trainer = Trainer(model, task, TrainConfig(**train))
-    print(f"{args.split}: {describe_metrics(trainer.evaluate(args.split, max_batches=None))}")
+    metrics, seen = trainer.evaluate_bounded(args.split, max_batches=args.max_batches)
+    part = "the whole split" if args.max_batches is None else f"the first {args.max_batches} batch(es)"
+    print(f"{args.split}: {describe_metrics(metrics)} ({seen:,} sequences: {part})")
     return 0
 
 
@@ -312,8 +393,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "bench": cmd_bench, "report": cmd_report}
     try:
         return commands[args.command](args)
-    except InputError as error:
+    except (InputError, NonFiniteError) as error:
         print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = error.filename or "a file of the run"
+        print(f"rnnkit {args.command}: error: {where}: expected room to write it, got a full disk "
+              f"({error.strerror or error})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -24,6 +24,18 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN or infinite during training."""
 
 
+class DiskFullError(InputError, OSError):
+    """A write failed because its file system is full (or the user's quota is spent).
+
+    An :class:`InputError` (the fix is outside rnnkit: free space or write elsewhere) and an
+    ``OSError`` (what the failed write raised), so handlers of either kind see it. ``errno`` and
+    ``filename`` are those of the failed write; the message names the file and says the disk is full.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "disk full"
+
+
 def describe(x: object) -> str:
     """Short description of a value for error messages: shape, dtype and device for tensors."""
     if isinstance(x, torch.Tensor):
@@ -128,6 +140,17 @@ def check_positive_int(name: str, value: object, minimum: int = 1) -> None:
         raise InputError(f"{name}: expected an int >= {minimum}, got {describe(value)}")
     if value < minimum:
         raise InputError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+#: The largest seed torch's generators accept (``torch.manual_seed`` takes unsigned 64-bit seeds).
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(name: str, value: object) -> None:
+    """Raise InputError unless ``value`` is an int in ``[0, 2**64 - 1]`` (what a torch generator takes)."""
+    check_positive_int(name, value, minimum=0)
+    if value > MAX_SEED:
+        raise InputError(f"{name}: expected an int in [0, 2**64 - 1], got {value}")
 
 
 def check_probability(name: str, value: object) -> None:

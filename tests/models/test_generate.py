@@ -100,6 +100,7 @@ def test_top_p_keeps_exactly_the_nucleus():
         (dict(prompt=torch.tensor([[1, 2]]), max_new_tokens=2, top_p=0.0), "top_p"),
         (dict(prompt=torch.tensor([[1, 2]]), max_new_tokens=2, top_p=1.5), "top_p"),
         (dict(prompt=torch.tensor([[1, 2]]), max_new_tokens=2, seed=-1), "seed"),
+        (dict(prompt=torch.tensor([[1, 2]]), max_new_tokens=2, seed=2**64), r"seed: expected an int in \[0, 2\*\*64 - 1\]"),
         (dict(prompt=torch.tensor([[1, 2]]), max_new_tokens=2, prompt_lengths=[3]), "lengths"),
         (dict(prompt=[[1, 2]], max_new_tokens=2, prompt_lengths=[2]), "prompt_lengths"),
     ],

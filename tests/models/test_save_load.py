@@ -15,6 +15,7 @@ from rnnkit.models import SequenceModel
 from rnnkit.models.io import load_weights
 from rnnkit.tasks import build_task
 from rnnkit.train import CheckpointManager, TrainConfig, Trainer
+from rnnkit.train.checkpoint import MARKER, file_sha256
 
 
 @contextlib.contextmanager
@@ -57,6 +58,10 @@ def test_checkpoint_written_on_gpu_resumes_on_cpu(tmp_path):
         data = torch.load(latest / name, weights_only=True)
         with saved_as_cuda():
             torch.save(data, latest / name)
+    # A GPU machine records the checksums of the files it wrote.
+    recorded = json.loads((latest / MARKER).read_text())
+    recorded["sha256"].update({name: file_sha256(latest / name) for name in ("optimizer.pt", "trainer_state.pt")})
+    (latest / MARKER).write_text(json.dumps(recorded))
     with pytest.raises(RuntimeError, match="CUDA"):
         torch.load(latest / "optimizer.pt", weights_only=True)  # the file really is device-tagged
     resumed = _trainer(tmp_path / "run", 6)

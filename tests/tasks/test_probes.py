@@ -14,7 +14,7 @@ import torch
 from rnnkit.errors import InputError
 from rnnkit.models import SequenceModel
 from rnnkit.tasks import IGNORE_INDEX, build_task
-from rnnkit.train.trainer import loss_and_counts
+from rnnkit.train import loss_and_counts
 
 PROBES = ["induction_heads", "modular_sum", "mqar", "n_dms", "n_parity", "permutation_composition",
           "selective_copy", "set_disjointness"]

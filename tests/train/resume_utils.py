@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -31,9 +32,10 @@ RUNS = {
 
 
 def train_argv(name: str, out: Path, steps: int, checkpoint_every: int) -> list[str]:
+    """A resumable run: evaluations during training (every 5 steps) and at the end, logs to ``out/logs``."""
     return ["train", *RUNS[name], "--steps", str(steps), "--warmup", "3", "--lr", "0.01", "--no-progress",
             "--log-every", "1", "--threads", "1", "--checkpoint-every", str(checkpoint_every), "--keep-last", "2",
-            "--resume", "--out", str(out), "--log-dir", str(out / "logs")]
+            "--eval-every", "5", "--resume", "--out", str(out), "--log-dir", str(out / "logs")]
 
 
 _WARM = []
@@ -56,16 +58,18 @@ def warm_up() -> None:
     _WARM.append(True)
 
 
-def fork_main(argv: list[str]) -> int:
-    """Run ``rnnkit.cli.main(argv)`` in a forked child (no interpreter start-up); returns its pid."""
+def fork_main(argv: list[str], env: dict[str, str] | None = None, stderr: Path | None = None) -> int:
+    """Run ``rnnkit.cli.main(argv)`` in a forked child (no interpreter start-up), with ``env`` added to
+    its environment and its stderr written to ``stderr`` (default: discarded); returns its pid."""
     warm_up()
     pid = os.fork()
     if pid == 0:  # child: never return into pytest
         code = 70
         try:
+            os.environ.update(env or {})
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
+            os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT, 0o644) if stderr else devnull, 2)
             from rnnkit.cli import main
 
             code = main(argv)
@@ -74,9 +78,9 @@ def fork_main(argv: list[str]) -> int:
     return pid
 
 
-def spawn_main(argv: list[str]) -> subprocess.Popen:
-    """Run ``python -m rnnkit argv`` as a fresh interpreter."""
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+def spawn_main(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Run ``python -m rnnkit argv`` as a fresh interpreter (``env`` added to its environment)."""
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen([sys.executable, "-m", "rnnkit", *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -109,20 +113,57 @@ def kill_after(pid: int, delay: float) -> bool:
 
 
 def run_state(out: Path) -> dict:
-    """What must be bit-identical between runs: weights, optimizer state, per-step log."""
+    """What must be bit-identical between runs: weights, optimizer state, per-step log, evaluation log
+    and the scalars TensorBoard shows (all but timings)."""
     latest = CheckpointManager(out / "checkpoints").latest()
     assert latest is not None, f"no committed checkpoint in {out}"
     trainer_state = torch.load(latest / "trainer_state.pt", weights_only=True)
     with open(out / "logs" / "train.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
+    with open(out / "logs" / "eval.csv", newline="") as handle:
+        evals = [(r["step"], r["split"], r["metric"], r["value"]) for r in csv.DictReader(handle)]
     return {
         "weights": load_file(str(out / "model.safetensors")),
         "checkpoint_weights": load_file(str(latest / "model.safetensors")),
         "optimizer": torch.load(latest / "optimizer.pt", weights_only=True),
         "history": trainer_state["history"][:, :5],  # step, loss, lr, grad_norm, skipped (not timings)
         "log": [(r["step"], r["loss"], r["lr"], r["grad_norm"], r["skipped"]) for r in rows],
+        "eval_log": evals,
+        "tensorboard": tensorboard_scalars(out / "logs"),
         "step": trainer_state["step"],
     }
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """``tag -> [(step, value)]`` as TensorBoard shows a log directory: its event files in order of
+    creation, a session start at step ``s`` dropping what was logged before at steps >= ``s``; a
+    record cut short by a kill ends its file. Timing tags (tokens/s) are left out."""
+    from tests.train.test_logs import _fields
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):  # names start with the creation time
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            if pos + 16 + length > len(data):
+                break
+            body, pos = data[pos + 12:pos + 12 + length], pos + 16 + length
+            step, scalars, restart = 0, {}, False
+            for field, value in _fields(body):
+                if field == 2:
+                    step = value
+                elif field == 5:
+                    for _, raw in _fields(value):
+                        parts = dict(_fields(raw))
+                        scalars[parts[1].decode()] = struct.unpack("<f", parts[2])[0]
+                elif field == 7:
+                    restart = dict(_fields(value)).get(1) == 1
+            if restart:
+                series = {tag: [(s, v) for s, v in points if s < step] for tag, points in series.items()}
+            for tag, value in scalars.items():
+                if "tokens_per_second" not in tag:
+                    series.setdefault(tag, []).append((step, value))
+    return series
 
 
 def assert_identical(a, b, path: str = "") -> None:

@@ -1,4 +1,5 @@
-"""Exact resume: SIGKILL at random instants, SIGTERM/SIGINT, config mismatch, atomic checkpoint dirs."""
+"""Exact resume: SIGKILL at random instants and inside checkpoint writes, SIGTERM/SIGINT, resuming a
+finished run, config mismatch, atomic and checksummed checkpoint dirs."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import pytest
 import torch
 
 from rnnkit import InputError
+from rnnkit.atomic import FAULT_ENV, FAULT_SCOPE_ENV
 from rnnkit.cli import main
 from rnnkit.train import CheckpointManager
+from rnnkit.train.checkpoint import MARKER, TMP_PREFIX
+from rnnkit.train.rundir import OWNER_MARKER, is_owned, make_owned_dir
 
 from tests.train.resume_utils import (
     RUNS, assert_identical, fork_main, kill_after, run_state, spawn_main, train_argv, wait_pid, warm_up,
@@ -103,6 +107,82 @@ def test_sigkill_many_times_fresh_interpreters(tmp_path):
         print(f"{name}: reference {duration:.2f} s, {stats}, bit-identical")
 
 
+def _checkpoint_bytes(path) -> int:
+    """Bytes the atomic writes of a checkpoint put into it (its files, not its markers)."""
+    return sum(p.stat().st_size for p in path.iterdir() if p.name not in (MARKER, OWNER_MARKER))
+
+
+def _killed_inside_checkpoint_writes(tmp_path, name, steps, every, kills, rng, launch):
+    """Launch with --resume ``kills`` times, each launch SIGKILLed by the writer's fault hook inside a
+    checkpoint write (by construction: the hook counts only bytes written into a checkpoint's
+    temporary directory), alternately the launch's first and second one, so that the run progresses;
+    then once without faults. The result equals an uninterrupted run. Returns the step each launch
+    resumed from."""
+    warm_up()
+    reference = tmp_path / f"{name}-reference"
+    assert wait_pid(fork_main([*train_argv(name, reference, steps, every), "--keep-last", "0"]), 120) == 0
+    # Checkpoints grow with their history: a limit <= the smallest lands in a launch's first write,
+    # one above the largest but <= twice the smallest in its second.
+    sizes = [_checkpoint_bytes(path) for _, path in CheckpointManager(reference / "checkpoints").committed()]
+    smallest, largest = min(sizes), max(sizes)
+    assert largest < 2 * smallest, sizes
+    out = tmp_path / f"{name}-faulted"
+    resumed_from = []
+    for kill in range(kills + 1):
+        latest = CheckpointManager(out / "checkpoints").latest()
+        resumed_from.append(int(latest.name.split("-")[1]) if latest else 0)
+        if kill == kills:
+            break
+        limit = rng.randint(1, smallest) if kill % 2 == 0 else rng.randint(largest + 1, 2 * smallest)
+        faults = {FAULT_ENV: str(limit), FAULT_SCOPE_ENV: TMP_PREFIX}
+        assert launch(train_argv(name, out, steps, every), faults) == -signal.SIGKILL
+        torn = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(TMP_PREFIX)]
+        assert torn and all(is_owned(p) and not (p / MARKER).exists() for p in torn), torn  # killed mid-write
+    assert resumed_from[-1] > 0, resumed_from  # the last launch resumed mid-run
+    assert launch(train_argv(name, out, steps, every), {}) == 0
+    assert not any(p.name.startswith(TMP_PREFIX) for p in (out / "checkpoints").iterdir())  # cleaned at start
+    assert_identical(run_state(reference), run_state(out))
+    return resumed_from
+
+
+def _fork_exit_code(argv, env):
+    return wait_pid(fork_main(argv, env), 120)
+
+
+def _spawn_exit_code(argv, env):
+    proc = spawn_main(argv, env)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode in (0, -signal.SIGKILL), output
+    return proc.returncode
+
+
+def test_kills_inside_checkpoint_writes_fresh_interpreters_resume_bit_identical(tmp_path):
+    """Two launches of `python -m rnnkit train --resume` killed inside a checkpoint write, then one that
+    finishes: weights, optimizer, train.csv, eval.csv and TensorBoard scalars equal the uninterrupted run's."""
+    _killed_inside_checkpoint_writes(tmp_path, "adding-gru2-dropout", 12, 2, 2, random.Random(7), _spawn_exit_code)
+
+
+@pytest.mark.slow
+def test_kills_inside_checkpoint_writes_every_run(tmp_path):
+    """Larger variant: every run of RUNS, 4 kills each inside checkpoint writes, 24 steps."""
+    for index, name in enumerate(sorted(RUNS)):
+        resumed_from = _killed_inside_checkpoint_writes(tmp_path, name, 24, 3, 4, random.Random(index), _fork_exit_code)
+        assert resumed_from == [0, 0, 3, 3, 6], resumed_from  # each second kill lands after a commit
+
+
+def test_resuming_a_finished_run_changes_no_log(tmp_path, capsys):
+    """A finished run resumed (twice) evaluates again but logs no second final evaluation."""
+    name, steps, every = "adding-gru2-dropout", 7, 3
+    reference, _ = _reference(tmp_path, name, steps, every)
+    before = run_state(reference)
+    for _ in range(2):
+        assert main(train_argv(name, reference, steps, every)) == 0
+    assert "resumed from" in capsys.readouterr().out
+    after = run_state(reference)
+    assert {row[0] for row in after["eval_log"]} == {"5", "7"}  # during training, then the final one
+    assert_identical(before, after)
+
+
 def _resume_after_signal(tmp_path, sig, launch_real_interpreter):
     name, steps, every = "adding-gru2-dropout", 12, 0  # no periodic checkpoints: the signal makes the only one
     reference, _ = _reference(tmp_path, name, steps, 4)
@@ -173,15 +253,26 @@ def test_checkpoint_commit_rotation_and_stray_cleanup(tmp_path):
     for step in (1, 2, 3):
         manager.save(step, lambda tmp, s=step: (tmp / "data").write_text(str(s)))
     assert [s for s, _ in manager.committed()] == [2, 3]
-    # A writer killed mid-write leaves a temp dir and possibly an unmarked final dir: neither counts.
-    (root / ".tmp-step-00000004-999").mkdir()
-    (root / ".tmp-step-00000004-999" / "data").write_text("torn")
+    # A writer killed mid-write leaves its temp dir, or a checkpoint whose deletion was cut short (its
+    # manifest removed first): neither counts, and both carry rnnkit's marker, so clean() removes them.
+    (make_owned_dir(root / ".tmp-step-00000004-999") / "data").write_text("torn")
+    make_owned_dir(root / "step-00000001")
+    # Entries without the marker are not rnnkit's, whatever their names: never counted, never removed.
+    (root / ".tmp-step-00000007-1").mkdir()
+    (root / ".tmp-step-00000007-1" / "data").write_text("foreign")
     (root / "step-00000005").mkdir()
     (root / ".model.safetensors.abc.tmp").write_text("x")
+    (root / ".tmpabc").write_text("y")
     assert manager.latest().name == "step-00000003"
     removed = {p.name for p in manager.clean()}
-    assert removed == {".tmp-step-00000004-999", "step-00000005", ".model.safetensors.abc.tmp"}
-    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000003"]
+    assert removed == {".tmp-step-00000004-999", "step-00000001"}
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".model.safetensors.abc.tmp", ".tmp-step-00000007-1", ".tmpabc", "step-00000002", "step-00000003",
+        "step-00000005"]
+    assert [p.name for p in manager.foreign()] == ["step-00000005"]
+    with pytest.raises(InputError, match="not written by rnnkit"):
+        manager.save(5, lambda tmp: (tmp / "data").write_text("5"))
+    assert (root / "step-00000005").is_dir() and not (root / "step-00000005" / MARKER).exists()
 
 
 def test_a_failing_write_never_deletes_the_previous_checkpoint(tmp_path):

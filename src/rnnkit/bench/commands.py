@@ -30,7 +30,7 @@ def add_parsers(sub) -> None:
     grid.add_argument("--models", help="comma-separated layers, each name or name:key=value:... "
                       "with the layer's options (default: every registered layer but the wrappers)")
     grid.add_argument("--tasks", help="comma-separated tasks, each name or name:key=value:... (default: the probes)")
-    grid.add_argument("--budget", default="small", help="small (30 min for ~20 layers on 2 cores) or medium")
+    grid.add_argument("--budget", default="small", help="small (sized for every layer x the default tasks in 30 min) or medium")
     grid.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1)")
     grid.add_argument("--widths", help="comma-separated d_model values (default: the budget's)")
     grid.add_argument("--steps", type=int, help="override the budget's training steps per cell")

@@ -62,9 +62,9 @@ class Budget:
         return self.max_seconds + self.eval_seconds + self.setup_seconds
 
 
-#: ``small`` is sized for every registered layer (20) x the default task list (12) in 30 minutes: 240
-#: cells x 5.5 s (3.5 s training + 1.5 s evaluation + 0.5 s allowance) + 3 s startup = 22.1 min at most,
-#: on one core (docs/findings.md has the measured run); ``medium`` trains ~8x longer per cell.
+#: ``small`` is sized for every registered layer x the default task list in 30 minutes on one core:
+#: :func:`estimate_seconds` multiplies out its caps (``rnnkit bench tasks`` prints that bound before it
+#: runs); ``medium`` trains ~8x longer per cell.
 BUDGETS = {
     "small": Budget("small", d_model=32, num_layers=1, steps=150, batch_size=32, lr=1e-2, warmup=15,
                     max_seconds=3.5, eval_examples=256, max_length_factor=2, eval_seconds=1.5,
@@ -237,7 +237,7 @@ def downsample(values: Sequence[float], points: int) -> list[list[float]]:
 
 def run_cell(cell: Cell) -> dict[str, Any]:
     """Train and evaluate one cell; returns its result row (``status`` ``"ok"``)."""
-    from rnnkit.models import ModelConfig, SequenceModel
+    from rnnkit.models import SequenceModel, model_config_for
     from rnnkit.tasks import build_task, task_options
     from rnnkit.train import TrainConfig, Trainer, seed_everything
 
@@ -248,19 +248,15 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         options["eval_examples"] = b.eval_examples
     task = build_task(cell.task.name, **options)
     train_len = cell.task.seq_len or task.default_seq_len
-    head = {"per_step": "lm", "classify": "classify", "regress": "regress"}[task.target]
-    tokens = task.input_kind == "tokens"
     layer, layer_options = parse_model(cell.model)
     seed_everything(cell.seed)
-    model = SequenceModel(ModelConfig(
-        vocab_size=task.vocab_size if tokens else None, d_input=None if tokens else task.d_input,
-        d_model=cell.d_model, block=b.block, layer=layer, layer_options=layer_options, num_layers=b.num_layers,
-        head=head,
-        n_outputs=task.d_output if head == "regress" else task.n_classes * task.n_heads,
+    model = SequenceModel(model_config_for(
+        task, d_model=cell.d_model, block=b.block, layer=layer, layer_options=layer_options, num_layers=b.num_layers,
     ))
     config = TrainConfig(
         steps=b.steps, batch_size=b.batch_size, seq_len=cell.task.seq_len, lr=b.lr, warmup_steps=b.warmup,
         eval_batch_size=b.eval_batch_size, eval_max_batches=1, seed=cell.seed, progress=False, log_every=10**9,
+        max_seconds=b.max_seconds,
     )  # eval_max_batches: the val check at the end of fit is one batch (the test split is what is reported)
     trainer = Trainer(model, task, config)
     losses: list[float] = []
@@ -268,8 +264,6 @@ def run_cell(cell: Cell) -> dict[str, Any]:
 
     def on_step(step: int, record: dict[str, float]) -> None:
         losses.append(record["loss"])
-        if time.perf_counter() - started > b.max_seconds:
-            trainer.config.steps = step  # the time cap: the trainer's loop ends after this step
 
     with contextlib.redirect_stdout(io.StringIO()):  # the trainer's end-of-run log line
         fit = trainer.fit(on_step=on_step)
@@ -309,8 +303,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     }
 
 
-#: Once per run, charged to its first cell: lazy imports and loading the fused kernels (measured 2.0-2.4 s
-#: on the project's machine; every later cell's setup took at most 0.03 s).
+#: Once per run, charged to its first cell: lazy imports and loading the fused kernels (later cells
+#: reuse them, so their setup fits the budget's ``setup_seconds``).
 STARTUP_SECONDS = 3.0
 
 

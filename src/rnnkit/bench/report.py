@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from rnnkit.atomic import write_atomic, write_text_atomic
 from rnnkit.bench.grid import read_results
 from rnnkit.errors import InputError
 
@@ -120,6 +121,13 @@ def _panel_grid(plt, count: int, panel_height: float):
     return plt.subplots(nrows, cols, figsize=(4.2 * cols, panel_height * nrows), squeeze=False)
 
 
+def _write_png(plt, fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` as a PNG (atomically) and release it."""
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
 def _save_panels(plt, fig, axes, used: int, path: Path) -> Path:
     """Blank the unused panels, add one legend for all of them below, write ``path``."""
     for ax in list(axes.flat)[used:]:
@@ -127,9 +135,7 @@ def _save_panels(plt, fig, axes, used: int, path: Path) -> Path:
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(8, len(names)), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _write_png(plt, fig, path)
 
 
 def plot_mqar_state(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -162,9 +168,7 @@ def plot_mqar_state(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: lines end top right
     fig.suptitle("MQAR: recall vs state size")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _write_png(plt, fig, path)
 
 
 def plot_lengths(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -274,7 +278,7 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike) -> list
     md = ["# rnnkit task benchmark", "", f"Source: `{results}` ({len(rows)} cells).", "", tables]
     md += [f"## {title}\n\n![{title}]({path.name})\n" for title, path in plots]
     md_path = out / "report.md"
-    md_path.write_text("\n".join(md))
+    write_text_atomic(md_path, "\n".join(md))
     images = "".join(
         f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,"
         f"{base64.b64encode(path.read_bytes()).decode()}'>"
@@ -284,5 +288,5 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike) -> list
             f"</head><body><h1>rnnkit task benchmark</h1><p>Source: <code>{html.escape(str(results))}</code> "
             f"({len(rows)} cells).</p>{_markdown_to_html(tables)}{images}</body></html>")
     html_path = out / "report.html"
-    html_path.write_text(page)
+    write_text_atomic(html_path, page)
     return [md_path, *(p for _, p in plots), html_path]

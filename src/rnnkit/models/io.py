@@ -1,7 +1,7 @@
 """Saving and loading models: ``config.json`` + ``model.safetensors``, the layout users know.
 
-Writes are atomic (a temporary file in the same directory, fsync, then ``os.replace``), so a crash
-mid-write never leaves a truncated file under the final name. Loading validates everything before
+Files are written with :func:`rnnkit.atomic.write_atomic`, so a crash mid-write never leaves a
+truncated file under the final name. Loading validates everything before
 touching the model, so a mismatched or corrupted file is a clear error, never a half-loaded model.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,37 +16,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from rnnkit.atomic import write_atomic, write_json_atomic
 from rnnkit.errors import InputError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def write_atomic(path: str | os.PathLike, write: Any) -> None:
-    """Create ``path`` atomically: ``write(tmp_name)`` fills a temporary file in the same directory,
-    which is fsynced and then renamed over ``path`` (a crash leaves the old file or the new, never half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-
-    write_atomic(path, write)
 
 
 def save_model(model: torch.nn.Module, config: dict[str, Any], out_dir: str | os.PathLike) -> Path:

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_probability, describe
+from rnnkit.errors import (
+    InputError, check_choice, check_lengths, check_positive_int, check_probability, check_seed, describe,
+)
 from rnnkit.layers import build, spec
 from rnnkit.layers.base import Recurrence, length_mask
 
@@ -369,7 +371,7 @@ class SequenceModel(nn.Module):
         if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
             raise InputError(f"top_p: expected a number in (0, 1], got {top_p!r}")
         if seed is not None:
-            check_positive_int("seed", seed, minimum=0)
+            check_seed("seed", seed)
         device = next(self.parameters()).device
         ids, lengths = _prompt_batch(prompt, prompt_lengths, device)
         generator = torch.Generator(device=device)

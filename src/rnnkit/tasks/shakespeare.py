@@ -243,11 +243,13 @@ class ShakespeareTask(Task):
         T = self.default_seq_len if seq_len is None else seq_len
         N = len(self.corpus.ids["train"])
         # Keep at least T characters of slack so the per-epoch offset can move window boundaries.
-        W = (N - 1 - T) // (batch_size * T)
+        W = max(0, N - 1 - T) // (batch_size * T)
         if W < 1:
+            # W >= 1 exactly when T * (batch_size + 1) <= N - 1: the bound is on T for this batch size.
             raise InputError(
-                f"batch_size * seq_len: expected at most {N - 1 - T} (train characters - 1 - seq_len) "
-                f"so that every stream holds a window, got {batch_size} * {T} = {batch_size * T}"
+                f"batch_size * seq_len: expected seq_len at most {(N - 1) // (batch_size + 1)} for batch_size "
+                f"{batch_size} (each stream holds a window, and the {N:,} train characters leave seq_len of slack), "
+                f"got seq_len {T}"
             )
         return W
 

@@ -73,6 +73,14 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def wrap(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``model`` inside ``DistributedDataParallel`` in a process group of more than one rank, else itself."""
+    if not is_distributed():
+        return model
+    device = torch.device(device)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -3,8 +3,9 @@
 ``train.csv`` has one row per optimizer step (``step, loss, lr, grad_norm, skipped, tokens_per_second,
 elapsed``), ``eval.csv`` one row per evaluation (``step, split, metric, value``); TensorBoard shows
 ``train/*`` and ``<split>/*`` scalars. Floats are written with ``repr`` so the CSV round-trips the
-exact values. On resume ``train.csv`` is rewritten from the checkpoint's history and ``eval.csv``
-loses rows past the checkpoint, so the logs of a resumed run equal those of an uninterrupted one.
+exact values. On resume both CSV files are rewritten from the checkpoint (its per-step history and
+its evaluations), and TensorBoard is told to forget the steps from the checkpoint's on, whose scalars
+are written again from the checkpoint, so the logs of a resumed run equal those of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rnnkit.models.io import write_atomic
+from rnnkit.atomic import write_text_atomic
 from rnnkit.train.events import EventWriter
 
 TRAIN_FIELDS = ("step", "loss", "lr", "grad_norm", "skipped", "tokens_per_second", "elapsed")
@@ -44,35 +45,44 @@ class MetricsLogger:
         log_dir: the directory (created).
         history: the per-step records already done (a resumed run), rewritten to ``train.csv``.
         resume_step: the step the run resumes from (0 for a fresh run).
+        evals: the evaluation rows already done (keys ``EVAL_FIELDS``), rewritten to ``eval.csv``.
     """
 
-    def __init__(self, log_dir: str | os.PathLike, history: list[dict[str, float]], resume_step: int) -> None:
+    def __init__(self, log_dir: str | os.PathLike, history: list[dict[str, float]], resume_step: int,
+                 evals: list[dict[str, Any]] = ()) -> None:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         train_path, eval_path = self.log_dir / "train.csv", self.log_dir / "eval.csv"
-        text = _csv_text(TRAIN_FIELDS, history)
-        write_atomic(train_path, lambda tmp: Path(tmp).write_text(text))
-        kept: list[dict[str, Any]] = []
-        if eval_path.is_file() and resume_step > 0:
-            with open(eval_path, newline="") as handle:
-                kept = [row for row in csv.DictReader(handle) if row.get("step", "").isdigit() and int(row["step"]) <= resume_step]
-        eval_text = _csv_text(EVAL_FIELDS, kept)
-        write_atomic(eval_path, lambda tmp: Path(tmp).write_text(eval_text))
+        write_text_atomic(train_path, _csv_text(TRAIN_FIELDS, history))
+        write_text_atomic(eval_path, _csv_text(EVAL_FIELDS, list(evals)))
         self._train = open(train_path, "a", newline="")
         self._eval = open(eval_path, "a", newline="")
         self._train_csv = csv.DictWriter(self._train, fieldnames=TRAIN_FIELDS, lineterminator="\n", extrasaction="ignore")
         self._eval_csv = csv.DictWriter(self._eval, fieldnames=EVAL_FIELDS, lineterminator="\n")
         self.events = EventWriter(self.log_dir)
-        # Tell TensorBoard to forget steps this session redoes (those of a killed earlier session).
-        self.events.session_start(resume_step + 1)
+        # Tell TensorBoard to forget the steps this session redoes (those of a killed or finished
+        # earlier session), from the checkpoint's own step on, whose scalars are written again
+        # from the checkpoint: an earlier session may have logged a final evaluation at that step.
+        self.events.session_start(max(resume_step, 1))
+        if resume_step > 0:
+            for record in history[-1:]:
+                self.events.add_scalars(resume_step, self._train_scalars(record))
+            again: dict[str, dict[str, float]] = {}
+            for row in evals:
+                if int(row["step"]) == resume_step:
+                    again.setdefault(row["split"], {})[row["metric"]] = float(row["value"])
+            for split, metrics in again.items():
+                self.events.add_scalars(resume_step, {f"{split}/{k}": v for k, v in metrics.items()})
 
     def log_train(self, record: dict[str, float]) -> None:
         """One step's record (keys of ``TRAIN_FIELDS``)."""
         self._train_csv.writerow({k: _fmt(record[k]) for k in TRAIN_FIELDS})
         self._train.flush()
-        step = int(record["step"])
-        scalars = {f"train/{k}": float(record[k]) for k in ("loss", "lr", "grad_norm", "tokens_per_second")}
-        self.events.add_scalars(step, scalars)
+        self.events.add_scalars(int(record["step"]), self._train_scalars(record))
+
+    @staticmethod
+    def _train_scalars(record: dict[str, float]) -> dict[str, float]:
+        return {f"train/{k}": float(record[k]) for k in ("loss", "lr", "grad_norm", "tokens_per_second")}
 
     def log_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
         """An evaluation's metrics at ``step``."""
