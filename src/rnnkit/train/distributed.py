@@ -10,6 +10,7 @@ deterministic and a resumed run continues exactly.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -53,9 +54,22 @@ def init_from_env(device: str) -> str:
     return device
 
 
+#: How long :func:`shutdown` lets the backend's worker threads finish before the group goes.
+SETTLE_SECONDS = 0.05
+
+
 def shutdown() -> None:
-    """Leave the process group (if one was joined)."""
+    """Leave the process group (if one was joined).
+
+    Every rank first meets at a barrier, so no collective is still running, then waits a moment with
+    the GIL released: a gloo worker thread frees each finished collective's tensors after the result
+    is handed back, and freeing a tensor Python created needs the GIL. Were the group's last owner
+    (DDP's reducer) freed first, its destructor would join that worker while holding the GIL, and
+    both would wait forever.
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        time.sleep(SETTLE_SECONDS)
         dist.destroy_process_group()
 
 
