@@ -287,6 +287,8 @@ def _claim_run_directory(args: argparse.Namespace, out: Path):
         check_fresh(out)
     if args.log_dir:
         check_writable_dir(args.log_dir, "--log-dir")
+        if not args.resume and not args.overwrite:
+            check_fresh(Path(args.log_dir), "--log-dir")  # a fresh run would rewrite the logs there
     lock = RunLock(out)
     try:
         manager = CheckpointManager(out / "checkpoints")

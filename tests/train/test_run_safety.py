@@ -102,6 +102,18 @@ def test_a_fresh_run_into_a_non_empty_out_needs_resume_or_overwrite(tmp_path, ca
     assert committed_steps(out) == [2, 4, 5] and (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_fresh_run_does_not_rewrite_the_logs_in_a_used_log_dir(tmp_path, capsys):
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    (logs / "train.csv").write_text("another run's log")
+    assert main(fresh_argv(out, 4, "--log-dir", str(logs))) == 2
+    _one_line_error(capsys, "--log-dir", "train.csv", "--resume", "--overwrite")
+    assert (logs / "train.csv").read_text() == "another run's log"
+    assert not out.exists() or not any(out.iterdir())  # nothing trained, nothing written
+    assert main(fresh_argv(out, 4, "--log-dir", str(logs), "--overwrite")) == 0
+    assert (logs / "train.csv").read_text().startswith("step")
+
+
 def test_a_second_run_in_the_same_directory_fails_at_once_and_kill_9_leaves_no_stale_lock(tmp_path, capsys):
     from rnnkit.train.rundir import LOCK_NAME
 
