@@ -591,6 +591,17 @@ class LSTMState(NamedTuple):
     c: torch.Tensor
 
 
+def _run_cell(cell, x, state, lengths):
+    """The reference loop of a classic cell: ``state = cell(x_t, state)`` for each step of ``x``
+    ``(B, T, D)``, the state frozen at padding; returns the outputs ``(B, T, *)`` (the state, or its
+    ``h`` for an :class:`LSTMState`) and the final state."""
+    ys = []
+    for t, x_t in enumerate(x.unbind(1)):
+        state = freeze_padding(t, lengths, cell(x_t, state), state)
+        ys.append(state.h if isinstance(state, LSTMState) else state)
+    return torch.stack(ys, 1), state
+
+
 def elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity: str):
     """One Elman step: ``x_t`` (B, D), ``h`` (B, H) -> next ``h`` (B, H)."""
     pre = F.linear(x_t, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)
@@ -606,11 +617,8 @@ def elman_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=
     Returns:
         ``y`` ``(B, T, H)`` and the final ``h`` ``(B, H)`` (at each sequence's last valid step).
     """
-    h, ys = h0, []
-    for t, x_t in enumerate(x.unbind(1)):
-        h = freeze_padding(t, lengths, elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity), h)
-        ys.append(h)
-    return torch.stack(ys, 1), h
+    return _run_cell(lambda x_t, h: elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity),
+                     x, h0, lengths)
 
 
 def gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh):
@@ -632,11 +640,7 @@ def gru_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths=None):
     Returns:
         ``y`` ``(B, T, H)`` and the final ``h`` ``(B, H)`` (at each sequence's last valid step).
     """
-    h, ys = h0, []
-    for t, x_t in enumerate(x.unbind(1)):
-        h = freeze_padding(t, lengths, gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh), h)
-        ys.append(h)
-    return torch.stack(ys, 1), h
+    return _run_cell(lambda x_t, h: gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh), x, h0, lengths)
 
 
 def lstm_cell(x_t, state, weight_ih, weight_hh, bias_ih, bias_hh, peephole=None, weight_hr=None) -> LSTMState:
@@ -666,12 +670,9 @@ def lstm_recurrent(x, state, weight_ih, weight_hh, bias_ih, bias_hh, peephole=No
     Returns:
         ``y`` ``(B, T, R)`` and the final :class:`LSTMState` (at each sequence's last valid step).
     """
-    ys = []
-    for t, x_t in enumerate(x.unbind(1)):
-        new = lstm_cell(x_t, state, weight_ih, weight_hh, bias_ih, bias_hh, peephole, weight_hr)
-        state = freeze_padding(t, lengths, new, state)
-        ys.append(state.h)
-    return torch.stack(ys, 1), state
+    return _run_cell(
+        lambda x_t, st: lstm_cell(x_t, st, weight_ih, weight_hh, bias_ih, bias_hh, peephole, weight_hr), x, state, lengths
+    )
 
 
 # ------------------------------------------------------------------------------ the entries
