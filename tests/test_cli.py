@@ -22,7 +22,7 @@ def test_train_eval_on_a_synthetic_task(tmp_path, capsys):
     assert main(argv) == 0
     assert "val: loss" in capsys.readouterr().out
     info = json.loads((out_dir / "train.json").read_text())
-    assert info["task"] == {"name": "parity", "options": {"eval_examples": 16, "variable_length": True}}
+    assert info["task"] == {"name": "parity", "options": {"eval_examples": 16, "variable_length": True}, "state": {}}
     assert main(["eval", "--checkpoint", str(out_dir), "--split", "test"]) == 0
     assert "test: loss" in capsys.readouterr().out
     assert main(["generate", "--checkpoint", str(out_dir)]) == 2  # not a character model

@@ -20,6 +20,7 @@ import ast
 import errno
 import itertools
 import json
+import os
 import signal
 import sys
 import time
@@ -329,14 +330,14 @@ def _print_sample(model, task, prompt: str, length: int, temperature: float, top
 
 def _load_checkpoint(directory: str):
     from rnnkit.models import SequenceModel
-    from rnnkit.tasks import build_task
+    from rnnkit.tasks import restore_task
 
     path = Path(directory) / "train.json"
     if not path.is_file():
         raise InputError(f"--checkpoint: expected a directory written by `rnnkit train` with {path.name}, got {directory}")
     info = json.loads(path.read_text())
     model = SequenceModel.from_pretrained(directory)
-    task = build_task(info["task"]["name"], **info["task"].get("options", {}))
+    task = restore_task(info["task"])
     return model, task, info
 
 
@@ -389,6 +390,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `--task my_module:MyTask` names a module in the user's working directory, as `python -m` would find it;
+    # appended, so it never shadows an installed module.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     from rnnkit.bench.commands import cmd_bench, cmd_report
 
     commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "list": cmd_list,

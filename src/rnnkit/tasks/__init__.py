@@ -10,6 +10,8 @@ Example:
     (torch.Size([16, 64]), torch.Size([16]), torch.Size([16]))
 
 Adding a task is one module here with a ``@register_task("name")`` class and one import line below.
+A task outside the package needs neither: ``build_task("my_module:MyTask")`` (``rnnkit train --task
+my_module:MyTask``) imports it, and a package can declare it in the ``rnnkit.tasks`` entry-point group.
 """
 
 from rnnkit.tasks.base import (
@@ -20,9 +22,12 @@ from rnnkit.tasks.base import (
     build_task,
     derive_seed,
     register_task,
+    restore_task,
     task_class,
+    task_description,
     task_names,
     task_options,
+    task_reference,
 )
 
 # Imported for their registration side effect.
@@ -39,7 +44,10 @@ __all__ = [
     "build_task",
     "derive_seed",
     "register_task",
+    "restore_task",
     "task_class",
+    "task_description",
     "task_names",
     "task_options",
+    "task_reference",
 ]

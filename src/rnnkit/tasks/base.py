@@ -18,7 +18,9 @@ where it stopped. Seeds for those coordinates come from :func:`derive_seed`.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, TypeVar
 
@@ -150,6 +152,25 @@ class Task:
         """
         raise NotImplementedError
 
+    def portable_state(self) -> dict[str, Any]:
+        """What evaluating and decoding need beyond ``options``, saved with every model trained on the task.
+
+        JSON-serialisable: a vocabulary or tokenizer, normalisation statistics, column names. With it,
+        :meth:`restore` rebuilds a task that encodes, decodes and prepares inputs exactly as at training
+        time even after the data has moved or changed. Generated tasks have nothing to add: ``{}``.
+        """
+        return {}
+
+    @classmethod
+    def restore(cls, options: dict[str, Any], state: dict[str, Any]) -> "Task":
+        """The task a model was trained on, from its saved ``options`` and :meth:`portable_state`.
+
+        Tasks that learn something from their data (a vocabulary, statistics) override this so the
+        restored task uses ``state`` instead of recomputing it, and reads its data only when batches
+        are asked for. The default rebuilds the task from ``options``.
+        """
+        return cls(**options)
+
     def encode(self, text: str) -> torch.Tensor:
         """Token ids ``(len(text),)`` int64 of ``text``; only for tasks with a text vocabulary."""
         raise InputError(f"{self.name}.encode: expected a task with a text vocabulary, got {self.name!r}")
@@ -203,8 +224,71 @@ def register_task(name: str) -> Callable[[T_], T_]:
     return decorate
 
 
+#: Entry-point group through which installed packages register tasks (``name = "module:Class"``).
+ENTRY_POINT_GROUP = "rnnkit.tasks"
+
+_entry_points_loaded = False
+
+
+def _load_entry_points() -> None:
+    """Register the tasks that installed packages declare in the ``rnnkit.tasks`` entry-point group.
+
+    Loaded once, on the first lookup, so a plug-in package costs nothing until a task is named.
+    An entry point's name is its task name; a class that is not yet registered is registered under it.
+    """
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.name in _REGISTRY:
+            continue
+        try:
+            cls = point.load()
+        except Exception as error:  # a broken plug-in must not take every other task down with it
+            warnings.warn(f"task plug-in {point.name!r} ({point.value}) could not be loaded: {error}", RuntimeWarning)
+            continue
+        if cls.name != point.name:
+            register_task(point.name)(cls)
+
+
+def _import_task_class(reference: str) -> type[Task]:
+    """The :class:`Task` subclass named by ``"module:Class"`` (a user's own task, not registered)."""
+    module_name, _, attr = reference.partition(":")
+    if not module_name or not attr:
+        raise InputError(f"task: expected a registered name or 'module:Class', got {reference!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise InputError(f"task: expected an importable module {module_name!r} (from {reference!r}), got {error}") from None
+    cls = module
+    for part in attr.split("."):
+        cls = getattr(cls, part, None)
+        if cls is None:
+            raise InputError(f"task: expected {module_name!r} to define {attr!r}, got no such attribute")
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise InputError(f"task: expected {reference!r} to be a Task subclass, got {describe(cls)}")
+    check_choice(f"{cls.__name__}.input_kind", cls.input_kind, INPUT_KINDS)
+    check_choice(f"{cls.__name__}.target", cls.target, TARGETS)
+    if not cls.__dict__.get("name"):
+        cls.name = reference  # what messages and run summaries call it
+    return cls
+
+
+def task_reference(task: Task | type[Task]) -> str:
+    """The name that rebuilds ``task`` with :func:`build_task`: its registry name, or ``"module:Class"``
+    for a task class that is not registered (a user's plug-in passed as ``--task module:Class``)."""
+    cls = task if isinstance(task, type) else type(task)
+    if cls.name and _REGISTRY.get(cls.name) is cls:
+        return cls.name
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 def task_names() -> list[str]:
-    """Registered task names, sorted."""
+    """Registered task names, sorted (including plug-ins declared through the ``rnnkit.tasks`` entry points)."""
+    _load_entry_points()
     return sorted(_REGISTRY)
 
 
@@ -217,10 +301,11 @@ def task_options(name: str) -> list[str]:
 
 
 def build_task(name: str, **options: Any) -> Task:
-    """Build a registered task.
+    """Build a registered task, or a user's own :class:`Task` subclass named ``"module:Class"``.
 
     Args:
-        name: one of :func:`task_names`.
+        name: one of :func:`task_names`, or ``"module:Class"`` for a class importable from the
+            current environment (the working directory is on the import path of ``rnnkit``'s CLI).
         **options: the task's constructor options (see its docstring); unknown names raise.
 
     Returns:
@@ -240,10 +325,29 @@ def build_task(name: str, **options: Any) -> Task:
 
 
 def task_class(name: str) -> type[Task]:
-    """The registered :class:`Task` subclass called ``name`` (its class attributes describe it)."""
+    """The :class:`Task` subclass called ``name`` (its class attributes describe it): a registered name,
+    a plug-in's entry-point name, or ``"module:Class"``."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" in name:
+        return _import_task_class(name)
+    _load_entry_points()
     if name not in _REGISTRY:
-        raise InputError(f"task: expected one of {task_names()}, got {name!r}")
+        raise InputError(f"task: expected one of {task_names()} or 'module:Class', got {name!r}")
     return _REGISTRY[name]
+
+
+def task_description(task: Task) -> dict[str, Any]:
+    """``{"name", "options", "state"}``: what :func:`restore_task` needs to rebuild ``task`` for a saved model."""
+    return {"name": task_reference(task), "options": dict(getattr(task, "options", {})), "state": task.portable_state()}
+
+
+def restore_task(description: dict[str, Any]) -> Task:
+    """The task described by a saved run's ``{"name", "options", "state"}`` (see :meth:`Task.restore`)."""
+    if not isinstance(description, dict) or not isinstance(description.get("name"), str):
+        raise InputError(f"checkpoint: expected a task description with a name, got {describe(description)}")
+    cls = task_class(description["name"])
+    return cls.restore(dict(description.get("options", {})), dict(description.get("state") or {}))
 
 
 def derive_seed(*keys: object) -> int:

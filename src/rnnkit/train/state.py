@@ -8,6 +8,7 @@ description, compared on resume so that a run never continues under a different 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -76,12 +77,20 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -
     current = json.loads(json.dumps(current))  # as it reads back from JSON (tuples become lists)
     diffs = _differences("train", saved.get("train", {}), current["train"], RESUME_FREE_FIELDS)
     diffs += _differences("model", saved.get("model", {}), current["model"])
-    diffs += _differences("task", saved.get("task", {}), current["task"])
+    # A learned vocabulary or tokenizer can be large: compare it by digest, so a changed corpus is named, not printed.
+    diffs += _differences("task", _digest_state(saved.get("task", {})), _digest_state(current["task"]))
     if diffs:
         raise InputError(
             f"resume: expected the configuration of the checkpoint at {path}, got {len(diffs)} differing "
             "field(s):\n  " + "\n  ".join(diffs)
         )
+
+
+def _digest_state(task: dict[str, Any]) -> dict[str, Any]:
+    if "state" not in task:
+        return task
+    text = json.dumps(task["state"], sort_keys=True).encode()
+    return dict(task, state=f"sha256:{hashlib.sha256(text).hexdigest()[:16]}")
 
 
 def _differences(prefix: str, saved: dict[str, Any], current: dict[str, Any], ignore=frozenset()) -> list[str]:

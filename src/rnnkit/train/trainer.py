@@ -37,7 +37,7 @@ from rnnkit.layers.base import flatten_state, map_state
 from rnnkit.models.io import read_weights
 from rnnkit.models.model import SequenceModel
 from rnnkit.models.wiring import check_fits
-from rnnkit.tasks import Batch, Task
+from rnnkit.tasks import Batch, Task, task_description
 from rnnkit.train import distributed
 from rnnkit.train.checkpoint import CheckpointManager, resolve_checkpoint
 from rnnkit.train.config import RESUME_FREE_FIELDS, TrainConfig
@@ -435,7 +435,7 @@ class Trainer:
         from rnnkit import __version__
 
         return {
-            "task": {"name": self.task.name, "options": getattr(self.task, "options", {})},
+            "task": task_description(self.task),
             "train": self.config.to_dict(),
             "model": self.model.config.to_dict(),
             "step": self.step,
