@@ -168,3 +168,38 @@ def test_foreign_files_in_the_run_directory_survive_a_run_and_a_resume(tmp_path,
     (ours / "model.safetensors").write_text("torn")
     assert main(fresh_argv(".", 4, "--resume", "--checkpoint-every", "1", "--keep-last", "1")) == 0
     assert survived() == foreign and not ours.exists() and committed_steps(here) == [4]
+
+
+class _Cut(Exception):
+    """Stands for a kill: the process stops between two filesystem operations."""
+
+
+@pytest.mark.parametrize("ops_before_kill", range(7))
+def test_a_checkpoint_deletion_cut_anywhere_never_leaves_a_foreign_looking_directory(tmp_path, monkeypatch,
+                                                                                      ops_before_kill):
+    """Rotation deletes a checkpoint file by file; a kill between any two deletions must leave a
+    directory the next start removes, not one it refuses as someone else's."""
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=1)
+    write = lambda tmp: [(tmp / name).write_bytes(b"x" * 10) for name in ("a.bin", "b.bin", "c.bin")]  # noqa: E731
+    old = manager.save(1, write)
+    real_unlink, real_rmdir, done = os.unlink, os.rmdir, [0]
+
+    def counted(real):
+        def op(*args, **kwargs):
+            if done[0] == ops_before_kill:
+                raise _Cut
+            done[0] += 1
+            return real(*args, **kwargs)
+        return op
+
+    monkeypatch.setattr(os, "unlink", counted(real_unlink))
+    monkeypatch.setattr(os, "rmdir", counted(real_rmdir))
+    try:
+        manager.discard(old)
+    except _Cut:
+        pass
+    monkeypatch.undo()
+    assert manager.foreign() == []
+    manager.clean()
+    assert manager.is_complete(old) or not old.exists()  # intact (cut before un-committing) or gone
+    assert manager.save(1, write) == old  # the step can be committed again where the cut one stood

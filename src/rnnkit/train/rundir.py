@@ -82,11 +82,55 @@ def is_owned(path: Path) -> bool:
 
 
 def remove_owned(path: Path) -> bool:
-    """Delete ``path`` with its contents if rnnkit owns it (:func:`is_owned`); returns whether it did."""
+    """Delete ``path`` with its contents if rnnkit owns it (:func:`is_owned`); returns whether it did.
+
+    The marker goes last: a removal cut short (a kill, a crash) leaves a directory that still says it
+    is rnnkit's, which the next start removes, and at worst an empty directory, never one that looks
+    like someone else's and blocks the run.
+    """
     if not is_owned(path):
         return False
-    shutil.rmtree(path, ignore_errors=True)
+    for root, dirs, files in os.walk(path, topdown=False):
+        top = Path(root) == path
+        for name in files:
+            if not (top and name == OWNER_MARKER):
+                _unlink_quietly(Path(root) / name)
+        for name in dirs:
+            entry = Path(root) / name
+            if entry.is_symlink():
+                _unlink_quietly(entry)
+            else:
+                _rmdir_quietly(entry)
+    _unlink_quietly(path / OWNER_MARKER)
+    _rmdir_quietly(path)
     return True
+
+
+def remove_if_empty(path: Path) -> bool:
+    """Remove ``path`` if it is an empty directory (nothing can be lost); returns whether it did."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        path.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _rmdir_quietly(path: Path) -> None:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)  # a file appeared meanwhile inside rnnkit's own directory
 
 
 def remove_staging(directory: Path) -> list[Path]:
