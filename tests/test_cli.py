@@ -67,11 +67,11 @@ def test_bad_arguments_exit_2_with_a_message(argv, match, capsys):
     ],
 )
 def test_default_layer_options_belong_to_the_default_model(extra, expected):
-    from rnnkit.cli import SHAKESPEARE_DEFAULTS, _model_config, build_parser
+    from rnnkit.cli import LANGUAGE_MODEL_DEFAULTS, _model_config, build_parser
     from rnnkit.tasks import build_task
 
     args = build_parser().parse_args(["train", *extra])
-    config = _model_config(args, build_task("shakespeare"), SHAKESPEARE_DEFAULTS)
+    config = _model_config(args, build_task("shakespeare"), LANGUAGE_MODEL_DEFAULTS)
     assert config.layer_options == expected
 
 

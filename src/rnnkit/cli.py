@@ -31,23 +31,32 @@ import torch
 
 from rnnkit.errors import InputError, NonFiniteError, check_positive_int, check_seed
 
-#: The default character model for ``rnnkit train`` on Shakespeare, chosen for a few minutes of CPU
-#: training. The run is compute-bound, so the budget goes where it buys the most: a wide recurrent
-#: state (hidden 512) fed by a narrow embedding (128: 84 characters need no more, and a narrow input
-#: keeps the input projection cheap), with bf16 autocast where the device runs it fast
-#: (:func:`rnnkit.train.fast_bf16`; ``benchmarks/precision_speed.py`` measures the gain).
-#: ``layer_options`` apply only while model, block and width are all left at these defaults.
-SHAKESPEARE_DEFAULTS: dict[str, Any] = {
+#: The default language model of ``rnnkit train`` (Shakespeare and every other language-model task),
+#: chosen for a few minutes of CPU training. The run is compute-bound, so the budget goes where it buys
+#: the most: a wide recurrent state (hidden 512) fed by a narrow embedding (128: a character vocabulary
+#: needs no more, and a narrow input keeps the input projection cheap), with bf16 autocast where the
+#: device runs it fast (:func:`rnnkit.train.fast_bf16`; ``benchmarks/precision_speed.py`` measures the
+#: gain). ``layer_options`` apply only while model, block and width are all left at these defaults.
+#: Without ``--steps`` or ``--max-minutes`` the run takes at most ``steps`` steps or ``budget_minutes``
+#: of training, whichever is less, so it ends in about five minutes with or without fast bf16.
+LANGUAGE_MODEL_DEFAULTS: dict[str, Any] = {
     "model": "lstm", "block": "stacked", "d_model": 128, "layers": 1, "steps": 1800,
     "batch_size": 32, "seq_len": 128, "lr": 4e-3, "warmup": 50, "eval_every": 0,
-    "layer_options": {"hidden_size": 512}, "precision": "auto",
+    "layer_options": {"hidden_size": 512}, "precision": "auto", "budget_minutes": 4.5,
 }
 #: Defaults for every other task.
 GENERIC_DEFAULTS: dict[str, Any] = {
     "model": "lstm", "block": "stacked", "d_model": 128, "layers": 1, "steps": 1000,
     "batch_size": 32, "seq_len": None, "lr": 3e-3, "warmup": 100, "eval_every": 0,
-    "layer_options": {}, "precision": "fp32",
+    "layer_options": {}, "precision": "auto", "budget_minutes": None,
 }
+
+
+def defaults_for(task) -> dict[str, Any]:
+    """The recipe ``rnnkit train`` starts from: the tuned character-LM recipe for every language-model task
+    (tokens in, the next token predicted at every step, streamed in windows), the generic one otherwise."""
+    language_model = task.input_kind == "tokens" and task.target == "per_step" and task.streaming
+    return LANGUAGE_MODEL_DEFAULTS if language_model else GENERIC_DEFAULTS
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -78,7 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dropout", type=float, default=0.0)
     train.add_argument("--tie-embeddings", action="store_true")
     train.add_argument("--pooling", choices=["last", "mean"], default="last", help="sequence heads: pooling")
-    train.add_argument("--steps", type=int)
+    train.add_argument("--steps", type=int, help="optimizer steps (with --max-minutes: the most it may run)")
+    train.add_argument("--max-minutes", type=float, metavar="M",
+                       help="time budget: the step count is fixed from the measured speed after a few steps "
+                            "(recorded, so --resume is exact); evaluations and saving come on top")
+    train.add_argument("--patience", type=int, default=0,
+                       help="early stopping: stop after this many evaluations without a lower val loss (needs --eval-every)")
+    train.add_argument("--keep-best", action="store_true",
+                       help="keep the model of the lowest val loss in OUT/best (needs --eval-every)")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--seq-len", type=int, help="training window / sequence length (default: the task's)")
     train.add_argument("--lr", type=float)
@@ -121,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a split")
     ev.add_argument("--checkpoint", required=True)
@@ -128,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-batches", type=int, help="score only the first N batches (default: the whole split)")
     ev.add_argument("--device", help="default: the training device if this machine has it, else cpu")
+    ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
     sub.add_parser("list", help="registered layers (with modes) and tasks")
 
@@ -199,7 +217,13 @@ def _report_training(args: argparse.Namespace, trainer, result: dict[str, Any], 
         return 0
     if trainer.rank != 0:
         return 0
-    print(f"done in {result['seconds']:.0f} s ({result['tokens_per_second']:,.0f} tokens/s); "
+    from rnnkit.train.progress import throughput_unit
+
+    if result["stopped_early"]:
+        print(f"stopped early at step {result['steps']}: no lower val loss in {trainer.config.patience} evaluations")
+    if result["best"] is not None and trainer.config.keep_best:
+        print(f"best: val loss {result['best']['loss']:.4f} at step {result['best']['step']}, in {trainer.best_dir}")
+    print(f"done in {result['seconds']:.0f} s ({result['tokens_per_second']:,.0f} {throughput_unit(task)}); "
           f"val: {describe_metrics(result['val'])}")
     print(f"checkpoint: {out}")
     if task.input_kind == "tokens" and task.target == "per_step" and hasattr(task, "vocab") and args.sample_length > 0:
@@ -220,18 +244,19 @@ def _prepare_training(args: argparse.Namespace):
     for flag, value in (("--d-model", args.d_model), ("--layers", args.layers), ("--threads", args.threads)):
         if value is not None:
             check_positive_int(flag, value)
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise InputError(f"--max-minutes: expected a number of minutes > 0, got {args.max_minutes}")
     check_seed("--seed", args.seed)
     check_device("--device", args.device)
     if args.resume and args.overwrite:
         raise InputError("--overwrite: expected either --resume or --overwrite, got both")
     if args.resume and not args.out:
         raise InputError("--resume: expected --out DIR naming the run to continue, got no --out")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     device = distributed.init_from_env(args.device)  # joins torchrun's process group, if any
     lead = distributed.rank_and_world()[0] == 0
     task = build_task(args.task, **dict(_parse_option(o) for o in args.task_opt))
-    defaults = SHAKESPEARE_DEFAULTS if args.task == "shakespeare" else GENERIC_DEFAULTS
+    defaults = defaults_for(task)
     seed_everything(args.seed)  # parameters are initialised from the run's seed
     model_config = _model_config(args, task, defaults)
     try:
@@ -246,7 +271,8 @@ def _prepare_training(args: argparse.Namespace):
         ) from None
     pick = lambda name, key: getattr(args, name) if getattr(args, name) is not None else defaults[key]  # noqa: E731
     config = TrainConfig(
-        steps=pick("steps", "steps"), batch_size=pick("batch_size", "batch_size"),
+        steps=args.steps if args.steps is not None else (BUDGET_STEP_CAP if args.max_minutes else defaults["steps"]),
+        budget_minutes=args.max_minutes if args.max_minutes or args.steps else defaults["budget_minutes"], patience=args.patience, keep_best=args.keep_best, batch_size=pick("batch_size", "batch_size"),
         seq_len=pick("seq_len", "seq_len"), lr=pick("lr", "lr"), warmup_steps=pick("warmup", "warmup"),
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=pick("eval_every", "eval_every"),
         eval_batch_size=args.eval_batch_size, eval_max_batches=args.eval_max_batches, seed=args.seed,
@@ -261,7 +287,7 @@ def _prepare_training(args: argparse.Namespace):
     say = print if lead else (lambda *a, **k: None)
     say(f"rnnkit train: task {task.name}, model {model_config.block}/{model_config.layer} "
         f"d_model={model_config.d_model} layers={model_config.num_layers} ({params:,} parameters), "
-        f"{config.steps} steps of batch {config.batch_size} x {config.seq_len or task.default_seq_len}, "
+        f"{_length_of_run(config)} of batch {config.batch_size} x {config.seq_len or task.default_seq_len or 'variable length'}, "
         f"lr {config.lr}, {config.precision}, {torch.get_num_threads()} threads", flush=True)
     try:
         trainer = Trainer(model, task, config, out_dir=out, run_info={"argv": sys.argv[1:]}, log_dir=args.log_dir)
@@ -276,12 +302,25 @@ def _prepare_training(args: argparse.Namespace):
     return trainer, say, lock
 
 
+#: ``--steps`` when only ``--max-minutes`` bounds the run: the budget fixes the count after a few steps.
+BUDGET_STEP_CAP = 10**9
+
+
+def _length_of_run(config) -> str:
+    if config.budget_minutes is None:
+        return f"{config.steps} steps"
+    cap = "" if config.steps == BUDGET_STEP_CAP else f", at most {config.steps} steps"
+    return f"{config.budget_minutes:g} minutes of steps{cap}"
+
+
 def _claim_run_directory(args: argparse.Namespace, out: Path):
     """Check before training that the run can write where it is told to, that a fresh run does not
     land among another run's files (unless ``--overwrite``) nor replace a file rnnkit did not write,
     and lock ``out`` for this process. Returns the :class:`~rnnkit.train.rundir.RunLock`."""
     from rnnkit.train import CheckpointManager
-    from rnnkit.train.rundir import RunLock, check_fresh, check_writable_dir, claim_outputs, discard_final_files
+    from rnnkit.train.rundir import (
+        BEST_DIR, RunLock, check_fresh, check_writable_dir, claim_outputs, discard_final_files, remove_if_empty,
+    )
 
     check_writable_dir(out, "--out")
     if not args.resume and not args.overwrite:
@@ -306,6 +345,8 @@ def _claim_run_directory(args: argparse.Namespace, out: Path):
             for _, path in manager.committed():
                 manager.discard(path)
             discard_final_files(out)
+            discard_final_files(out / BEST_DIR)
+            remove_if_empty(out / BEST_DIR)
     except BaseException:
         lock.release()
         raise
@@ -341,7 +382,14 @@ def _load_checkpoint(directory: str):
     return model, task, info
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        check_positive_int("--threads", threads)
+        torch.set_num_threads(threads)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
     model, task, _ = _load_checkpoint(args.checkpoint)
     if not hasattr(task, "vocab"):
         raise InputError(f"--checkpoint: expected a character language model, got one trained on {task.name!r}")
@@ -356,6 +404,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rnnkit.train.config import check_device, device_available
 
     check_positive_int("--batch-size", args.batch_size)
+    _set_threads(args.threads)
     if args.max_batches is not None:
         check_positive_int("--max-batches", args.max_batches)
     model, task, info = _load_checkpoint(args.checkpoint)

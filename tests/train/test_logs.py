@@ -1,5 +1,5 @@
-"""Metrics logs: CSV rows per step, TensorBoard event files checked against the format's test vectors,
-an independent decoder, and (where installed) TensorBoard's own reader."""
+"""Metrics logs: CSV rows per step, and TensorBoard event files read back by an independent decoder
+(framing, CRC-32C, protobuf fields) and, where installed, TensorBoard's own reader."""
 
 from __future__ import annotations
 
@@ -12,7 +12,27 @@ import torch
 from rnnkit.models import SequenceModel
 from rnnkit.tasks import build_task
 from rnnkit.train import TrainConfig, Trainer
-from rnnkit.train.events import EventWriter, crc32c, masked_crc32c
+from rnnkit.errors import InputError
+from rnnkit.train import logs
+from rnnkit.train.logs import MetricsLogger, TensorBoardWriter
+
+needs_tensorboardx = pytest.mark.skipif(not logs.tensorboard_available(),
+                                        reason="TensorBoard files need the optional tensorboardX package")
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit: independent of any writer."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def test_crc32c_matches_published_vectors():
@@ -80,38 +100,57 @@ def read_events(path) -> list[dict]:
     return events
 
 
-def test_event_bytes_follow_the_proto_field_numbers():
-    """Golden bytes from tensorflow/core/util/event.proto (Event: wall_time=1 double, step=2 int64,
-    summary=5, session_log=7; SessionLog.status=1, START=1) and summary.proto (Summary.value=1;
-    Value: tag=1, simple_value=2 float)."""
-    from rnnkit.train.events import encode_event
-
-    wall = b"\x09" + struct.pack("<d", 1.5)
-    assert encode_event(1.5, 3, session_start=True) == wall + b"\x10\x03" + b"\x3a\x02\x08\x01"
-    value = b"\x0a\x01a" + b"\x15" + struct.pack("<f", 2.0)
-    assert encode_event(1.5, 300, scalars={"a": 2.0}) == wall + b"\x10\xac\x02" + b"\x2a\x0a" + b"\x0a\x08" + value
-
-
+@needs_tensorboardx
 def test_event_writer_round_trips_through_an_independent_decoder(tmp_path):
-    writer = EventWriter(tmp_path)
+    writer = TensorBoardWriter(tmp_path, session_step=2)
     writer.add_scalars(3, {"train/loss": 1.5, "val/bpc": -2.25})
-    writer.session_start(2)
     writer.add_scalars(2**40, {"x": 0.1})
     writer.close()
     events = read_events(writer.path)
     assert events[0]["file_version"] == "brain.Event:2"
-    assert events[1]["step"] == 3 and events[1]["scalars"] == {"train/loss": 1.5, "val/bpc": -2.25}
-    assert events[2]["session_start"] and events[2]["step"] == 2
-    assert events[3]["step"] == 2**40 and events[3]["scalars"]["x"] == pytest.approx(0.1, rel=1e-7)
+    assert events[1]["session_start"] and events[1]["step"] == 2
+    scalars = [(e["step"], e["scalars"]) for e in events[2:]]
+    assert scalars[:2] == [(3, {"train/loss": 1.5}), (3, {"val/bpc": -2.25})]
+    assert scalars[2][0] == 2**40 and scalars[2][1]["x"] == pytest.approx(0.1, rel=1e-7)
     assert "tfevents" in writer.path.name
 
 
+@needs_tensorboardx
+def test_flush_puts_every_scalar_on_disk(tmp_path):
+    writer = TensorBoardWriter(tmp_path, session_step=1)
+    writer.add_scalars(1, {"train/loss": 2.0})
+    writer.flush()  # what a checkpoint relies on before a kill
+    assert [e["scalars"] for e in read_events(writer.path)][-1] == {"train/loss": 2.0}
+    writer.close()
+
+
+@needs_tensorboardx
+def test_sessions_started_in_the_same_second_get_their_own_files_in_order(tmp_path):
+    paths = [TensorBoardWriter(tmp_path, session_step=s) for s in (1, 5)]
+    for writer in paths:
+        writer.close()
+    assert sorted(tmp_path.glob("events.out.tfevents.*")) == [w.path for w in paths]
+
+
+def test_csv_only_without_tensorboard(tmp_path, monkeypatch):
+    logger = MetricsLogger(tmp_path / "a", [], 0, tensorboard=False)
+    logger.close()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["eval.csv", "train.csv"]
+    monkeypatch.setattr(logs, "tensorboard_available", lambda: False)
+    logger = MetricsLogger(tmp_path / "b", [], 0)  # "auto" without the package: CSV only
+    logger.close()
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["eval.csv", "train.csv"]
+    with pytest.raises(InputError, match="tensorboardX"):
+        MetricsLogger(tmp_path / "c", [], 0, tensorboard=True)
+
+
+@needs_tensorboardx
 def test_tensorboard_reads_our_event_files(tmp_path):
     accumulator = pytest.importorskip(
         "tensorboard.backend.event_processing.event_accumulator",
         reason="the optional tensorboard package is not installed; the format is checked by the decoder test",
     )
-    writer = EventWriter(tmp_path)
+    writer = TensorBoardWriter(tmp_path, session_step=1)
     for step in range(1, 4):
         writer.add_scalars(step, {"train/loss": 1.0 / step})
     writer.close()
@@ -120,10 +159,12 @@ def test_tensorboard_reads_our_event_files(tmp_path):
     assert [(e.step, round(e.value, 6)) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.333333)]
     # A resumed run (from step 2) marks the restart; TensorBoard then drops the old step 3.
     resumed = tmp_path / "resumed"
-    writer = EventWriter(resumed)
+    resumed.mkdir()
+    writer = TensorBoardWriter(resumed, session_step=1)
     for step in range(1, 4):
         writer.add_scalars(step, {"train/loss": 1.0 / step})
-    writer.session_start(3)
+    writer.close()
+    writer = TensorBoardWriter(resumed, session_step=3)
     writer.add_scalars(3, {"train/loss": 7.0})
     writer.close()
     acc = accumulator.EventAccumulator(str(resumed))
@@ -131,6 +172,7 @@ def test_tensorboard_reads_our_event_files(tmp_path):
     assert [(e.step, round(e.value, 6)) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 7.0)]
 
 
+@needs_tensorboardx
 def test_trainer_logs_every_step_to_csv_and_tensorboard(tmp_path):
     torch.manual_seed(0)
     task = build_task("parity", eval_examples=8)
@@ -162,4 +204,4 @@ def test_progress_lines_show_loss_tokens_per_second_and_eta(tmp_path, capsys):
             "--out", str(tmp_path)]
     assert main(argv) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step 1/2")][0]
-    assert "loss" in line and "tok/s" in line and "eta" in line
+    assert "loss" in line and "seq/s" in line and "eta" in line  # one regression target per sequence

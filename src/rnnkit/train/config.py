@@ -40,6 +40,11 @@ class TrainConfig:
     nan_policy: str = "raise"  # non-finite loss/grad norm: "raise" NonFiniteError, or "skip" the step
     max_skips: int = 10  # nan_policy="skip": this many consecutive skipped steps are tolerated, one more raises
     max_seconds: float | None = None  # time budget: training ends after the step that passes it (None: no cap)
+    # Time budget that fixes the run's length: after a few measured steps, ``steps`` becomes the number
+    # that fits in these minutes (at most the given ``steps``) and is recorded, so a resume is exact.
+    budget_minutes: float | None = None
+    patience: int = 0  # stop after this many evaluations without a lower val loss (0: never; needs eval_every)
+    keep_best: bool = False  # keep the model of the lowest val loss in <out_dir>/best (needs eval_every)
 
     def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
@@ -68,7 +73,16 @@ class TrainConfig:
             isinstance(self.max_seconds, bool) or not isinstance(self.max_seconds, (int, float)) or not self.max_seconds >= 0
         ):
             raise InputError(f"max_seconds: expected a number >= 0 or None, got {self.max_seconds!r}")
-        for name in ("progress",):
+        if self.budget_minutes is not None and (
+            isinstance(self.budget_minutes, bool) or not isinstance(self.budget_minutes, (int, float))
+            or not (self.budget_minutes > 0 and math.isfinite(self.budget_minutes))
+        ):
+            raise InputError(f"budget_minutes: expected a number > 0 or None, got {self.budget_minutes!r}")
+        check_positive_int("patience", self.patience, minimum=0)
+        if (self.patience or self.keep_best is True) and not self.eval_every:
+            which = "patience" if self.patience else "keep_best"
+            raise InputError(f"{which}: expected evaluations during training (eval_every > 0), got eval_every=0")
+        for name in ("progress", "keep_best"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         for name in ("mode", "device"):
@@ -111,7 +125,7 @@ def check_device(name: str, device: object) -> None:
 #: TrainConfig fields that do not change a run's trajectory: they may differ on resume.
 RESUME_FREE_FIELDS = frozenset(
     {"progress", "log_every", "eval_every", "eval_batch_size", "eval_max_batches", "device",
-     "checkpoint_every", "keep_last", "nan_policy", "max_skips", "max_seconds"}
+     "checkpoint_every", "keep_last", "nan_policy", "max_skips", "max_seconds", "keep_best"}
 )
 
 __all__ = ["RESUME_FREE_FIELDS", "TrainConfig", "check_device", "device_available"]

@@ -40,10 +40,13 @@ class ProgressReport:
         step: the step this session starts from.
         last_loss: the loss of the last step before this session (None for a fresh run).
         enabled: False on ranks > 0, which show nothing.
+        unit: the throughput's unit (:func:`throughput_unit`).
     """
 
-    def __init__(self, config: TrainConfig, step: int, last_loss: float | None, enabled: bool) -> None:
+    def __init__(self, config: TrainConfig, step: int, last_loss: float | None, enabled: bool,
+                 unit: str = "tok/s") -> None:
         self.config = config
+        self.unit = unit
         self.enabled = enabled
         self.first_step = step
         self.smoothed = last_loss
@@ -56,7 +59,7 @@ class ProgressReport:
         if math.isfinite(record["loss"]):
             self.smoothed = record["loss"] if self.smoothed is None else 0.95 * self.smoothed + 0.05 * record["loss"]
         postfix = {"loss": f"{self.smoothed:.3f}" if self.smoothed is not None else "nan",
-                   "tok/s": f"{record['tokens_per_second']:,.0f}"}
+                   self.unit: f"{record['tokens_per_second']:,.0f}"}
         if skipped_total:
             postfix["skipped"] = str(skipped_total)
         if self.last_val:
@@ -67,7 +70,12 @@ class ProgressReport:
         if self.enabled and not cfg.progress and (step % cfg.log_every == 0 or step == cfg.steps):
             rate = session_seconds / max(step - self.first_step, 1)
             print(f"step {step}/{cfg.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                  f"tok/s {record['tokens_per_second']:,.0f} eta {duration(rate * (cfg.steps - step))}", flush=True)
+                  f"{self.unit} {record['tokens_per_second']:,.0f} eta {duration(rate * (cfg.steps - step))}", flush=True)
+
+    def set_total(self, steps: int) -> None:
+        """The run's step count changed (fixed from a time budget)."""
+        self.bar.total = steps
+        self.bar.refresh()
 
     def evaluation(self, step: int, metrics: dict[str, float]) -> None:
         """Show an evaluation during training."""
@@ -85,6 +93,12 @@ class ProgressReport:
         self.close()
 
 
+def throughput_unit(task: Any) -> str:
+    """What a run's throughput counts: ``"tok/s"`` (predicted steps) for per-step targets,
+    ``"seq/s"`` for one prediction per sequence (classification, regression)."""
+    return "seq/s" if getattr(task, "target", "per_step") in ("classify", "regress") else "tok/s"
+
+
 def duration(seconds: float) -> str:
     """``"1:02:03"`` / ``"02:03"``."""
     seconds = int(round(seconds))
@@ -93,4 +107,4 @@ def duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
-__all__ = ["ProgressReport", "SessionClock", "duration"]
+__all__ = ["ProgressReport", "SessionClock", "duration", "throughput_unit"]

@@ -35,6 +35,8 @@ OWNER_MARKER = ".rnnkit-owned"
 RUN_MANIFEST = ".rnnkit-run.json"
 #: The final model's files in a run directory, as :meth:`rnnkit.train.Trainer.save` writes them.
 FINAL_FILES = ("model.safetensors", "config.json", "train.json")
+#: Subdirectory of a run where ``keep_best`` keeps the model of the lowest val loss (the final files' layout).
+BEST_DIR = "best"
 #: Prefix of the directory in which the final model is assembled before its files are moved into place.
 STAGING_PREFIX = ".rnnkit-save-"
 #: Bookkeeping files that do not make a run directory "non-empty" for a fresh run.

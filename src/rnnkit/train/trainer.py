@@ -45,14 +45,21 @@ from rnnkit.train.logs import MetricsLogger
 from rnnkit.train.metrics import describe_metrics, loss_and_counts, prediction_count, summarise
 from rnnkit.train.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from rnnkit.train.precision import autocast, fast_bf16, resolve_precision
-from rnnkit.train.progress import ProgressReport, SessionClock
+from rnnkit.train.progress import ProgressReport, SessionClock, throughput_unit
 from rnnkit.train.rng import rng_states, seed_everything, set_rng_states
-from rnnkit.train.rundir import FINAL_FILES, STAGING_PREFIX, make_owned_dir, record_final_files, remove_owned, remove_staging
+from rnnkit.train.rundir import (
+    BEST_DIR, FINAL_FILES, STAGING_PREFIX, foreign_final_files, make_owned_dir, record_final_files, remove_owned,
+    remove_staging,
+)
 from rnnkit.train.signals import route_stop_signals
 from rnnkit.train.state import (
     CHECKPOINT_FORMAT, HISTORY_KEYS, check_format, check_same_run, history_records, history_tensor,
     read_checkpoint_files, unflatten_like, write_checkpoint_files,
 )
+
+
+#: Steps timed (after the first) before ``budget_minutes`` fixes the step count; fewer within a shorter warmup.
+BUDGET_PROBE_STEPS = 20
 
 
 class Trainer:
@@ -113,6 +120,9 @@ class Trainer:
         self.consecutive_skips = 0
         self.tokens = 0  # predictions trained on so far
         self.elapsed = 0.0  # training seconds so far, over all sessions of this run
+        self.budget_steps: int | None = None  # the run's length once fixed from config.budget_minutes
+        self._budget_timer: tuple[int, float] | None = None  # (step, session seconds) where timing began
+        self._session_first_step = 0
         self._carry = None  # TBPTT state carried into the next window (detached)
         self._rng_restored = False
         self._stop_signal: int | None = None
@@ -123,11 +133,21 @@ class Trainer:
             if self.rank == 0:
                 self.checkpoints.clean()  # leftovers of a killed writer (only what rnnkit wrote)
                 remove_staging(self.out_dir)
+                foreign = foreign_final_files(self.best_dir) if self.config.keep_best else []
+                if foreign:
+                    raise InputError(f"keep_best: expected {self.best_dir} to hold no files rnnkit did not write, "
+                                     f"got {', '.join(foreign)}; move them away or choose another out_dir")
+
+    @property
+    def best_dir(self) -> Path | None:
+        """Where ``keep_best`` keeps the model of the lowest val loss: ``<out_dir>/best``."""
+        return None if self.out_dir is None else self.out_dir / BEST_DIR
 
     # ------------------------------------------------------------------ training
     def fit(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-        """Run until ``config.steps`` (or the ``config.max_seconds`` budget), evaluate on val, and
-        write the final model.
+        """Run until ``config.steps`` (fixed from ``config.budget_minutes`` after a few measured steps
+        when that is set), the ``config.max_seconds`` budget, or ``config.patience`` evaluations without
+        a lower val loss; then evaluate on val and write the final model.
 
         SIGTERM or SIGINT (Ctrl-C) at any point of the call stops the run at the next step boundary
         (or after the final evaluation or save in progress): a checkpoint is written (when ``out_dir``
@@ -136,7 +156,8 @@ class Trainer:
 
         Returns:
             ``{"steps", "seconds", "tokens_per_second", "train_loss", "val", "skipped",
-            "interrupted"}`` (``val`` is empty for an interrupted run).
+            "interrupted", "stopped_early", "best"}`` (``val`` is empty for an interrupted run;
+            ``best`` is ``{"step", "loss"}`` of the lowest val loss seen during training, or None).
         """
         cfg = self.config
         if not self._rng_restored:
@@ -145,14 +166,17 @@ class Trainer:
         batches = self.task.train_batches(cfg.batch_size, cfg.seq_len, seed=cfg.seed, start=self.step)
         logger = self._logger = self._open_logger()
         clock = SessionClock(self.elapsed)
-        report = ProgressReport(cfg, self.step, self.history[-1]["loss"] if self.history else None, self.rank == 0)
+        self._session_first_step, self._budget_timer = self.step, None
+        report = ProgressReport(cfg, self.step, self.history[-1]["loss"] if self.history else None, self.rank == 0,
+                                unit=throughput_unit(self.task))
         try:
             with route_stop_signals(self._on_signal):
                 with report:
-                    while self.step < cfg.steps and not self._out_of_time():
+                    while self.step < cfg.steps and not self._out_of_time() and not self.patience_spent():
                         batch = next(batches)
                         record = self._train_step(batch)
                         self._record(record, batch, clock, logger, report)
+                        self._fix_steps_from_budget(clock, report)
                         if on_step is not None:
                             on_step(self.step, record)
                         if self._due(cfg.eval_every) and self.step < cfg.steps:
@@ -196,11 +220,67 @@ class Trainer:
 
     def _evaluate_during_training(self, logger, report) -> None:
         metrics = self.evaluate("val")
+        improved = self.best() is None or metrics["loss"] < self.best()["loss"]
         self.evals += [{"step": self.step, "split": "val", "metric": k, "value": float(v)} for k, v in metrics.items()]
         if logger is not None:
             logger.log_eval(self.step, "val", metrics)
         report.evaluation(self.step, metrics)
+        if improved and self.config.keep_best and self.best_dir is not None:
+            if self.rank == 0:
+                self.save(self.best_dir, metrics={"step": self.step, "val": metrics})
+            distributed.barrier()
         self.model.train()
+
+    def _val_losses(self) -> list[tuple[int, float]]:
+        return [(int(r["step"]), float(r["value"])) for r in self.evals if r["split"] == "val" and r["metric"] == "loss"]
+
+    def best(self) -> dict[str, float] | None:
+        """``{"step", "loss"}`` of the lowest val loss among the evaluations during training (the
+        earliest on ties), or None before the first one."""
+        losses = self._val_losses()
+        if not losses:
+            return None
+        step, loss = min(losses, key=lambda pair: pair[1])
+        return {"step": step, "loss": loss}
+
+    def patience_spent(self) -> bool:
+        """True once ``config.patience`` evaluations in a row brought no lower val loss (early stopping).
+
+        Computed from the evaluations a checkpoint keeps, so a resumed run stops where the uninterrupted
+        one does."""
+        if not self.config.patience:
+            return False
+        losses = [loss for _, loss in self._val_losses()]
+        if not losses:
+            return False
+        best_index = losses.index(min(losses))
+        return len(losses) - 1 - best_index >= self.config.patience
+
+    def _fix_steps_from_budget(self, clock: SessionClock, report: ProgressReport) -> None:
+        """Once a few steps are timed, fix ``config.steps`` to what fits in ``config.budget_minutes``.
+
+        The first step of a session is not timed (allocations, kernel builds). Timing ends within the
+        learning-rate warmup when there is one, whose rates do not depend on the step count, so the
+        run is the one that would have been asked for with that ``steps`` from the start. Every rank
+        takes rank 0's measurement, so all agree on the count.
+        """
+        cfg = self.config
+        if cfg.budget_minutes is None or self.budget_steps is not None:
+            return
+        if self.step - self._session_first_step == 1:
+            self._budget_timer = (self.step, clock.seconds)
+            return
+        timed_from = self._budget_timer
+        probe = max(2, min(BUDGET_PROBE_STEPS, cfg.warmup_steps))
+        if timed_from is None or self.step - timed_from[0] < probe:
+            return
+        per_step = (clock.seconds - timed_from[1]) / (self.step - timed_from[0])
+        if self.world_size > 1:
+            per_step = distributed.all_sum([per_step if self.rank == 0 else 0.0], cfg.device)[0]
+        remaining = cfg.budget_minutes * 60.0 - self.elapsed
+        fitting = self.step + max(0, int(remaining / max(per_step, 1e-9)))
+        self.budget_steps = cfg.steps = max(self.step, min(cfg.steps, fitting))
+        report.set_total(cfg.steps)
 
     def _result(self, clock: SessionClock) -> dict[str, Any]:
         seconds = clock.seconds
@@ -211,6 +291,8 @@ class Trainer:
             "train_loss": self.history[-1]["loss"] if self.history else float("nan"),
             "skipped": self.skipped,
             "interrupted": None,
+            "stopped_early": self.step < self.config.steps and self.patience_spent(),
+            "best": self.best(),
             "val": {},
         }
 
@@ -485,6 +567,7 @@ class Trainer:
             "consecutive_skips": self.consecutive_skips,
             "tokens": self.tokens,
             "elapsed": self.elapsed,
+            "budget_steps": self.budget_steps,
         }
 
     def resume(self, checkpoint: str | os.PathLike | None = None) -> Path | None:
@@ -512,6 +595,10 @@ class Trainer:
             if problem is not None:
                 raise InputError(f"checkpoint: expected a readable checkpoint whose files match their checksums at {path}, got {problem}")
         info, state, optimizer_state = read_checkpoint_files(path)
+        saved_train = info.get("train", {})
+        if self.config.budget_minutes is not None and saved_train.get("budget_minutes") == self.config.budget_minutes:
+            # The step count this run fixed from its budget (or its cap, if it was not fixed yet).
+            self.config.steps = int(saved_train.get("steps", self.config.steps))
         check_same_run(info, self._run_description(), path)
         check_format(state, self.world_size)
         weights = read_weights(self.model, path)  # checked in full before anything is modified
@@ -529,6 +616,7 @@ class Trainer:
         self.consecutive_skips = int(state["consecutive_skips"])
         self.tokens = int(state["tokens"])
         self.elapsed = float(state["elapsed"])
+        self.budget_steps = state.get("budget_steps")
         self._carry = carry
         set_rng_states(mine["rng"])
         self._rng_restored = True
