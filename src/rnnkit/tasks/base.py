@@ -281,8 +281,9 @@ def task_reference(task: Task | type[Task]) -> str:
     """The name that rebuilds ``task`` with :func:`build_task`: its registry name, or ``"module:Class"``
     for a task class that is not registered (a user's plug-in passed as ``--task module:Class``)."""
     cls = task if isinstance(task, type) else type(task)
-    if cls.name and _REGISTRY.get(cls.name) is cls:
-        return cls.name
+    name = getattr(task, "name", "")
+    if name and (_REGISTRY.get(name) is cls or (name in _REGISTRY and not issubclass(cls, Task))):
+        return name  # registered, or an object standing in for a registered task (it delegates to one)
     return f"{cls.__module__}:{cls.__qualname__}"
 
 

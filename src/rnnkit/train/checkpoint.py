@@ -35,7 +35,7 @@ from typing import Callable
 
 from rnnkit.atomic import disk_full, fsync_dir, DISK_FULL
 from rnnkit.errors import DiskFullError, InputError, check_positive_int
-from rnnkit.train.rundir import OWNER_MARKER, is_owned, make_owned_dir, remove_if_empty, remove_owned
+from rnnkit.train.rundir import OWNER_MARKER, is_owned, make_owned_dir, remove_owned
 
 MARKER = "COMPLETE"
 MANIFEST_FORMAT = 1
@@ -135,7 +135,7 @@ class CheckpointManager:
             return removed
         for entry in sorted(self.root.iterdir()):
             ours = entry.name.startswith(TMP_PREFIX) or _NAME.match(entry.name)
-            if ours and not self.is_complete(entry) and (remove_owned(entry) or remove_if_empty(entry)):
+            if ours and not self.is_complete(entry) and remove_owned(entry):
                 removed.append(entry)
         return removed
 
@@ -145,7 +145,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return []
         return sorted(e for e in self.root.iterdir()
-                      if _NAME.match(e.name) and not self.is_complete(e) and not is_owned(e) and not _is_empty_dir(e))
+                      if _NAME.match(e.name) and not self.is_complete(e) and not is_owned(e))
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
         """Commit a checkpoint for ``step``: ``write(tmp_dir)`` fills a temporary directory.
@@ -163,7 +163,6 @@ class CheckpointManager:
         final = self.root / f"step-{step:08d}"
         if self.is_complete(final):
             return final  # already committed (e.g. a signal arrived right after a periodic save)
-        remove_if_empty(final)  # what a removal cut short leaves
         if (final.exists() or final.is_symlink()) and not is_owned(final):
             raise InputError(f"checkpoint: expected no foreign entry at {final}, got one not written by rnnkit; move it away")
         tmp = self.root / f"{TMP_PREFIX}{step:08d}-{os.getpid()}"
@@ -177,7 +176,7 @@ class CheckpointManager:
                 handle.flush()
                 os.fsync(handle.fileno())
             fsync_dir(tmp)
-            remove_owned(final)  # an uncommitted leftover of this run under the final name
+            self._remove(final)  # an uncommitted leftover of this run under the final name
             os.replace(tmp, final)
             fsync_dir(self.root)
         except OSError as error:
@@ -209,7 +208,22 @@ class CheckpointManager:
             (path / OWNER_MARKER).write_text("written by rnnkit; removed with its directory\n")
         (path / MARKER).unlink(missing_ok=True)
         fsync_dir(path)
-        remove_owned(path)
+        self._remove(path)
+
+    def _remove(self, path: Path) -> None:
+        """Delete a directory of rnnkit's under a checkpoint's name, first moving it out of that name.
+
+        Deleting a directory takes many steps; one cut short by a kill must not leave, under a
+        checkpoint's name, something without rnnkit's marker, which a restart would refuse as
+        foreign. Renamed first (atomic), what a cut leaves is a temporary-named directory that
+        :meth:`clean` removes while it is marked and that blocks nothing once it is not.
+        """
+        if not is_owned(path):
+            return
+        trash = self.root / f"{TMP_PREFIX}removed-{path.name}-{os.getpid()}"
+        remove_owned(trash)
+        os.replace(path, trash)
+        remove_owned(trash)
 
     def quarantine(self, path: Path) -> Path:
         """Set a committed checkpoint aside under ``step-<step>.corrupt`` (kept, no longer counted
@@ -220,11 +234,6 @@ class CheckpointManager:
         os.replace(path, target)
         fsync_dir(self.root)
         return target
-
-
-def _is_empty_dir(path: Path) -> bool:
-    """An empty real directory: what a removal cut short between its marker and the directory leaves."""
-    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
