@@ -103,3 +103,23 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike, device: s
         InputError: missing or corrupted file, missing or unexpected tensors, or shape mismatches.
     """
     model.load_state_dict(read_weights(model, directory), strict=True)
+
+
+def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Save a model with a ``config`` (a dataclass with ``to_dict``) under its class's ``CONFIG_KEY``
+    in ``config.json``, next to ``model.safetensors``."""
+    from rnnkit import __version__
+
+    return save_model(model, {model.CONFIG_KEY: model.config.to_dict(), "rnnkit_version": __version__}, out_dir)
+
+
+def from_pretrained(cls: type, config_cls: type, directory: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Load a model of class ``cls`` saved by :func:`save_pretrained` onto ``device``."""
+    data = read_config(directory)
+    if cls.CONFIG_KEY not in data:
+        raise InputError(
+            f"checkpoint: expected a {cls.CONFIG_KEY!r} entry in {directory}/config.json, got keys {sorted(data)}"
+        )
+    model = cls(config_cls.from_dict(data[cls.CONFIG_KEY]))
+    load_weights(model, directory)
+    return model.to(device)
