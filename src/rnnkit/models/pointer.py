@@ -178,7 +178,8 @@ class PointerNetwork(nn.Module):
             "stacked", d_model=d, layer=c.decoder_layer, num_layers=c.decoder_layers, dropout=c.dropout,
             **c.decoder_options,
         )
-        self.bridge = Bridge(c.bridge, self.encoder, self.decoder.layers, d_summary)
+        same_layers = (c.encoder_layer, c.encoder_options) == (c.decoder_layer, c.decoder_options)
+        self.bridge = Bridge(c.bridge, self.encoder, self.decoder.layers, d_summary, same_layers)
         self.pointer = CrossAttention("additive", self.decoder.d_output, d_memory, d)
 
     def save_pretrained(self, out_dir):

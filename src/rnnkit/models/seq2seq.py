@@ -29,12 +29,13 @@ predictions) the decoder runs one ``step`` at a time. Both paths compute the sam
   causal encoder) or its masked mean over time (a bidirectional one), ``(B, D_enc)``, is mapped by one
   learned linear layer into each floating tensor of each decoder layer's state, reshaped to that
   tensor's shape; so an LSTM gets ``h`` and ``c``, a matrix-state layer its ``(H, K, V)`` matrix,
-  a Mamba layer its convolution buffer and SSM state. A layer whose state is a cache that grows with the
-  context (``attention``, whose empty cache has no slot to write into) instead reads the projected
-  summary as its first input: one ``step`` from its initial state. Non-floating state parts keep
-  their initial values.
+  a Mamba layer its convolution buffer and SSM state. A layer whose state is or holds a cache of past
+  steps (``attention``'s KV cache, ``based``'s sliding window: slots with validity flags and positions,
+  which a projection would fill with invented steps) instead reads the projected summary as its first
+  input: one ``step`` from its initial state. Non-floating state parts keep their initial values.
 - ``"zeros"``: the decoder's own initial state; the source reaches it through attention only.
-- ``"auto"``: ``copy`` where it applies, else ``project``.
+- ``"auto"``: ``copy`` when the encoder is causal and uses the decoder's layer, options and number of
+  layers, else ``project``.
 
 Padding: ``src_lengths`` masks the source everywhere (encoder, pooling, attention); values in the
 source padding (NaN included) never reach an output or a gradient. Logits at target padding
@@ -294,9 +295,18 @@ def _structure(state: Any) -> Any:
     return type(state).__name__, tuple(_structure(part) for part in state)
 
 
+def _has_slot_flags(state: Any) -> bool:
+    """Whether a state holds validity flags of cache slots (a field ``valid`` or ``*_valid``)."""
+    if isinstance(state, torch.Tensor):
+        return False
+    names = getattr(state, "_fields", ())
+    return any(n == "valid" or n.endswith("_valid") for n in names) or any(_has_slot_flags(p) for p in state)
+
+
 def _is_cache(layer: Recurrence) -> bool:
-    """A layer whose state is a cache that fills with the context (it is smaller when empty)."""
-    return layer.state_size_at(0) < layer.state_size
+    """A layer whose state is (or holds) a cache of past steps: it fills with the context, or it keeps
+    validity flags per slot (a sliding window). Writing into such a state would invent cached steps."""
+    return layer.state_size_at(0) < layer.state_size or _has_slot_flags(layer.init_state(1, device="meta"))
 
 
 class Bridge(nn.Module):
@@ -307,11 +317,14 @@ class Bridge(nn.Module):
         encoder: the encoder body (its final state is what ``copy`` passes on).
         decoder_layers: the decoder's layers, bottom first (a ``stacked`` decoder's ``layers``).
         d_summary: width of the source summary ``project`` reads.
+        same_layers: the encoder and decoder use the same layer with the same options (``auto`` copies
+            only then).
 
     ``encoder`` None (a set encoder, whose summary is not a recurrent state) rules out ``copy``.
     """
 
-    def __init__(self, kind: str, encoder: Recurrence | None, decoder_layers, d_summary: int) -> None:
+    def __init__(self, kind: str, encoder: Recurrence | None, decoder_layers, d_summary: int,
+                 same_layers: bool = False) -> None:
         super().__init__()
         check_choice("bridge", kind, BRIDGES)
         same = encoder is not None and encoder.causal and _structure(encoder.init_state(1, device="meta")) == \
@@ -321,7 +334,8 @@ class Bridge(nn.Module):
                 "bridge: 'copy' expected an encoder whose final state has the decoder's structure and shapes "
                 "(the same causal layer, options and number of layers), got different ones; use 'project'"
             )
-        self.kind = ("copy" if same else "project") if kind == "auto" else kind
+        # States of two layer families may share shapes by accident; "auto" copies only a layer's own state.
+        self.kind = ("copy" if same and same_layers else "project") if kind == "auto" else kind
         self.decoder_layers = list(decoder_layers)  # not registered again: the decoder owns them
         self.projections = nn.ModuleList()
         if self.kind == "project":
@@ -405,7 +419,8 @@ class Seq2Seq(nn.Module):
             "stacked", d_model=d, layer=c.decoder_layer, num_layers=c.decoder_layers, dropout=c.dropout,
             **c.decoder_options,
         )
-        self.bridge = Bridge(c.bridge, self.encoder, self.decoder.layers, self.encoder.d_output)
+        same_layers = (c.encoder_layer, c.encoder_options) == (c.decoder_layer, c.decoder_options)
+        self.bridge = Bridge(c.bridge, self.encoder, self.decoder.layers, self.encoder.d_output, same_layers)
         d_dec, d_enc = self.decoder.d_output, self.encoder.d_output
         if c.attention == "none":
             self.attention = None
