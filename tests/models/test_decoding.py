@@ -155,3 +155,19 @@ def test_bad_arguments_name_themselves():
             beam_search(model, src, sl, **{"max_len": 3, "bos_id": BOS, "eos_id": EOS, **kwargs})
     with pytest.raises(InputError, match="tokens"):
         greedy_decode(model, src, sl, max_len=3)  # a Seq2Seq model needs its start token
+
+
+def test_search_stops_once_every_source_has_its_beam_finished():
+    model = make(seed=4, vocab=4)
+    with torch.no_grad():
+        model.out.bias[EOS] = 30.0  # EOS first at every step, then the other tokens
+    calls = []
+    step = model.decode_step
+    model.decode_step = lambda *args: calls.append(1) or step(*args)
+    src, sl = sources(4)
+    result = beam_search(model, src, sl, beam_size=2, max_len=20, bos_id=BOS, eos_id=EOS, n_best=2)
+    assert len(calls) == 2  # [EOS] finishes at step 1, [x, EOS] at step 2: two per source
+    assert (result.lengths == torch.tensor([1, 2])).all()
+    calls.clear()
+    greedy_decode(model, src, sl, max_len=20, bos_id=BOS, eos_id=EOS)
+    assert len(calls) == 1
