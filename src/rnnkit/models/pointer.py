@@ -30,6 +30,7 @@ from torch import nn
 from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_probability, describe
 from rnnkit.layers import build
 from rnnkit.layers.base import Recurrence, length_mask
+from rnnkit.models.io import Pretrained
 from rnnkit.models.model import build_body
 from rnnkit.models.seq2seq import (
     BRIDGES, Bridge, ConfigDict, CrossAttention, Memory, check_bool_field, check_layer_field, check_options_field,
@@ -129,7 +130,7 @@ class PointerState(NamedTuple):
     chosen: torch.Tensor
 
 
-class PointerNetwork(nn.Module):
+class PointerNetwork(Pretrained, nn.Module):
     """Pointer network with an ``rnn`` or ``set`` (Read-Process-Write) encoder (module docstring).
 
     Args:
@@ -151,14 +152,11 @@ class PointerNetwork(nn.Module):
     """
 
     CONFIG_KEY = "pointer"
+    CONFIG_CLASS = PointerConfig
 
     def __init__(self, config: PointerConfig | None = None, **fields: Any) -> None:
         super().__init__()
-        if config is None:
-            config = PointerConfig(**fields)
-        elif fields:
-            raise InputError(f"PointerNetwork: expected a config or keywords, got both ({sorted(fields)})")
-        self.config = c = config
+        self.config = c = self.resolve_config(config, fields)
         d = c.d_model
         if c.encoder == "set":
             self.set_encoder = SetEncoder(c.d_input, d, c.process_steps, c.process_layer, c.process_options)
@@ -181,19 +179,6 @@ class PointerNetwork(nn.Module):
         same_layers = (c.encoder_layer, c.encoder_options) == (c.decoder_layer, c.decoder_options)
         self.bridge = Bridge(c.bridge, self.encoder, self.decoder.layers, d_summary, same_layers)
         self.pointer = CrossAttention("additive", self.decoder.d_output, d_memory, d)
-
-    def save_pretrained(self, out_dir):
-        """Write ``config.json`` and ``model.safetensors`` to ``out_dir`` (atomically)."""
-        from rnnkit.models.io import save_pretrained
-
-        return save_pretrained(self, out_dir)
-
-    @classmethod
-    def from_pretrained(cls, directory, device: str | torch.device = "cpu"):
-        """Load a model saved by :meth:`save_pretrained` onto ``device``."""
-        from rnnkit.models.io import from_pretrained
-
-        return from_pretrained(cls, PointerConfig, directory, device)
 
     def encode(self, src: torch.Tensor, src_lengths=None, mode: str = "auto") -> tuple[PointerMemory, PointerState]:
         """Read the elements ``src`` (B, n, D_in): the pointer's :class:`PointerMemory` and the decoder's

@@ -57,6 +57,7 @@ from torch import nn
 from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_probability, describe
 from rnnkit.layers import build, flatten_state, map_state, spec
 from rnnkit.layers.base import Recurrence, length_mask
+from rnnkit.models.io import Pretrained
 from rnnkit.models.model import build_body
 
 ATTENTION_KINDS = ("none", "additive", "dot", "general", "multihead")
@@ -376,7 +377,7 @@ class DecoderState(NamedTuple):
     feed: torch.Tensor
 
 
-class Seq2Seq(nn.Module):
+class Seq2Seq(Pretrained, nn.Module):
     """Encoder-decoder with attention, any registered recurrence on either side (module docstring).
 
     Args:
@@ -396,14 +397,11 @@ class Seq2Seq(nn.Module):
     """
 
     CONFIG_KEY = "seq2seq"
+    CONFIG_CLASS = Seq2SeqConfig
 
     def __init__(self, config: Seq2SeqConfig | None = None, **fields: Any) -> None:
         super().__init__()
-        if config is None:
-            config = Seq2SeqConfig(**fields)
-        elif fields:
-            raise InputError(f"Seq2Seq: expected a config or keywords, got both ({sorted(fields)})")
-        self.config = c = config
+        self.config = c = self.resolve_config(config, fields)
         d = c.d_model
         if c.src_vocab_size is not None:
             self.src_embedding: nn.Module = nn.Embedding(c.src_vocab_size, d)
@@ -435,20 +433,6 @@ class Seq2Seq(nn.Module):
             if d_pre != d:
                 raise InputError(f"tie_embeddings: expected the decoder output width to equal d_model = {d}, got {d_pre}")
             self.out.weight = self.tgt_embedding.weight
-
-    # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, out_dir):
-        """Write ``config.json`` and ``model.safetensors`` to ``out_dir`` (atomically)."""
-        from rnnkit.models.io import save_pretrained
-
-        return save_pretrained(self, out_dir)
-
-    @classmethod
-    def from_pretrained(cls, directory, device: str | torch.device = "cpu"):
-        """Load a model saved by :meth:`save_pretrained` onto ``device``."""
-        from rnnkit.models.io import from_pretrained
-
-        return from_pretrained(cls, Seq2SeqConfig, directory, device)
 
     # ------------------------------------------------------------------ encoder
     def encode(self, src: torch.Tensor, src_lengths=None, mode: str = "auto") -> tuple[Memory, DecoderState]:
