@@ -150,7 +150,7 @@ def test_bad_arguments_name_themselves():
     src, sl = sources()
     for kwargs, name in (({"beam_size": 0}, "beam_size"), ({"n_best": 4, "beam_size": 3}, "n_best"),
                          ({"alpha": -1.0}, "alpha"), ({"penalty": "wu"}, "penalty"), ({"max_len": 0}, "max_len"),
-                         ({"eos_id": -1}, "eos_id")):
+                         ({"eos_id": -1}, "eos_id"), ({"eos_id": 3}, "eos_id")):
         with pytest.raises(InputError, match=name):
             beam_search(model, src, sl, **{"max_len": 3, "bos_id": BOS, "eos_id": EOS, **kwargs})
     with pytest.raises(InputError, match="tokens"):

@@ -63,6 +63,12 @@ def _check_common(max_len: int, bos_id, eos_id, pad_id) -> None:
     check_positive_int("pad_id", pad_id, minimum=0)
 
 
+def _check_eos(eos_id: int | None, logits: torch.Tensor) -> None:
+    """Raise InputError unless the end token is an id of the model's ``(B, V)`` output."""
+    if eos_id is not None and eos_id >= logits.shape[-1]:
+        raise InputError(f"eos_id: expected an id in [0, {logits.shape[-1]}) (the model's outputs), got {eos_id}")
+
+
 def _first_tokens(bos_id: int | None, batch: int, device) -> torch.Tensor | None:
     return None if bos_id is None else torch.full((batch,), bos_id, dtype=torch.long, device=device)
 
@@ -88,6 +94,7 @@ def _decode_one_path(model, src, src_lengths, max_len, bos_id, eos_id, pad_id,
     chosen = []
     for _ in range(max_len):
         logits, state = model.decode_step(tokens, state, memory)
+        _check_eos(eos_id, logits)
         log_probs = torch.log_softmax(logits.double(), -1)
         tokens = choose(logits)
         total += torch.where(finished, 0.0, log_probs.gather(-1, tokens[:, None]).squeeze(1))
@@ -124,8 +131,7 @@ def sample_decode(model, src, src_lengths=None, *, max_len: int, bos_id: int | N
     """Sampling with temperature, top-k and nucleus (top-p) filtering, as ``SequenceModel.generate``
     (same options and sampler); the same ``seed`` draws the same samples. Other arguments as
     :func:`greedy_decode`; ``log_probs`` are the model's, before temperature and filtering."""
-    _, device = _batch_size(src)
-    generator = sampling_generator(temperature, top_k, top_p, seed, device)
+    generator = sampling_generator(temperature, top_k, top_p, seed, next(model.parameters()).device)
     return _decode_one_path(model, src, src_lengths, max_len, bos_id, eos_id, pad_id,
                             lambda logits: sample_token(logits, temperature, top_k, top_p, generator))
 
@@ -183,6 +189,7 @@ def beam_search(model, src, src_lengths=None, *, beam_size: int = 5, max_len: in
     rows = torch.arange(batch, device=device)[:, None]
     for t in range(1, max_len + 1):
         logits, state = model.decode_step(tokens, state, memory)
+        _check_eos(eos_id, logits)
         vocab = logits.shape[-1]
         candidates = (alive[..., None] + torch.log_softmax(logits.double(), -1).view(batch, k, vocab))
         candidates = candidates.view(batch, k * vocab)

@@ -518,7 +518,8 @@ class Seq2Seq(Pretrained, nn.Module):
                 sampled from the model's own previous prediction (see
                 :func:`rnnkit.models.losses.teacher_forcing_probability` for schedules). 1: plain
                 teacher forcing.
-            generator: the random generator of scheduled sampling (same generator state, same draws).
+            generator: the random generator of scheduled sampling, on the model's device (same generator
+                state, same draws); None draws from torch's global generator.
 
         Returns:
             logits ``(B, T, V)``, exactly zero at target padding.
@@ -531,13 +532,13 @@ class Seq2Seq(Pretrained, nn.Module):
         if not isinstance(teacher_forcing, (int, float)) or isinstance(teacher_forcing, bool) \
                 or not 0 <= teacher_forcing <= 1:
             raise InputError(f"teacher_forcing: expected a probability in [0, 1], got {teacher_forcing!r}")
-        if tgt_in.shape[0] != src.shape[0] or tgt_in.shape[1] < 1:
-            raise InputError(f"tgt_in: expected shape (B, T) with B = {src.shape[0]} and T >= 1, got {describe(tgt_in)}")
         needs_step = c.input_feeding or teacher_forcing < 1
         if path == "sequence" and needs_step:
             raise InputError("path: expected 'step' or 'auto' with input feeding or scheduled sampling "
                              "(each step reads the previous step's output), got 'sequence'")
         memory, state = self.encode(src, src_lengths, mode)
+        if tgt_in.shape[0] != src.shape[0] or tgt_in.shape[1] < 1:
+            raise InputError(f"tgt_in: expected shape (B, T) with B = {src.shape[0]} and T >= 1, got {describe(tgt_in)}")
         lengths = check_lengths(tgt_lengths, tgt_in.shape[0], tgt_in.shape[1], tgt_in.device)
         if path == "sequence" or (path == "auto" and not needs_step):
             h, _ = self.decoder(self.tgt_embedding(tgt_in), state.rnn, lengths, mode)  # (B, T, D_dec)
