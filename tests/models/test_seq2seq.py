@@ -107,6 +107,27 @@ def test_encoders_mask_source_padding(encoder, attention):
     assert all(torch.equal(a, b) for a, b in zip(clean, grads))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", CAUSAL_LAYERS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_every_layer_as_encoder(layer, bidirectional):
+    """Every registered recurrence as the encoder, one or both directions: source padding masked,
+    both decoder paths equal, gradients reach the source embedding."""
+    model = make(encoder_layer=layer, encoder_options=tiny_options(layer), bidirectional=bidirectional,
+                 attention="additive", src_vocab_size=None, src_d_input=3)
+    g = torch.Generator().manual_seed(1)
+    src = torch.randn(3, 6, 3, generator=g, dtype=torch.float64)
+    sl = torch.tensor([6, 4, 1])
+    tin = torch.randint(0, 6, (3, 4), generator=g)
+    logits = model(src, sl, tin)
+    poisoned = src.clone()
+    poisoned[1, 4:] = float("nan")
+    assert torch.equal(model(poisoned, sl, tin), logits)
+    assert_close(model(src, sl, tin, path="step"), logits, dtype=torch.float64)
+    model(poisoned, sl, tin).sum().backward()
+    assert torch.isfinite(model.src_embedding.weight.grad).all() and model.src_embedding.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("attention", ["additive", "dot", "general", "multihead"])
 @pytest.mark.parametrize("feeding", [False, True])
 def test_decode_step_equals_teacher_forcing(attention, feeding):
@@ -130,6 +151,13 @@ def test_input_feeding_changes_the_function_and_sequence_path_refuses_it():
     assert not torch.allclose(plain(src, sl, tin), fed(src, sl, tin))
     with pytest.raises(InputError, match="path"):
         fed(src, sl, tin, path="sequence")
+    # The next step reads the attentional vector of the step before.
+    memory, state = fed.decode_init(src, sl)
+    _, state = fed.decode_step(tin[:, 0], state, memory)
+    assert state.feed.shape == (3, D) and state.feed.abs().sum() > 0
+    fed_logits, _ = fed.decode_step(tin[:, 1], state, memory)
+    unfed_logits, _ = fed.decode_step(tin[:, 1], state._replace(feed=torch.zeros_like(state.feed)), memory)
+    assert not torch.allclose(fed_logits, unfed_logits)
 
 
 def test_attention_weights_ignore_source_padding():

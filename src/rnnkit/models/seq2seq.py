@@ -447,7 +447,7 @@ class Seq2Seq(Pretrained, nn.Module):
             src = zero_padding(src, mask)  # before the projection: NaN * 0 would poison its weight gradient
         x = zero_padding(self.src_embedding(src), mask)  # (B, S, D)
         outputs, final = self.encoder(x, None, lengths, mode)
-        outputs = zero_padding(outputs, mask)  # a residual stack carries its input through the padding
+        outputs = zero_padding(outputs, mask)  # residual blocks write MLP(norm(0)) there; the memory is zero
         summary = pool_memory(outputs, lengths, self.encoder.causal)
         rnn = self.bridge(summary, final)
         memory = self.attention.prepare(outputs, mask) if self.attention is not None else Memory(outputs, outputs, mask)
