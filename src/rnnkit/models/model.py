@@ -442,7 +442,7 @@ def sampling_generator(temperature: float, top_k: int | None, top_p: float | Non
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                  generator: torch.Generator) -> torch.Tensor:
+                 generator: torch.Generator) -> torch.Tensor:
     """One ``(B,)`` sample from ``(B, V)`` logits after temperature, top-k and nucleus filtering."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:

@@ -51,7 +51,6 @@ from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_probability, describe
