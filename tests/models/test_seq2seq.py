@@ -340,6 +340,11 @@ def test_pointer_rejects_positions_outside_the_source():
     bad[2, 0] = 4  # sequence 2 has 3 elements
     with pytest.raises(InputError, match="targets"):
         net(x, sl, bad, sl)
+    repeat = targets.clone()
+    repeat[0, 1] = repeat[0, 0]
+    with pytest.raises(InputError, match="at most once"):
+        net(x, sl, repeat, sl)
+    make_pointer(mask_chosen=False)(x, sl, repeat, sl)  # repeats are allowed without the mask
     with pytest.raises(InputError, match="bridge"):
         PointerConfig(d_input=2, encoder="set", bridge="copy")
 

@@ -257,6 +257,9 @@ class PointerNetwork(Pretrained, nn.Module):
         if self.config.mask_chosen:
             picked = torch.nn.functional.one_hot(targets, memory.inputs.shape[1]).bool() & valid[..., None]
             chosen = (picked.long().cumsum(1) - picked.long()).bool()  # positions chosen before step t
+            if bool((chosen & picked).any()):
+                raise InputError("targets: expected each position at most once per sequence with mask_chosen=True "
+                                 "(a repeated position has score -inf), got a repeat")
         scores = self._scores(h, memory, chosen)
         return torch.where(valid[..., None], scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
 
