@@ -319,8 +319,10 @@ def test_read_process_write_is_order_invariant():
     """Permuting the input set leaves the process summary unchanged and permutes the pointer's
     scores with it."""
     net = make_pointer(encoder="set", process_steps=4)
-    x, _, targets = pointer_batch(4, b=2, n=6)
-    perm = torch.randperm(6, generator=torch.Generator().manual_seed(5))
+    x, _, _ = pointer_batch(4, b=2, n=6)
+    g = torch.Generator().manual_seed(5)
+    targets = torch.stack([torch.randperm(6, generator=g) for _ in range(2)])  # (B, n): full permutations
+    perm = torch.randperm(6, generator=g)
     inverse = perm.argsort()
     memory, state = net.decode_init(x)
     memory_p, state_p = net.decode_init(x[:, perm])
