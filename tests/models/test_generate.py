@@ -76,13 +76,13 @@ def test_top_p_seed_and_streaming():
 
 
 def test_top_p_keeps_exactly_the_nucleus():
-    from rnnkit.models.model import _sample_token
+    from rnnkit.models.model import sample_token
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     gen = torch.Generator().manual_seed(0)
-    seen = {int(_sample_token(logits, 1.0, None, 0.75, gen)) for _ in range(300)}
+    seen = {int(sample_token(logits, 1.0, None, 0.75, gen)) for _ in range(300)}
     assert seen == {0, 1}  # 0.5 < 0.75 <= 0.5 + 0.3
-    seen = {int(_sample_token(logits, 1.0, None, 0.81, gen)) for _ in range(300)}
+    seen = {int(sample_token(logits, 1.0, None, 0.81, gen)) for _ in range(300)}
     assert seen == {0, 1, 2}
 
 

@@ -103,3 +103,40 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike, device: s
         InputError: missing or corrupted file, missing or unexpected tensors, or shape mismatches.
     """
     model.load_state_dict(read_weights(model, directory), strict=True)
+
+
+
+class Pretrained:
+    """Mixin of the models configured by one dataclass: building from a config or its fields, and
+    ``save_pretrained``/``from_pretrained`` (``config.json`` holds the config under ``CONFIG_KEY``,
+    next to ``model.safetensors``). Subclasses set ``CONFIG_KEY`` and ``CONFIG_CLASS``."""
+
+    CONFIG_KEY: str
+    CONFIG_CLASS: type
+
+    @classmethod
+    def resolve_config(cls, config: Any, fields: dict[str, Any]) -> Any:
+        """``config``, or one built from ``fields`` (giving both is an InputError)."""
+        if config is None:
+            return cls.CONFIG_CLASS(**fields)
+        if fields:
+            raise InputError(f"{cls.__name__}: expected a config or keywords, got both ({sorted(fields)})")
+        return config
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``out_dir`` (atomically)."""
+        from rnnkit import __version__
+
+        return save_model(self, {self.CONFIG_KEY: self.config.to_dict(), "rnnkit_version": __version__}, out_dir)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu"):
+        """Load a model saved by :meth:`save_pretrained` onto ``device``."""
+        data = read_config(directory)
+        if cls.CONFIG_KEY not in data:
+            raise InputError(
+                f"checkpoint: expected a {cls.CONFIG_KEY!r} entry in {directory}/config.json, got keys {sorted(data)}"
+            )
+        model = cls(cls.CONFIG_CLASS.from_dict(data[cls.CONFIG_KEY]))
+        load_weights(model, directory)
+        return model.to(device)

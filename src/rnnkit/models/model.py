@@ -165,6 +165,22 @@ class ResidualStack(Recurrence):
         return self.final_norm(x_t), tuple(finals)
 
 
+def build_body(config: Any) -> Recurrence:
+    """The blocks of a model: ``stacked`` layers or ``residual`` blocks of ``config.layer``.
+
+    ``config`` is a :class:`ModelConfig` or any object with its fields ``block``, ``d_model``,
+    ``layer``, ``num_layers``, ``layer_options``, ``dropout``, ``bidirectional`` and ``mlp_ratio``
+    (the encoder of :class:`rnnkit.models.seq2seq.Seq2Seq` passes its own).
+    """
+    if config.block == "stacked":
+        # Layers default their width to d_model, so layer_options may widen them (hidden_size).
+        return build(
+            "stacked", d_model=config.d_model, layer=config.layer, num_layers=config.num_layers,
+            dropout=config.dropout, bidirectional=config.bidirectional, **config.layer_options,
+        )
+    return ResidualStack(config)
+
+
 class SequenceModel(nn.Module):
     """Embedding/projection -> blocks -> head, any registered recurrence inside.
 
@@ -193,14 +209,7 @@ class SequenceModel(nn.Module):
             self.embedding: nn.Module = nn.Embedding(config.vocab_size, config.d_model)
         else:
             self.embedding = nn.Linear(config.d_input, config.d_model)
-        if config.block == "stacked":
-            # Layers default their width to d_model, so layer_options may widen them (hidden_size).
-            self.body: Recurrence = build(
-                "stacked", d_model=config.d_model, layer=config.layer, num_layers=config.num_layers,
-                dropout=config.dropout, bidirectional=config.bidirectional, **config.layer_options,
-            )
-        else:
-            self.body = ResidualStack(config)
+        self.body: Recurrence = build_body(config)
         self.head_dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(self.body.d_output, config.n_outputs)
         if config.tie_embeddings:
@@ -363,22 +372,9 @@ class SequenceModel(nn.Module):
         if not self.body.causal:
             raise InputError("generate: expected a causal model, got a bidirectional one (it needs the whole sequence)")
         check_positive_int("max_new_tokens", max_new_tokens, minimum=0)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0 \
-                or not math.isfinite(temperature):
-            raise InputError(f"temperature: expected a finite number > 0, got {temperature!r}")
-        if top_k is not None:
-            check_positive_int("top_k", top_k)
-        if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
-            raise InputError(f"top_p: expected a number in (0, 1], got {top_p!r}")
-        if seed is not None:
-            check_seed("seed", seed)
         device = next(self.parameters()).device
+        generator = sampling_generator(temperature, top_k, top_p, seed, device)
         ids, lengths = _prompt_batch(prompt, prompt_lengths, device)
-        generator = torch.Generator(device=device)
-        if seed is not None:
-            generator.manual_seed(seed)
-        else:
-            generator.seed()  # fresh entropy for this generator only; the global RNG is left alone
         # Prefill: one parallel pass; with ragged prompts the state is each sequence's at its own end.
         logits, state = self(ids, lengths=lengths)  # (B, T0, V)
         if lengths is None:
@@ -386,7 +382,7 @@ class SequenceModel(nn.Module):
         else:
             logits = logits[torch.arange(ids.shape[0], device=device), lengths - 1]  # (B, V)
         for index in range(max_new_tokens):
-            token = _sample_token(logits, temperature, top_k, top_p, generator)
+            token = sample_token(logits, temperature, top_k, top_p, generator)
             yield token
             if index + 1 < max_new_tokens:  # no step is owed after the last token
                 logits, state = self.step(token, state)
@@ -424,8 +420,29 @@ def _prompt_batch(prompt, prompt_lengths, device) -> tuple[torch.Tensor, torch.T
     return ids.to(device), lengths.to(device)
 
 
-def _sample_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                  generator: torch.Generator) -> torch.Tensor:
+def sampling_generator(temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+                       device: torch.device) -> torch.Generator:
+    """Check the sampling options of :func:`sample_token` and return the generator for ``seed`` on
+    ``device`` (a fresh one, seeded from fresh entropy, when ``seed`` is None)."""
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0 \
+            or not math.isfinite(temperature):
+        raise InputError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    if top_k is not None:
+        check_positive_int("top_k", top_k)
+    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
+        raise InputError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    if seed is not None:
+        check_seed("seed", seed)
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()  # fresh entropy for this generator only; the global RNG is left alone
+    return generator
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                 generator: torch.Generator) -> torch.Tensor:
     """One ``(B,)`` sample from ``(B, V)`` logits after temperature, top-k and nucleus filtering."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
