@@ -31,7 +31,7 @@ from rnnkit.tasks.base import (
 )
 
 # Imported for their registration side effect.
-from rnnkit.tasks import adding, copy_memory, parity, shakespeare  # noqa: E402,F401  isort: skip
+from rnnkit.tasks import adding, copy_memory, parity, shakespeare, text  # noqa: E402,F401  isort: skip
 from rnnkit.tasks import (  # noqa: E402,F401  isort: skip
     fashion_mnist, forecast, induction_heads, memory_curricula, mqar, selective_copy, set_disjointness, state_tracking, ucr,
 )
