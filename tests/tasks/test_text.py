@@ -275,7 +275,7 @@ def test_eval_covers_the_split_once(corpus, level):
     batches = list(task.eval_batches("val", 5, 32))
     rows = [torch.cat([b.y[i][b.y[i] != IGNORE_INDEX] for b in batches]) for i in range(5)]
     assert torch.equal(torch.cat(rows), ids.long())
-    assert int(batches[0].x[0, 0]) == task.context_id() == int(task.encode("\n")[-1])
+    assert int(batches[0].x[0, 0]) == task.context_id() == int(task.encode(SEPARATOR)[-1])
     # more streams than tokens: the extra streams hold only padding
     tiny = list(task.eval_batches("val", len(ids) + 3, 4))
     assert sum(b.num_tokens for b in tiny) == len(ids)
@@ -407,6 +407,18 @@ def test_cli_train_generate_eval_after_the_corpus_moved(text_corpus, tmp_path, c
     assert re.search(r"val: loss [\d.]+, bpc [\d.]+", capsys.readouterr().out)
     assert main(["eval", "--checkpoint", str(run), "--task-opt", "colour=red"]) == 2
     assert "--task-opt: expected options from" in capsys.readouterr().err
+
+
+def test_cli_resume_rebuilds_the_same_vocabulary(text_corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--task", "text", "--task-opt", f"path={text_corpus}", "--task-opt", "val_fraction=0.25",
+            "--task-opt", "test_fraction=0.25", "--model", "gru", "--d-model", "8", "--steps", "2", "--batch-size", "2",
+            "--seq-len", "16", "--no-progress", "--out", str(run), "--sample-length", "0", "--checkpoint-every", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert main(argv) == 0
+        assert main(argv + ["--resume"]) == 0  # the corpus is read again: the vocabulary must match the saved one
+    assert "resumed from" in capsys.readouterr().out
 
 
 @NEEDS_TOKENIZERS

@@ -55,11 +55,13 @@ class SplitData:
         names: the documents in the split, in stream order (a single-file block split names its file).
         text: the split's text, its documents joined by ``SEPARATOR``.
         ids: ``(N,)`` token ids of ``text`` (uint8, int16 or int32, the narrowest that holds the vocabulary).
+        n_bytes: length of the UTF-8 encoding of ``text``.
     """
 
     names: tuple[str, ...]
     text: str
     ids: torch.Tensor
+    n_bytes: int
 
 
 # ------------------------------------------------------------------------------------ the corpus
@@ -401,7 +403,7 @@ class TextTask(StreamingTextTask):
 
     Each split is its documents, in name order, joined by a blank line; training and evaluation
     stream it in windows as :class:`StreamingTextTask` describes, and an evaluation stream starts
-    with a newline as the context of its first token. All three splits must be non-empty when the
+    with the separator's last token as the context of its first token. All three splits must be non-empty when the
     task is built from its data.
 
     Metrics: ``loss`` is per token of the level (character, byte or BPE token); ``bpc`` is bits
@@ -534,9 +536,9 @@ class TextTask(StreamingTextTask):
             documents = self._documents[split]
             self._check_not_empty(split, documents)
             ids = _encode_split(self._codec, documents)
+            text = SEPARATOR.join(d.text for d in documents)
             splits[split] = SplitData(
-                tuple(d.name for d in documents), SEPARATOR.join(d.text for d in documents),
-                _narrow_ids(ids, self.vocab_size),
+                tuple(d.name for d in documents), text, _narrow_ids(ids, self.vocab_size), len(text.encode("utf-8"))
             )
         return splits[split]
 
@@ -570,7 +572,7 @@ class TextTask(StreamingTextTask):
     def units_per_target(self, split: str) -> dict[str, float]:
         data = self._split(split)
         n = max(len(data.ids), 1)
-        return {"bpc": len(data.text) / n, "bpb": len(data.text.encode("utf-8")) / n}
+        return {"bpc": len(data.text) / n, "bpb": data.n_bytes / n}
 
     # -------------------------------------------------------------------- encode / decode
     def encode(self, text: str) -> torch.Tensor:
