@@ -375,7 +375,7 @@ def _check_fraction(name: str, value: object) -> None:
 
 @register_task("text")
 class TextTask(StreamingTextTask):
-    """Language model on your own text: a file, a directory (recursive, ``glob``) or a glob pattern.
+    """Language model on your own text files (a file, a directory or a glob pattern; char, byte or BPE).
 
     Options:
         path: a text file, a directory searched recursively (hidden entries skipped) for files whose
