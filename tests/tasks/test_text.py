@@ -136,6 +136,16 @@ def test_document_splits_are_disjoint_complete_and_stable(corpus, text_corpus, t
         assert set(names[split]) <= set(grown.documents(split))
 
 
+def test_a_positive_fraction_never_leaves_a_split_empty(tmp_path):
+    for i in range(3):
+        (tmp_path / f"part{i}.txt").write_text(f"part {i}\n" * 40)
+    task = build_task("text", path=str(tmp_path), val_fraction=0.01, test_fraction=0.01)
+    assert [len(task.documents(s)) for s in ("train", "val", "test")] == [1, 1, 1]
+    (tmp_path / "part2.txt").unlink()
+    with pytest.raises(InputError, match="val: expected a non-empty split of the 2 documents"):
+        build_task("text", path=str(tmp_path), val_fraction=0.01, test_fraction=0.01)
+
+
 def test_explicit_split_lists(corpus):
     task = quiet_build(path=corpus, test="doc01.txt,doc02.txt", val="sub/doc03.txt", val_fraction=0.3)
     assert task.documents("test") == ("doc01.txt", "doc02.txt")

@@ -156,7 +156,8 @@ def split_documents(
     By document, a document named by a pattern of ``val`` or ``test`` goes to that split; any other
     goes to test when ``u < test_fraction``, to val when ``u < test_fraction + val_fraction`` (for a
     split without patterns) and to train otherwise, where ``u`` in ``[0, 1)`` is a hash of its name:
-    the assignment depends on names only, so editing a file never moves it to another split. By
+    the assignment depends on names only, so editing a file never moves it to another split. A
+    split with a positive fraction that no document draws takes the training document drawn lowest. By
     block, the joined text is cut into train, val and test in that order, val and test taking the
     given fractions of its characters.
     """
@@ -181,12 +182,13 @@ def split_documents(
             if not any(_matches(d.name, pattern) for d in documents):
                 raise InputError(f"{split}: expected {pattern!r} to name a document of the corpus, got no match")
     splits: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    draw = {d.name: derive_seed("text-split", d.name) / 2**63 for d in documents}  # u in [0, 1)
     for doc in documents:
         chosen = [s for s, patterns in listed.items() if any(_matches(doc.name, p) for p in patterns)]
         if len(chosen) > 1:
             raise InputError(f"val/test: expected each document in at most one list, got {doc.name!r} in both")
         if not chosen:
-            u = derive_seed("text-split", doc.name) / 2**63
+            u = draw[doc.name]
             if not test and u < test_fraction:
                 chosen = ["test"]
             elif not val and u < test_fraction + val_fraction:
@@ -194,6 +196,13 @@ def split_documents(
             else:
                 chosen = ["train"]
         splits[chosen[0]].append(doc)
+    # A few documents may all draw past a small fraction: the split then takes the training document
+    # drawn lowest, so a positive fraction never leaves it empty.
+    for split, fraction in (("test", test_fraction), ("val", val_fraction)):
+        if fraction > 0 and not listed[split] and not splits[split] and len(splits["train"]) > 1:
+            lowest = min(splits["train"], key=lambda d: draw[d.name])
+            splits["train"].remove(lowest)
+            splits[split].append(lowest)
     return splits
 
 
@@ -395,8 +404,8 @@ class TextTask(StreamingTextTask):
             into contiguous train, val and test blocks, in that order) or ``"auto"`` (default: by
             block for a single document without ``val``/``test`` lists, else by document).
         val_fraction, test_fraction: shares of the documents (by a hash of their names, so the
-            assignment is stable as files change or are added) or of the characters (by block);
-            default 0.05 each.
+            assignment is stable as files change or are added; a positive fraction always gets at
+            least one document) or of the characters (by block); default 0.05 each.
         val, test: comma-separated file names or glob patterns (matched against relative paths and
             file names) of the documents of that split; the split then holds exactly those, and
             the other documents are assigned by fraction to the remaining splits.
