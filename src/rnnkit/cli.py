@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-batches", type=int, help="score only the first N batches (default: the whole split)")
     ev.add_argument("--device", help="default: the training device if this machine has it, else cpu")
     ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ev.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a saved task option, repeatable (e.g. path=NEW_DATA); the saved vocabulary is kept")
 
     sub.add_parser("list", help="registered layers (with modes) and tasks")
 
@@ -362,23 +364,33 @@ def _print_sample(model, task, prompt: str, length: int, temperature: float, top
     first = next(tokens, None)  # the arguments are checked before anything is printed
     sys.stdout.write(prompt)
     sys.stdout.flush()
+    decoder = task.stream_decoder()  # a token may end inside a character (byte-level vocabularies)
     for token in itertools.chain([] if first is None else [first], tokens):
-        sys.stdout.write(task.decode(token))
+        sys.stdout.write(decoder.decode(token))
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write(decoder.decode([], final=True) + "\n")
     sys.stdout.flush()
 
 
-def _load_checkpoint(directory: str):
+def _load_checkpoint(directory: str, task_opts: Sequence[str] = ()):
+    """Model, restored task and ``train.json`` of a saved run; ``task_opts`` (``key=value``) override
+    the saved task options, never its saved state (vocabulary, tokenizer)."""
     from rnnkit.models import SequenceModel
-    from rnnkit.tasks import restore_task
+    from rnnkit.tasks import restore_task, task_options
 
     path = Path(directory) / "train.json"
     if not path.is_file():
         raise InputError(f"--checkpoint: expected a directory written by `rnnkit train` with {path.name}, got {directory}")
     info = json.loads(path.read_text())
     model = SequenceModel.from_pretrained(directory)
-    task = restore_task(info["task"])
+    description = info["task"]
+    if task_opts:
+        overrides = dict(_parse_option(o) for o in task_opts)
+        unknown = sorted(set(overrides) - set(task_options(description["name"])))
+        if unknown:
+            raise InputError(f"--task-opt: expected options from {task_options(description['name'])}, got unknown {unknown}")
+        description = dict(description, options={**description.get("options", {}), **overrides})
+    task = restore_task(description)
     return model, task, info
 
 
@@ -407,7 +419,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     if args.max_batches is not None:
         check_positive_int("--max-batches", args.max_batches)
-    model, task, info = _load_checkpoint(args.checkpoint)
+    model, task, info = _load_checkpoint(args.checkpoint, args.task_opt)
     saved = info["train"].get("device", "cpu")
     device = args.device or (saved if device_available(saved) else "cpu")
     check_device("--device", device)

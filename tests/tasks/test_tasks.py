@@ -19,12 +19,14 @@ NEEDS_CORPUS = pytest.mark.skipif(
 
 PROBES = ["induction_heads", "modular_sum", "mqar", "n_dms", "n_parity", "permutation_composition",
           "selective_copy", "set_disjointness"]
-ALL_TASKS = sorted(["adding", "copy", "parity", "shakespeare"] + PROBES)
+ALL_TASKS = sorted(["adding", "copy", "parity", "shakespeare", "text"] + PROBES)
+# Streaming language models (windows of parallel streams); `text` reads the corpus of conftest.py.
+STREAMING = ["shakespeare", "text"]
 # Real data sets with fixed lengths; their own tests are in test_real_data.py.
 REAL_DATA = ["fashion_mnist", "forecast", "ucr"]
 SYNTHETIC = sorted(["adding", "copy", "parity"] + PROBES)
 # A non-default T each task accepts (copy needs T >= 2 * n_symbols + 1 = 21).
-CUSTOM_T = {"adding": 7, "copy": 25, "parity": 5, "shakespeare": 33, "induction_heads": 9, "modular_sum": 7,
+CUSTOM_T = {"adding": 7, "copy": 25, "parity": 5, "shakespeare": 33, "text": 17, "induction_heads": 9, "modular_sum": 7,
             "mqar": 30, "n_dms": 9, "n_parity": 9, "permutation_composition": 7, "selective_copy": 21,
             "set_disjointness": 30}
 
@@ -91,11 +93,11 @@ def test_task_names():
 
 
 @pytest.mark.parametrize("name", TASK_PARAMS)
-def test_declared_attributes(name):
-    task = build_task(name)
+def test_declared_attributes(name, make_task):
+    task = make_task(name)
     assert task.name == name and task.description
     assert set(task.metrics) <= {"loss", "bpc", "accuracy", "mse"}
-    assert task.streaming == (name == "shakespeare")
+    assert task.streaming == (name in STREAMING)
     if task.input_kind == "tokens":
         assert task.vocab_size >= 2 and task.d_input is None
     else:
@@ -107,7 +109,7 @@ def test_declared_attributes(name):
     assert task.default_seq_len >= 1
     # options are enough to rebuild the task
     assert set(task.options) == set(task_options(name))
-    rebuilt = build_task(name, **task.options)
+    rebuilt = make_task(name, **task.options)
     assert_same_batches(take(task.train_batches(2), 2), take(rebuilt.train_batches(2), 2))
 
 
@@ -150,8 +152,8 @@ def test_register_task_errors():
 
 
 @pytest.mark.parametrize("name", TASK_PARAMS)
-def test_bad_batch_arguments(name):
-    task = build_task(name)
+def test_bad_batch_arguments(name, make_task):
+    task = make_task(name)
     # raised at the call, not at the first next()
     for kwargs in [dict(batch_size=0), dict(batch_size=2, seq_len=0), dict(batch_size=2, seed=-1),
                    dict(batch_size=2, start=-1), dict(batch_size=2.0), dict(batch_size=2, seq_len=True)]:
@@ -175,8 +177,8 @@ def test_too_short_seq_len():
 
 @pytest.mark.parametrize("custom_len", [False, True], ids=["T-default", "T-custom"])
 @pytest.mark.parametrize("name", TASK_PARAMS)
-def test_batch_shapes(name, custom_len):
-    task = build_task(name)
+def test_batch_shapes(name, custom_len, make_task):
+    task = make_task(name)
     T = CUSTOM_T[name] if custom_len else task.default_seq_len
     seq_len = T if custom_len else None
     for batch in take(task.train_batches(3, seq_len=seq_len), 2):
@@ -186,12 +188,12 @@ def test_batch_shapes(name, custom_len):
 
 
 @pytest.mark.parametrize("name", TASK_PARAMS)
-def test_train_determinism(name):
-    task = build_task(name)
+def test_train_determinism(name, make_task):
+    task = make_task(name)
     T = CUSTOM_T[name]
     first = take(task.train_batches(4, T, seed=3), 3)
     assert_same_batches(first, take(task.train_batches(4, T, seed=3), 3))
-    assert_same_batches(first, take(build_task(name).train_batches(4, T, seed=3), 3))
+    assert_same_batches(first, take(make_task(name).train_batches(4, T, seed=3), 3))
     other = take(task.train_batches(4, T, seed=4), 3)
     assert not torch.equal(first[0].x, other[0].x)
     # consecutive batches differ too
@@ -199,20 +201,20 @@ def test_train_determinism(name):
 
 
 @pytest.mark.parametrize("name", TASK_PARAMS)
-def test_start_skips_batches(name):
-    task = build_task(name)
+def test_start_skips_batches(name, make_task):
+    task = make_task(name)
     T = CUSTOM_T[name]
     fresh = take(task.train_batches(2, T, seed=1), 7)
     assert_same_batches(fresh[5:], take(task.train_batches(2, T, seed=1, start=5), 2))
 
 
 @pytest.mark.parametrize("name", TASK_PARAMS)
-def test_eval_determinism(name):
-    task = build_task(name)
+def test_eval_determinism(name, make_task):
+    task = make_task(name)
     T = CUSTOM_T[name]
     val = list(task.eval_batches("val", 64, T))
     assert_same_batches(val, list(task.eval_batches("val", 64, T)))
-    assert_same_batches(val, list(build_task(name).eval_batches("val", 64, T)))
+    assert_same_batches(val, list(make_task(name).eval_batches("val", 64, T)))
     test = list(task.eval_batches("test", 64, T))
     assert not torch.equal(val[0].x, test[0].x)
 

@@ -30,8 +30,10 @@ from rnnkit.tasks.base import (
     task_reference,
 )
 
+from rnnkit.tasks.text_stream import StreamingTextTask  # noqa: E402  isort: skip
+
 # Imported for their registration side effect.
-from rnnkit.tasks import adding, copy_memory, parity, shakespeare  # noqa: E402,F401  isort: skip
+from rnnkit.tasks import adding, copy_memory, parity, shakespeare, text  # noqa: E402,F401  isort: skip
 from rnnkit.tasks import (  # noqa: E402,F401  isort: skip
     fashion_mnist, forecast, induction_heads, memory_curricula, mqar, selective_copy, set_disjointness, state_tracking, ucr,
 )
@@ -39,6 +41,7 @@ from rnnkit.tasks import (  # noqa: E402,F401  isort: skip
 __all__ = [
     "IGNORE_INDEX",
     "Batch",
+    "StreamingTextTask",
     "SyntheticTask",
     "Task",
     "build_task",

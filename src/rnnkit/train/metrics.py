@@ -48,13 +48,21 @@ def prediction_count(batch: Batch, target: str) -> int:
     return int(batch.y.numel())
 
 
-def summarise(totals: dict[str, float], metrics: tuple[str, ...]) -> dict[str, float]:
-    """Turn summed counts into the task's metrics."""
+def summarise(
+    totals: dict[str, float], metrics: tuple[str, ...], units_per_target: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Turn summed counts into the task's metrics.
+
+    ``units_per_target`` (from :meth:`~rnnkit.tasks.Task.units_per_target`) turns bits per target
+    into bits per character (``"bpc"``) or byte (``"bpb"``) of the text; absent entries are 1.
+    """
     count = max(totals["count"], 1)
     loss = totals["loss_sum"] / count
     out: dict[str, float] = {"loss": loss}
-    if "bpc" in metrics:
-        out["bpc"] = loss / math.log(2)
+    units = units_per_target or {}
+    for name in ("bpc", "bpb"):
+        if name in metrics:
+            out[name] = loss / math.log(2) / units.get(name, 1.0)
     if "accuracy" in metrics:
         out["accuracy"] = totals["correct"] / count
     if "mse" in metrics:

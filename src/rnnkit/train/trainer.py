@@ -466,7 +466,7 @@ class Trainer:
             if max_seconds is not None and time.perf_counter() - started > max_seconds:
                 break
         self.model.train(was_training)
-        return summarise(totals, self.task.metrics), seen
+        return summarise(totals, self.task.metrics, self.task.units_per_target(split)), seen
 
     # ------------------------------------------------------------------ final model
     def save(self, out_dir: str | os.PathLike, metrics: dict[str, Any] | None = None) -> Path:
