@@ -53,10 +53,14 @@ def test_classify_from_a_csv_table(csv_path):
     batch = next(task.eval_batches("test", batch_size=64))
     x, y = batch.x, batch.y
     assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape[0] == task.split_size("test")
-    # Rows come back in time order, normalised with the training split's statistics.
-    first = task.data["test"][0][0]
-    ids = [v for v in table["id"].unique() if True]
-    assert first.shape[1] == 2 and len(ids) == 24
+    # Each sequence's steps come back in time order (the rows are shuffled), normalised, with its class.
+    test_ids = task._assign(list(table["id"].unique()))["test"]
+    for row, id_ in enumerate(test_ids):
+        rows = table[table["id"] == id_].sort_values("t")
+        expected = (rows[["a", "b"]].to_numpy() - task.mean) / task.std
+        n = len(rows)
+        assert torch.allclose(x[row, :n], torch.tensor(expected, dtype=torch.float32), atol=1e-6)
+        assert task.classes[int(y[row])] == rows["label"].iloc[0]
 
 
 def test_splits_are_by_id_deterministic_and_disjoint(csv_path, tmp_path):
@@ -95,8 +99,12 @@ def test_batches_are_deterministic_ragged_and_resumable(csv_path):
         got = next(stream)
         assert torch.equal(got.x, expected.x) and torch.equal(got.y, expected.y)
         assert (got.lengths is None) or torch.equal(got.lengths, expected.lengths)
-    other = next(task.train_batches(4, seed=4))
-    assert not torch.equal(other.x, first[0].x) if other.x.shape == first[0].x.shape else True
+    others = [next(task.train_batches(4, seed=4, start=k)) for k in range(4)]
+    assert [b.y.tolist() for b in others] != [b.y.tolist() for b in first[:4]] or \
+        [b.x.shape for b in others] != [b.x.shape for b in first[:4]]
+    # One epoch (4 batches of 4 of the 18 training ids) holds 16 distinct sequences.
+    seen = {tuple(b.x[row, 0].tolist()) for b in first[:4] for row in range(4)}
+    assert len(seen) == 16
     ragged = next(b for b in first if b.lengths is not None)
     assert int(ragged.lengths.max()) == ragged.x.shape[1]
     for row, n in enumerate(ragged.lengths.tolist()):
@@ -125,7 +133,9 @@ def test_parquet_and_npz_read_like_csv(csv_path, tmp_path):
     assert arrays.d_input == 2 and arrays.d_output == 1 and arrays.features == ["x0", "x1"]
     np.testing.assert_allclose(arrays.mean, a.mean, rtol=1e-10)  # same ids, same split, same statistics
     rows = build_task("sequences", path=str(csv_path), time="t", features="a,b", target="regress", label="r")
-    assert torch.allclose(next(arrays.eval_batches("test", 64)).y, next(rows.eval_batches("test", 64)).y)
+    # The same test sequences (each split keeps its file's order: sorted ids in the arrays, first appearance in the table).
+    assert torch.allclose(next(arrays.eval_batches("test", 64)).y.sort(0).values,
+                          next(rows.eval_batches("test", 64)).y.sort(0).values)
 
 
 def test_per_step_targets(csv_path):

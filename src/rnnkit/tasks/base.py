@@ -95,8 +95,8 @@ class Task:
         n_classes: number of classes for ``"per_step"`` and ``"classify"`` targets, of labels for ``"multilabel"``.
         d_output: width of the ``"regress"`` and ``"regress_per_step"`` targets.
         predicts_next_step: ``True`` when a per-step target is the next step of the input (forecasting),
-            so the model must be causal (no bidirectional layers). Token tasks with ``"per_step"``
-            targets are always treated so.
+            so the model must be causal (no bidirectional layers). Tasks with ``"per_step"`` targets
+            (an ``lm`` head) are always treated so.
         streaming: ``True`` when training batches are consecutive windows of ``B`` parallel streams
             whose recurrent state the trainer carries across windows (truncated BPTT).
         metrics: what the trainer reports, from ``("loss", "bpc", "accuracy", "mse", "f1")``.

@@ -150,15 +150,17 @@ def _from_frame(frame, path, id, time, features, labels, per_step_labels, requir
             raise InputError(f"features: expected numeric column {name!r}, got dtype {frame[name].dtype}")
     if frame[id].isna().any():
         raise InputError(f"id: expected an id on every row of {path.name}, got {int(frame[id].isna().sum())} row(s) without")
+    order = pandas.unique(frame[id])  # sequences in the order they first appear in the file
     if time is not None:
         if frame.duplicated([id, time]).any():
             first = frame[frame.duplicated([id, time])].iloc[0]
             raise InputError(f"time: expected one row per (id, time), got repeated time {_python(first[time])!r} "
                              f"for id {_python(first[id])!r}")
         frame = frame.sort_values([id, time], kind="mergesort")
-    groups = frame.groupby(id, sort=time is not None)
+    groups = dict(tuple(frame.groupby(id, sort=False)))
     raw = RawSequences([], [], [], [] if labels else None)
-    for key, group in groups:
+    for key in order:
+        group = groups[key]
         raw.ids.append(_python(key))
         raw.times.append(group[time].to_numpy() if time is not None else np.arange(len(group)))
         raw.x.append(group[features].to_numpy(dtype=np.float64))
