@@ -290,8 +290,9 @@ def task_reference(task: Task | type[Task]) -> str:
     """The name that rebuilds ``task`` with :func:`build_task`: its registry name, or ``"module:Class"``
     for a task class that is not registered (a user's plug-in passed as ``--task module:Class``)."""
     cls = task if isinstance(task, type) else type(task)
-    if cls.name and _REGISTRY.get(cls.name) is cls:
-        return cls.name
+    name = getattr(cls, "name", "")  # an object that only wraps a task (tests' fault injectors) has none
+    if name and _REGISTRY.get(name) is cls:
+        return name
     return f"{cls.__module__}:{cls.__qualname__}"
 
 

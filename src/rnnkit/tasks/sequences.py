@@ -459,6 +459,8 @@ class SequencesTask(IndexedTask):
         self._set_sizes()
 
     def _set_sizes(self) -> None:
+        """Sizes and lookups that follow from what was learned (after fitting or restoring)."""
+        self.class_index = {c: k for k, c in enumerate(self.classes)}  # class label -> id, labels sorted
         self.d_input = len(self.features)
         self.default_seq_len = self.max_len
         if self.target in ("classify", "per_step"):
@@ -518,7 +520,7 @@ class SequencesTask(IndexedTask):
 
     def _encode_y(self, raw: RawSequences, i: int) -> torch.Tensor:
         if self.target in ("classify", "per_step"):
-            index = {c: k for k, c in enumerate(self.classes)}
+            index = self.class_index
             pandas = _pandas()
 
             def class_id(value: Any) -> int:
