@@ -133,6 +133,8 @@ def test_parquet_and_npz_read_like_csv(csv_path, tmp_path):
     assert arrays.d_input == 2 and arrays.d_output == 1 and arrays.features == ["x0", "x1"]
     np.testing.assert_allclose(arrays.mean, a.mean, rtol=1e-10)  # same ids, same split, same statistics
     rows = build_task("sequences", path=str(csv_path), time="t", features="a,b", target="regress", label="r")
+    forecast = build_task("sequences", path=str(npz), target="forecast")
+    assert forecast.d_output == forecast.d_input == 2  # the features forecast themselves; y is not read
     # The same test sequences (each split keeps its file's order: sorted ids in the arrays, first appearance in the table).
     assert torch.allclose(next(arrays.eval_batches("test", 64)).y.sort(0).values,
                           next(rows.eval_batches("test", 64)).y.sort(0).values)

@@ -202,8 +202,8 @@ def _read_npz(path, features, labels, per_step_labels, require_labels):
     if features is not None and list(features) != feature_names:
         raise InputError(f"features: expected None or {feature_names} for an .npz file, got {list(features)}")
     raw = RawSequences(ids, [np.arange(int(t)) for t in lengths], [x[i, : int(lengths[i])] for i in range(n)])
-    if "y" not in data.files:
-        if require_labels:
+    if labels is None or "y" not in data.files:  # labels not asked for, or absent
+        if require_labels and labels is not None:
             raise InputError(f"{path.name}: expected an array 'y' of targets, got arrays {data.files}")
         return raw, feature_names, []
     y = data["y"]
@@ -535,7 +535,7 @@ class SequencesTask(IndexedTask):
             ids = [class_id(v) for v in raw.labels[i][..., 0].reshape(-1)]
             return torch.tensor(ids[0] if self.target == "classify" else ids, dtype=torch.long)
         if self.target == "multilabel":
-            return torch.from_numpy(np.asarray(raw.labels[i], dtype=np.float64)).float()  # (T_i, K)
+            return torch.tensor(np.asarray(raw.labels[i], dtype=np.float64), dtype=torch.float32)  # (T_i, K)
         return torch.from_numpy((self._raw_targets(raw, i) - self.target_mean) / self.target_std).float()
 
     def _encode_splits(self, raw: RawSequences) -> dict[str, list[tuple[Any, ...]]]:
