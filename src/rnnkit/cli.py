@@ -1,4 +1,4 @@
-"""``rnnkit`` command line: train, eval, generate, list.
+"""``rnnkit`` command line: train, eval, generate, predict, list.
 
 Examples::
 
@@ -8,6 +8,8 @@ Examples::
     torchrun --nproc_per_node=2 -m rnnkit train --task parity --batch-size 64          # data parallel
     rnnkit generate --checkpoint runs/shakespeare-lstm --prompt "ROMEO:"
     rnnkit eval --checkpoint runs/shakespeare-lstm --split test
+    rnnkit train --task sequences --task-opt path=data.csv --task-opt label=y --out runs/mine
+    rnnkit predict --checkpoint runs/mine --input new.csv --out predictions.csv
     rnnkit list
     rnnkit bench tasks --models lstm,gru --tasks mqar,parity --budget small --seeds 3 --out RESULTS.jsonl
     rnnkit report RESULTS.jsonl --out report
@@ -148,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ev.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="change a saved task option, repeatable (e.g. path=NEW_DATA); the saved vocabulary is kept")
+    ev.add_argument("--input", help="evaluate on every sequence of this labelled file instead of a split "
+                                    "(tasks trained on files: sequences)")
+
+    pr = sub.add_parser("predict", help="predictions of a model trained on a table for a new file")
+    pr.add_argument("--checkpoint", required=True, help="directory written by `rnnkit train --task sequences`")
+    pr.add_argument("--input", required=True, help="a .csv, .parquet or .npz file laid out like the training file "
+                                                   "(labels may be missing)")
+    pr.add_argument("--out", required=True, help="the predictions, as CSV")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--device", default="cpu")
 
     sub.add_parser("list", help="registered layers (with modes) and tasks")
 
@@ -420,6 +432,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_batches is not None:
         check_positive_int("--max-batches", args.max_batches)
     model, task, info = _load_checkpoint(args.checkpoint, args.task_opt)
+    if args.input is not None:
+        if not hasattr(task, "with_input"):
+            raise InputError(f"--input: expected a model trained on a file (task sequences), got task {task.name!r}")
+        task = task.with_input(args.input)
     saved = info["train"].get("device", "cpu")
     device = args.device or (saved if device_available(saved) else "cpu")
     check_device("--device", device)
@@ -430,6 +446,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics, seen = trainer.evaluate_bounded(args.split, max_batches=args.max_batches)
     part = "the whole split" if args.max_batches is None else f"the first {args.max_batches} batch(es)"
     print(f"{args.split}: {describe_metrics(metrics)} ({seen:,} sequences: {part})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from rnnkit.atomic import write_text_atomic
+    from rnnkit.train.config import check_device
+
+    check_positive_int("--batch-size", args.batch_size)
+    check_device("--device", args.device)
+    model, task, _ = _load_checkpoint(args.checkpoint)
+    if not hasattr(task, "predict"):
+        raise InputError(f"--checkpoint: expected a model trained on a file (task sequences), got task {task.name!r}")
+    table = task.predict(model.to(args.device), args.input, batch_size=args.batch_size, device=args.device)
+    write_text_atomic(args.out, table.to_csv(index=False))
+    print(f"{len(table):,} prediction row(s) for {table['id'].nunique():,} sequence(s) written to {args.out}")
     return 0
 
 
@@ -457,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.append(os.getcwd())
     from rnnkit.bench.commands import cmd_bench, cmd_report
 
-    commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "list": cmd_list,
+    commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "predict": cmd_predict, "list": cmd_list,
                 "bench": cmd_bench, "report": cmd_report}
     try:
         return commands[args.command](args)

@@ -24,6 +24,8 @@ ALL_TASKS = sorted(["adding", "copy", "parity", "shakespeare", "text"] + PROBES)
 STREAMING = ["shakespeare", "text"]
 # Real data sets with fixed lengths; their own tests are in test_real_data.py.
 REAL_DATA = ["fashion_mnist", "forecast", "ucr"]
+# Users' own files; their tests are in test_sequences.py.
+USER_DATA = ["sequences"]
 SYNTHETIC = sorted(["adding", "copy", "parity"] + PROBES)
 # A non-default T each task accepts (copy needs T >= 2 * n_symbols + 1 = 21).
 CUSTOM_T = {"adding": 7, "copy": 25, "parity": 5, "shakespeare": 33, "text": 17, "induction_heads": 9, "modular_sum": 7,
@@ -89,7 +91,7 @@ def check_batch(task: Task, batch: Batch, B: int, T: int) -> None:
 
 
 def test_task_names():
-    assert task_names() == sorted(ALL_TASKS + REAL_DATA)
+    assert task_names() == sorted(ALL_TASKS + REAL_DATA + USER_DATA)
 
 
 @pytest.mark.parametrize("name", TASK_PARAMS)
@@ -148,7 +150,7 @@ def test_register_task_errors():
 
     with pytest.raises(InputError, match="metrics"):
         register_task("bad_metric")(BadMetric)
-    assert task_names() == sorted(ALL_TASKS + REAL_DATA)
+    assert task_names() == sorted(ALL_TASKS + REAL_DATA + USER_DATA)
 
 
 @pytest.mark.parametrize("name", TASK_PARAMS)

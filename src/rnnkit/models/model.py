@@ -2,9 +2,11 @@
 
 Blocks are either ``stacked`` (the classic deep RNN: layer after layer with dropout between) or
 ``residual`` (pre-norm blocks ``x + mixer(norm(x))``, ``x + MLP(norm(x))`` with any registered
-recurrence as the mixer). Heads: ``lm`` (next-token logits at every step, optionally tied to the
-embedding; Press & Wolf 2017), ``classify`` and ``regress`` (one prediction per sequence from the
-last valid step or the masked mean over time).
+recurrence as the mixer). Heads (one per target kind of :mod:`rnnkit.targets`): per step, ``lm``
+(class logits at every step, e.g. the next token, optionally tied to the embedding; Press & Wolf
+2017), ``regress_per_step`` (real values at every step) and ``multilabel`` (one logit per label at
+every step); per sequence, ``classify`` and ``regress`` (one prediction from the last valid step or
+the masked mean over time).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from rnnkit.errors import (
 )
 from rnnkit.layers import build, spec
 from rnnkit.layers.base import Recurrence, length_mask
+from rnnkit.targets import HEADS, KIND_OF_HEAD, PER_STEP_HEADS
 
 
 @dataclass
@@ -39,8 +42,8 @@ class ModelConfig:
     bidirectional: bool = False  # run every layer in both directions (not causal: no step/generate)
     dropout: float = 0.0  # between layers (stacked) / on block outputs (residual), training only
     mlp_ratio: float = 4.0  # residual blocks: MLP hidden width = mlp_ratio * d_model
-    head: str = "lm"  # "lm", "classify" or "regress"
-    n_outputs: int | None = None  # classes (classify) or targets (regress); lm: vocab_size
+    head: str = "lm"  # "lm", "classify", "regress", "regress_per_step" or "multilabel"
+    n_outputs: int | None = None  # classes (lm, classify), values (regress*), labels (multilabel); lm: vocab_size
     pooling: str = "last"  # classify/regress: "last" valid step or masked "mean"
     tie_embeddings: bool = False  # lm with token input: share the embedding and output matrices
 
@@ -70,7 +73,7 @@ class ModelConfig:
         check_probability("dropout", self.dropout)
         if not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
             raise InputError(f"mlp_ratio: expected a positive number, got {self.mlp_ratio!r}")
-        check_choice("head", self.head, ("lm", "classify", "regress"))
+        check_choice("head", self.head, HEADS)
         check_choice("pooling", self.pooling, ("last", "mean"))
         if self.head == "lm":
             if self.vocab_size is None and self.n_outputs is None:
@@ -189,8 +192,9 @@ class SequenceModel(nn.Module):
 
     Shapes:
         tokens ``(B, T)`` int64 or features ``(B, T, d_input)`` ->
-        ``lm``: logits ``(B, T, n_outputs)``; ``classify``: logits ``(B, n_outputs)``;
-        ``regress``: ``(B, n_outputs)``. The state is the body's state (see :meth:`init_state`).
+        per-step heads (``lm``, ``regress_per_step``, ``multilabel``): ``(B, T, n_outputs)`` (logits,
+        values, label logits); ``classify``: logits ``(B, n_outputs)``; ``regress``: ``(B, n_outputs)``.
+        The state is the body's state (see :meth:`init_state`).
 
     Example:
         >>> model = SequenceModel(vocab_size=84, d_model=256, layer="lstm", num_layers=2)
@@ -285,7 +289,7 @@ class SequenceModel(nn.Module):
         lengths = check_lengths(lengths, h.shape[0], h.shape[1], h.device)
         y, state = self.body(h, state, lengths, mode)  # (B, T, D_out)
         y = self.head_dropout(y)
-        if self.config.head == "lm":
+        if self.config.head in PER_STEP_HEADS:
             return self.head(y), state  # (B, T, n_outputs)
         return self.head(self._pool(y, lengths)), state  # (B, n_outputs)
 
@@ -301,9 +305,9 @@ class SequenceModel(nn.Module):
         return (y * mask).sum(1) / lengths.to(y.dtype)[:, None]
 
     def step(self, x_t: torch.Tensor, state=None):
-        """One step of an ``lm`` model: ``x_t`` (B,) ids or (B, d_input) -> logits (B, n_outputs)."""
-        if self.config.head != "lm":
-            raise InputError(f"step: expected a model with head='lm', got head={self.config.head!r}")
+        """One step of a per-step model: ``x_t`` (B,) ids or (B, d_input) -> output (B, n_outputs)."""
+        if self.config.head not in PER_STEP_HEADS:
+            raise InputError(f"step: expected a model with a per-step head {PER_STEP_HEADS}, got head={self.config.head!r}")
         h = self._embed(x_t, per_step=True)  # (B, D)
         y, state = self.body.step(h, state)
         return self.head(y), state
@@ -319,35 +323,49 @@ class SequenceModel(nn.Module):
         seed: int | None = None,
         prompt_lengths: torch.Tensor | Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Sample continuations of token prompts with constant memory per token.
+        """Continue prompts step by step with constant memory per step, from any per-step head.
 
-        The prompts are read by one parallel ``forward`` (prefill); every new token is then one
-        :meth:`step` on the recurrent state, so memory does not grow with the number of tokens.
+        The prompts are read by one parallel ``forward`` (prefill); every new step is then one
+        :meth:`step` on the recurrent state, so memory does not grow with the number of steps. What a
+        step emits, and feeds back as the next input, follows the head (the ``feedback`` column of
+        :data:`rnnkit.targets.TARGET_KINDS`):
+
+        - ``lm`` on tokens: a token id sampled from the logits (temperature, top-k, nucleus);
+        - ``multilabel`` on features: each label drawn from its own probability (Bernoulli), the 0/1
+          frame fed back as the next input frame (``temperature`` scales the logits);
+        - ``regress_per_step`` on features: the predicted values themselves (autoregressive
+          forecasting; ``temperature``, ``top_k`` and ``top_p`` must stay at their defaults).
+
+        Feature models feed their output back, so they need ``n_outputs == d_input``.
 
         Args:
-            prompt: ``(B, T0)`` int64 token ids, or a list of ``B`` 1-D id sequences of different
-                lengths (right-padded internally).
-            max_new_tokens: number of tokens to sample per sequence.
-            temperature: softmax temperature (> 0); lower is greedier.
+            prompt: tokens: ``(B, T0)`` int64 ids, or a list of ``B`` 1-D id sequences of different
+                lengths (right-padded internally). Features: ``(B, T0, d_input)`` floats, or a list of
+                ``B`` tensors ``(T_i, d_input)``.
+            max_new_tokens: number of steps to generate per sequence.
+            temperature: softmax (or sigmoid) temperature (> 0); lower is greedier.
             top_k: sample only among the k most likely tokens (``top_k=1`` is greedy decoding).
             top_p: nucleus sampling (Holtzman et al. 2020, "The Curious Case of Neural Text
                 Degeneration"): sample from the smallest set of tokens whose probability reaches
                 ``top_p``, in (0, 1].
             seed: seed of the sampling generator (same seed, same samples); None draws a fresh one
                 without touching the global RNG.
-            prompt_lengths: ``(B,)`` valid lengths of a right-padded ``(B, T0)`` prompt.
+            prompt_lengths: ``(B,)`` valid lengths of a right-padded tensor prompt.
 
         Returns:
-            ``(B, max_new_tokens)`` sampled ids.
+            ``(B, max_new_tokens)`` sampled ids, or ``(B, max_new_tokens, d_input)`` generated frames.
 
         Example:
             >>> ids = model.generate([torch.tensor([5, 2, 9]), torch.tensor([7])], 20, top_p=0.9, seed=0)
         """
-        tokens = list(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, prompt_lengths))
-        if not tokens:
+        steps = list(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, prompt_lengths))
+        if not steps:
             batch = len(prompt) if not isinstance(prompt, torch.Tensor) else prompt.shape[0]
-            return torch.empty(batch, 0, dtype=torch.long, device=next(self.parameters()).device)
-        return torch.stack(tokens, 1)
+            device = next(self.parameters()).device
+            if self.config.vocab_size is not None:
+                return torch.empty(batch, 0, dtype=torch.long, device=device)
+            return torch.empty(batch, 0, self.config.d_input, device=device)
+        return torch.stack(steps, 1)
 
     @torch.no_grad()
     def stream(
@@ -360,64 +378,103 @@ class SequenceModel(nn.Module):
         seed: int | None = None,
         prompt_lengths=None,
     ) -> Iterator[torch.Tensor]:
-        """Like :meth:`generate` but yields each ``(B,)`` token as soon as it is sampled.
+        """Like :meth:`generate` but yields each step's ``(B,)`` token or ``(B, d_input)`` frame as soon
+        as it is produced.
 
         Example:
             >>> for token in model.stream(prompt, 100, temperature=0.8, seed=0):
             ...     print(task.decode(token), end="", flush=True)
         """
-        if self.config.head != "lm" or self.config.vocab_size is None:
-            raise InputError(f"generate: expected an lm model with token input, got head={self.config.head!r} "
-                             f"and vocab_size={self.config.vocab_size!r}")
-        if not self.body.causal:
-            raise InputError("generate: expected a causal model, got a bidirectional one (it needs the whole sequence)")
+        feedback = self._check_generation(temperature, top_k, top_p)
         check_positive_int("max_new_tokens", max_new_tokens, minimum=0)
         device = next(self.parameters()).device
         generator = sampling_generator(temperature, top_k, top_p, seed, device)
-        ids, lengths = _prompt_batch(prompt, prompt_lengths, device)
+        frame_width = None if feedback == "token" else self.config.d_input
+        inputs, lengths = _prompt_batch(prompt, prompt_lengths, device, frame_width)
+        draw = {
+            "token": lambda out: sample_token(out, temperature, top_k, top_p, generator),
+            "bernoulli": lambda out: torch.bernoulli(torch.sigmoid(out.float() / temperature), generator=generator),
+            "value": lambda out: out.float(),
+        }[feedback]
         # Prefill: one parallel pass; with ragged prompts the state is each sequence's at its own end.
-        logits, state = self(ids, lengths=lengths)  # (B, T0, V)
+        out, state = self(inputs, lengths=lengths)  # (B, T0, n_outputs)
         if lengths is None:
-            logits = logits[:, -1]
+            out = out[:, -1]
         else:
-            logits = logits[torch.arange(ids.shape[0], device=device), lengths - 1]  # (B, V)
+            out = out[torch.arange(inputs.shape[0], device=device), lengths - 1]  # (B, n_outputs)
         for index in range(max_new_tokens):
-            token = sample_token(logits, temperature, top_k, top_p, generator)
-            yield token
-            if index + 1 < max_new_tokens:  # no step is owed after the last token
-                logits, state = self.step(token, state)
+            emitted = draw(out)
+            yield emitted
+            if index + 1 < max_new_tokens:  # no step is owed after the last one
+                out, state = self.step(emitted, state)
+
+    def _check_generation(self, temperature: object, top_k: object, top_p: object) -> str:
+        """Raise InputError unless this model can generate with these settings; returns its feedback kind."""
+        head = self.config.head
+        feedback = KIND_OF_HEAD[head].feedback
+        if feedback is None:
+            raise InputError(f"generate: expected an lm model or another per-step head {PER_STEP_HEADS}, got head={head!r}")
+        if feedback == "token" and self.config.vocab_size is None:
+            raise InputError(f"generate: expected an lm model with token input (vocab_size set), got head={head!r} "
+                             f"and vocab_size={self.config.vocab_size!r}")
+        if feedback != "token" and self.config.n_outputs != self.config.d_input:
+            raise InputError(
+                f"generate: expected a {head} model whose outputs are its next input (n_outputs == d_input), got "
+                f"n_outputs={self.config.n_outputs}, d_input={self.config.d_input!r}"
+            )
+        if not self.body.causal:
+            raise InputError("generate: expected a causal model, got a bidirectional one (it needs the whole sequence)")
+        if feedback != "token":
+            for name, value in (("top_k", top_k), ("top_p", top_p)):
+                if value is not None:
+                    raise InputError(f"{name}: expected None for head={head!r} (no token to rank), got {value!r}")
+            if feedback == "value" and temperature != 1:
+                raise InputError(f"temperature: expected 1 for head={head!r} (its predictions are not sampled), "
+                                 f"got {temperature!r}")
+        return feedback
 
 
-def _prompt_batch(prompt, prompt_lengths, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(B, T0)`` ids on ``device`` and ``(B,)`` lengths (None when every prompt fills ``T0``)."""
+def _prompt_batch(prompt, prompt_lengths, device, frame_width: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token prompts ``(B, T0)`` ids (``frame_width`` None) or feature prompts ``(B, T0, frame_width)``
+    floats on ``device``, and ``(B,)`` lengths (None when every prompt fills ``T0``)."""
+    tokens = frame_width is None
+    shape = "(B, T0)" if tokens else f"(B, T0, {frame_width})"
+    row_shape = "a 1-D sequence of token ids" if tokens else f"a float tensor (T, {frame_width})"
+
+    def acceptable(t: torch.Tensor, dims: int) -> bool:
+        if tokens:
+            return t.dim() == dims and t.dtype in (torch.int64, torch.int32)
+        return t.dim() == dims + 1 and t.is_floating_point() and t.shape[-1] == frame_width
+
     if isinstance(prompt, torch.Tensor):
-        if prompt.dim() != 2 or prompt.shape[0] < 1 or prompt.shape[1] < 1:
-            raise InputError(f"prompt: expected token ids of shape (B, T0) with B, T0 >= 1, got {describe(prompt)}")
-        ids = prompt.to(device)
-        lengths = check_lengths(prompt_lengths, ids.shape[0], ids.shape[1], device)
-        return ids, lengths
+        if not acceptable(prompt, 2) or prompt.shape[0] < 1 or prompt.shape[1] < 1:
+            what = "token ids" if tokens else "features"
+            raise InputError(f"prompt: expected {what} of shape {shape} with B, T0 >= 1, got {describe(prompt)}")
+        inputs = prompt.to(device)
+        lengths = check_lengths(prompt_lengths, inputs.shape[0], inputs.shape[1], device)
+        return inputs, lengths
     if prompt_lengths is not None:
         raise InputError("prompt_lengths: expected None for a list of prompts (their lengths are known), got lengths")
     if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise InputError(f"prompt: expected a (B, T0) tensor or a non-empty list of 1-D id sequences, got {describe(prompt)}")
+        raise InputError(f"prompt: expected a {shape} tensor or a non-empty list of prompts, got {describe(prompt)}")
     rows = []
     for b, row in enumerate(prompt):
-        if isinstance(row, torch.Tensor):
-            if row.dim() != 1 or row.dtype not in (torch.int64, torch.int32):
-                raise InputError(f"prompt[{b}]: expected a 1-D integer tensor, got {describe(row)}")
-            row = row.long().cpu()
-        elif isinstance(row, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in row):
+        if isinstance(row, torch.Tensor) and acceptable(row, 1):
+            row = row.long().cpu() if tokens else row.float().cpu()
+        elif tokens and isinstance(row, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in row):
             row = torch.tensor(row, dtype=torch.long)
         else:
-            raise InputError(f"prompt[{b}]: expected a 1-D sequence of token ids, got {describe(row)}")
-        if row.numel() < 1:
-            raise InputError(f"prompt[{b}]: expected at least one token, got none")
+            raise InputError(f"prompt[{b}]: expected {row_shape}, got {describe(row)}")
+        if row.shape[0] < 1:
+            raise InputError(f"prompt[{b}]: expected at least one {'token' if tokens else 'step'}, got none")
         rows.append(row)
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)  # padding id 0 never reaches a valid output
+    # Padding (id 0 or zero frames) never reaches a valid output.
+    inputs = rows[0].new_zeros(len(rows), int(lengths.max()), *rows[0].shape[1:])
     for b, row in enumerate(rows):
-        ids[b, : len(row)] = row
-    return ids.to(device), lengths.to(device)
+        inputs[b, : len(row)] = row
+    return inputs.to(device), lengths.to(device)
 
 
 def sampling_generator(temperature: float, top_k: int | None, top_p: float | None, seed: int | None,

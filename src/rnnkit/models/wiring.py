@@ -11,26 +11,26 @@ from typing import Any
 
 from rnnkit.errors import InputError
 from rnnkit.models.model import ModelConfig
+from rnnkit.targets import TARGET_KINDS, target_kind
 
-#: The model head each task target needs.
-HEAD_FOR_TARGET = {"per_step": "lm", "classify": "classify", "regress": "regress"}
+#: The model head each task target needs (the ``head`` column of :data:`rnnkit.targets.TARGET_KINDS`).
+HEAD_FOR_TARGET = {name: kind.head for name, kind in TARGET_KINDS.items()}
 
 
 def task_io(task: Any) -> dict[str, Any]:
     """The :class:`ModelConfig` fields a task fixes: ``head``, ``vocab_size``, ``d_input``, ``n_outputs``.
 
     Token tasks set ``vocab_size`` (``d_input`` None), feature tasks ``d_input`` (``vocab_size`` None);
-    ``n_outputs`` is classes x heads for per-step and classification targets, ``d_output`` for regression.
+    ``n_outputs`` is the target's width (``n_classes`` for class and multi-label targets, ``d_output``
+    for real values) times the task's heads per step.
     """
-    if task.target not in HEAD_FOR_TARGET:
-        raise InputError(f"task.target: expected one of {sorted(HEAD_FOR_TARGET)}, got {task.target!r}")
-    head = HEAD_FOR_TARGET[task.target]
+    kind = target_kind(task.target, "task.target")
     tokens = task.input_kind == "tokens"
     return {
-        "head": head,
+        "head": kind.head,
         "vocab_size": task.vocab_size if tokens else None,
         "d_input": None if tokens else task.d_input,
-        "n_outputs": task.d_output if head == "regress" else task.n_classes * task.n_heads,
+        "n_outputs": getattr(task, kind.width) * task.n_heads,
     }
 
 
@@ -54,7 +54,8 @@ def check_fits(config: ModelConfig, task: Any) -> None:
     """Raise InputError unless ``config`` has the head and sizes ``task`` needs, and is causal where
     the task asks for a prediction at every step.
 
-    An ``lm`` head predicts each step's target (the next token) from the steps before it; a
+    An ``lm`` head (and any task with ``predicts_next_step``) predicts each step's target (the next
+    token or frame) from the steps before it; a
     bidirectional layer also reads the steps after it, where the answer is, so training would learn
     to copy and the model could not generate.
     """
@@ -63,9 +64,9 @@ def check_fits(config: ModelConfig, task: Any) -> None:
         got = getattr(config, name)
         if expected is not None and got != expected:
             raise InputError(f"model.{name}: expected {expected!r} for task {task.name!r}, got {got!r}")
-    if config.head == "lm" and config.bidirectional:
+    if (config.head == "lm" or getattr(task, "predicts_next_step", False)) and config.bidirectional:
         raise InputError(
-            f"bidirectional: expected False for task {task.name!r}, whose model predicts the next token at every "
+            f"bidirectional: expected False for task {task.name!r}, whose model predicts the next token or frame at every "
             "step (a bidirectional layer would read the answer), got True"
         )
 

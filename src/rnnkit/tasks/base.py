@@ -27,13 +27,9 @@ from typing import Any, Callable, ClassVar, Iterator, TypeVar
 import torch
 
 from rnnkit.errors import InputError, check_choice, check_positive_int, describe
-
-#: Target value that losses and metrics skip (``torch.nn.functional.cross_entropy``'s default).
-IGNORE_INDEX = -100
+from rnnkit.targets import IGNORE_INDEX, METRICS, TARGETS
 
 INPUT_KINDS = ("tokens", "features")
-TARGETS = ("per_step", "classify", "regress")
-METRICS = ("loss", "bpc", "bpb", "accuracy", "mse")
 EVAL_SPLITS = ("val", "test")
 
 
@@ -44,10 +40,13 @@ class Batch:
     Attributes:
         x: inputs. ``(B, T)`` int64 token ids when the task's ``input_kind`` is ``"tokens"``, else
             ``(B, T, D_in)`` float32 features.
-        y: targets. ``(B, T)`` int64 class ids with ``IGNORE_INDEX`` (-100) where nothing is predicted
-            for ``target == "per_step"`` (``(B, T, H)`` for a task with ``n_heads = H > 1``: one class
+        y: targets, as the task's ``target`` declares (the table :data:`rnnkit.targets.TARGET_KINDS`):
+            ``(B, T)`` int64 class ids with ``IGNORE_INDEX`` (-100) where nothing is predicted
+            for ``"per_step"`` (``(B, T, H)`` for a task with ``n_heads = H > 1``: one class
             per head per step); ``(B,)`` int64 classes for ``"classify"``; ``(B, d_output)``
-            float32 for ``"regress"``.
+            float32 for ``"regress"``; ``(B, T, d_output)`` float32 for ``"regress_per_step"``;
+            ``(B, T, n_classes)`` float32 0/1 labels for ``"multilabel"``. Real-valued per-step
+            targets are masked by ``lengths``; NaN at a valid step means "no target there".
         lengths: ``(B,)`` int64 valid lengths, each in ``[1, T]``, for right-padded batches; ``None``
             when every sequence fills all ``T`` steps.
         reset: streaming tasks only: ``True`` when this window starts new streams (the trainer resets
@@ -64,11 +63,14 @@ class Batch:
     def num_tokens(self) -> int:
         """Number of predicted targets, for throughput figures such as tokens/s.
 
-        Per-step targets (2-D or 3-D integer ``y``) count the entries that are not ``IGNORE_INDEX``;
+        Per-step class targets (2-D or 3-D integer ``y``) count the entries that are not ``IGNORE_INDEX``;
+        real-valued and multi-label per-step targets (3-D float ``y``) count the valid steps;
         per-sequence targets (classification, regression) count one per sequence.
         """
         if self.y.dim() >= 2 and not self.y.is_floating_point():
             return int((self.y != IGNORE_INDEX).sum())
+        if self.y.dim() == 3:
+            return int(self.lengths.sum()) if self.lengths is not None else self.y.shape[0] * self.y.shape[1]
         return int(self.y.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
@@ -86,13 +88,20 @@ class Task:
         input_kind: ``"tokens"`` (``x`` is ``(B, T)`` int64) or ``"features"`` (``(B, T, D_in)`` float32).
         vocab_size: number of token ids, for ``"tokens"`` input.
         d_input: ``D_in``, for ``"features"`` input.
-        target: ``"per_step"``, ``"classify"`` or ``"regress"`` (see :class:`Batch`).
-        n_classes: number of classes for ``"per_step"`` and ``"classify"`` targets.
-        d_output: width of the regression target.
+        target: what the task predicts, a name of :data:`rnnkit.targets.TARGET_KINDS`: ``"per_step"``
+            (a class per step), ``"classify"`` (a class per sequence), ``"regress"`` (values per
+            sequence), ``"regress_per_step"`` (values per step) or ``"multilabel"`` (0/1 labels per
+            step); see :class:`Batch` for ``y``.
+        n_classes: number of classes for ``"per_step"`` and ``"classify"`` targets, of labels for ``"multilabel"``.
+        d_output: width of the ``"regress"`` and ``"regress_per_step"`` targets.
+        predicts_next_step: ``True`` when a per-step target is the next step of the input (forecasting),
+            so the model must be causal (no bidirectional layers). Tasks with ``"per_step"`` targets
+            (an ``lm`` head) are always treated so.
         streaming: ``True`` when training batches are consecutive windows of ``B`` parallel streams
             whose recurrent state the trainer carries across windows (truncated BPTT).
-        metrics: what the trainer reports, from ``("loss", "bpc", "bpb", "accuracy", "mse")``: ``loss`` per
-            target, ``bpc``/``bpb`` bits per character/byte of the text (see :meth:`units_per_target`).
+        metrics: what the trainer reports, from :data:`rnnkit.targets.METRICS`: ``loss`` per target,
+            ``bpc``/``bpb`` bits per character/byte of the text (see :meth:`units_per_target`),
+            ``accuracy``, ``mse``, ``f1``.
         default_seq_len: the ``T`` used when ``seq_len=None``.
         n_heads: ``H``, per-step targets per step (multi-head curricula); the model's head then emits
             ``H * n_classes`` logits per step, read as ``(H, n_classes)``. 1 for every other task.
@@ -112,6 +121,7 @@ class Task:
     n_classes: int | None = None
     d_output: int | None = None
     streaming: bool = False
+    predicts_next_step: bool = False
     metrics: tuple[str, ...] = ("loss",)
     default_seq_len: int = 0
     n_heads: int = 1

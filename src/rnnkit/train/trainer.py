@@ -42,7 +42,8 @@ from rnnkit.train import distributed
 from rnnkit.train.checkpoint import CheckpointManager, resolve_checkpoint
 from rnnkit.train.config import RESUME_FREE_FIELDS, TrainConfig
 from rnnkit.train.logs import MetricsLogger
-from rnnkit.train.metrics import describe_metrics, loss_and_counts, prediction_count, summarise
+from rnnkit.targets import check_target
+from rnnkit.train.metrics import describe_metrics, empty_totals, loss_and_counts, prediction_count, summarise
 from rnnkit.train.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from rnnkit.train.precision import autocast, fast_bf16, resolve_precision
 from rnnkit.train.progress import ProgressReport, SessionClock, throughput_unit
@@ -163,7 +164,8 @@ class Trainer:
         if not self._rng_restored:
             seed_everything(cfg.seed)
         self.model.train()
-        batches = self.task.train_batches(cfg.batch_size, cfg.seq_len, seed=cfg.seed, start=self.step)
+        start = self.step
+        batches = self.task.train_batches(cfg.batch_size, cfg.seq_len, seed=cfg.seed, start=start)
         logger = self._logger = self._open_logger()
         clock = SessionClock(self.elapsed)
         self._session_first_step, self._budget_timer = self.step, None
@@ -174,6 +176,8 @@ class Trainer:
                 with report:
                     while self.step < cfg.steps and not self._out_of_time() and not self.patience_spent():
                         batch = next(batches)
+                        if self.step == start:
+                            check_target(self.task, batch.x, batch.y)  # before a loss could misread it
                         record = self._train_step(batch)
                         self._record(record, batch, clock, logger, report)
                         self._fix_steps_from_budget(clock, report)
@@ -449,12 +453,14 @@ class Trainer:
         """
         was_training = self.model.training
         self.model.eval()
-        totals = {"loss_sum": 0.0, "count": 0, "correct": 0}
+        totals = empty_totals()
         state, seen, started = None, 0, time.perf_counter()
         seq_len = seq_len if seq_len is not None else self.config.seq_len
         for index, batch in enumerate(self.task.eval_batches(split, self.config.eval_batch_size, seq_len)):
             if max_batches is not None and index >= max_batches:
                 break
+            if index == 0:
+                check_target(self.task, batch.x, batch.y)
             batch = batch.to(self.config.device)
             if batch.reset or not self.task.streaming:
                 state = None
