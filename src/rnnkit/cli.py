@@ -131,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="non-finite loss or gradient norm: raise (default) or skip the step")
     train.add_argument("--max-skips", type=int, default=10, help="--nan-policy skip: consecutive skips tolerated")
 
-    gen = sub.add_parser("generate", help="sample text from a trained character model")
+    gen = sub.add_parser("generate", help="sample text from a trained language model (character, byte or BPE)")
     gen.add_argument("--checkpoint", required=True, help="directory written by `rnnkit train`")
     gen.add_argument("--prompt", default="\n")
-    gen.add_argument("--length", type=int, default=500, help="characters to generate")
+    gen.add_argument("--length", type=int, default=500, help="tokens to generate (characters for a character model)")
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
