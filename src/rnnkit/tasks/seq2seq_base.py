@@ -155,8 +155,8 @@ class Vocabulary:
         for s in symbols:
             i = self.index.get(s)
             if i is None or i < len(SPECIALS):
-                known = "".join(self.symbols[len(SPECIALS):]) if all(len(x) == 1 for x in self.symbols[3:]) \
-                    else " ".join(self.symbols[len(SPECIALS):])
+                own = self.symbols[len(SPECIALS):]
+                known = "".join(own) if all(len(x) == 1 for x in own) else " ".join(own)
                 raise InputError(f"{name}: expected symbols from {known!r}, got {s!r}")
             ids.append(i)
         return ids
