@@ -22,8 +22,6 @@ PROBES = ["induction_heads", "modular_sum", "mqar", "n_dms", "n_parity", "permut
 ALL_TASKS = sorted(["adding", "copy", "parity", "shakespeare"] + PROBES)
 # Real data sets with fixed lengths; their own tests are in test_real_data.py.
 REAL_DATA = ["fashion_mnist", "forecast", "ucr"]
-# Sequence-to-sequence tasks (their batches are Seq2SeqBatch); their tests are in test_seq2seq_tasks.py.
-SEQ2SEQ = ["addition", "convex_hull", "g2p", "reverse", "sort"]
 SYNTHETIC = sorted(["adding", "copy", "parity"] + PROBES)
 # A non-default T each task accepts (copy needs T >= 2 * n_symbols + 1 = 21).
 CUSTOM_T = {"adding": 7, "copy": 25, "parity": 5, "shakespeare": 33, "induction_heads": 9, "modular_sum": 7,
@@ -37,6 +35,8 @@ def task_param(name: str):
 
 
 TASK_PARAMS = [task_param(n) for n in ALL_TASKS]
+# Sequence-to-sequence tasks (their batches are Seq2SeqBatch); their tests are in test_seq2seq_tasks.py.
+SEQ2SEQ = ["addition", "convex_hull", "g2p", "reverse", "sort"]
 
 
 @pytest.fixture(scope="module")
