@@ -111,3 +111,15 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
         flat, i = divmod(flat, size)
         index.append(i)
     return tuple(reversed(index))
+
+
+def data_present(locate) -> bool:
+    """Whether ``locate()`` finds a data set's files: it raises ``InputError`` (naming the install
+    command) when they are absent, which real-data tests turn into a skip."""
+    from rnnkit.errors import InputError
+
+    try:
+        locate()
+    except InputError:
+        return False
+    return True

@@ -15,7 +15,9 @@ import torch
 
 from rnnkit.errors import InputError
 from rnnkit.tasks import build_task
+from rnnkit.tasks.fashion_mnist import fashion_mnist_dir
 from rnnkit.tasks.ucr import read_ts
+from tests.helpers import data_present
 
 HAS_AEON = importlib.util.find_spec("aeon") is not None
 NEEDS_AEON = pytest.mark.skipif(not HAS_AEON, reason="aeon wheel missing: pip install -c constraints.txt --no-deps aeon==1.6.0")
@@ -23,18 +25,8 @@ HAS_STATSMODELS = importlib.util.find_spec("statsmodels") is not None
 NEEDS_STATSMODELS = pytest.mark.skipif(not HAS_STATSMODELS, reason="statsmodels missing: pip install -c constraints.txt statsmodels")
 
 
-def _has_fashion() -> bool:
-    from rnnkit.tasks.fashion_mnist import fashion_mnist_dir
-
-    try:
-        fashion_mnist_dir()
-    except InputError:
-        return False
-    return True
-
-
 NEEDS_FASHION = pytest.mark.skipif(
-    not _has_fashion(), reason="Fashion-MNIST files missing: apt-get install dataset-fashion-mnist"
+    not data_present(fashion_mnist_dir), reason="Fashion-MNIST files missing: apt-get install dataset-fashion-mnist"
 )
 
 

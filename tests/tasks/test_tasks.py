@@ -39,6 +39,8 @@ def task_param(name: str):
 
 
 TASK_PARAMS = [task_param(n) for n in ALL_TASKS]
+# Sequence-to-sequence tasks (their batches are Seq2SeqBatch); their tests are in test_seq2seq_tasks.py.
+SEQ2SEQ = ["addition", "convex_hull", "g2p", "reverse", "sort"]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,7 @@ def check_batch(task: Task, batch: Batch, B: int, T: int) -> None:
 
 
 def test_task_names():
-    assert task_names() == sorted(ALL_TASKS + REAL_DATA + USER_DATA)
+    assert task_names() == sorted(ALL_TASKS + REAL_DATA + USER_DATA + SEQ2SEQ)
 
 
 @pytest.mark.parametrize("name", TASK_PARAMS)
@@ -150,7 +152,7 @@ def test_register_task_errors():
 
     with pytest.raises(InputError, match="metrics"):
         register_task("bad_metric")(BadMetric)
-    assert task_names() == sorted(ALL_TASKS + REAL_DATA + USER_DATA)
+    assert task_names() == sorted(ALL_TASKS + REAL_DATA + USER_DATA + SEQ2SEQ)
 
 
 @pytest.mark.parametrize("name", TASK_PARAMS)

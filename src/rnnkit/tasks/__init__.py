@@ -44,6 +44,7 @@ from rnnkit.tasks import (  # noqa: E402,F401  isort: skip
     fashion_mnist, forecast, induction_heads, memory_curricula, mqar, selective_copy, sequences, set_disjointness,
     state_tracking, ucr,
 )
+from rnnkit.tasks import g2p, pointer_tasks, seq2seq_tasks  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "IGNORE_INDEX",
