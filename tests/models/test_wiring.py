@@ -88,3 +88,9 @@ def test_a_bidirectional_model_for_a_next_token_task_is_rejected():
         Trainer(built, task, TrainConfig(steps=1, batch_size=2, progress=False))
     # Sequence-level heads read the whole sequence before predicting: bidirectional is fine there.
     assert model_config_for(build_task("parity"), d_model=4, layer="gru", bidirectional=True).bidirectional
+
+
+@pytest.mark.parametrize("name", ["reverse", "sort"])
+def test_a_sequence_to_sequence_task_is_not_wired_to_a_sequence_model(name):
+    with pytest.raises(InputError, match="sequence-to-sequence task"):
+        model_config_for(build_task(name), d_model=4, layer="gru")

@@ -24,6 +24,11 @@ def task_io(task: Any) -> dict[str, Any]:
     ``n_outputs`` is the target's width (``n_classes`` for class and multi-label targets, ``d_output``
     for real values) times the task's heads per step.
     """
+    if getattr(task, "seq2seq", False):
+        raise InputError(
+            f"task: expected a task for a SequenceModel, got the sequence-to-sequence task {task.name!r}; build a "
+            "Seq2Seq or PointerNetwork for it and train it from Python (docs/seq2seq.md); rnnkit train does not yet"
+        )
     kind = target_kind(task.target, "task.target")
     tokens = task.input_kind == "tokens"
     return {
