@@ -22,7 +22,7 @@ from rnnkit.errors import check_positive_int
 from rnnkit.layers._conv import ShortConv
 from rnnkit.layers._diagonal import DiagonalRecurrence, check_float
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.selective_scan import selective_scan, selective_scan_step
+from rnnkit.ops.selective_scan import resolve_mode, selective_scan, selective_scan_step
 
 
 @dataclass
@@ -116,7 +116,7 @@ class Mamba(DiagonalRecurrence):
         self.d_input = self.d_output = D = cfg.d_model
         E, N, R = cfg.expand * D, cfg.d_state, cfg.dt_rank
         self.in_proj = nn.Linear(D, 2 * E, bias=False)
-        self.conv = ShortConv(E, cfg.d_conv, activation="identity")
+        self.conv = ShortConv(E, cfg.d_conv, activation="silu")
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
         self.dt_proj = nn.Linear(R, E)
         self.A_log = nn.Parameter(torch.empty(E, N))
@@ -142,6 +142,11 @@ class Mamba(DiagonalRecurrence):
         return MambaState(self.conv.init_state(batch_size, device=device, dtype=dtype),
                           torch.zeros(batch_size, E, cfg.d_state, device=device, dtype=dtype))
 
+    def _auto_mode(self, x: torch.Tensor) -> str:
+        # The selective scan's own choice: its compiled kernel on the CPU (any floating dtype) where
+        # the library built, else chunk.
+        return resolve_mode("auto", x.device)
+
     def _ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """delta ``(..., E)``, B ``(..., N)``, C ``(..., N)`` from the conv output u ``(..., E)``."""
         R, N = self.config.dt_rank, self.config.d_state
@@ -150,21 +155,17 @@ class Mamba(DiagonalRecurrence):
 
     def _step(self, x_t, state):
         u, z = self.in_proj(x_t).chunk(2, -1)  # (B, E) each
-        u, window = self.conv.step(u, state.conv)
-        u = F.silu(u)
+        u, window = self.conv.step(u, state.conv)  # SiLU(conv(u))
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, E), (B, N), (B, N)
         A = -torch.exp(self.A_log)  # (E, N)
-        y, h = selective_scan_step(delta, Bm, Cm, u, A, state.h)  # (B, E), (B, E, N)
-        y = y + self.D * u  # (B, E)
-        return self.out_proj(y * F.silu(z)), MambaState(window, h)
+        y, h = selective_scan_step(delta, Bm, Cm, u, A, state.h, D=self.D, z_t=z)  # (B, E), (B, E, N)
+        return self.out_proj(y), MambaState(window, h)
 
     def _scan_forward(self, x, state, lengths, mode):
         u, z = self.in_proj(x).chunk(2, -1)  # (B, T, E) each
-        u, window = self.conv(u, state.conv, lengths)
-        u = F.silu(u)
+        u, window = self.conv(u, state.conv, lengths)  # SiLU(conv(u)), (B, T, E)
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, T, E), (B, T, N), (B, T, N)
         A = -torch.exp(self.A_log)  # (E, N)
-        y, h = selective_scan(delta, Bm, Cm, u, A, state.h, lengths=lengths, mode=mode,
-                              steps_per_block=self.config.steps_per_block)
-        y = y + self.D * u  # (B, T, E)
-        return self.out_proj(y * F.silu(z)), MambaState(window, h)
+        y, h = selective_scan(delta, Bm, Cm, u, A, state.h, D=self.D, z=z, lengths=lengths, mode=mode,
+                              steps_per_block=self.config.steps_per_block)  # (B, T, E), (B, E, N)
+        return self.out_proj(y), MambaState(window, h)

@@ -9,8 +9,12 @@
 // No torch headers: this builds in about a second with a plain `g++ -O3 -shared`.
 
 #include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -281,6 +285,672 @@ void row_pass(int64_t rows, int64_t D, int64_t group, const R* x, int64_t x_rs, 
   });
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Mamba's fused selective scan (rnnkit.ops.selective_scan, mode "fused"). Per batch row b and
+// channel e, with the state h (N,) of the channel:
+//   h_t = exp(delta_t A_e) * h_{t-1} + delta_t u_t B_t,   y_t = (h_t . C_t + D_e u_t) * silu(z_t)
+// (D and z optional). Vectors run across channels: one vector holds L consecutive channels e, so
+// the N-loop keeps the N state vectors in registers, y is a vertical sum (no horizontal
+// reduction) and delta, u, z, y are contiguous loads and stores of each step's row. The
+// (B, T, E, N) decays and states are never written: the forward keeps the state in registers and
+// stores it only every K steps (the checkpoints of the backward); the backward recomputes one
+// chunk of K steps of one vector of channels from its checkpoint into a scratch that stays in L2,
+// then walks it in reverse. Padded steps (t >= length) keep the state, and their output reads it.
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+template <class V, class R>
+inline V splat(R s) {
+  return V{} + s;
+}
+
+// 2^t = 2^k p(f), k = round(t), f = t - k in [-1/2, 1/2], p(f) = 1 + f q(f) with q a weighted
+// least-squares fit on Chebyshev nodes (relative error of p below 1.6e-8 for float, 4e-17 for
+// double). t is first clamped to [-lim, lim], beyond which 2^t is 0 or infinity in the type (so
+// the result saturates to exactly those); NaN stays NaN. With AVX-512, k is rounded and applied
+// by vrndscale and vscalef; otherwise k is rounded by adding 1.5 * 2^(mantissa bits), which leaves
+// it in the low bits, and applied as two powers of two, each in the normal range.
+template <class R>
+struct Exp2Consts;
+
+template <>
+struct Exp2Consts<float> {
+  static constexpr float lim = 200.0f, magic = 12582912.0f;
+  static constexpr int bias = 127, mantissa = 23, degree = 6;
+  static constexpr float q[degree] = {0.00015370704932138324f, 0.0013399848248809576f, 0.009618373587727547f,
+                                      0.05550329014658928f, 0.24022647738456726f, 0.6931471824645996f};
+};
+
+template <>
+struct Exp2Consts<double> {
+  static constexpr double lim = 2000.0, magic = 6755399441055744.0;
+  static constexpr int bias = 1023, mantissa = 52, degree = 11;
+  static constexpr double q[degree] = {4.4307278984014654e-10, 7.073810155099862e-09, 1.0178229258049394e-07,
+                                       1.3215435106247474e-06, 1.5252733412140717e-05, 0.00015403530457518835,
+                                       0.0013333558146874727,  0.009618129107593736,   0.05550410866481954,
+                                       0.24022650695910133,    0.6931471805599453};
+};
+
+#if defined(__AVX512F__)
+// t clamped to [-lim, lim] (max/min return their second operand when either is NaN, so NaN passes),
+// its nearest integer k, and p 2^k, for a vector V of float or double.
+template <class V, class R>
+inline V clamp_abs(V t, R lim) {
+  if constexpr (sizeof(R) == 4)
+    return (V)_mm512_min_ps(_mm512_set1_ps(lim), _mm512_max_ps(_mm512_set1_ps(-lim), (__m512)t));
+  else
+    return (V)_mm512_min_pd(_mm512_set1_pd(lim), _mm512_max_pd(_mm512_set1_pd(-lim), (__m512d)t));
+}
+template <class V>
+inline V round_nearest(V t) {
+  constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  if constexpr (sizeof(t[0]) == 4)
+    return (V)_mm512_roundscale_ps((__m512)t, mode);
+  else
+    return (V)_mm512_roundscale_pd((__m512d)t, mode);
+}
+template <class V>
+inline V scale2(V p, V k) {
+  if constexpr (sizeof(p[0]) == 4)
+    return (V)_mm512_scalef_ps((__m512)p, (__m512)k);
+  else
+    return (V)_mm512_scalef_pd((__m512d)p, (__m512d)k);
+}
+#endif
+
+template <class R>
+struct Simd {
+  typedef R V __attribute__((vector_size(kVecBytes)));
+  typedef std::conditional_t<sizeof(R) == 4, int32_t, int64_t> Int;
+  typedef Int I __attribute__((vector_size(kVecBytes)));
+  static constexpr int L = kVecBytes / sizeof(R);
+  static V exp2(V t) {
+    using C = Exp2Consts<R>;
+#if defined(__AVX512F__)
+    t = clamp_abs(t, C::lim);
+    const V k = round_nearest(t);
+#else
+    t = t < -C::lim ? splat<V>(-C::lim) : t;
+    t = t > C::lim ? splat<V>(C::lim) : t;
+    const V magic = splat<V>(C::magic), tm = t + magic, k = tm - magic;
+#endif
+    const V f = t - k;
+    V q = splat<V>(C::q[0]);
+    for (int i = 1; i < C::degree; ++i) q = q * f + C::q[i];
+    const V p = q * f + R(1);
+#if defined(__AVX512F__)
+    return scale2(p, k);
+#else
+    const I ki = (I)tm - (I)magic, k1 = ki >> 1, k2 = ki - k1;
+    return p * (V)((k1 + C::bias) << C::mantissa) * (V)((k2 + C::bias) << C::mantissa);
+#endif
+  }
+};
+
+// log2(e), to turn exp(x) into exp2(x log2(e)).
+template <class R>
+constexpr R kLog2e = R(1.44269504088896340735992468100189214);
+
+// N vectors of state: a plain array when N is fixed at compile time (NF > 0), which the compiler
+// keeps in registers once the loops over n unroll; heap storage otherwise.
+template <class V, int NF>
+struct Lanes {
+  V v[NF];
+  explicit Lanes(int64_t) {}
+  V& operator[](int64_t n) { return v[n]; }
+};
+
+template <class V>
+struct Lanes<V, 0> {
+  std::vector<V> v;
+  explicit Lanes(int64_t n) : v(n) {}
+  V& operator[](int64_t n) { return v[n]; }
+};
+
+// A vector from p, or to p. FULL: all its lanes; otherwise the first cnt (the rest read as 0).
+template <bool FULL, class V, class R>
+inline V load_part(const R* p, int cnt) {
+  V v{};
+  if (FULL)
+    __builtin_memcpy(&v, p, sizeof(V));
+  else
+    for (int l = 0; l < cnt; ++l) v[l] = p[l];
+  return v;
+}
+
+template <bool FULL, class V, class R>
+inline void store_part(R* p, V v, int cnt) {
+  if (FULL)
+    __builtin_memcpy(p, &v, sizeof(V));
+  else
+    for (int l = 0; l < cnt; ++l) p[l] = v[l];
+}
+
+template <class V, class R>
+inline V load_vec(const R* p) {
+  return load_part<true, V>(p, 0);
+}
+
+template <class V>
+inline V sigmoid(V x) {
+  using R = decltype(x[0] + 0);
+  return R(1) / (Simd<R>::exp2(x * -kLog2e<R>) + R(1));
+}
+
+// Sizes, strides (in elements; the last dim of every tensor is contiguous) and operands.
+template <class R>
+struct SelArgs {
+  int64_t B, T, E, N, K, parts;  // K: steps per checkpoint; parts: channel ranges per batch row
+  int64_t sd_b, sd_t, su_b, su_t, sB_b, sB_t, sC_b, sC_t, sz_b, sz_t;
+  const R *delta, *u, *Bm, *Cm, *A, *D, *z, *h0;
+  const int64_t* lengths;
+  // Derived: vector blocks of channels, E padded to whole blocks, checkpoints per row, and the
+  // per-channel operands padded with zeros so that a vector of channels is one load.
+  int64_t nblk, Epad, nC;
+  std::vector<R> At, At2, Dp;  // (N, Epad): A and A log2(e) transposed; (Epad): D (empty without D)
+};
+
+constexpr int kSelStrides = 10;
+
+template <class R>
+void sel_setup(SelArgs<R>& a, const int64_t* dims, const int64_t* strides) {
+  constexpr int L = Simd<R>::L;
+  a.B = dims[0], a.T = dims[1], a.E = dims[2], a.N = dims[3], a.K = dims[4], a.parts = dims[5];
+  int64_t* s = &a.sd_b;
+  for (int i = 0; i < kSelStrides; ++i) s[i] = strides[i];
+  a.nblk = (a.E + L - 1) / L;
+  a.Epad = a.nblk * L;
+  a.nC = (a.T + a.K - 1) / a.K;
+  a.At.assign(a.N * a.Epad, R(0));
+  a.At2.assign(a.N * a.Epad, R(0));
+  for (int64_t e = 0; e < a.E; ++e)
+    for (int64_t n = 0; n < a.N; ++n) {
+      a.At[n * a.Epad + e] = a.A[e * a.N + n];
+      a.At2[n * a.Epad + e] = a.A[e * a.N + n] * kLog2e<R>;
+    }
+  if (a.D) {
+    a.Dp.assign(a.Epad, R(0));
+    for (int64_t e = 0; e < a.E; ++e) a.Dp[e] = a.D[e];
+  }
+}
+
+// Runs body(b, p, blk0, blk1) for every unit: batch row b, its channel range p, made of the vector
+// blocks [blk0, blk1). The units depend on the shape only, never on the thread count, so neither
+// does the result.
+template <class R, class Body>
+void sel_units(const SelArgs<R>& a, int nthreads, const Body& body) {
+  const int64_t units = a.B * a.parts;
+  const int64_t work = a.B * a.T * a.E * a.N;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>({int64_t(nthreads), units, work / kMinPerThread}));
+  split_units(units, want, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / a.parts, p = u % a.parts;
+      body(b, p, a.nblk * p / a.parts, a.nblk * (p + 1) / a.parts);
+    }
+  });
+}
+
+// One vector of channels [e0, e0 + L) of batch row b: its rows' starts and steps in time.
+template <class R>
+struct SelCursor {
+  const R *delta, *u, *z, *Bm, *Cm;
+  int64_t sd, su, sz, sB, sC;
+  SelCursor(const SelArgs<R>& a, int64_t b, int64_t e0)
+      : delta(a.delta + b * a.sd_b + e0),
+        u(a.u + b * a.su_b + e0),
+        z(a.z ? a.z + b * a.sz_b + e0 : nullptr),
+        Bm(a.Bm + b * a.sB_b),
+        Cm(a.Cm + b * a.sC_b),
+        sd(a.sd_t), su(a.su_t), sz(a.sz_t), sB(a.sB_t), sC(a.sC_t) {}
+};
+
+// The forward of one vector of channels. NF: N fixed at compile time (the loops over n unroll and
+// the state stays in registers), or 0. FULL: all L channels exist (E - e0 >= L).
+template <class R, int NF, bool FULL>
+void sel_forward_block(const SelArgs<R>& a, int64_t b, int64_t e0, R* y, R* hT, R* ckpt) {
+  using S = Simd<R>;
+  using V = typename S::V;
+  constexpr int L = S::L;
+  const int64_t N = NF ? NF : a.N, T = a.T, E = a.E, Epad = a.Epad;
+  const int64_t len = a.lengths ? a.lengths[b] : T;
+  const int cnt = FULL ? L : int(E - e0);
+  const SelCursor<R> c(a, b, e0);
+  const R* At2 = a.At2.data() + e0;
+  const bool skip = a.D != nullptr;
+  const V Dv = skip ? load_vec<V>(a.Dp.data() + e0) : V{};
+  R* yb = y + b * T * E + e0;
+  // y_t from the contraction acc = h_t . C_t: the skip, the gate, the store.
+  auto finish = [&](int64_t t, V acc, V uu) {
+    if (skip) acc += Dv * uu;
+    if (c.z) {
+      const V zz = load_part<FULL, V>(c.z + t * c.sz, cnt);
+      acc *= zz * sigmoid(zz);
+    }
+    store_part<FULL>(yb + t * E, acc, cnt);
+  };
+  Lanes<V, NF> h(N);
+  for (int64_t n = 0; n < N; ++n) {
+    V v{};
+    if (a.h0)
+      for (int l = 0; l < cnt; ++l) v[l] = a.h0[(b * E + e0 + l) * a.N + n];
+    h[n] = v;
+  }
+  for (int64_t t0 = 0; t0 < T; t0 += a.K) {
+    const int64_t t1 = std::min(T, t0 + a.K), tv = std::min(t1, std::max(t0, len));
+    if (ckpt) {
+      R* ck = ckpt + ((b * a.nC + t0 / a.K) * N) * Epad + e0;
+      for (int64_t n = 0; n < N; ++n) {
+        const V hn = h[n];  // a copy: taking h[n]'s address would keep the state in memory
+        __builtin_memcpy(ck + n * Epad, &hn, sizeof(V));
+      }
+    }
+    for (int64_t t = t0; t < tv; ++t) {
+      const V uu = load_part<FULL, V>(c.u + t * c.su, cnt);
+      const V dl = load_part<FULL, V>(c.delta + t * c.sd, cnt);
+      const V du = dl * uu;
+      const R* Bt = c.Bm + t * c.sB;
+      const R* Ct = c.Cm + t * c.sC;
+      V acc{};
+#pragma GCC unroll 32
+      for (int64_t n = 0; n < N; ++n) {
+        h[n] = S::exp2(dl * load_vec<V>(At2 + n * Epad)) * h[n] + du * Bt[n];
+        acc += h[n] * Ct[n];
+      }
+      finish(t, acc, uu);
+    }
+    for (int64_t t = tv; t < t1; ++t) {  // padding: the state is kept and read
+      const R* Ct = c.Cm + t * c.sC;
+      V acc{};
+#pragma GCC unroll 32
+      for (int64_t n = 0; n < N; ++n) acc += h[n] * Ct[n];
+      finish(t, acc, skip ? load_part<FULL, V>(c.u + t * c.su, cnt) : V{});
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const V hn = h[n];
+    for (int l = 0; l < cnt; ++l) hT[(b * E + e0 + l) * a.N + n] = hn[l];
+  }
+}
+
+template <class R, int NF>
+void sel_forward(const SelArgs<R>& a, R* y, R* hT, R* ckpt, int nthreads) {
+  constexpr int L = Simd<R>::L;
+  sel_units(a, nthreads, [&](int64_t b, int64_t, int64_t blk0, int64_t blk1) {
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      if ((blk + 1) * L <= a.E)
+        sel_forward_block<R, NF, true>(a, b, blk * L, y, hT, ckpt);
+      else
+        sel_forward_block<R, NF, false>(a, b, blk * L, y, hT, ckpt);
+    }
+  });
+}
+
+// Gradients. ddelta, du, dz: (B, T, E); dBp, dCp: (parts, B, T, N) per channel range (summed by
+// the caller); dAp: (B, E, N) and dDp: (B, E) per batch row (summed by the caller); dh0: (B, E, N).
+template <class R>
+struct SelGrads {
+  const R *gy, *ghT;
+  R *ddelta, *du, *dBp, *dCp, *dAp, *dDp, *dz, *dh0;
+};
+
+// What one unit's backward keeps: per chunk, the decays and states of one vector of channels and
+// the (t, n) sums over its channels of dB and dC, still as lanes; per vector of channels, across
+// chunks, the carried state gradient, dA and dD.
+template <class V>
+struct SelScratch {
+  std::vector<V> as, hs, dB, dC, carry, dA, dD;
+  SelScratch(int64_t K, int64_t N, int64_t nb)
+      : as(K * N), hs(K * N), dB(K * N), dC(K * N), carry(nb * N), dA(nb * N), dD(nb) {}
+};
+
+// The backward of one vector of channels (j-th of its unit) over the chunk [t0, t1).
+template <class R, int NF, bool FULL>
+void sel_backward_block(const SelArgs<R>& a, const R* ckpt, const SelGrads<R>& g, int64_t b, int64_t e0,
+                        int64_t j, int64_t t0, int64_t t1, SelScratch<typename Simd<R>::V>& w) {
+  using S = Simd<R>;
+  using V = typename S::V;
+  constexpr int L = S::L;
+  const int64_t N = NF ? NF : a.N, T = a.T, E = a.E, Epad = a.Epad;
+  const int64_t len = a.lengths ? a.lengths[b] : T;
+  const int64_t tv = std::min(t1, std::max(t0, len));  // valid steps [t0, tv), padding [tv, t1)
+  const int cnt = FULL ? L : int(E - e0);
+  const SelCursor<R> c(a, b, e0);
+  const R* At = a.At.data() + e0;
+  const R* At2 = a.At2.data() + e0;
+  const bool skip = a.D != nullptr;
+  const V Dv = skip ? load_vec<V>(a.Dp.data() + e0) : V{};
+  const int64_t row = b * T * E + e0;
+  Lanes<V, NF> hstart(N), gl(N), dAl(N);
+  const R* ck = ckpt + ((b * a.nC + t0 / a.K) * N) * Epad + e0;
+  for (int64_t n = 0; n < N; ++n) hstart[n] = load_vec<V>(ck + n * Epad);
+  // Recompute the chunk's decays and states (gl holds the running state here).
+  for (int64_t n = 0; n < N; ++n) gl[n] = hstart[n];
+  for (int64_t t = t0; t < tv; ++t) {
+    const V dl = load_part<FULL, V>(c.delta + t * c.sd, cnt);
+    const V du = dl * load_part<FULL, V>(c.u + t * c.su, cnt);
+    const R* Bt = c.Bm + t * c.sB;
+    V* at = w.as.data() + (t - t0) * N;
+    V* ht = w.hs.data() + (t - t0) * N;
+#pragma GCC unroll 32
+    for (int64_t n = 0; n < N; ++n) {
+      const V an = S::exp2(dl * load_vec<V>(At2 + n * Epad));
+      gl[n] = an * gl[n] + du * Bt[n];
+      at[n] = an;
+      ht[n] = gl[n];
+    }
+  }
+  for (int64_t t = tv; t < t1; ++t)
+    for (int64_t n = 0; n < N; ++n) w.hs[(t - t0) * N + n] = gl[n];
+  // Walk the chunk in reverse; gl is now the gradient of the state after step t, carried from
+  // step t + 1 (multiplied by its decay), and gy_t C_t is added at step t.
+  for (int64_t n = 0; n < N; ++n) gl[n] = w.carry[j * N + n], dAl[n] = w.dA[j * N + n];
+  V dDl = w.dD[j];
+  // The output's gradient at step t before the gate (gy), and the rest of step t's gradients
+  // once its contraction y (before the skip) and the gradients of u and delta are known.
+  struct Gate {
+    V go, gy, zz, sig;
+  };
+  auto gate = [&](int64_t t) {
+    Gate q;
+    q.go = q.gy = load_part<FULL, V>(g.gy + row + t * E, cnt);
+    if (c.z) {
+      q.zz = load_part<FULL, V>(c.z + t * c.sz, cnt);
+      q.sig = sigmoid(q.zz);
+      q.gy = q.go * (q.zz * q.sig);
+    }
+    return q;
+  };
+  auto finish = [&](int64_t t, const Gate& q, V yv, V uu, V dU, V dDelta) {
+    if (skip) {
+      dU += Dv * q.gy;
+      dDl += q.gy * uu;
+      yv += Dv * uu;
+    }
+    store_part<FULL>(g.ddelta + row + t * E, dDelta, cnt);
+    store_part<FULL>(g.du + row + t * E, dU, cnt);
+    if (c.z && g.dz) {
+      const V dsilu = q.sig * (q.zz * (R(1) - q.sig) + R(1));
+      store_part<FULL>(g.dz + row + t * E, q.go * yv * dsilu, cnt);
+    }
+  };
+  for (int64_t t = t1 - 1; t >= tv; --t) {  // padding: only the read of the kept state
+    const Gate q = gate(t);
+    const R* Ct = c.Cm + t * c.sC;
+    const V* ht = w.hs.data() + (t - t0) * N;
+    V* dCt = w.dC.data() + (t - t0) * N;
+    V yv{};
+#pragma GCC unroll 32
+    for (int64_t n = 0; n < N; ++n) {
+      gl[n] += q.gy * Ct[n];
+      dCt[n] += q.gy * ht[n];
+      yv += ht[n] * Ct[n];
+    }
+    finish(t, q, yv, skip ? load_part<FULL, V>(c.u + t * c.su, cnt) : V{}, V{}, V{});
+  }
+  for (int64_t t = tv - 1; t >= t0; --t) {
+    const int64_t tt = t - t0;
+    const Gate q = gate(t);
+    const R* Bt = c.Bm + t * c.sB;
+    const R* Ct = c.Cm + t * c.sC;
+    const V uu = load_part<FULL, V>(c.u + t * c.su, cnt);
+    const V dl = load_part<FULL, V>(c.delta + t * c.sd, cnt);
+    const V du = dl * uu;
+    const V* ht = w.hs.data() + tt * N;
+    const V* at = w.as.data() + tt * N;
+    const V* hp = tt > 0 ? ht - N : &hstart[0];
+    V* dBt = w.dB.data() + tt * N;
+    V* dCt = w.dC.data() + tt * N;
+    V yv{}, s{}, dd{};
+#pragma GCC unroll 32
+    for (int64_t n = 0; n < N; ++n) {
+      const V gn = gl[n] + q.gy * Ct[n];
+      dCt[n] += q.gy * ht[n];
+      yv += ht[n] * Ct[n];
+      const V qn = gn * (at[n] * hp[n]);  // the gradient of delta A's term
+      dd += qn * load_vec<V>(At + n * Epad);
+      dAl[n] += qn * dl;
+      s += gn * Bt[n];
+      dBt[n] += gn * du;
+      gl[n] = gn * at[n];
+    }
+    finish(t, q, yv, uu, dl * s, dd + uu * s);
+  }
+  for (int64_t n = 0; n < N; ++n) w.carry[j * N + n] = gl[n], w.dA[j * N + n] = dAl[n];
+  w.dD[j] = dDl;
+}
+
+template <class R, int NF>
+void sel_backward(const SelArgs<R>& a, const R* ckpt, const SelGrads<R>& g, int nthreads) {
+  using V = typename Simd<R>::V;
+  constexpr int L = Simd<R>::L;
+  const int64_t N = a.N, T = a.T, E = a.E, K = a.K;
+  sel_units(a, nthreads, [&](int64_t b, int64_t p, int64_t blk0, int64_t blk1) {
+    const int64_t nb = blk1 - blk0;
+    SelScratch<V> w(K, N, nb);
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t e0 = (blk0 + j) * L;
+      const int cnt = int(std::min<int64_t>(L, E - e0));
+      for (int64_t n = 0; n < N; ++n) {
+        V v{};
+        if (g.ghT)
+          for (int l = 0; l < cnt; ++l) v[l] = g.ghT[(b * E + e0 + l) * N + n];
+        w.carry[j * N + n] = v;
+      }
+    }
+    for (int64_t c = a.nC - 1; c >= 0; --c) {
+      const int64_t t0 = c * K, t1 = std::min(T, t0 + K);
+      std::fill(w.dB.begin(), w.dB.begin() + (t1 - t0) * N, V{});
+      std::fill(w.dC.begin(), w.dC.begin() + (t1 - t0) * N, V{});
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t e0 = (blk0 + j) * L;
+        if (e0 + L <= E)
+          sel_backward_block<R, NF, true>(a, ckpt, g, b, e0, j, t0, t1, w);
+        else
+          sel_backward_block<R, NF, false>(a, ckpt, g, b, e0, j, t0, t1, w);
+      }
+      // Lanes -> this channel range's share of dB and dC.
+      R* dBo = g.dBp + ((p * a.B + b) * T + t0) * N;
+      R* dCo = g.dCp + ((p * a.B + b) * T + t0) * N;
+      for (int64_t i = 0; i < (t1 - t0) * N; ++i) {
+        R sb = 0, sc = 0;
+        for (int l = 0; l < L; ++l) sb += w.dB[i][l], sc += w.dC[i][l];
+        dBo[i] = sb, dCo[i] = sc;
+      }
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t e0 = (blk0 + j) * L;
+      const int cnt = int(std::min<int64_t>(L, E - e0));
+      for (int l = 0; l < cnt; ++l) {
+        for (int64_t n = 0; n < N; ++n) {
+          g.dAp[(b * E + e0 + l) * N + n] = w.dA[j * N + n][l];
+          if (g.dh0) g.dh0[(b * E + e0 + l) * N + n] = w.carry[j * N + n][l];
+        }
+        if (g.dDp) g.dDp[b * E + e0 + l] = w.dD[j][l];
+      }
+    }
+  });
+}
+
+template <class R>
+void sel_dispatch_fwd(const SelArgs<R>& a, R* y, R* hT, R* ckpt, int nthreads) {
+  if (a.N == 16)
+    sel_forward<R, 16>(a, y, hT, ckpt, nthreads);
+  else if (a.N == 8)
+    sel_forward<R, 8>(a, y, hT, ckpt, nthreads);
+  else
+    sel_forward<R, 0>(a, y, hT, ckpt, nthreads);
+}
+
+template <class R>
+void sel_dispatch_bwd(const SelArgs<R>& a, const R* ckpt, const SelGrads<R>& g, int nthreads) {
+  if (a.N == 16)
+    sel_backward<R, 16>(a, ckpt, g, nthreads);
+  else if (a.N == 8)
+    sel_backward<R, 8>(a, ckpt, g, nthreads);
+  else
+    sel_backward<R, 0>(a, ckpt, g, nthreads);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Causal depthwise convolution over time with its input history (rnnkit.ops.short_conv, mode
+// "fused"), channels-last: per batch row b and channel d,
+//   y_t = act(bias_d + sum_{s<W} w_{d,s} x_{t-W+1+s}),   x_{-k} = state_{b,d,W-1-k} for k = 1..W-1,
+// act the identity or SiLU. Vectors run across channels, so every step reads one row of x and
+// writes one row of y; the W - 1 rows before it are still in L1. The backward recomputes the
+// pre-activation and scatters each step's gradient into the W rows it read, keeping the W - 1
+// not yet complete in a small window: one read of x and of the output's gradient, one write of
+// the input's gradient.
+
+struct ConvDims {
+  int64_t B, T, D, W, parts, silu;
+  int64_t sx_b, sx_t;  // strides of x's batch and time dims
+};
+
+template <class R>
+struct ConvArgs {
+  ConvDims d;
+  const R *x, *state;                 // x (B, T, D) strided; state (B, D, W-1) or null (zeros)
+  int64_t nblk, Dpad;
+  std::vector<R> Wt, bias;            // (W, Dpad) weight transposed; (Dpad) bias (zeros if none)
+  ConvArgs(const int64_t* dims, const R* x_, const R* w, const R* b, const R* state_) : x(x_), state(state_) {
+    constexpr int L = Simd<R>::L;
+    int64_t* p = &d.B;
+    for (int i = 0; i < 8; ++i) p[i] = dims[i];
+    nblk = (d.D + L - 1) / L;
+    Dpad = nblk * L;
+    Wt.assign(d.W * Dpad, R(0));
+    bias.assign(Dpad, R(0));
+    for (int64_t c = 0; c < d.D; ++c) {
+      for (int64_t s = 0; s < d.W; ++s) Wt[s * Dpad + c] = w[c * d.W + s];
+      if (b) bias[c] = b[c];
+    }
+  }
+  // Runs body(b, blk0, blk1) over the (batch row, channel range) units; as sel_units.
+  template <class Body>
+  void units(int nthreads, const Body& body) const {
+    const int64_t n = d.B * d.parts;
+    const int64_t want = std::max<int64_t>(1, std::min<int64_t>({int64_t(nthreads), n, d.B * d.T * d.D / kMinPerThread}));
+    split_units(n, want, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / d.parts, p = u % d.parts;
+        body(b, nblk * p / d.parts, nblk * (p + 1) / d.parts);
+      }
+    });
+  }
+  // The W - 1 history vectors of channels [c0, c0 + cnt) of row b, oldest first.
+  template <class V>
+  void history(int64_t b, int64_t c0, int cnt, V* out) const {
+    for (int64_t k = 0; k < d.W - 1; ++k) {
+      V v{};
+      if (state)
+        for (int l = 0; l < cnt; ++l) v[l] = state[((b * d.D) + c0 + l) * (d.W - 1) + k];
+      out[k] = v;
+    }
+  }
+};
+
+// Input row t of channels [c0, c0 + cnt): x, or the history for t < 0.
+template <bool FULL, class R, class V>
+inline V conv_input(const ConvArgs<R>& a, const V* hist, int64_t b, int64_t t, int64_t c0, int cnt) {
+  return t >= 0 ? load_part<FULL, V>(a.x + b * a.d.sx_b + t * a.d.sx_t + c0, cnt) : hist[a.d.W - 1 + t];
+}
+
+template <class R, bool FULL>
+void conv_forward_block(const ConvArgs<R>& a, int64_t b, int64_t c0, R* y) {
+  using V = typename Simd<R>::V;
+  const int64_t T = a.d.T, D = a.d.D, W = a.d.W, Dpad = a.Dpad;
+  const int cnt = FULL ? Simd<R>::L : int(D - c0);
+  std::vector<V> hist(W);
+  a.history(b, c0, cnt, hist.data());
+  const V bias = load_vec<V>(a.bias.data() + c0);
+  for (int64_t t = 0; t < T; ++t) {
+    V acc = bias;
+    for (int64_t s = 0; s < W; ++s)
+      acc += load_vec<V>(a.Wt.data() + s * Dpad + c0) * conv_input<FULL>(a, hist.data(), b, t - W + 1 + s, c0, cnt);
+    if (a.d.silu) acc *= sigmoid(acc);
+    store_part<FULL>(y + (b * T + t) * D + c0, acc, cnt);
+  }
+}
+
+// dx (B, T, D), dstate (B, D, W-1) or null, dwp (B, D, W) and dbp (B, D) per batch row (summed by
+// the caller).
+template <class R, bool FULL>
+void conv_backward_block(const ConvArgs<R>& a, int64_t b, int64_t c0, const R* gy, R* dx, R* dstate, R* dwp,
+                         R* dbp) {
+  using V = typename Simd<R>::V;
+  const int64_t T = a.d.T, D = a.d.D, W = a.d.W, Dpad = a.Dpad;
+  const int cnt = FULL ? Simd<R>::L : int(D - c0);
+  std::vector<V> hist(W), win(W), dw(W);  // win[s]: the partial gradient of input row t - W + 1 + s
+  a.history(b, c0, cnt, hist.data());
+  const V bias = load_vec<V>(a.bias.data() + c0);
+  V db{};
+  // Input row i's gradient is complete once step i + W - 1 has scattered into it.
+  auto emit = [&](int64_t i, V v) {
+    if (i >= 0)
+      store_part<FULL>(dx + (b * T + i) * D + c0, v, cnt);
+    else if (dstate)
+      for (int l = 0; l < cnt; ++l) dstate[((b * D) + c0 + l) * (W - 1) + (W - 1 + i)] = v[l];
+  };
+  for (int64_t t = 0; t < T; ++t) {
+    V gp = load_part<FULL, V>(gy + (b * T + t) * D + c0, cnt);
+    if (a.d.silu) {
+      V pre = bias;
+      for (int64_t s = 0; s < W; ++s)
+        pre += load_vec<V>(a.Wt.data() + s * Dpad + c0) * conv_input<FULL>(a, hist.data(), b, t - W + 1 + s, c0, cnt);
+      const V sig = sigmoid(pre);
+      gp *= sig * (pre * (R(1) - sig) + R(1));
+    }
+    db += gp;
+    for (int64_t s = 0; s < W; ++s) {
+      const int64_t i = t - W + 1 + s;
+      win[s] += load_vec<V>(a.Wt.data() + s * Dpad + c0) * gp;
+      dw[s] += gp * conv_input<FULL>(a, hist.data(), b, i, c0, cnt);
+    }
+    emit(t - W + 1, win[0]);
+    for (int64_t s = 0; s + 1 < W; ++s) win[s] = win[s + 1];
+    win[W - 1] = V{};
+  }
+  for (int64_t s = 0; s + 1 < W; ++s) emit(T - W + 1 + s, win[s]);
+  for (int l = 0; l < cnt; ++l) {
+    for (int64_t s = 0; s < W; ++s) dwp[((b * D) + c0 + l) * W + s] = dw[s][l];
+    dbp[b * D + c0 + l] = db[l];
+  }
+}
+
+template <class R>
+void conv_forward(const ConvArgs<R>& a, R* y, int nthreads) {
+  constexpr int L = Simd<R>::L;
+  a.units(nthreads, [&](int64_t b, int64_t blk0, int64_t blk1) {
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      if ((blk + 1) * L <= a.d.D)
+        conv_forward_block<R, true>(a, b, blk * L, y);
+      else
+        conv_forward_block<R, false>(a, b, blk * L, y);
+    }
+  });
+}
+
+template <class R>
+void conv_backward(const ConvArgs<R>& a, const R* gy, R* dx, R* dstate, R* dwp, R* dbp, int nthreads) {
+  constexpr int L = Simd<R>::L;
+  a.units(nthreads, [&](int64_t b, int64_t blk0, int64_t blk1) {
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      if ((blk + 1) * L <= a.d.D)
+        conv_backward_block<R, true>(a, b, blk * L, gy, dx, dstate, dwp, dbp);
+      else
+        conv_backward_block<R, false>(a, b, blk * L, gy, dx, dstate, dwp, dbp);
+    }
+  });
+}
+
 }  // namespace
 
 #define RNNKIT_ROWS_EXPORT(suffix, R)                                                                   \
@@ -310,5 +980,51 @@ RNNKIT_SCAN_EXPORT(f64, double, fwd_real, bwd_real)
 RNNKIT_SCAN_EXPORT(c64, float, fwd_complex, bwd_complex)
 RNNKIT_SCAN_EXPORT(c128, double, fwd_complex, bwd_complex)
 
+#define RNNKIT_SELECTIVE_EXPORT(suffix, R)                                                              \
+  extern "C" void rnnkit_selective_fwd_##suffix(const int64_t* dims, const int64_t* strides, const R* delta, \
+                                                const R* u, const R* Bm, const R* Cm, const R* A, const R* D, \
+                                                const R* z, const R* h0, const int64_t* lengths, R* y, R* hT, \
+                                                R* ckpt, int nthreads) {                                \
+    SelArgs<R> a;                                                                                       \
+    a.delta = delta, a.u = u, a.Bm = Bm, a.Cm = Cm, a.A = A, a.D = D, a.z = z, a.h0 = h0;              \
+    a.lengths = lengths;                                                                                \
+    sel_setup(a, dims, strides);                                                                        \
+    sel_dispatch_fwd(a, y, hT, ckpt, nthreads);                                                         \
+  }                                                                                                     \
+  extern "C" void rnnkit_selective_bwd_##suffix(const int64_t* dims, const int64_t* strides, const R* delta, \
+                                                const R* u, const R* Bm, const R* Cm, const R* A, const R* D, \
+                                                const R* z, const int64_t* lengths, const R* ckpt, const R* gy, \
+                                                const R* ghT, R* ddelta, R* du, R* dBp, R* dCp, R* dAp, R* dDp, \
+                                                R* dz, R* dh0, int nthreads) {                          \
+    SelArgs<R> a;                                                                                       \
+    a.delta = delta, a.u = u, a.Bm = Bm, a.Cm = Cm, a.A = A, a.D = D, a.z = z, a.h0 = nullptr;         \
+    a.lengths = lengths;                                                                                \
+    sel_setup(a, dims, strides);                                                                        \
+    SelGrads<R> g{gy, ghT, ddelta, du, dBp, dCp, dAp, dDp, dz, dh0};                                    \
+    sel_dispatch_bwd(a, ckpt, g, nthreads);                                                             \
+  }
+
+RNNKIT_SELECTIVE_EXPORT(f32, float)
+RNNKIT_SELECTIVE_EXPORT(f64, double)
+
+#define RNNKIT_CONV_EXPORT(suffix, R)                                                                   \
+  extern "C" void rnnkit_conv_fwd_##suffix(const int64_t* dims, const R* x, const R* w, const R* bias,   \
+                                           const R* state, R* y, int nthreads) {                        \
+    conv_forward(ConvArgs<R>(dims, x, w, bias, state), y, nthreads);                                    \
+  }                                                                                                     \
+  extern "C" void rnnkit_conv_bwd_##suffix(const int64_t* dims, const R* x, const R* w, const R* bias,   \
+                                           const R* state, const R* gy, R* dx, R* dstate, R* dwp, R* dbp, \
+                                           int nthreads) {                                              \
+    conv_backward(ConvArgs<R>(dims, x, w, bias, state), gy, dx, dstate, dwp, dbp, nthreads);            \
+  }
+
+RNNKIT_CONV_EXPORT(f32, float)
+RNNKIT_CONV_EXPORT(f64, double)
+
+// Elements per vector of the channels-last kernels (selective scan, convolution), which pad their
+// per-channel operands and checkpoints to whole vectors.
+extern "C" int rnnkit_lanes_f32() { return Simd<float>::L; }
+extern "C" int rnnkit_lanes_f64() { return Simd<double>::L; }
+
 // Lets the loader check that the library it opened is the one built from this source.
-extern "C" int rnnkit_scan_abi_version() { return 5; }
+extern "C" int rnnkit_scan_abi_version() { return 6; }
