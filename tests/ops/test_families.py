@@ -70,13 +70,13 @@ def selective_inputs(B, T, gen):
 
 
 def gated_selective_inputs(B, T, gen):
-    """N = 16 (the kernel's unrolled state) and E = 20 (whole vectors of channels and a partial one),
-    with the skip D and the gate z."""
+    """Mamba's block: N = 16 (the kernel's unrolled state), E = 20 (whole vectors of channels and a
+    partial one), the step size softplus(delta + delta_bias), the skip D and the gate z."""
     N16, E20 = 16, 20
-    delta = F.softplus(_randn(gen, B, T, E20)) * 0.5
-    return {"delta": delta, "B": _randn(gen, B, T, N16), "C": _randn(gen, B, T, N16), "u": _randn(gen, B, T, E20),
-            "A": -torch.exp(_randn(gen, E20, N16, scale=0.5)), "h0": _randn(gen, B, E20, N16),
-            "D": _randn(gen, E20), "z": _randn(gen, B, T, E20)}
+    return {"delta": _randn(gen, B, T, E20, scale=2.0), "B": _randn(gen, B, T, N16), "C": _randn(gen, B, T, N16),
+            "u": _randn(gen, B, T, E20), "A": -torch.exp(_randn(gen, E20, N16, scale=0.5)),
+            "h0": _randn(gen, B, E20, N16), "D": _randn(gen, E20), "z": _randn(gen, B, T, E20),
+            "delta_bias": _randn(gen, E20) - 1.0, "delta_softplus": True}
 
 
 def conv_inputs(activation, bias=True):
@@ -132,7 +132,7 @@ FAMILIES = [
            {"delta": 1, "B": 1, "C": 1, "u": 1}, 1, "h0",
            options={"parallel": {"steps_per_block": 8}, "fused": {"steps_per_block": 8}}),
     Family("selective_scan-gated", ops.selective_scan, SCAN_FORMS, gated_selective_inputs,
-           {"delta": 1, "B": 1, "C": 1, "u": 1, "z": 1}, 1, "h0", keywords=("D", "z"),
+           {"delta": 1, "B": 1, "C": 1, "u": 1, "z": 1}, 1, "h0", keywords=("D", "z", "delta_bias", "delta_softplus"),
            options={"chunk": {"steps_per_block": 16}, "fused": {"steps_per_block": 16}}),
     Family("short_conv-silu", ops.short_conv, ("parallel",) + FUSED + ("auto",), conv_inputs("silu"), {"x": 1}, 1,
            "state", keywords=("activation",), defined_past_length=False),

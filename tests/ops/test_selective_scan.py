@@ -24,30 +24,35 @@ def _inputs(B, T, E, N, dtype=torch.float64, seed=0):
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, dtype=torch.float64, generator=gen) * scale).to(dtype)
 
-    return {"delta": F.softplus(randn(B, T, E)) * 0.5, "Bm": randn(B, T, N), "Cm": randn(B, T, N), "u": randn(B, T, E),
-            "A": -torch.exp(randn(E, N, scale=0.5)), "h0": randn(B, E, N), "D": randn(E), "z": randn(B, T, E)}
+    return {"delta": randn(B, T, E, scale=2.0), "Bm": randn(B, T, N), "Cm": randn(B, T, N), "u": randn(B, T, E),
+            "A": -torch.exp(randn(E, N, scale=0.5)), "h0": randn(B, E, N), "D": randn(E), "z": randn(B, T, E),
+            "delta_bias": randn(E) - 1.0}
 
 
-def _run(args, mode, lengths=None, steps_per_block=None):
+def _run(args, mode, lengths=None, steps_per_block=None, delta_softplus=True):
+    """The scan of ``args`` (delta raw: the step size is softplus(delta + delta_bias) by default)."""
     a = dict(args)
     return selective_scan(a.pop("delta"), a.pop("Bm"), a.pop("Cm"), a.pop("u"), a.pop("A"), a.pop("h0"), **a,
-                          lengths=lengths, mode=mode, steps_per_block=steps_per_block)
+                          delta_softplus=delta_softplus, lengths=lengths, mode=mode, steps_per_block=steps_per_block)
 
 
 @needs_fused
 @pytest.mark.parametrize("N", [3, 16], ids=["N3", "N16"])
 def test_gradcheck(N):
-    """Every gradient of the fused form (u, delta, A, B, C, h0, D, z) against finite differences in
-    fp64, with padding and several checkpoint chunks."""
-    args = {k: v.requires_grad_() for k, v in _inputs(2, 9, 5, N).items()}
-    names = list(args)
+    """Every gradient of the fused form (u, delta, A, B, C, h0, D, z, delta_bias) against finite
+    differences in fp64, with padding and several checkpoint chunks, with and without the softplus."""
     lengths = torch.tensor([9, 6])
+    for softplus in (True, False):
+        args = _inputs(2, 9, 5, N)
+        if not softplus:  # positive step sizes, as the softplus would give
+            args["delta"], args["delta_bias"] = args["delta"].abs() * 0.3, args["delta_bias"].abs() * 0.1
+        args = {k: v.requires_grad_() for k, v in args.items()}
+        names = list(args)
 
-    def fn(*tensors):
-        y, h = _run(dict(zip(names, tensors)), "fused", lengths, steps_per_block=4)
-        return y, h
+        def fn(*tensors):
+            return _run(dict(zip(names, tensors)), "fused", lengths, steps_per_block=4, delta_softplus=softplus)
 
-    assert torch.autograd.gradcheck(fn, tuple(args.values()), eps=1e-6, atol=1e-7, rtol=1e-5)
+        assert torch.autograd.gradcheck(fn, tuple(args.values()), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @needs_fused
@@ -119,9 +124,11 @@ def test_saturating_decays(dtype):
     delta = 0 (decay exactly 1) and delta A in between, as the loop computes them."""
     args = _inputs(2, 20, 6, 3, dtype)
     args["A"] = torch.tensor([[-1e4, -1.0, -1e-3]] * 6, dtype=dtype)
+    args["delta"] = args["delta"].abs()
     args["delta"][:, :5] = 0
-    y, h = _run(args, "fused")
-    y_ref, h_ref = _run(args, "recurrent")
+    args["delta_bias"] = torch.zeros(6, dtype=dtype)
+    y, h = _run(args, "fused", delta_softplus=False)
+    y_ref, h_ref = _run(args, "recurrent", delta_softplus=False)
     assert_close(y, y_ref, dtype=dtype)
     assert_close(h, h_ref, dtype=dtype)
 
@@ -147,6 +154,7 @@ def test_auto_is_fused_on_the_cpu_where_available():
     ({"D": torch.ones(5)}, r"D: expected shape \(E,\) = \(4,\), got \(5,\)"),
     ({"z": torch.ones(2, 20, 5)}, r"z: expected shape \(B, T, E\) = \(2, 20, 4\), got \(2, 20, 5\)"),
     ({"D": "1"}, "D: expected a torch.Tensor"),
+    ({"delta_bias": torch.ones(4, 1)}, r"delta_bias: expected shape \(E,\) = \(4,\), got \(4, 1\)"),
 ])
 def test_bad_skip_and_gate(change, match):
     args = dict(_inputs(2, 20, 4, 3), **change)
@@ -155,12 +163,19 @@ def test_bad_skip_and_gate(change, match):
             _run(args, mode)
 
 
-def test_skip_and_gate_are_the_block_formula():
-    """y = (h C + D u) SiLU(z): the loop with D and z against the loop without them."""
+def test_bad_softplus_flag():
+    with pytest.raises(InputError, match="delta_softplus: expected a bool, got str 'yes'"):
+        _run(_inputs(2, 20, 4, 3), "auto", delta_softplus="yes")
+
+
+def test_extras_are_the_block_formula():
+    """y = (h C + D u) SiLU(z) with the step size softplus(delta + delta_bias): the loop with them
+    against the loop without them."""
     args = _inputs(2, 12, 4, 3)
     y, h = _run(args, "recurrent")
-    plain = {k: v for k, v in args.items() if k not in ("D", "z")}
-    y0, h0 = _run(plain, "recurrent")
+    plain = {k: v for k, v in args.items() if k not in ("D", "z", "delta_bias")}
+    plain["delta"] = F.softplus(args["delta"] + args["delta_bias"])
+    y0, h0 = _run(plain, "recurrent", delta_softplus=False)
     assert torch.equal(h, h0)
     assert_close(y, (y0 + args["D"] * args["u"]) * F.silu(args["z"]))
-    assert_close(selective_scan_recurrent(*(args[k] for k in ("delta", "Bm", "Cm", "u", "A", "h0")))[0], y0)
+    assert_close(selective_scan_recurrent(*(plain[k] for k in ("delta", "Bm", "Cm", "u", "A", "h0")))[0], y0)

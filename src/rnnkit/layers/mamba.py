@@ -148,24 +148,31 @@ class Mamba(DiagonalRecurrence):
         return resolve_mode("auto", x.device)
 
     def _ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """delta ``(..., E)``, B ``(..., N)``, C ``(..., N)`` from the conv output u ``(..., E)``."""
+        """``W_Delta W_R u`` ``(..., E)`` (delta before its bias and softplus), B ``(..., N)``, C
+        ``(..., N)`` from the conv output u ``(..., E)``."""
         R, N = self.config.dt_rank, self.config.d_state
         dt, Bm, Cm = self.x_proj(u).split([R, N, N], -1)
-        return F.softplus(self.dt_proj(dt)), Bm, Cm
+        return F.linear(dt, self.dt_proj.weight), Bm, Cm
 
     def _step(self, x_t, state):
         u, z = self.in_proj(x_t).chunk(2, -1)  # (B, E) each
         u, window = self.conv.step(u, state.conv)  # SiLU(conv(u))
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, E), (B, N), (B, N)
+        delta = F.softplus(delta + self.dt_proj.bias)
         A = -torch.exp(self.A_log)  # (E, N)
         y, h = selective_scan_step(delta, Bm, Cm, u, A, state.h, D=self.D, z_t=z)  # (B, E), (B, E, N)
         return self.out_proj(y), MambaState(window, h)
 
     def _scan_forward(self, x, state, lengths, mode):
-        u, z = self.in_proj(x).chunk(2, -1)  # (B, T, E) each
+        # Two products with the halves of W_in, not one split in two: the gradients of u and z then
+        # reach x without being concatenated into a (B, T, 2E) tensor first.
+        w_u, w_z = self.in_proj.weight.chunk(2, 0)
+        u, z = F.linear(x, w_u), F.linear(x, w_z)  # (B, T, E) each
         u, window = self.conv(u, state.conv, lengths)  # SiLU(conv(u)), (B, T, E)
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, T, E), (B, T, N), (B, T, N)
         A = -torch.exp(self.A_log)  # (E, N)
-        y, h = selective_scan(delta, Bm, Cm, u, A, state.h, D=self.D, z=z, lengths=lengths, mode=mode,
+        # The scan adds dt_proj's bias and takes the softplus (inside the kernel, when fused).
+        y, h = selective_scan(delta, Bm, Cm, u, A, state.h, D=self.D, z=z, delta_bias=self.dt_proj.bias,
+                              delta_softplus=True, lengths=lengths, mode=mode,
                               steps_per_block=self.config.steps_per_block)  # (B, T, E), (B, E, N)
         return self.out_proj(y), MambaState(window, h)

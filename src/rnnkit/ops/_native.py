@@ -165,7 +165,7 @@ def _load() -> ctypes.CDLL:
     for suffix in CHANNELS_LAST_DTYPES.values():
         lanes = getattr(lib, f"rnnkit_lanes_{suffix}")
         lanes.argtypes, lanes.restype = [], c_int
-        for name, pointers in (("selective_fwd", 14), ("selective_bwd", 21), ("conv_fwd", 6), ("conv_bwd", 10)):
+        for name, pointers in (("selective_fwd", 15), ("selective_bwd", 23), ("conv_fwd", 6), ("conv_bwd", 10)):
             fn = getattr(lib, f"rnnkit_{name}_{suffix}")
             fn.argtypes, fn.restype = [p] * pointers + [c_int], None
     return lib

@@ -1,20 +1,23 @@
 """Mamba's selective scan (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State
-Spaces", Algorithm 2), with the optional ``D`` skip and ``SiLU(z)`` gate of the Mamba block:
+Spaces", Algorithm 2), with the optional step-size bias and softplus, ``D`` skip and ``SiLU(z)`` gate
+of the Mamba block:
 
     h_t = exp(delta_t A) ⊙ h_{t-1} + (delta_t u_t) B_t        h_t (E, N) per batch element
     y_t = (h_t C_t + D ⊙ u_t) ⊙ SiLU(z_t)                      y_t (E,)
 
 with ``delta_t``, ``u_t``, ``z_t`` ``(E,)`` per channel, ``B_t``, ``C_t`` ``(N,)`` shared by the
 channels, ``A`` ``(E, N)`` (negative for a contraction) and ``D`` ``(E,)``; without ``D`` the skip
-term is 0, without ``z`` the gate is 1. One entry, :func:`selective_scan` with ``mode=``:
+term is 0, without ``z`` the gate is 1. Given ``delta_bias`` ``(E,)`` and/or ``delta_softplus``,
+the step size is ``softplus(delta_t + delta_bias)`` (``torch.nn.functional.softplus``) or
+``delta_t + delta_bias`` in place of ``delta_t``. One entry, :func:`selective_scan` with ``mode=``:
 
 - ``recurrent``: :func:`selective_scan_recurrent`, the loop over :func:`selective_scan_step`, the
   definition;
 - ``parallel``, ``chunk``: the decays ``exp(delta A)`` and inputs ``delta u B`` of a block of steps
   formed at once, ``(B, Tb, E, N)``, and scanned by that form of :func:`rnnkit.ops.linear_scan`;
 - ``fused``: one compiled CPU kernel (:mod:`rnnkit.ops._native`) for the whole recurrence, skip and
-  gate included, in the design of the paper's CUDA kernel: per batch row and channel the
-  discretisation, the scan over the ``(N,)`` state held in registers and the contraction with
+  gate and step-size softplus included, in the design of the paper's CUDA kernel: per batch row
+  and channel the discretisation, the scan over the ``(N,)`` state held in registers and the contraction with
   ``C`` in one pass, so no ``(B, T, E, N)`` tensor is ever written. Its backward recomputes the
   states chunk by chunk in reverse from checkpoints saved every ``steps_per_block`` steps
   (``(B, T / steps_per_block, E, N)``, default every 64 steps). fp32 and fp64 run as they are;
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_tensor
+from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_tensor, describe
 from rnnkit.ops import _native, _workspace
 from rnnkit.ops._forms import is_empty_batch
 from rnnkit.ops._native import CHANNELS_LAST_DTYPES, ptr
@@ -55,7 +58,7 @@ SELECTIVE_SCAN_MODES = LINEAR_SCAN_MODES
 FUSED_CHECKPOINT_STEPS = 64
 
 
-def _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D=None, z=None):
+def _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D=None, z=None, delta_bias=None, delta_softplus=False):
     for name, t in (("delta", delta), ("B", Bm), ("C", Cm), ("u", u), ("A", A)):
         check_tensor(name, t)
     if delta.dim() != 3 or delta.shape[1] < 1:
@@ -77,7 +80,18 @@ def _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D=None, z=None):
         raise InputError(f"D: expected shape (E,) = ({E},), got {tuple(D.shape)}")
     if z is not None and check_tensor("z", z).shape != delta.shape:
         raise InputError(f"z: expected shape (B, T, E) = {(B, T, E)}, got {tuple(z.shape)}")
+    if delta_bias is not None and check_tensor("delta_bias", delta_bias).shape != (E,):
+        raise InputError(f"delta_bias: expected shape (E,) = ({E},), got {tuple(delta_bias.shape)}")
+    if not isinstance(delta_softplus, bool):
+        raise InputError(f"delta_softplus: expected a bool, got {describe(delta_softplus)}")
     return check_lengths(lengths, B, T, delta.device)
+
+
+def _step_sizes(delta, delta_bias, delta_softplus):
+    """The step sizes the recurrence uses: ``delta (+ delta_bias)``, through softplus when asked."""
+    if delta_bias is not None:
+        delta = delta + delta_bias
+    return F.softplus(delta) if delta_softplus else delta
 
 
 def _skip_and_gate(y, u, D, z):
@@ -102,18 +116,21 @@ def _read(h, C_t):
     return (h * C_t[:, None, :]).sum(-1)  # (B, E)
 
 
-def selective_scan_recurrent(delta, Bm, Cm, u, A, h0=None, lengths=None, *, D=None, z=None):
+def selective_scan_recurrent(delta, Bm, Cm, u, A, h0=None, lengths=None, *, D=None, z=None, delta_bias=None,
+                             delta_softplus=False):
     """The loop that defines the selective scan (see the module docstring).
 
     Args:
         delta: ``(B, T, E)`` step sizes; Bm, Cm: ``(B, T, N)``; u: ``(B, T, E)`` inputs; A: ``(E, N)``;
         h0: ``(B, E, N)`` initial state, zeros if None; lengths: optional ``(B,)`` ints in ``[1, T]``;
-        D: optional ``(E,)`` skip; z: optional ``(B, T, E)`` gate input.
+        D: optional ``(E,)`` skip; z: optional ``(B, T, E)`` gate input; delta_bias: optional
+        ``(E,)``; delta_softplus: the step size is ``softplus(delta + delta_bias)``.
 
     Returns:
         ``y`` ``(B, T, E)`` and the final state ``(B, E, N)`` (at each sequence's last valid step).
     """
-    lengths = _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D, z)
+    lengths = _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D, z, delta_bias, delta_softplus)
+    delta = _step_sizes(delta, delta_bias, delta_softplus)
     h = h0 if h0 is not None else delta.new_zeros(delta.shape[0], *A.shape)
     ys = []
     gates = z.unbind(1) if z is not None else [None] * delta.shape[1]
@@ -193,37 +210,35 @@ class _FusedSelectiveScan(torch.autograd.Function):
     ``CHANNELS_LAST_DTYPES``; the backward recomputes the states from per-chunk checkpoints."""
 
     @staticmethod
-    def forward(ctx, delta, Bm, Cm, u, A, h0, D, z, lengths, K: int):
+    def forward(ctx, delta, Bm, Cm, u, A, h0, D, z, delta_bias, lengths, K: int, softplus: bool):
         lib = _native.library()
         sfx = CHANNELS_LAST_DTYPES[delta.dtype]
         delta, Bm, Cm, u, z = (_rows(t) for t in (delta, Bm, Cm, u, z))
-        A = A.contiguous()
-        D = None if D is None else D.contiguous()
-        h0 = None if h0 is None else h0.contiguous()
+        A, D, h0, delta_bias = (None if t is None else t.contiguous() for t in (A, D, h0, delta_bias))
         B, T, E = delta.shape
         N = A.shape[1]
         lanes = _native.lanes(delta.dtype)
         parts = _native.channel_parts(B, E, delta.dtype)
-        dims = (B, T, E, N, K, parts)
+        dims = (B, T, E, N, K, parts, softplus)
         strides = [s for t in (delta, u, Bm, Cm, z if z is not None else delta) for s in t.stride()[:2]]
         y = _workspace.workspace((B, T, E), delta)
         hT = torch.empty(B, E, N, dtype=delta.dtype)
         ckpt = torch.empty(B, -(-T // K), N, -(-E // lanes) * lanes, dtype=delta.dtype) if any(ctx.needs_input_grad) else None
         getattr(lib, f"rnnkit_selective_fwd_{sfx}")(
             _int64s(*dims), _int64s(*strides), ptr(delta), ptr(u), ptr(Bm), ptr(Cm), ptr(A), ptr(D), ptr(z),
-            ptr(h0), ptr(lengths), ptr(y), ptr(hT), ptr(ckpt), torch.get_num_threads())
+            ptr(delta_bias), ptr(h0), ptr(lengths), ptr(y), ptr(hT), ptr(ckpt), torch.get_num_threads())
         if ckpt is not None:
-            ctx.save_for_backward(delta, Bm, Cm, u, A, D, z, lengths, ckpt)
+            ctx.save_for_backward(delta, Bm, Cm, u, A, D, z, delta_bias, lengths, ckpt)
             ctx.dims, ctx.strides, ctx.has_h0 = dims, strides, h0 is not None
         return y, hT
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy, ghT):
-        delta, Bm, Cm, u, A, D, z, lengths, ckpt = ctx.saved_tensors
+        delta, Bm, Cm, u, A, D, z, delta_bias, lengths, ckpt = ctx.saved_tensors
         lib = _native.library()
         sfx = CHANNELS_LAST_DTYPES[delta.dtype]
-        B, T, E, N, _, parts = ctx.dims
+        B, T, E, N, _, parts, _ = ctx.dims
         gy, ghT = gy.contiguous(), ghT.contiguous()
         need = ctx.needs_input_grad
         ddelta, du = _workspace.workspace((B, T, E), delta), _workspace.workspace((B, T, E), delta)
@@ -232,28 +247,30 @@ class _FusedSelectiveScan(torch.autograd.Function):
         dAp = torch.empty(B, E, N, dtype=delta.dtype)
         dDp = torch.empty(B, E, dtype=delta.dtype) if D is not None else None
         dh0 = torch.empty(B, E, N, dtype=delta.dtype) if ctx.has_h0 and need[5] else None
+        dbiasp = torch.empty(B, E, dtype=delta.dtype) if delta_bias is not None else None
         getattr(lib, f"rnnkit_selective_bwd_{sfx}")(
             _int64s(*ctx.dims), _int64s(*ctx.strides), ptr(delta), ptr(u), ptr(Bm), ptr(Cm), ptr(A), ptr(D),
-            ptr(z), ptr(lengths), ptr(ckpt), ptr(gy), ptr(ghT), ptr(ddelta), ptr(du), ptr(dBp), ptr(dCp),
-            ptr(dAp), ptr(dDp), ptr(dz), ptr(dh0), torch.get_num_threads())
+            ptr(z), ptr(delta_bias), ptr(lengths), ptr(ckpt), ptr(gy), ptr(ghT), ptr(ddelta), ptr(du), ptr(dBp),
+            ptr(dCp), ptr(dAp), ptr(dDp), ptr(dz), ptr(dh0), ptr(dbiasp), torch.get_num_threads())
         dB, dC = (t[0] if parts == 1 else t.sum(0) for t in (dBp, dCp))
-        dD = None if dDp is None else dDp.sum(0)
-        return ddelta, dB, dC, du, dAp.sum(0), dh0, dD, dz, None, None
+        dD, dbias = (None if t is None else t.sum(0) for t in (dDp, dbiasp))
+        return ddelta, dB, dC, du, dAp.sum(0), dh0, dD, dz, dbias, None, None, None
 
 
-def _scan_fused(delta, Bm, Cm, u, A, h0, lengths, D, z, steps_per_block):
+def _scan_fused(delta, Bm, Cm, u, A, h0, lengths, D, z, delta_bias, delta_softplus, steps_per_block):
     """The fused form; inputs of other dtypes than the kernel's are computed in fp32 (or the
     widest of them) and the results cast back."""
-    dtype, work = _native.work_dtype(delta, Bm, Cm, u, A, h0, D, z)
-    delta, Bm, Cm, u, A, h0, D, z = (None if t is None else t.to(work) for t in (delta, Bm, Cm, u, A, h0, D, z))
+    tensors = (delta, Bm, Cm, u, A, h0, D, z, delta_bias)
+    dtype, work = _native.work_dtype(*tensors)
+    delta, Bm, Cm, u, A, h0, D, z, delta_bias = (None if t is None else t.to(work) for t in tensors)
     K = FUSED_CHECKPOINT_STEPS if steps_per_block is None else steps_per_block
-    y, h = _FusedSelectiveScan.apply(delta, Bm, Cm, u, A, h0, D, z, lengths, K)
+    y, h = _FusedSelectiveScan.apply(delta, Bm, Cm, u, A, h0, D, z, delta_bias, lengths, K, delta_softplus)
     return y.to(dtype), h.to(dtype)
 
 
 # ----------------------------------------------------------------------------------- public entry
-def selective_scan(delta, Bm, Cm, u, A, h0=None, *, D=None, z=None, lengths=None, mode: str = "auto",
-                   steps_per_block: int | None = None):
+def selective_scan(delta, Bm, Cm, u, A, h0=None, *, D=None, z=None, delta_bias=None, delta_softplus: bool = False,
+                   lengths=None, mode: str = "auto", steps_per_block: int | None = None):
     """Mamba's selective scan in the form ``mode`` (see the module docstring).
 
     Args:
@@ -261,7 +278,8 @@ def selective_scan(delta, Bm, Cm, u, A, h0=None, *, D=None, z=None, lengths=None
             u: ``(B, T, E)`` inputs; A: ``(E, N)`` state matrix (diagonal per channel);
             h0: ``(B, E, N)`` initial state, zeros if None; D: optional ``(E,)`` skip weights;
             z: optional ``(B, T, E)`` gate input (the output is multiplied by ``SiLU(z)``);
-            lengths: optional ``(B,)`` in ``[1, T]``.
+            delta_bias: optional ``(E,)`` added to ``delta``; delta_softplus: the step size is
+            ``softplus(delta + delta_bias)`` (Mamba's); lengths: optional ``(B,)`` in ``[1, T]``.
         mode: ``"recurrent"`` (the loop, the definition), ``"parallel"``, ``"chunk"`` (time blocks
             scanned by that :func:`rnnkit.ops.linear_scan` form), ``"fused"`` (the compiled
             kernel) or ``"auto"`` (the default).
@@ -281,15 +299,17 @@ def selective_scan(delta, Bm, Cm, u, A, h0=None, *, D=None, z=None, lengths=None
         ...                       torch.randn(2, 50, 8), -torch.rand(8, 4))   # y (2, 50, 8), h (2, 8, 4)
     """
     check_choice("mode", mode, SELECTIVE_SCAN_MODES)
+    extras = {"D": D, "z": z, "delta_bias": delta_bias, "delta_softplus": delta_softplus}
     if mode == "recurrent" or is_empty_batch(delta):
-        return selective_scan_recurrent(delta, Bm, Cm, u, A, h0, lengths, D=D, z=z)
-    lengths = _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D, z)
+        return selective_scan_recurrent(delta, Bm, Cm, u, A, h0, lengths, **extras)
+    lengths = _check_inputs(delta, Bm, Cm, u, A, h0, lengths, **extras)
     if steps_per_block is not None:
         check_positive_int("steps_per_block", steps_per_block)
     mode = resolve_mode(mode, delta.device)
     if mode == "fused":
-        return _scan_fused(delta, Bm, Cm, u, A, h0, lengths, D, z, steps_per_block)
-    y, h = scan_blocks(delta, Bm, Cm, u, A, h0, lengths, mode, steps_per_block)
+        return _scan_fused(delta, Bm, Cm, u, A, h0, lengths, D, z, delta_bias, delta_softplus, steps_per_block)
+    y, h = scan_blocks(_step_sizes(delta, delta_bias, delta_softplus), Bm, Cm, u, A, h0, lengths, mode,
+                       steps_per_block)
     return _skip_and_gate(y, u, D, z), h
 
 
