@@ -37,7 +37,7 @@ def _run(args, mode, lengths=None, steps_per_block=None, delta_softplus=True):
 
 
 @needs_fused
-@pytest.mark.parametrize("N", [3, 16], ids=["N3", "N16"])
+@pytest.mark.parametrize("N", [3, 8, 16], ids=["N3", "N8", "N16"])
 def test_gradcheck(N):
     """Every gradient of the fused form (u, delta, A, B, C, h0, D, z, delta_bias) against finite
     differences in fp64, with padding and several checkpoint chunks, with and without the softplus."""

@@ -315,8 +315,9 @@ inline V splat(R s) {
 // least-squares fit on Chebyshev nodes (relative error of p below 1.6e-8 for float, 4e-17 for
 // double). t is first clamped to [-lim, lim], beyond which 2^t is 0 or infinity in the type (so
 // the result saturates to exactly those); NaN stays NaN. With AVX-512, k is rounded and applied
-// by vrndscale and vscalef; otherwise k is rounded by adding 1.5 * 2^(mantissa bits), which leaves
-// it in the low bits, and applied as two powers of two, each in the normal range.
+// by vrndscale and vscalef (which saturates by itself for finite t); otherwise k is rounded by
+// adding 1.5 * 2^(mantissa bits), which leaves it in the low bits, and applied as two powers of
+// two, each in the normal range.
 template <class R>
 struct Exp2Consts;
 
@@ -371,10 +372,13 @@ struct Simd {
   typedef std::conditional_t<sizeof(R) == 4, int32_t, int64_t> Int;
   typedef Int I __attribute__((vector_size(kVecBytes)));
   static constexpr int L = kVecBytes / sizeof(R);
+  // FINITE: the caller knows t is finite or NaN, and the AVX-512 form skips the clamp (which
+  // only maps infinities, beyond vscalef's own saturation, to 0 and infinity).
+  template <bool FINITE = false>
   static V exp2(V t) {
     using C = Exp2Consts<R>;
 #if defined(__AVX512F__)
-    t = clamp_abs(t, C::lim);
+    if (!FINITE) t = clamp_abs(t, C::lim);
     const V k = round_nearest(t);
 #else
     t = t < -C::lim ? splat<V>(-C::lim) : t;
@@ -505,7 +509,8 @@ struct SelArgs {
   // Derived: vector blocks of channels, E padded to whole blocks, checkpoints per row, and the
   // per-channel operands padded with zeros so that a vector of channels is one load.
   int64_t nblk, Epad, nC;
-  std::vector<R> At, At2, Dp, biasp;  // (N, Epad): A and A log2(e) transposed; (Epad): D, delta_bias
+  // (nblk, N, L): A and A log2(e), each vector block's N vectors together; (Epad): D, delta_bias.
+  std::vector<R> At, At2, Dp, biasp;
 
   // The step size from delta's row x at channels [e0, e0 + L), before (pre) and after the softplus.
   template <class V>
@@ -517,6 +522,8 @@ struct SelArgs {
 };
 
 constexpr int kSelStrides = 10;
+// Steps whose step sizes, inputs and gates are prepared together (see sel_forward_block).
+constexpr int64_t kSelGroup = 64;
 
 template <class R>
 void sel_setup(SelArgs<R>& a, const int64_t* dims, const int64_t* strides) {
@@ -532,8 +539,9 @@ void sel_setup(SelArgs<R>& a, const int64_t* dims, const int64_t* strides) {
   a.At2.assign(a.N * a.Epad, R(0));
   for (int64_t e = 0; e < a.E; ++e)
     for (int64_t n = 0; n < a.N; ++n) {
-      a.At[n * a.Epad + e] = a.A[e * a.N + n];
-      a.At2[n * a.Epad + e] = a.A[e * a.N + n] * kLog2e<R>;
+      const int64_t i = (e / L) * a.N * L + n * L + e % L;
+      a.At[i] = a.A[e * a.N + n];
+      a.At2[i] = a.A[e * a.N + n] * kLog2e<R>;
     }
   if (a.D) {
     a.Dp.assign(a.Epad, R(0));
@@ -585,60 +593,78 @@ void sel_forward_block(const SelArgs<R>& a, int64_t b, int64_t e0, R* y, R* hT, 
   const int64_t len = a.lengths ? a.lengths[b] : T;
   const int cnt = FULL ? L : int(E - e0);
   const SelCursor<R> c(a, b, e0);
-  const R* At2 = a.At2.data() + e0;
+  const R* At2 = a.At2.data() + e0 * N;  // this block's (N, L)
   const bool skip = a.D != nullptr;
   const V Dv = skip ? load_vec<V>(a.Dp.data() + e0) : V{};
   R* yb = y + b * T * E + e0;
-  // y_t from the contraction acc = h_t . C_t: the skip, the gate, the store.
-  auto finish = [&](int64_t t, V acc, V uu) {
-    if (skip) acc += Dv * uu;
+  // y_t from the contraction acc = h_t . C_t: the skip (unless already added), the gate, the store.
+  auto finish = [&](int64_t t, V acc, V uu, bool add_skip) {
+    if (skip && add_skip) acc += Dv * uu;
     if (c.z) {
       const V zz = load_part<FULL, V>(c.z + t * c.sz, cnt);
       acc *= zz * sigmoid(zz);
     }
     store_part<FULL>(yb + t * E, acc, cnt);
   };
-  Lanes<V, NF> h(N);
-  for (int64_t n = 0; n < N; ++n) {
-    V v{};
-    if (a.h0)
-      for (int l = 0; l < cnt; ++l) v[l] = a.h0[(b * E + e0 + l) * a.N + n];
-    h[n] = v;
-  }
+  // Every loop over n that touches h unrolls (NF > 0), so that h lives in registers.
+  Lanes<V, NF> h(N), edge(N);  // edge: the state in memory, for its lanes' transposed load and store
+#pragma GCC unroll 32
+  for (int64_t n = 0; n < N; ++n) edge[n] = V{};
+  if (a.h0)
+    for (int l = 0; l < cnt; ++l) {
+      const R* init = a.h0 + (b * E + e0 + l) * a.N;
+      for (int64_t n = 0; n < N; ++n) edge[n][l] = init[n];
+    }
+#pragma GCC unroll 32
+  for (int64_t n = 0; n < N; ++n) h[n] = edge[n];
   for (int64_t t0 = 0; t0 < T; t0 += a.K) {
     const int64_t t1 = std::min(T, t0 + a.K), tv = std::min(t1, std::max(t0, len));
     if (ckpt) {
       R* ck = ckpt + ((b * a.nC + t0 / a.K) * N) * Epad + e0;
+#pragma GCC unroll 32
       for (int64_t n = 0; n < N; ++n) {
-        const V hn = h[n];  // a copy: taking h[n]'s address would keep the state in memory
+        const V hn = h[n];
         __builtin_memcpy(ck + n * Epad, &hn, sizeof(V));
       }
     }
-    for (int64_t t = t0; t < tv; ++t) {
-      const V uu = load_part<FULL, V>(c.u + t * c.su, cnt);
-      const V dl = a.step_size(load_part<FULL, V>(c.delta + t * c.sd, cnt), e0);
-      const V du = dl * uu;
-      const R* Bt = c.Bm + t * c.sB;
-      const R* Ct = c.Cm + t * c.sC;
-      V acc{};
-#pragma GCC unroll 32
-      for (int64_t n = 0; n < N; ++n) {
-        h[n] = S::exp2(dl * load_vec<V>(At2 + n * Epad)) * h[n] + du * Bt[n];
-        acc += h[n] * Ct[n];
+    for (int64_t g0 = t0; g0 < tv; g0 += kSelGroup) {
+      // The step sizes, inputs and gates of a group of steps first: their exp and log chains are
+      // independent of the state, and computed together they overlap instead of stalling each step.
+      const int64_t g1 = std::min(tv, g0 + kSelGroup);
+      V dls[kSelGroup], dus[kSelGroup], outs[kSelGroup];
+      for (int64_t t = g0; t < g1; ++t) {
+        const V uu = load_part<FULL, V>(c.u + t * c.su, cnt);
+        dls[t - g0] = a.step_size(load_part<FULL, V>(c.delta + t * c.sd, cnt), e0);
+        dus[t - g0] = dls[t - g0] * uu;
+        outs[t - g0] = skip ? Dv * uu : V{};
       }
-      finish(t, acc, uu);
+      for (int64_t t = g0; t < g1; ++t) {
+        const V dl = dls[t - g0], du = dus[t - g0];
+        const R* Bt = c.Bm + t * c.sB;
+        const R* Ct = c.Cm + t * c.sC;
+        V acc[2] = {outs[t - g0], V{}};  // two sums, half the latency of the chain
+#pragma GCC unroll 32
+        for (int64_t n = 0; n < N; ++n) {
+          h[n] = S::template exp2<true>(dl * load_vec<V>(At2 + n * L)) * h[n] + du * Bt[n];
+          acc[n & 1] += h[n] * Ct[n];
+        }
+        outs[t - g0] = acc[0] + acc[1];
+      }
+      for (int64_t t = g0; t < g1; ++t) finish(t, outs[t - g0], V{}, false);
     }
     for (int64_t t = tv; t < t1; ++t) {  // padding: the state is kept and read
       const R* Ct = c.Cm + t * c.sC;
       V acc{};
 #pragma GCC unroll 32
       for (int64_t n = 0; n < N; ++n) acc += h[n] * Ct[n];
-      finish(t, acc, skip ? load_part<FULL, V>(c.u + t * c.su, cnt) : V{});
+      finish(t, acc, skip ? load_part<FULL, V>(c.u + t * c.su, cnt) : V{}, true);
     }
   }
-  for (int64_t n = 0; n < N; ++n) {
-    const V hn = h[n];
-    for (int l = 0; l < cnt; ++l) hT[(b * E + e0 + l) * a.N + n] = hn[l];
+#pragma GCC unroll 32
+  for (int64_t n = 0; n < N; ++n) edge[n] = h[n];
+  for (int l = 0; l < cnt; ++l) {
+    R* out = hT + (b * E + e0 + l) * a.N;
+    for (int64_t n = 0; n < N; ++n) out[n] = edge[n][l];
   }
 }
 
@@ -664,15 +690,77 @@ struct SelGrads {
   R *ddelta, *du, *dBp, *dCp, *dAp, *dDp, *dz, *dh0, *dbiasp;
 };
 
-// What one unit's backward keeps: per chunk, the decays and states of one vector of channels and
-// the (t, n) sums over its channels of dB and dC, still as lanes; per vector of channels, across
-// chunks, the carried state gradient, dA and dD.
+// What one unit's backward keeps. Per chunk and vector of channels: the per-step operands (step
+// size, input, their product, the gated output gradient, the factor of dz, the softplus slope),
+// the partial sums over n of the per-step gradients, and the decays and states; per chunk, the
+// (t, n) sums over the unit's channels of dB and dC, still as lanes; per vector of channels, across
+// chunks, the carried state gradient, dA, dD and d delta_bias.
 template <class V>
 struct SelScratch {
-  std::vector<V> as, hs, dB, dC, carry, dA, dD, dBias;
+  std::vector<V> dl, u, du, gy, gz, slope, s, dd, y;  // (K,) each
+  std::vector<V> as, hs, dB, dC;                      // (K, N) each
+  std::vector<V> carry, dA, dD, dBias;                // (nb, N), (nb, N), (nb,), (nb,)
   SelScratch(int64_t K, int64_t N, int64_t nb)
-      : as(K * N), hs(K * N), dB(K * N), dC(K * N), carry(nb * N), dA(nb * N), dD(nb), dBias(nb) {}
+      : dl(K), u(K), du(K), gy(K), gz(K), slope(K), s(K), dd(K), y(K), as(K * N), hs(K * N), dB(K * N),
+        dC(K * N), carry(nb * N), dA(nb * N), dD(nb), dBias(nb) {}
 };
+
+// The reverse walk over the chunk for the state indices [n0, n0 + NS) (NS = 0: all N), adding
+// their terms to the per-step sums s = sum_n g_n B_n, dd = sum_n q_n A_n, y = sum_n h_n C_n. In
+// slices of n, the carried gradient and dA of a slice fit in registers together.
+template <class R, int NS>
+void sel_reverse_slice(const SelArgs<R>& a, const SelCursor<R>& c, int64_t n0, int64_t ns, int64_t t0, int64_t tv,
+                       int64_t t1, const typename Simd<R>::V* hstart, const R* At, typename Simd<R>::V* carry,
+                       typename Simd<R>::V* dA, SelScratch<typename Simd<R>::V>& w) {
+  using V = typename Simd<R>::V;
+  constexpr int L = Simd<R>::L;
+  const int64_t N = a.N, S = NS ? NS : ns;
+  Lanes<V, NS> gl(S), dAl(S);
+#pragma GCC unroll 32
+  for (int64_t i = 0; i < S; ++i) gl[i] = carry[n0 + i], dAl[i] = dA[n0 + i];
+  for (int64_t t = t1 - 1; t >= tv; --t) {  // padding: only the read of the kept state
+    const int64_t tt = t - t0;
+    const V gy = w.gy[tt];
+    const R* Ct = c.Cm + t * c.sC + n0;
+    const V* ht = w.hs.data() + tt * N + n0;
+    V* dCt = w.dC.data() + tt * N + n0;
+    V yv = w.y[tt];
+#pragma GCC unroll 32
+    for (int64_t i = 0; i < S; ++i) {
+      gl[i] += gy * Ct[i];
+      dCt[i] += gy * ht[i];
+      yv += ht[i] * Ct[i];
+    }
+    w.y[tt] = yv;
+  }
+  for (int64_t t = tv - 1; t >= t0; --t) {
+    const int64_t tt = t - t0;
+    const V gy = w.gy[tt], dl = w.dl[tt], du = w.du[tt];
+    const R* Bt = c.Bm + t * c.sB + n0;
+    const R* Ct = c.Cm + t * c.sC + n0;
+    const V* ht = w.hs.data() + tt * N + n0;
+    const V* at = w.as.data() + tt * N + n0;
+    const V* hp = tt > 0 ? ht - N : hstart + n0;
+    V* dBt = w.dB.data() + tt * N + n0;
+    V* dCt = w.dC.data() + tt * N + n0;
+    V yv = w.y[tt], s = w.s[tt], dd = w.dd[tt];
+#pragma GCC unroll 32
+    for (int64_t i = 0; i < S; ++i) {
+      const V gn = gl[i] + gy * Ct[i];
+      dCt[i] += gy * ht[i];
+      yv += ht[i] * Ct[i];
+      const V qn = gn * (at[i] * hp[i]);  // the gradient of delta A's term
+      dd += qn * load_vec<V>(At + (n0 + i) * L);
+      dAl[i] += qn * dl;
+      s += gn * Bt[i];
+      dBt[i] += gn * du;
+      gl[i] = gn * at[i];
+    }
+    w.y[tt] = yv, w.s[tt] = s, w.dd[tt] = dd;
+  }
+#pragma GCC unroll 32
+  for (int64_t i = 0; i < S; ++i) carry[n0 + i] = gl[i], dA[n0 + i] = dAl[i];
+}
 
 // The backward of one vector of channels (j-th of its unit) over the chunk [t0, t1).
 template <class R, int NF, bool FULL>
@@ -686,111 +774,85 @@ void sel_backward_block(const SelArgs<R>& a, const R* ckpt, const SelGrads<R>& g
   const int64_t tv = std::min(t1, std::max(t0, len));  // valid steps [t0, tv), padding [tv, t1)
   const int cnt = FULL ? L : int(E - e0);
   const SelCursor<R> c(a, b, e0);
-  const R* At = a.At.data() + e0;
-  const R* At2 = a.At2.data() + e0;
+  const R* At = a.At.data() + e0 * N;  // this block's (N, L)
+  const R* At2 = a.At2.data() + e0 * N;
   const bool skip = a.D != nullptr;
   const V Dv = skip ? load_vec<V>(a.Dp.data() + e0) : V{};
   const int64_t row = b * T * E + e0;
-  Lanes<V, NF> hstart(N), gl(N), dAl(N);
+  // The per-step operands, all independent of the state, computed together.
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t tt = t - t0;
+    const bool valid = t < tv;
+    const V go = load_part<FULL, V>(g.gy + row + t * E, cnt);
+    w.u[tt] = valid || skip ? load_part<FULL, V>(c.u + t * c.su, cnt) : V{};
+    w.gy[tt] = go;
+    if (c.z) {
+      const V zz = load_part<FULL, V>(c.z + t * c.sz, cnt), sig = sigmoid(zz);
+      w.gy[tt] = go * (zz * sig);
+      w.gz[tt] = go * (sig * (zz * (R(1) - sig) + R(1)));  // d silu(z) / dz = sig (1 + z (1 - sig))
+    }
+    if (valid) {
+      V pre;
+      w.dl[tt] = a.step_size(load_part<FULL, V>(c.delta + t * c.sd, cnt), e0, &pre);
+      w.du[tt] = w.dl[tt] * w.u[tt];
+      if (a.use_softplus) w.slope[tt] = softplus_slope(pre);
+    }
+    w.s[tt] = w.dd[tt] = w.y[tt] = V{};
+  }
+  // Recompute the chunk's decays and states.
+  Lanes<V, NF> hstart(N), h(N);
   const R* ck = ckpt + ((b * a.nC + t0 / a.K) * N) * Epad + e0;
-  for (int64_t n = 0; n < N; ++n) hstart[n] = load_vec<V>(ck + n * Epad);
-  // Recompute the chunk's decays and states (gl holds the running state here).
-  for (int64_t n = 0; n < N; ++n) gl[n] = hstart[n];
+#pragma GCC unroll 32
+  for (int64_t n = 0; n < N; ++n) hstart[n] = h[n] = load_vec<V>(ck + n * Epad);
   for (int64_t t = t0; t < tv; ++t) {
-    const V dl = a.step_size(load_part<FULL, V>(c.delta + t * c.sd, cnt), e0);
-    const V du = dl * load_part<FULL, V>(c.u + t * c.su, cnt);
+    const int64_t tt = t - t0;
+    const V dl = w.dl[tt], du = w.du[tt];
     const R* Bt = c.Bm + t * c.sB;
-    V* at = w.as.data() + (t - t0) * N;
-    V* ht = w.hs.data() + (t - t0) * N;
+    V* at = w.as.data() + tt * N;
+    V* ht = w.hs.data() + tt * N;
 #pragma GCC unroll 32
     for (int64_t n = 0; n < N; ++n) {
-      const V an = S::exp2(dl * load_vec<V>(At2 + n * Epad));
-      gl[n] = an * gl[n] + du * Bt[n];
+      const V an = S::template exp2<true>(dl * load_vec<V>(At2 + n * L));
+      h[n] = an * h[n] + du * Bt[n];
       at[n] = an;
-      ht[n] = gl[n];
+      ht[n] = h[n];
     }
   }
   for (int64_t t = tv; t < t1; ++t)
-    for (int64_t n = 0; n < N; ++n) w.hs[(t - t0) * N + n] = gl[n];
-  // Walk the chunk in reverse; gl is now the gradient of the state after step t, carried from
-  // step t + 1 (multiplied by its decay), and gy_t C_t is added at step t.
-  for (int64_t n = 0; n < N; ++n) gl[n] = w.carry[j * N + n], dAl[n] = w.dA[j * N + n];
+#pragma GCC unroll 32
+    for (int64_t n = 0; n < N; ++n) w.hs[(t - t0) * N + n] = h[n];
+  // Walk the chunk in reverse: the state gradient carried from step t + 1 (multiplied by its
+  // decay) plus gy_t C_t is the gradient of the state after step t.
+  V* carry = w.carry.data() + j * N;
+  V* dA = w.dA.data() + j * N;
+  constexpr int kSlice = 8;
+  if constexpr (NF > 0 && NF % kSlice == 0) {
+    for (int64_t n0 = 0; n0 < N; n0 += kSlice)
+      sel_reverse_slice<R, kSlice>(a, c, n0, kSlice, t0, tv, t1, &hstart[0], At, carry, dA, w);
+  } else {
+    sel_reverse_slice<R, NF>(a, c, 0, N, t0, tv, t1, &hstart[0], At, carry, dA, w);
+  }
+  // The per-step gradients from the sums over n.
   V dDl = w.dD[j], dBias = w.dBias[j];
-  // The output's gradient at step t before the gate (gy), and the rest of step t's gradients
-  // once its contraction y (before the skip) and the gradients of u and delta are known.
-  struct Gate {
-    V go, gy, zz, sig;
-  };
-  auto gate = [&](int64_t t) {
-    Gate q;
-    q.go = q.gy = load_part<FULL, V>(g.gy + row + t * E, cnt);
-    if (c.z) {
-      q.zz = load_part<FULL, V>(c.z + t * c.sz, cnt);
-      q.sig = sigmoid(q.zz);
-      q.gy = q.go * (q.zz * q.sig);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t tt = t - t0;
+    const V uu = w.u[tt], gy = w.gy[tt];
+    V dU{}, dDelta{}, yv = w.y[tt];
+    if (t < tv) {
+      dU = w.dl[tt] * w.s[tt];
+      dDelta = w.dd[tt] + uu * w.s[tt];  // of the step size; then of delta (and delta_bias)
+      if (a.use_softplus) dDelta *= w.slope[tt];
+      dBias += dDelta;
     }
-    return q;
-  };
-  auto finish = [&](int64_t t, const Gate& q, V yv, V uu, V dU, V dDelta) {
     if (skip) {
-      dU += Dv * q.gy;
-      dDl += q.gy * uu;
+      dU += Dv * gy;
+      dDl += gy * uu;
       yv += Dv * uu;
     }
     store_part<FULL>(g.ddelta + row + t * E, dDelta, cnt);
     store_part<FULL>(g.du + row + t * E, dU, cnt);
-    if (c.z && g.dz) {
-      const V dsilu = q.sig * (q.zz * (R(1) - q.sig) + R(1));
-      store_part<FULL>(g.dz + row + t * E, q.go * yv * dsilu, cnt);
-    }
-  };
-  for (int64_t t = t1 - 1; t >= tv; --t) {  // padding: only the read of the kept state
-    const Gate q = gate(t);
-    const R* Ct = c.Cm + t * c.sC;
-    const V* ht = w.hs.data() + (t - t0) * N;
-    V* dCt = w.dC.data() + (t - t0) * N;
-    V yv{};
-#pragma GCC unroll 32
-    for (int64_t n = 0; n < N; ++n) {
-      gl[n] += q.gy * Ct[n];
-      dCt[n] += q.gy * ht[n];
-      yv += ht[n] * Ct[n];
-    }
-    finish(t, q, yv, skip ? load_part<FULL, V>(c.u + t * c.su, cnt) : V{}, V{}, V{});
+    if (c.z && g.dz) store_part<FULL>(g.dz + row + t * E, w.gz[tt] * yv, cnt);
   }
-  for (int64_t t = tv - 1; t >= t0; --t) {
-    const int64_t tt = t - t0;
-    const Gate q = gate(t);
-    const R* Bt = c.Bm + t * c.sB;
-    const R* Ct = c.Cm + t * c.sC;
-    const V uu = load_part<FULL, V>(c.u + t * c.su, cnt);
-    V pre;
-    const V dl = a.step_size(load_part<FULL, V>(c.delta + t * c.sd, cnt), e0, &pre);
-    const V du = dl * uu;
-    const V* ht = w.hs.data() + tt * N;
-    const V* at = w.as.data() + tt * N;
-    const V* hp = tt > 0 ? ht - N : &hstart[0];
-    V* dBt = w.dB.data() + tt * N;
-    V* dCt = w.dC.data() + tt * N;
-    V yv{}, s{}, dd{};
-#pragma GCC unroll 32
-    for (int64_t n = 0; n < N; ++n) {
-      const V gn = gl[n] + q.gy * Ct[n];
-      dCt[n] += q.gy * ht[n];
-      yv += ht[n] * Ct[n];
-      const V qn = gn * (at[n] * hp[n]);  // the gradient of delta A's term
-      dd += qn * load_vec<V>(At + n * Epad);
-      dAl[n] += qn * dl;
-      s += gn * Bt[n];
-      dBt[n] += gn * du;
-      gl[n] = gn * at[n];
-    }
-    V dDelta = dd + uu * s;  // of the step size; then of delta (and delta_bias)
-    if (a.use_softplus) dDelta *= softplus_slope(pre);
-    dBias += dDelta;
-    finish(t, q, yv, uu, dl * s, dDelta);
-  }
-  for (int64_t n = 0; n < N; ++n) w.carry[j * N + n] = gl[n], w.dA[j * N + n] = dAl[n];
   w.dD[j] = dDl;
   w.dBias[j] = dBias;
 }
@@ -1021,6 +1083,36 @@ void conv_backward(const ConvArgs<R>& a, const R* gy, R* dx, R* dstate, R* dwp, 
   });
 }
 
+
+// The arithmetic ceiling of the selective scan's forward (benchmarks/mamba_speed.py): per element
+// one exp, by the kernel's own exp2, and one FMA, on values held in registers (no memory traffic),
+// 8 independent vectors per thread so that latency is hidden. Each pass updates
+// x <- x - 2^-20 exp(x), so that nothing is loop-invariant and x stays in [-1, 0]. Returns the sum
+// of the final values, so that the work cannot be optimised away.
+template <class R>
+R exp_fma_ceiling(int64_t passes, int nthreads) {
+  using V = typename Simd<R>::V;
+  constexpr int kIndependent = 8;
+  std::vector<R> sums(std::max(nthreads, 1), R(0));
+  split_units(std::max(nthreads, 1), std::max(nthreads, 1), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      V x[kIndependent];
+      for (int k = 0; k < kIndependent; ++k)
+        for (int l = 0; l < Simd<R>::L; ++l) x[k][l] = -R(k * Simd<R>::L + l + 1) / R(kIndependent * Simd<R>::L);
+      for (int64_t i = 0; i < passes; ++i)
+#pragma GCC unroll 8
+        for (int k = 0; k < kIndependent; ++k) x[k] = Simd<R>::exp2(x[k] * kLog2e<R>) * R(-1.0 / (1 << 20)) + x[k];
+      R total = 0;
+      for (int k = 0; k < kIndependent; ++k)
+        for (int l = 0; l < Simd<R>::L; ++l) total += x[k][l];
+      sums[u] = total;
+    }
+  });
+  R total = 0;
+  for (R v : sums) total += v;
+  return total;
+}
+
 }  // namespace
 
 #define RNNKIT_ROWS_EXPORT(suffix, R)                                                                   \
@@ -1090,6 +1182,14 @@ RNNKIT_SELECTIVE_EXPORT(f64, double)
 
 RNNKIT_CONV_EXPORT(f32, float)
 RNNKIT_CONV_EXPORT(f64, double)
+
+// Elements per thread of the ceiling: passes * 8 vectors of lanes each.
+extern "C" double rnnkit_exp_fma_ceiling_f32(int64_t passes, int nthreads) {
+  return exp_fma_ceiling<float>(passes, nthreads);
+}
+extern "C" double rnnkit_exp_fma_ceiling_f64(int64_t passes, int nthreads) {
+  return exp_fma_ceiling<double>(passes, nthreads);
+}
 
 // Elements per vector of the channels-last kernels (selective scan, convolution), which pad their
 // per-channel operands and checkpoints to whole vectors.

@@ -168,6 +168,8 @@ def _load() -> ctypes.CDLL:
         for name, pointers in (("selective_fwd", 15), ("selective_bwd", 23), ("conv_fwd", 6), ("conv_bwd", 10)):
             fn = getattr(lib, f"rnnkit_{name}_{suffix}")
             fn.argtypes, fn.restype = [p] * pointers + [c_int], None
+        ceiling = getattr(lib, f"rnnkit_exp_fma_ceiling_{suffix}")
+        ceiling.argtypes, ceiling.restype = [i64, c_int], ctypes.c_double
     return lib
 
 
