@@ -3,6 +3,7 @@
     python benchmarks/mamba_speed.py             # B=16, T=512, d_model=256 (E=512, N=16), fp32
     python benchmarks/mamba_speed.py --quick     # fewer repetitions
     python benchmarks/mamba_speed.py --profile   # and torch.profiler's table of one fused step
+    python benchmarks/mamba_speed.py --chunk     # and the PyTorch forms (mode="chunk"), slow
 
 1. Training step (forward + backward w.r.t. the input and every parameter) of one ``mamba`` layer:
 
@@ -12,7 +13,8 @@
      decays and inputs and scanned by the linear scan's compiled kernel, recomputed in the backward
      pass, behind ``torch.nn.functional.conv1d`` and PyTorch's softplus, skip and gate (the same
      parameters, so the same function);
-   - ``chunk``: the PyTorch forms only (what runs where the compiler is missing);
+   - with ``--chunk``, ``mode="chunk"``: the PyTorch forms only (what runs where the compiler is
+     missing);
    - ``torch.nn.LSTM(256, 256)``, the baseline every row's ratio is taken against.
 
 2. The fused scan's forward alone on the layer's shapes, in elements per second (one element is
@@ -83,14 +85,15 @@ class ModeCall(torch.nn.Module):
         return self.layer(x, mode=self.mode)
 
 
-def layer_rows(reps: int) -> dict[str, float]:
+def layer_rows(reps: int, chunk: bool) -> dict[str, float]:
     torch.manual_seed(0)
     layer = rnnkit.layers.build("mamba", d_model=D)
     x, dy = torch.randn(B, T, D), torch.randn(B, T, D)
     candidates = {"rnnkit mamba, auto (fused scan and conv)": train_step(ModeCall(layer, "auto"), x, dy)}
     if _native.available():
         candidates["rnnkit mamba, previous default"] = train_step(PreviousDefault(layer), x, dy)
-    candidates["rnnkit mamba, chunk (PyTorch forms)"] = train_step(ModeCall(layer, "chunk"), x, dy)
+    if chunk or not _native.available():
+        candidates["rnnkit mamba, chunk (PyTorch forms)"] = train_step(ModeCall(layer, "chunk"), x, dy)
     candidates["torch.nn.LSTM(256, 256)"] = train_step(torch.nn.LSTM(D, D, batch_first=True), x, dy)
     return best_of(candidates, reps)
 
@@ -154,6 +157,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per candidate (default 5, quick 2)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of one fused step")
+    parser.add_argument("--chunk", action="store_true", help="also time mode='chunk' (the PyTorch forms)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 5)
@@ -164,7 +168,7 @@ def main() -> None:
     share = CpuShare()
     share.start()
 
-    times = layer_rows(reps)
+    times = layer_rows(reps, args.chunk)
     lstm = times["torch.nn.LSTM(256, 256)"]
     header = f"{'training step (forward + backward)':<44} {'ms':>8} {'tok/s':>9} {'vs LSTM':>8}"
     print(header)

@@ -37,7 +37,7 @@ class MambaConfig:
     dt_min: float = 0.001  # initial delta drawn log-uniformly from [dt_min, dt_max]
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4  # smallest initial delta
-    steps_per_block: int = 64  # time steps whose (B, block, E, N) expanded state exists at once in training
+    steps_per_block: int = 64  # training: steps per recomputed block (per checkpoint of the fused scan)
 
     #: Former option names, still accepted so that saved configurations load.
     RENAMED: ClassVar[dict[str, str]] = {"chunk_size": "steps_per_block"}
@@ -65,7 +65,7 @@ class MambaState(NamedTuple):
 
 @register(
     "mamba",
-    description="Mamba (Gu & Dao 2023): selective SSM, causal conv, SiLU gate; scanned in blocks so (B,T,E,N) never exists",
+    description="Mamba (Gu & Dao 2023): selective SSM, causal conv, SiLU gate; fused CPU scan, (B,T,E,N) never exists",
     test_configs={"default": {"d_state": 3, "expand": 1, "steps_per_block": 16},
                   "w2-r2": {"d_state": 2, "d_conv": 2, "dt_rank": 2, "steps_per_block": 64}},
 )
@@ -87,21 +87,27 @@ class Mamba(DiagonalRecurrence):
     initial step sizes span ``[0.001, 0.1]``; the other layers PyTorch's defaults.
     ``in_proj``, ``x_proj`` and ``out_proj`` have no bias, the conv has one (the paper's defaults).
 
-    Memory: the expanded state ``(B, T, E, N)`` is never formed for the whole sequence. Time is
-    processed in blocks of ``steps_per_block`` steps carrying the state; under autograd each block is
-    recomputed in the backward pass (activation checkpointing), so only the ``(B, T, E)``-sized
-    inputs of the scan and one ``(B, E, N)`` state per block are kept, and at most one block's
-    ``(B, block, E, N)`` exists at a time (``benchmarks/mamba_memory.py`` measures it).
+    Memory: the expanded state ``(B, T, E, N)`` is never formed for the whole sequence. The
+    ``fused`` scan keeps each channel's state in registers and saves it every ``steps_per_block``
+    steps for its backward, which recomputes the steps in between; the block forms process time in
+    blocks of ``steps_per_block`` steps carrying the state, each recomputed in the backward pass
+    (activation checkpointing), so at most one block's ``(B, block, E, N)`` exists at a time. Either
+    way only the ``(B, T, E)``-sized inputs of the scan and one ``(B, E, N)`` state per block are kept
+    (``benchmarks/mamba_memory.py`` measures it).
 
     Args:
         d_model: D. d_state: N. d_conv: W. expand: E / D. dt_rank: R (default ``ceil(D / 16)``).
-        dt_min, dt_max, dt_init_floor: initial step sizes. steps_per_block: time block of the training form.
+        dt_min, dt_max, dt_init_floor: initial step sizes. steps_per_block: time block of the
+        training forms (the fused scan's checkpoint interval).
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`MambaState` ``(conv (B, E, W-1),
     h (B, E, N))``.
 
-    Modes: ``recurrent`` (the loop over :meth:`step`), ``parallel``, ``chunk``, ``fused``: the time
-    blocks above, each scanned by that form of :func:`rnnkit.ops.linear_scan`.
+    Modes: ``recurrent`` (the loop over :meth:`step`), ``parallel``, ``chunk``, ``fused``: those forms
+    of :func:`rnnkit.ops.selective_scan` (``fused``, its compiled CPU kernel with the step-size
+    softplus, skip and gate inside, is ``auto`` on the CPU; the others scan time blocks by that form
+    of :func:`rnnkit.ops.linear_scan`). The convolution runs through :func:`rnnkit.ops.short_conv`
+    (its compiled kernel on the CPU) in every mode but ``recurrent``.
 
     Example:
         >>> block = Mamba(d_model=16)

@@ -1,5 +1,6 @@
 // Fused CPU linear scan h_t = a_t * h_{t-1} + b_t and its reverse-scan backward (rnnkit.ops.scan),
-// and the chunk kernels' fused row pass (rnnkit.ops._rows, at the end).
+// the chunk kernels' fused row pass (rnnkit.ops._rows), Mamba's fused selective scan
+// (rnnkit.ops.selective_scan) and the short causal convolution (rnnkit.ops.short_conv).
 //
 // Tensors are contiguous (B, T, S); complex ones are interleaved (re, im) pairs and S counts
 // complex elements. Channels (b, s) are independent, so threads split the B * S channels into
@@ -290,13 +291,16 @@ void row_pass(int64_t rows, int64_t D, int64_t group, const R* x, int64_t x_rs, 
 // Mamba's fused selective scan (rnnkit.ops.selective_scan, mode "fused"). Per batch row b and
 // channel e, with the state h (N,) of the channel:
 //   h_t = exp(delta_t A_e) * h_{t-1} + delta_t u_t B_t,   y_t = (h_t . C_t + D_e u_t) * silu(z_t)
-// (D and z optional). Vectors run across channels: one vector holds L consecutive channels e, so
-// the N-loop keeps the N state vectors in registers, y is a vertical sum (no horizontal
-// reduction) and delta, u, z, y are contiguous loads and stores of each step's row. The
-// (B, T, E, N) decays and states are never written: the forward keeps the state in registers and
-// stores it only every K steps (the checkpoints of the backward); the backward recomputes one
-// chunk of K steps of one vector of channels from its checkpoint into a scratch that stays in L2,
-// then walks it in reverse. Padded steps (t >= length) keep the state, and their output reads it.
+// (D, z optional; delta optionally softplus(delta + delta_bias)). Vectors run across channels: one
+// vector holds L consecutive channels e, so the N-loop keeps the N state vectors in registers and
+// y is a vertical sum (no horizontal reduction). The (B, T, E, N) decays and states are never
+// written: the forward keeps the state in registers and stores it only every K steps (the
+// checkpoints of the backward); the backward recomputes one chunk of K steps of one vector of
+// channels from its checkpoint into a scratch that stays in cache, then walks it in reverse. The
+// per-step operands (step sizes, inputs, gates, gradients) are read and written in separate
+// passes over whole rows of a unit's channels: one vector every E elements per step starves the
+// hardware prefetcher, whole rows do not. Padded steps (t >= length) keep the state, and their
+// output reads it.
 
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
@@ -442,6 +446,21 @@ inline V load_vec(const R* p) {
   return load_part<true, V>(p, 0);
 }
 
+// The same with cnt known only at run time: all lanes (cnt = L), or the first cnt of the last
+// vector of a row whose length is not a multiple of L.
+template <class V, class R>
+inline V load_lanes(const R* p, int cnt) {
+  return cnt == int(sizeof(V) / sizeof(R)) ? load_vec<V>(p) : load_part<false, V>(p, cnt);
+}
+
+template <class V, class R>
+inline void store_lanes(R* p, V v, int cnt) {
+  if (cnt == int(sizeof(V) / sizeof(R)))
+    store_part<true>(p, v, cnt);
+  else
+    store_part<false>(p, v, cnt);
+}
+
 template <class V>
 inline V sigmoid(V x) {
   using R = decltype(x[0] + 0);
@@ -511,6 +530,9 @@ struct SelArgs {
   int64_t nblk, Epad, nC;
   // (nblk, N, L): A and A log2(e), each vector block's N vectors together; (Epad): D, delta_bias.
   std::vector<R> At, At2, Dp, biasp;
+
+  // Channels in vector block blk: L, fewer in the last one when E is not a multiple of L.
+  int width(int64_t blk) const { return int(std::min<int64_t>(Simd<R>::L, E - blk * Simd<R>::L)); }
 
   // The step size from delta's row x at channels [e0, e0 + L), before (pre) and after the softplus.
   template <class V>
@@ -582,102 +604,115 @@ struct SelCursor {
         sd(a.sd_t), su(a.su_t), sz(a.sz_t), sB(a.sB_t), sC(a.sC_t) {}
 };
 
-// The forward of one vector of channels. NF: N fixed at compile time (the loops over n unroll and
-// the state stays in registers), or 0. FULL: all L channels exist (E - e0 >= L).
-template <class R, int NF, bool FULL>
-void sel_forward_block(const SelArgs<R>& a, int64_t b, int64_t e0, R* y, R* hT, R* ckpt) {
+// The scan of one vector of channels (block j of its unit) over the steps [g0, g1) of a group, of
+// which [g0, gv) are valid: from its step sizes dl, inputs du and outputs so far (the skip) in the
+// group's scratch, its state in `state` (N vectors), which it updates. NF: N fixed at compile
+// time (the loops over n unroll and the state stays in registers), or 0.
+template <class R, int NF>
+void sel_scan_group(const SelArgs<R>& a, const SelCursor<R>& c, const R* At2, int64_t g0, int64_t gv, int64_t g1,
+                    const typename Simd<R>::V* dls, const typename Simd<R>::V* dus, typename Simd<R>::V* outs,
+                    typename Simd<R>::V* state) {
   using S = Simd<R>;
   using V = typename S::V;
   constexpr int L = S::L;
-  const int64_t N = NF ? NF : a.N, T = a.T, E = a.E, Epad = a.Epad;
+  const int64_t N = NF ? NF : a.N;
+  Lanes<V, NF> h(N);
+#pragma GCC unroll 32
+  for (int64_t n = 0; n < N; ++n) h[n] = state[n];
+  for (int64_t t = g0; t < gv; ++t) {
+    const V dl = dls[t - g0], du = dus[t - g0];
+    const R* Bt = c.Bm + t * c.sB;
+    const R* Ct = c.Cm + t * c.sC;
+    V acc[2] = {outs[t - g0], V{}};  // two sums, half the latency of the chain
+#pragma GCC unroll 32
+    for (int64_t n = 0; n < N; ++n) {
+      h[n] = S::template exp2<true>(dl * load_vec<V>(At2 + n * L)) * h[n] + du * Bt[n];
+      acc[n & 1] += h[n] * Ct[n];
+    }
+    outs[t - g0] = acc[0] + acc[1];
+  }
+  for (int64_t t = gv; t < g1; ++t) {  // padding: the state is kept and read
+    const R* Ct = c.Cm + t * c.sC;
+    V acc = outs[t - g0];
+#pragma GCC unroll 32
+    for (int64_t n = 0; n < N; ++n) acc += h[n] * Ct[n];
+    outs[t - g0] = acc;
+  }
+#pragma GCC unroll 32
+  for (int64_t n = 0; n < N; ++n) state[n] = h[n];
+}
+
+// The forward of one unit (batch row b, vector blocks [blk0, blk1)). Time runs in groups of up to
+// kSelGroup steps, each in three passes: the rows of delta and u of all the unit's channels (step
+// sizes, their softplus, inputs, skip), the scan of each vector of channels in turn with its state
+// in registers, and the rows of the output (gate, store). The passes over rows read and write
+// whole rows of the unit's channels, which the hardware prefetches well, rather than one vector
+// every E elements; the scans read only the group's scratch, B and C.
+template <class R, int NF>
+void sel_forward_unit(const SelArgs<R>& a, int64_t b, int64_t blk0, int64_t blk1, R* y, R* hT, R* ckpt) {
+  using S = Simd<R>;
+  using V = typename S::V;
+  constexpr int L = S::L;
+  constexpr int64_t G = kSelGroup;
+  const int64_t N = NF ? NF : a.N, T = a.T, E = a.E, Epad = a.Epad, nb = blk1 - blk0;
   const int64_t len = a.lengths ? a.lengths[b] : T;
-  const int cnt = FULL ? L : int(E - e0);
-  const SelCursor<R> c(a, b, e0);
-  const R* At2 = a.At2.data() + e0 * N;  // this block's (N, L)
   const bool skip = a.D != nullptr;
-  const V Dv = skip ? load_vec<V>(a.Dp.data() + e0) : V{};
-  R* yb = y + b * T * E + e0;
-  // y_t from the contraction acc = h_t . C_t: the skip (unless already added), the gate, the store.
-  auto finish = [&](int64_t t, V acc, V uu, bool add_skip) {
-    if (skip && add_skip) acc += Dv * uu;
-    if (c.z) {
-      const V zz = load_part<FULL, V>(c.z + t * c.sz, cnt);
-      acc *= zz * sigmoid(zz);
-    }
-    store_part<FULL>(yb + t * E, acc, cnt);
-  };
-  // Every loop over n that touches h unrolls (NF > 0), so that h lives in registers.
-  Lanes<V, NF> h(N), edge(N);  // edge: the state in memory, for its lanes' transposed load and store
-#pragma GCC unroll 32
-  for (int64_t n = 0; n < N; ++n) edge[n] = V{};
-  if (a.h0)
-    for (int l = 0; l < cnt; ++l) {
-      const R* init = a.h0 + (b * E + e0 + l) * a.N;
-      for (int64_t n = 0; n < N; ++n) edge[n][l] = init[n];
-    }
-#pragma GCC unroll 32
-  for (int64_t n = 0; n < N; ++n) h[n] = edge[n];
+  std::vector<V> dls(nb * G), dus(nb * G), outs(nb * G), state(nb * N);
+  std::vector<SelCursor<R>> cur;
+  for (int64_t j = 0; j < nb; ++j) cur.emplace_back(a, b, (blk0 + j) * L);
+  auto width = [&](int64_t j) { return a.width(blk0 + j); };
+  auto load = [&](const R* p, int cnt) { return load_lanes<V>(p, cnt); };
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t e0 = (blk0 + j) * L;
+    for (int64_t n = 0; n < N; ++n) state[j * N + n] = V{};
+    if (a.h0)
+      for (int l = 0; l < width(j); ++l)
+        for (int64_t n = 0; n < N; ++n) state[j * N + n][l] = a.h0[(b * E + e0 + l) * a.N + n];
+  }
   for (int64_t t0 = 0; t0 < T; t0 += a.K) {
-    const int64_t t1 = std::min(T, t0 + a.K), tv = std::min(t1, std::max(t0, len));
-    if (ckpt) {
-      R* ck = ckpt + ((b * a.nC + t0 / a.K) * N) * Epad + e0;
-#pragma GCC unroll 32
-      for (int64_t n = 0; n < N; ++n) {
-        const V hn = h[n];
-        __builtin_memcpy(ck + n * Epad, &hn, sizeof(V));
+    const int64_t t1 = std::min(T, t0 + a.K);
+    if (ckpt)
+      for (int64_t j = 0; j < nb; ++j) {
+        R* ck = ckpt + ((b * a.nC + t0 / a.K) * N) * Epad + (blk0 + j) * L;
+        for (int64_t n = 0; n < N; ++n) __builtin_memcpy(ck + n * Epad, &state[j * N + n], sizeof(V));
       }
-    }
-    for (int64_t g0 = t0; g0 < tv; g0 += kSelGroup) {
-      // The step sizes, inputs and gates of a group of steps first: their exp and log chains are
-      // independent of the state, and computed together they overlap instead of stalling each step.
-      const int64_t g1 = std::min(tv, g0 + kSelGroup);
-      V dls[kSelGroup], dus[kSelGroup], outs[kSelGroup];
-      for (int64_t t = g0; t < g1; ++t) {
-        const V uu = load_part<FULL, V>(c.u + t * c.su, cnt);
-        dls[t - g0] = a.step_size(load_part<FULL, V>(c.delta + t * c.sd, cnt), e0);
-        dus[t - g0] = dls[t - g0] * uu;
-        outs[t - g0] = skip ? Dv * uu : V{};
-      }
-      for (int64_t t = g0; t < g1; ++t) {
-        const V dl = dls[t - g0], du = dus[t - g0];
-        const R* Bt = c.Bm + t * c.sB;
-        const R* Ct = c.Cm + t * c.sC;
-        V acc[2] = {outs[t - g0], V{}};  // two sums, half the latency of the chain
-#pragma GCC unroll 32
-        for (int64_t n = 0; n < N; ++n) {
-          h[n] = S::template exp2<true>(dl * load_vec<V>(At2 + n * L)) * h[n] + du * Bt[n];
-          acc[n & 1] += h[n] * Ct[n];
+    for (int64_t g0 = t0; g0 < t1; g0 += G) {
+      const int64_t g1 = std::min(t1, g0 + G), gv = std::min(g1, std::max(g0, len));
+      for (int64_t t = g0; t < g1; ++t)
+        for (int64_t j = 0; j < nb; ++j) {
+          const SelCursor<R>& c = cur[j];
+          const int64_t i = j * G + t - g0;
+          const V uu = t < gv || skip ? load(c.u + t * c.su, width(j)) : V{};
+          if (t < gv) {
+            dls[i] = a.step_size(load(c.delta + t * c.sd, width(j)), (blk0 + j) * L);
+            dus[i] = dls[i] * uu;
+          }
+          outs[i] = skip ? load_vec<V>(a.Dp.data() + (blk0 + j) * L) * uu : V{};
         }
-        outs[t - g0] = acc[0] + acc[1];
-      }
-      for (int64_t t = g0; t < g1; ++t) finish(t, outs[t - g0], V{}, false);
-    }
-    for (int64_t t = tv; t < t1; ++t) {  // padding: the state is kept and read
-      const R* Ct = c.Cm + t * c.sC;
-      V acc{};
-#pragma GCC unroll 32
-      for (int64_t n = 0; n < N; ++n) acc += h[n] * Ct[n];
-      finish(t, acc, skip ? load_part<FULL, V>(c.u + t * c.su, cnt) : V{}, true);
+      for (int64_t j = 0; j < nb; ++j)
+        sel_scan_group<R, NF>(a, cur[j], a.At2.data() + (blk0 + j) * L * N, g0, gv, g1, &dls[j * G], &dus[j * G],
+                              &outs[j * G], &state[j * N]);
+      for (int64_t t = g0; t < g1; ++t)
+        for (int64_t j = 0; j < nb; ++j) {
+          const SelCursor<R>& c = cur[j];
+          V out = outs[j * G + t - g0];
+          if (c.z) {
+            const V zz = load(c.z + t * c.sz, width(j));
+            out *= zz * sigmoid(zz);
+          }
+          store_lanes(y + (b * T + t) * E + (blk0 + j) * L, out, width(j));
+        }
     }
   }
-#pragma GCC unroll 32
-  for (int64_t n = 0; n < N; ++n) edge[n] = h[n];
-  for (int l = 0; l < cnt; ++l) {
-    R* out = hT + (b * E + e0 + l) * a.N;
-    for (int64_t n = 0; n < N; ++n) out[n] = edge[n][l];
-  }
+  for (int64_t j = 0; j < nb; ++j)
+    for (int l = 0; l < width(j); ++l)
+      for (int64_t n = 0; n < N; ++n) hT[(b * E + (blk0 + j) * L + l) * a.N + n] = state[j * N + n][l];
 }
 
 template <class R, int NF>
 void sel_forward(const SelArgs<R>& a, R* y, R* hT, R* ckpt, int nthreads) {
-  constexpr int L = Simd<R>::L;
   sel_units(a, nthreads, [&](int64_t b, int64_t, int64_t blk0, int64_t blk1) {
-    for (int64_t blk = blk0; blk < blk1; ++blk) {
-      if ((blk + 1) * L <= a.E)
-        sel_forward_block<R, NF, true>(a, b, blk * L, y, hT, ckpt);
-      else
-        sel_forward_block<R, NF, false>(a, b, blk * L, y, hT, ckpt);
-    }
+    sel_forward_unit<R, NF>(a, b, blk0, blk1, y, hT, ckpt);
   });
 }
 
@@ -690,52 +725,55 @@ struct SelGrads {
   R *ddelta, *du, *dBp, *dCp, *dAp, *dDp, *dz, *dh0, *dbiasp;
 };
 
-// What one unit's backward keeps. Per chunk and vector of channels: the per-step operands (step
-// size, input, their product, the gated output gradient, the factor of dz, the softplus slope),
-// the partial sums over n of the per-step gradients, and the decays and states; per chunk, the
-// (t, n) sums over the unit's channels of dB and dC, still as lanes; per vector of channels, across
-// chunks, the carried state gradient, dA, dD and d delta_bias.
+// What one unit's backward keeps. Per chunk and vector of channels j: the per-step operands (step
+// size, input, their product, the gated output gradient, the factor of dz, the softplus slope)
+// and the partial sums over n of the per-step gradients, (nb, K) each; per chunk, the decays and
+// states of the vector being walked, and the (t, n) sums over the unit's channels of dB and dC,
+// still as lanes, (K, N) each; per vector of channels, across chunks, the carried state gradient,
+// dA, dD and d delta_bias.
 template <class V>
 struct SelScratch {
-  std::vector<V> dl, u, du, gy, gz, slope, s, dd, y;  // (K,) each
-  std::vector<V> as, hs, dB, dC;                      // (K, N) each
+  int64_t K;
+  std::vector<V> dl, u, du, gy, gz, slope, s, dd, y;  // (nb, K)
+  std::vector<V> as, hs, dB, dC;                      // (K, N)
   std::vector<V> carry, dA, dD, dBias;                // (nb, N), (nb, N), (nb,), (nb,)
-  SelScratch(int64_t K, int64_t N, int64_t nb)
-      : dl(K), u(K), du(K), gy(K), gz(K), slope(K), s(K), dd(K), y(K), as(K * N), hs(K * N), dB(K * N),
-        dC(K * N), carry(nb * N), dA(nb * N), dD(nb), dBias(nb) {}
+  SelScratch(int64_t K_, int64_t N, int64_t nb)
+      : K(K_), dl(nb * K), u(nb * K), du(nb * K), gy(nb * K), gz(nb * K), slope(nb * K), s(nb * K), dd(nb * K),
+        y(nb * K), as(K * N), hs(K * N), dB(K * N), dC(K * N), carry(nb * N), dA(nb * N), dD(nb), dBias(nb) {}
 };
 
-// The reverse walk over the chunk for the state indices [n0, n0 + NS) (NS = 0: all N), adding
-// their terms to the per-step sums s = sum_n g_n B_n, dd = sum_n q_n A_n, y = sum_n h_n C_n. In
-// slices of n, the carried gradient and dA of a slice fit in registers together.
+// The reverse walk over the chunk for vector j and the state indices [n0, n0 + NS) (NS = 0: all
+// N), adding their terms to the per-step sums s = sum_n g_n B_n, dd = sum_n q_n A_n,
+// y = sum_n h_n C_n. In slices of n, the carried gradient and dA of a slice fit in registers.
 template <class R, int NS>
-void sel_reverse_slice(const SelArgs<R>& a, const SelCursor<R>& c, int64_t n0, int64_t ns, int64_t t0, int64_t tv,
-                       int64_t t1, const typename Simd<R>::V* hstart, const R* At, typename Simd<R>::V* carry,
-                       typename Simd<R>::V* dA, SelScratch<typename Simd<R>::V>& w) {
+void sel_reverse_slice(const SelArgs<R>& a, const SelCursor<R>& c, int64_t j, int64_t n0, int64_t ns, int64_t t0,
+                       int64_t tv, int64_t t1, const typename Simd<R>::V* hstart, const R* At,
+                       SelScratch<typename Simd<R>::V>& w) {
   using V = typename Simd<R>::V;
   constexpr int L = Simd<R>::L;
-  const int64_t N = a.N, S = NS ? NS : ns;
+  const int64_t N = a.N, S = NS ? NS : ns, o = j * w.K - t0;  // o: step t's index in the (nb, K) arrays
+  V* carry = w.carry.data() + j * N + n0;
+  V* dA = w.dA.data() + j * N + n0;
   Lanes<V, NS> gl(S), dAl(S);
 #pragma GCC unroll 32
-  for (int64_t i = 0; i < S; ++i) gl[i] = carry[n0 + i], dAl[i] = dA[n0 + i];
+  for (int64_t i = 0; i < S; ++i) gl[i] = carry[i], dAl[i] = dA[i];
   for (int64_t t = t1 - 1; t >= tv; --t) {  // padding: only the read of the kept state
-    const int64_t tt = t - t0;
-    const V gy = w.gy[tt];
+    const V gy = w.gy[o + t];
     const R* Ct = c.Cm + t * c.sC + n0;
-    const V* ht = w.hs.data() + tt * N + n0;
-    V* dCt = w.dC.data() + tt * N + n0;
-    V yv = w.y[tt];
+    const V* ht = w.hs.data() + (t - t0) * N + n0;
+    V* dCt = w.dC.data() + (t - t0) * N + n0;
+    V yv = w.y[o + t];
 #pragma GCC unroll 32
     for (int64_t i = 0; i < S; ++i) {
       gl[i] += gy * Ct[i];
       dCt[i] += gy * ht[i];
       yv += ht[i] * Ct[i];
     }
-    w.y[tt] = yv;
+    w.y[o + t] = yv;
   }
   for (int64_t t = tv - 1; t >= t0; --t) {
     const int64_t tt = t - t0;
-    const V gy = w.gy[tt], dl = w.dl[tt], du = w.du[tt];
+    const V gy = w.gy[o + t], dl = w.dl[o + t], du = w.du[o + t];
     const R* Bt = c.Bm + t * c.sB + n0;
     const R* Ct = c.Cm + t * c.sC + n0;
     const V* ht = w.hs.data() + tt * N + n0;
@@ -743,7 +781,7 @@ void sel_reverse_slice(const SelArgs<R>& a, const SelCursor<R>& c, int64_t n0, i
     const V* hp = tt > 0 ? ht - N : hstart + n0;
     V* dBt = w.dB.data() + tt * N + n0;
     V* dCt = w.dC.data() + tt * N + n0;
-    V yv = w.y[tt], s = w.s[tt], dd = w.dd[tt];
+    V yv = w.y[o + t], s = w.s[o + t], dd = w.dd[o + t];
 #pragma GCC unroll 32
     for (int64_t i = 0; i < S; ++i) {
       const V gn = gl[i] + gy * Ct[i];
@@ -756,60 +794,33 @@ void sel_reverse_slice(const SelArgs<R>& a, const SelCursor<R>& c, int64_t n0, i
       dBt[i] += gn * du;
       gl[i] = gn * at[i];
     }
-    w.y[tt] = yv, w.s[tt] = s, w.dd[tt] = dd;
+    w.y[o + t] = yv, w.s[o + t] = s, w.dd[o + t] = dd;
   }
 #pragma GCC unroll 32
-  for (int64_t i = 0; i < S; ++i) carry[n0 + i] = gl[i], dA[n0 + i] = dAl[i];
+  for (int64_t i = 0; i < S; ++i) carry[i] = gl[i], dA[i] = dAl[i];
 }
 
-// The backward of one vector of channels (j-th of its unit) over the chunk [t0, t1).
-template <class R, int NF, bool FULL>
-void sel_backward_block(const SelArgs<R>& a, const R* ckpt, const SelGrads<R>& g, int64_t b, int64_t e0,
-                        int64_t j, int64_t t0, int64_t t1, SelScratch<typename Simd<R>::V>& w) {
+// The chunk [t0, t1) of vector j (channels from e0): recompute its decays and states from the
+// checkpoint, then walk it in reverse. The state gradient carried from step t + 1 (multiplied by
+// its decay) plus gy_t C_t is the gradient of the state after step t.
+template <class R, int NF>
+void sel_backward_block(const SelArgs<R>& a, const R* ckpt, const SelCursor<R>& c, int64_t b, int64_t e0,
+                        int64_t j, int64_t t0, int64_t tv, int64_t t1, SelScratch<typename Simd<R>::V>& w) {
   using S = Simd<R>;
   using V = typename S::V;
   constexpr int L = S::L;
-  const int64_t N = NF ? NF : a.N, T = a.T, E = a.E, Epad = a.Epad;
-  const int64_t len = a.lengths ? a.lengths[b] : T;
-  const int64_t tv = std::min(t1, std::max(t0, len));  // valid steps [t0, tv), padding [tv, t1)
-  const int cnt = FULL ? L : int(E - e0);
-  const SelCursor<R> c(a, b, e0);
-  const R* At = a.At.data() + e0 * N;  // this block's (N, L)
+  const int64_t N = NF ? NF : a.N, Epad = a.Epad, o = j * w.K - t0;
+  const R* At = a.At.data() + e0 * N;  // this vector's (N, L)
   const R* At2 = a.At2.data() + e0 * N;
-  const bool skip = a.D != nullptr;
-  const V Dv = skip ? load_vec<V>(a.Dp.data() + e0) : V{};
-  const int64_t row = b * T * E + e0;
-  // The per-step operands, all independent of the state, computed together.
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t tt = t - t0;
-    const bool valid = t < tv;
-    const V go = load_part<FULL, V>(g.gy + row + t * E, cnt);
-    w.u[tt] = valid || skip ? load_part<FULL, V>(c.u + t * c.su, cnt) : V{};
-    w.gy[tt] = go;
-    if (c.z) {
-      const V zz = load_part<FULL, V>(c.z + t * c.sz, cnt), sig = sigmoid(zz);
-      w.gy[tt] = go * (zz * sig);
-      w.gz[tt] = go * (sig * (zz * (R(1) - sig) + R(1)));  // d silu(z) / dz = sig (1 + z (1 - sig))
-    }
-    if (valid) {
-      V pre;
-      w.dl[tt] = a.step_size(load_part<FULL, V>(c.delta + t * c.sd, cnt), e0, &pre);
-      w.du[tt] = w.dl[tt] * w.u[tt];
-      if (a.use_softplus) w.slope[tt] = softplus_slope(pre);
-    }
-    w.s[tt] = w.dd[tt] = w.y[tt] = V{};
-  }
-  // Recompute the chunk's decays and states.
   Lanes<V, NF> hstart(N), h(N);
   const R* ck = ckpt + ((b * a.nC + t0 / a.K) * N) * Epad + e0;
 #pragma GCC unroll 32
   for (int64_t n = 0; n < N; ++n) hstart[n] = h[n] = load_vec<V>(ck + n * Epad);
   for (int64_t t = t0; t < tv; ++t) {
-    const int64_t tt = t - t0;
-    const V dl = w.dl[tt], du = w.du[tt];
+    const V dl = w.dl[o + t], du = w.du[o + t];
     const R* Bt = c.Bm + t * c.sB;
-    V* at = w.as.data() + tt * N;
-    V* ht = w.hs.data() + tt * N;
+    V* at = w.as.data() + (t - t0) * N;
+    V* ht = w.hs.data() + (t - t0) * N;
 #pragma GCC unroll 32
     for (int64_t n = 0; n < N; ++n) {
       const V an = S::template exp2<true>(dl * load_vec<V>(At2 + n * L));
@@ -821,92 +832,118 @@ void sel_backward_block(const SelArgs<R>& a, const R* ckpt, const SelGrads<R>& g
   for (int64_t t = tv; t < t1; ++t)
 #pragma GCC unroll 32
     for (int64_t n = 0; n < N; ++n) w.hs[(t - t0) * N + n] = h[n];
-  // Walk the chunk in reverse: the state gradient carried from step t + 1 (multiplied by its
-  // decay) plus gy_t C_t is the gradient of the state after step t.
-  V* carry = w.carry.data() + j * N;
-  V* dA = w.dA.data() + j * N;
   constexpr int kSlice = 8;
   if constexpr (NF > 0 && NF % kSlice == 0) {
     for (int64_t n0 = 0; n0 < N; n0 += kSlice)
-      sel_reverse_slice<R, kSlice>(a, c, n0, kSlice, t0, tv, t1, &hstart[0], At, carry, dA, w);
+      sel_reverse_slice<R, kSlice>(a, c, j, n0, kSlice, t0, tv, t1, &hstart[0], At, w);
   } else {
-    sel_reverse_slice<R, NF>(a, c, 0, N, t0, tv, t1, &hstart[0], At, carry, dA, w);
+    sel_reverse_slice<R, NF>(a, c, j, 0, N, t0, tv, t1, &hstart[0], At, w);
   }
-  // The per-step gradients from the sums over n.
-  V dDl = w.dD[j], dBias = w.dBias[j];
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t tt = t - t0;
-    const V uu = w.u[tt], gy = w.gy[tt];
-    V dU{}, dDelta{}, yv = w.y[tt];
-    if (t < tv) {
-      dU = w.dl[tt] * w.s[tt];
-      dDelta = w.dd[tt] + uu * w.s[tt];  // of the step size; then of delta (and delta_bias)
-      if (a.use_softplus) dDelta *= w.slope[tt];
-      dBias += dDelta;
+}
+
+// The backward of one unit (batch row b, channel range p made of vector blocks [blk0, blk1)),
+// chunk by chunk in reverse. As in the forward, the per-step operands and gradients are read and
+// written in passes over whole rows of the unit's channels, and the chunk's walk goes one vector
+// of channels at a time.
+template <class R, int NF>
+void sel_backward_unit(const SelArgs<R>& a, const R* ckpt, const SelGrads<R>& g, int64_t b, int64_t p,
+                       int64_t blk0, int64_t blk1) {
+  using V = typename Simd<R>::V;
+  constexpr int L = Simd<R>::L;
+  const int64_t N = a.N, T = a.T, E = a.E, K = a.K, nb = blk1 - blk0;
+  const int64_t len = a.lengths ? a.lengths[b] : T;
+  const bool skip = a.D != nullptr;
+  SelScratch<V> w(K, N, nb);
+  std::vector<SelCursor<R>> cur;
+  for (int64_t j = 0; j < nb; ++j) cur.emplace_back(a, b, (blk0 + j) * L);
+  auto width = [&](int64_t j) { return a.width(blk0 + j); };
+  auto load = [&](const R* ptr, int cnt) { return load_lanes<V>(ptr, cnt); };
+  auto store = [&](R* ptr, V v, int cnt) { store_lanes(ptr, v, cnt); };
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t e0 = (blk0 + j) * L;
+    for (int64_t n = 0; n < N; ++n) {
+      V v{};
+      if (g.ghT)
+        for (int l = 0; l < width(j); ++l) v[l] = g.ghT[(b * E + e0 + l) * N + n];
+      w.carry[j * N + n] = v;
     }
-    if (skip) {
-      dU += Dv * gy;
-      dDl += gy * uu;
-      yv += Dv * uu;
-    }
-    store_part<FULL>(g.ddelta + row + t * E, dDelta, cnt);
-    store_part<FULL>(g.du + row + t * E, dU, cnt);
-    if (c.z && g.dz) store_part<FULL>(g.dz + row + t * E, w.gz[tt] * yv, cnt);
   }
-  w.dD[j] = dDl;
-  w.dBias[j] = dBias;
+  for (int64_t c = a.nC - 1; c >= 0; --c) {
+    const int64_t t0 = c * K, t1 = std::min(T, t0 + K), tv = std::min(t1, std::max(t0, len));
+    std::fill(w.dB.begin(), w.dB.begin() + (t1 - t0) * N, V{});
+    std::fill(w.dC.begin(), w.dC.begin() + (t1 - t0) * N, V{});
+    // The per-step operands, independent of the state.
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < nb; ++j) {
+        const SelCursor<R>& cj = cur[j];
+        const int64_t i = j * K + t - t0, e0 = (blk0 + j) * L;
+        const bool valid = t < tv;
+        const V go = load(g.gy + (b * T + t) * E + e0, width(j));
+        w.u[i] = valid || skip ? load(cj.u + t * cj.su, width(j)) : V{};
+        w.gy[i] = go;
+        if (cj.z) {
+          const V zz = load(cj.z + t * cj.sz, width(j)), sig = sigmoid(zz);
+          w.gy[i] = go * (zz * sig);
+          w.gz[i] = go * (sig * (zz * (R(1) - sig) + R(1)));  // d silu(z) / dz = sig (1 + z (1 - sig))
+        }
+        if (valid) {
+          V pre;
+          w.dl[i] = a.step_size(load(cj.delta + t * cj.sd, width(j)), e0, &pre);
+          w.du[i] = w.dl[i] * w.u[i];
+          if (a.use_softplus) w.slope[i] = softplus_slope(pre);
+        }
+        w.s[i] = w.dd[i] = w.y[i] = V{};
+      }
+    for (int64_t j = 0; j < nb; ++j)
+      sel_backward_block<R, NF>(a, ckpt, cur[j], b, (blk0 + j) * L, j, t0, tv, t1, w);
+    // The per-step gradients from the sums over n.
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t i = j * K + t - t0, e0 = (blk0 + j) * L, row = (b * T + t) * E + e0;
+        const V uu = w.u[i], gy = w.gy[i];
+        V dU{}, dDelta{}, yv = w.y[i];
+        if (t < tv) {
+          dU = w.dl[i] * w.s[i];
+          dDelta = w.dd[i] + uu * w.s[i];  // of the step size; then of delta (and delta_bias)
+          if (a.use_softplus) dDelta *= w.slope[i];
+          w.dBias[j] += dDelta;
+        }
+        if (skip) {
+          const V Dv = load_vec<V>(a.Dp.data() + e0);
+          dU += Dv * gy;
+          w.dD[j] += gy * uu;
+          yv += Dv * uu;
+        }
+        store(g.ddelta + row, dDelta, width(j));
+        store(g.du + row, dU, width(j));
+        if (cur[j].z && g.dz) store(g.dz + row, w.gz[i] * yv, width(j));
+      }
+    // Lanes -> this channel range's share of dB and dC.
+    R* dBo = g.dBp + ((p * a.B + b) * T + t0) * N;
+    R* dCo = g.dCp + ((p * a.B + b) * T + t0) * N;
+    for (int64_t i = 0; i < (t1 - t0) * N; ++i) {
+      R sb = 0, sc = 0;
+      for (int l = 0; l < L; ++l) sb += w.dB[i][l], sc += w.dC[i][l];
+      dBo[i] = sb, dCo[i] = sc;
+    }
+  }
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t e0 = (blk0 + j) * L;
+    for (int l = 0; l < width(j); ++l) {
+      for (int64_t n = 0; n < N; ++n) {
+        g.dAp[(b * E + e0 + l) * N + n] = w.dA[j * N + n][l];
+        if (g.dh0) g.dh0[(b * E + e0 + l) * N + n] = w.carry[j * N + n][l];
+      }
+      if (g.dDp) g.dDp[b * E + e0 + l] = w.dD[j][l];
+      if (g.dbiasp) g.dbiasp[b * E + e0 + l] = w.dBias[j][l];
+    }
+  }
 }
 
 template <class R, int NF>
 void sel_backward(const SelArgs<R>& a, const R* ckpt, const SelGrads<R>& g, int nthreads) {
-  using V = typename Simd<R>::V;
-  constexpr int L = Simd<R>::L;
-  const int64_t N = a.N, T = a.T, E = a.E, K = a.K;
   sel_units(a, nthreads, [&](int64_t b, int64_t p, int64_t blk0, int64_t blk1) {
-    const int64_t nb = blk1 - blk0;
-    SelScratch<V> w(K, N, nb);
-    for (int64_t j = 0; j < nb; ++j) {
-      const int64_t e0 = (blk0 + j) * L;
-      const int cnt = int(std::min<int64_t>(L, E - e0));
-      for (int64_t n = 0; n < N; ++n) {
-        V v{};
-        if (g.ghT)
-          for (int l = 0; l < cnt; ++l) v[l] = g.ghT[(b * E + e0 + l) * N + n];
-        w.carry[j * N + n] = v;
-      }
-    }
-    for (int64_t c = a.nC - 1; c >= 0; --c) {
-      const int64_t t0 = c * K, t1 = std::min(T, t0 + K);
-      std::fill(w.dB.begin(), w.dB.begin() + (t1 - t0) * N, V{});
-      std::fill(w.dC.begin(), w.dC.begin() + (t1 - t0) * N, V{});
-      for (int64_t j = 0; j < nb; ++j) {
-        const int64_t e0 = (blk0 + j) * L;
-        if (e0 + L <= E)
-          sel_backward_block<R, NF, true>(a, ckpt, g, b, e0, j, t0, t1, w);
-        else
-          sel_backward_block<R, NF, false>(a, ckpt, g, b, e0, j, t0, t1, w);
-      }
-      // Lanes -> this channel range's share of dB and dC.
-      R* dBo = g.dBp + ((p * a.B + b) * T + t0) * N;
-      R* dCo = g.dCp + ((p * a.B + b) * T + t0) * N;
-      for (int64_t i = 0; i < (t1 - t0) * N; ++i) {
-        R sb = 0, sc = 0;
-        for (int l = 0; l < L; ++l) sb += w.dB[i][l], sc += w.dC[i][l];
-        dBo[i] = sb, dCo[i] = sc;
-      }
-    }
-    for (int64_t j = 0; j < nb; ++j) {
-      const int64_t e0 = (blk0 + j) * L;
-      const int cnt = int(std::min<int64_t>(L, E - e0));
-      for (int l = 0; l < cnt; ++l) {
-        for (int64_t n = 0; n < N; ++n) {
-          g.dAp[(b * E + e0 + l) * N + n] = w.dA[j * N + n][l];
-          if (g.dh0) g.dh0[(b * E + e0 + l) * N + n] = w.carry[j * N + n][l];
-        }
-        if (g.dDp) g.dDp[b * E + e0 + l] = w.dD[j][l];
-        if (g.dbiasp) g.dbiasp[b * E + e0 + l] = w.dBias[j][l];
-      }
-    }
+    sel_backward_unit<R, NF>(a, ckpt, g, b, p, blk0, blk1);
   });
 }
 
@@ -977,6 +1014,12 @@ struct ConvArgs {
       }
     });
   }
+  int width(int64_t blk) const { return int(std::min<int64_t>(Simd<R>::L, d.D - blk * Simd<R>::L)); }
+  // Input row t of channels [c0, c0 + cnt) of row b: x, or the history hist (oldest first) for t < 0.
+  template <class V>
+  V input(const V* hist, int64_t b, int64_t t, int64_t c0, int cnt) const {
+    return t >= 0 ? load_lanes<V>(x + b * d.sx_b + t * d.sx_t + c0, cnt) : hist[d.W - 1 + t];
+  }
   // The W - 1 history vectors of channels [c0, c0 + cnt) of row b, oldest first.
   template <class V>
   void history(int64_t b, int64_t c0, int cnt, V* out) const {
@@ -989,100 +1032,92 @@ struct ConvArgs {
   }
 };
 
-// Input row t of channels [c0, c0 + cnt): x, or the history for t < 0.
-template <bool FULL, class R, class V>
-inline V conv_input(const ConvArgs<R>& a, const V* hist, int64_t b, int64_t t, int64_t c0, int cnt) {
-  return t >= 0 ? load_part<FULL, V>(a.x + b * a.d.sx_b + t * a.d.sx_t + c0, cnt) : hist[a.d.W - 1 + t];
+// The forward of one unit (batch row b, vector blocks [blk0, blk1)): step by step, one row of x
+// and y across the unit's channels; the W - 1 rows before it are still in cache.
+template <class R>
+void conv_forward_unit(const ConvArgs<R>& a, int64_t b, int64_t blk0, int64_t blk1, R* y) {
+  using V = typename Simd<R>::V;
+  constexpr int L = Simd<R>::L;
+  const int64_t T = a.d.T, D = a.d.D, W = a.d.W, Dpad = a.Dpad, nb = blk1 - blk0;
+  std::vector<V> hist(nb * W);  // (nb, W - 1) history vectors, oldest first
+  for (int64_t j = 0; j < nb; ++j) a.history(b, (blk0 + j) * L, a.width(blk0 + j), &hist[j * W]);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t c0 = (blk0 + j) * L;
+      const int cnt = a.width(blk0 + j);
+      V acc = load_vec<V>(a.bias.data() + c0);
+      for (int64_t s = 0; s < W; ++s)
+        acc += load_vec<V>(a.Wt.data() + s * Dpad + c0) * a.input(&hist[j * W], b, t - W + 1 + s, c0, cnt);
+      if (a.d.silu) acc *= sigmoid(acc);
+      store_lanes(y + (b * T + t) * D + c0, acc, cnt);
+    }
 }
 
-template <class R, bool FULL>
-void conv_forward_block(const ConvArgs<R>& a, int64_t b, int64_t c0, R* y) {
+// The backward of one unit: step by step, the pre-activation recomputed, its gradient scattered
+// into the W input rows it read; input row i's gradient is complete (and written) once step
+// i + W - 1 has added to it. dx (B, T, D), dstate (B, D, W-1) or null, dwp (B, D, W) and dbp (B, D)
+// per batch row (summed by the caller).
+template <class R>
+void conv_backward_unit(const ConvArgs<R>& a, int64_t b, int64_t blk0, int64_t blk1, const R* gy, R* dx, R* dstate,
+                        R* dwp, R* dbp) {
   using V = typename Simd<R>::V;
-  const int64_t T = a.d.T, D = a.d.D, W = a.d.W, Dpad = a.Dpad;
-  const int cnt = FULL ? Simd<R>::L : int(D - c0);
-  std::vector<V> hist(W);
-  a.history(b, c0, cnt, hist.data());
-  const V bias = load_vec<V>(a.bias.data() + c0);
-  for (int64_t t = 0; t < T; ++t) {
-    V acc = bias;
-    for (int64_t s = 0; s < W; ++s)
-      acc += load_vec<V>(a.Wt.data() + s * Dpad + c0) * conv_input<FULL>(a, hist.data(), b, t - W + 1 + s, c0, cnt);
-    if (a.d.silu) acc *= sigmoid(acc);
-    store_part<FULL>(y + (b * T + t) * D + c0, acc, cnt);
-  }
-}
-
-// dx (B, T, D), dstate (B, D, W-1) or null, dwp (B, D, W) and dbp (B, D) per batch row (summed by
-// the caller).
-template <class R, bool FULL>
-void conv_backward_block(const ConvArgs<R>& a, int64_t b, int64_t c0, const R* gy, R* dx, R* dstate, R* dwp,
-                         R* dbp) {
-  using V = typename Simd<R>::V;
-  const int64_t T = a.d.T, D = a.d.D, W = a.d.W, Dpad = a.Dpad;
-  const int cnt = FULL ? Simd<R>::L : int(D - c0);
-  std::vector<V> hist(W), win(W), dw(W);  // win[s]: the partial gradient of input row t - W + 1 + s
-  a.history(b, c0, cnt, hist.data());
-  const V bias = load_vec<V>(a.bias.data() + c0);
-  V db{};
-  // Input row i's gradient is complete once step i + W - 1 has scattered into it.
-  auto emit = [&](int64_t i, V v) {
+  constexpr int L = Simd<R>::L;
+  const int64_t T = a.d.T, D = a.d.D, W = a.d.W, Dpad = a.Dpad, nb = blk1 - blk0;
+  // Per vector block j: its history, the partial gradients of the W input rows the current step
+  // reads (win[j * W + s]: of row t - W + 1 + s), and the sums of dw and db.
+  std::vector<V> hist(nb * W), win(nb * W), dw(nb * W), db(nb);
+  for (int64_t j = 0; j < nb; ++j) a.history(b, (blk0 + j) * L, a.width(blk0 + j), &hist[j * W]);
+  auto emit = [&](int64_t i, int64_t c0, int cnt, V v) {
     if (i >= 0)
-      store_part<FULL>(dx + (b * T + i) * D + c0, v, cnt);
+      store_lanes(dx + (b * T + i) * D + c0, v, cnt);
     else if (dstate)
       for (int l = 0; l < cnt; ++l) dstate[((b * D) + c0 + l) * (W - 1) + (W - 1 + i)] = v[l];
   };
-  for (int64_t t = 0; t < T; ++t) {
-    V gp = load_part<FULL, V>(gy + (b * T + t) * D + c0, cnt);
-    if (a.d.silu) {
-      V pre = bias;
-      for (int64_t s = 0; s < W; ++s)
-        pre += load_vec<V>(a.Wt.data() + s * Dpad + c0) * conv_input<FULL>(a, hist.data(), b, t - W + 1 + s, c0, cnt);
-      const V sig = sigmoid(pre);
-      gp *= sig * (pre * (R(1) - sig) + R(1));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t c0 = (blk0 + j) * L;
+      const int cnt = a.width(blk0 + j);
+      const V* hj = &hist[j * W];
+      V* wj = &win[j * W];
+      V gp = load_lanes<V>(gy + (b * T + t) * D + c0, cnt);
+      if (a.d.silu) {
+        V pre = load_vec<V>(a.bias.data() + c0);
+        for (int64_t s = 0; s < W; ++s)
+          pre += load_vec<V>(a.Wt.data() + s * Dpad + c0) * a.input(hj, b, t - W + 1 + s, c0, cnt);
+        const V sig = sigmoid(pre);
+        gp *= sig * (pre * (R(1) - sig) + R(1));
+      }
+      db[j] += gp;
+      for (int64_t s = 0; s < W; ++s) {
+        wj[s] += load_vec<V>(a.Wt.data() + s * Dpad + c0) * gp;
+        dw[j * W + s] += gp * a.input(hj, b, t - W + 1 + s, c0, cnt);
+      }
+      emit(t - W + 1, c0, cnt, wj[0]);
+      for (int64_t s = 0; s + 1 < W; ++s) wj[s] = wj[s + 1];
+      wj[W - 1] = V{};
     }
-    db += gp;
-    for (int64_t s = 0; s < W; ++s) {
-      const int64_t i = t - W + 1 + s;
-      win[s] += load_vec<V>(a.Wt.data() + s * Dpad + c0) * gp;
-      dw[s] += gp * conv_input<FULL>(a, hist.data(), b, i, c0, cnt);
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t c0 = (blk0 + j) * L;
+    const int cnt = a.width(blk0 + j);
+    for (int64_t s = 0; s + 1 < W; ++s) emit(T - W + 1 + s, c0, cnt, win[j * W + s]);
+    for (int l = 0; l < cnt; ++l) {
+      for (int64_t s = 0; s < W; ++s) dwp[((b * D) + c0 + l) * W + s] = dw[j * W + s][l];
+      dbp[b * D + c0 + l] = db[j][l];
     }
-    emit(t - W + 1, win[0]);
-    for (int64_t s = 0; s + 1 < W; ++s) win[s] = win[s + 1];
-    win[W - 1] = V{};
-  }
-  for (int64_t s = 0; s + 1 < W; ++s) emit(T - W + 1 + s, win[s]);
-  for (int l = 0; l < cnt; ++l) {
-    for (int64_t s = 0; s < W; ++s) dwp[((b * D) + c0 + l) * W + s] = dw[s][l];
-    dbp[b * D + c0 + l] = db[l];
   }
 }
 
 template <class R>
 void conv_forward(const ConvArgs<R>& a, R* y, int nthreads) {
-  constexpr int L = Simd<R>::L;
-  a.units(nthreads, [&](int64_t b, int64_t blk0, int64_t blk1) {
-    for (int64_t blk = blk0; blk < blk1; ++blk) {
-      if ((blk + 1) * L <= a.d.D)
-        conv_forward_block<R, true>(a, b, blk * L, y);
-      else
-        conv_forward_block<R, false>(a, b, blk * L, y);
-    }
-  });
+  a.units(nthreads, [&](int64_t b, int64_t blk0, int64_t blk1) { conv_forward_unit(a, b, blk0, blk1, y); });
 }
 
 template <class R>
 void conv_backward(const ConvArgs<R>& a, const R* gy, R* dx, R* dstate, R* dwp, R* dbp, int nthreads) {
-  constexpr int L = Simd<R>::L;
   a.units(nthreads, [&](int64_t b, int64_t blk0, int64_t blk1) {
-    for (int64_t blk = blk0; blk < blk1; ++blk) {
-      if ((blk + 1) * L <= a.d.D)
-        conv_backward_block<R, true>(a, b, blk * L, gy, dx, dstate, dwp, dbp);
-      else
-        conv_backward_block<R, false>(a, b, blk * L, gy, dx, dstate, dwp, dbp);
-    }
+    conv_backward_unit(a, b, blk0, blk1, gy, dx, dstate, dwp, dbp);
   });
 }
-
 
 // The arithmetic ceiling of the selective scan's forward (benchmarks/mamba_speed.py): per element
 // one exp, by the kernel's own exp2, and one FMA, on values held in registers (no memory traffic),
