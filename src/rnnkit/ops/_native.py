@@ -207,10 +207,17 @@ def lanes(dtype: torch.dtype) -> int:
 MIN_UNITS = 16
 
 
-def channel_parts(batch: int, channels: int, dtype: torch.dtype) -> int:
-    """Channel ranges per batch row of a channels-last kernel (see :data:`MIN_UNITS`)."""
+def channel_parts(batch: int, channels: int, dtype: torch.dtype, partial_width: int = 0) -> int:
+    """Channel ranges per batch row of a channels-last kernel (see :data:`MIN_UNITS`).
+
+    ``partial_width``: the kernel keeps, per range, sums over its channels of this width per step
+    (the selective scan's dB and dC, ``N``); the ranges are then capped so that those partial sums
+    stay within a quarter of a ``(B, T, channels)`` tensor."""
     blocks = -(-channels // lanes(dtype))
-    return max(1, min(blocks, -(-MIN_UNITS // batch)))
+    parts = min(blocks, -(-MIN_UNITS // batch))
+    if partial_width:
+        parts = min(parts, channels // (4 * partial_width))
+    return max(1, parts)
 
 
 def work_dtype(*tensors: torch.Tensor | None) -> tuple[torch.dtype, torch.dtype]:

@@ -218,7 +218,7 @@ class _FusedSelectiveScan(torch.autograd.Function):
         B, T, E = delta.shape
         N = A.shape[1]
         lanes = _native.lanes(delta.dtype)
-        parts = _native.channel_parts(B, E, delta.dtype)
+        parts = _native.channel_parts(B, E, delta.dtype, partial_width=N)
         dims = (B, T, E, N, K, parts, softplus)
         strides = [s for t in (delta, u, Bm, Cm, z if z is not None else delta) for s in t.stride()[:2]]
         y = _workspace.workspace((B, T, E), delta)
