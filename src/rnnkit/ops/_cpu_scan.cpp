@@ -544,8 +544,10 @@ struct SelArgs {
 };
 
 constexpr int kSelStrides = 10;
-// Steps whose step sizes, inputs and gates are prepared together (see sel_forward_block).
-constexpr int64_t kSelGroup = 64;
+// Steps whose step sizes, inputs and gates are prepared together (see sel_forward_unit): enough
+// to keep the scans of a group busy while the next group's rows arrive, few enough that the rows
+// and the group's scratch stay in L2.
+constexpr int64_t kSelGroup = 16;
 
 template <class R>
 void sel_setup(SelArgs<R>& a, const int64_t* dims, const int64_t* strides) {
@@ -606,12 +608,13 @@ struct SelCursor {
 
 // The scan of one vector of channels (block j of its unit) over the steps [g0, g1) of a group, of
 // which [g0, gv) are valid: from its step sizes dl, inputs du and outputs so far (the skip) in the
-// group's scratch, its state in `state` (N vectors), which it updates. NF: N fixed at compile
-// time (the loops over n unroll and the state stays in registers), or 0.
+// group's scratch, its state in `state` (N vectors), which it updates; y: its channels' column
+// of the output, (T, E) with row stride E. NF: N fixed at compile time (the loops over n unroll
+// and the state stays in registers), or 0.
 template <class R, int NF>
 void sel_scan_group(const SelArgs<R>& a, const SelCursor<R>& c, const R* At2, int64_t g0, int64_t gv, int64_t g1,
                     const typename Simd<R>::V* dls, const typename Simd<R>::V* dus, typename Simd<R>::V* outs,
-                    typename Simd<R>::V* state) {
+                    typename Simd<R>::V* state, R* y) {
   using S = Simd<R>;
   using V = typename S::V;
   constexpr int L = S::L;
@@ -620,6 +623,13 @@ void sel_scan_group(const SelArgs<R>& a, const SelCursor<R>& c, const R* At2, in
 #pragma GCC unroll 32
   for (int64_t n = 0; n < N; ++n) h[n] = state[n];
   for (int64_t t = g0; t < gv; ++t) {
+    if (t + kSelGroup < a.T) {  // the next group's rows, fetched while this one computes
+      const int64_t tp = t + kSelGroup;
+      __builtin_prefetch(c.u + tp * c.su);
+      __builtin_prefetch(c.delta + tp * c.sd);
+      if (c.z) __builtin_prefetch(c.z + tp * c.sz);
+      __builtin_prefetch(y + tp * a.E, 1);
+    }
     const V dl = dls[t - g0], du = dus[t - g0];
     const R* Bt = c.Bm + t * c.sB;
     const R* Ct = c.Cm + t * c.sC;
@@ -646,8 +656,9 @@ void sel_scan_group(const SelArgs<R>& a, const SelCursor<R>& c, const R* At2, in
 // kSelGroup steps, each in three passes: the rows of delta and u of all the unit's channels (step
 // sizes, their softplus, inputs, skip), the scan of each vector of channels in turn with its state
 // in registers, and the rows of the output (gate, store). The passes over rows read and write
-// whole rows of the unit's channels, which the hardware prefetches well, rather than one vector
-// every E elements; the scans read only the group's scratch, B and C.
+// whole rows of the unit's channels, which stream, rather than one vector every E elements; the
+// scans read only the group's scratch, B and C, and prefetch the next group's rows meanwhile, so
+// that the memory traffic overlaps the arithmetic.
 template <class R, int NF>
 void sel_forward_unit(const SelArgs<R>& a, int64_t b, int64_t blk0, int64_t blk1, R* y, R* hT, R* ckpt) {
   using S = Simd<R>;
@@ -691,7 +702,7 @@ void sel_forward_unit(const SelArgs<R>& a, int64_t b, int64_t blk0, int64_t blk1
         }
       for (int64_t j = 0; j < nb; ++j)
         sel_scan_group<R, NF>(a, cur[j], a.At2.data() + (blk0 + j) * L * N, g0, gv, g1, &dls[j * G], &dus[j * G],
-                              &outs[j * G], &state[j * N]);
+                              &outs[j * G], &state[j * N], y + b * T * E + (blk0 + j) * L);
       for (int64_t t = g0; t < g1; ++t)
         for (int64_t j = 0; j < nb; ++j) {
           const SelCursor<R>& c = cur[j];
