@@ -98,15 +98,16 @@ def test_never_forms_the_expanded_state():
 
 @needs_fused
 def test_strided_inputs_are_read_in_place():
-    """Views with a contiguous last dim (the halves of a projection, columns of another) give the
-    result of contiguous copies."""
+    """Views with a contiguous last dim (the halves of a projection, columns of another) and strided
+    lengths give the result of contiguous copies."""
     B, T, E, N = 2, 30, 20, 6
     args = _inputs(B, T, E, N, torch.float32)
     wide = torch.cat([args["z"], args["u"]], -1)  # (B, T, 2E): z and u as halves
     cols = torch.cat([torch.randn(B, T, 3), args["Bm"], args["Cm"]], -1)  # B and C as columns
     views = dict(args, z=wide[..., :E], u=wide[..., E:], Bm=cols[..., 3:3 + N], Cm=cols[..., 3 + N:])
     assert not views["u"].is_contiguous() and not views["Bm"].is_contiguous()
-    for got, want in zip(_run(views, "fused"), _run(args, "fused")):
+    lengths = torch.tensor([30, 0, 17, 0])[::2]  # a strided view too
+    for got, want in zip(_run(views, "fused", lengths), _run(args, "fused", lengths.clone())):
         assert torch.equal(got, want)
 
 

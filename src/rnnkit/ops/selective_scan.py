@@ -15,15 +15,17 @@ the step size is ``softplus(delta_t + delta_bias)`` (``torch.nn.functional.softp
   definition;
 - ``parallel``, ``chunk``: the decays ``exp(delta A)`` and inputs ``delta u B`` of a block of steps
   formed at once, ``(B, Tb, E, N)``, and scanned by that form of :func:`rnnkit.ops.linear_scan`;
-- ``fused``: one compiled CPU kernel (:mod:`rnnkit.ops._native`) for the whole recurrence, skip and
+- ``fused``: one compiled CPU kernel (:mod:`rnnkit.ops._native`) for the whole recurrence, skip,
   gate and step-size softplus included, in the design of the paper's CUDA kernel: per batch row
-  and channel the discretisation, the scan over the ``(N,)`` state held in registers and the contraction with
-  ``C`` in one pass, so no ``(B, T, E, N)`` tensor is ever written. Its backward recomputes the
-  states chunk by chunk in reverse from checkpoints saved every ``steps_per_block`` steps
-  (``(B, T / steps_per_block, E, N)``, default every 64 steps). fp32 and fp64 run as they are;
+  and channel the discretisation, the scan over the ``(N,)`` state held in registers and the
+  contraction with ``C`` in one pass, so no ``(B, T, E, N)`` tensor is ever written. Its backward
+  recomputes the states chunk by chunk in reverse from checkpoints saved every
+  ``steps_per_block`` steps (``(B, T / steps_per_block, E, N)``, default every 64 steps); that
+  backward is not itself differentiable (no second derivatives). fp32 and fp64 run as they are;
   other floating dtypes (bf16, fp16) are computed in fp32 and the results cast back. Available
   where the compiled library is (else ``mode="fused"`` raises, as :func:`rnnkit.ops.linear_scan`'s
-  does);
+  does). Threads split the work into (batch row, channel range) units that depend on the shape
+  only, so the result does not depend on the number of threads;
 - ``auto``: ``fused`` on the CPU where the compiled library is available, ``chunk`` otherwise.
 
 Memory of the block forms: the expanded ``(B, T, E, N)`` tensors are never formed for the whole
@@ -264,6 +266,7 @@ def _scan_fused(delta, Bm, Cm, u, A, h0, lengths, D, z, delta_bias, delta_softpl
     dtype, work = _native.work_dtype(*tensors)
     delta, Bm, Cm, u, A, h0, D, z, delta_bias = (None if t is None else t.to(work) for t in tensors)
     K = FUSED_CHECKPOINT_STEPS if steps_per_block is None else steps_per_block
+    lengths = None if lengths is None else lengths.contiguous()  # read through a raw pointer
     y, h = _FusedSelectiveScan.apply(delta, Bm, Cm, u, A, h0, D, z, delta_bias, lengths, K, delta_softplus)
     return y.to(dtype), h.to(dtype)
 

@@ -11,7 +11,8 @@ where ``x_{-k}`` for ``k = 1..W-1`` is the history ``state[:, :, W-1-k]`` (oldes
 - ``parallel``: ``torch.nn.functional.conv1d`` over the history and the sequence, channels first;
 - ``fused``: a compiled CPU kernel (:mod:`rnnkit.ops._native`), channels last: each step reads one
   row of ``x`` and writes one row of ``y``, the activation applied on the way; its backward
-  recomputes the pre-activation and writes the input's gradient in one pass. fp32 and fp64 run as
+  recomputes the pre-activation and writes the input's gradient in one pass (and is not itself
+  differentiable: no second derivatives). fp32 and fp64 run as
   they are, other floating dtypes in fp32 with the results cast back; available where the compiled
   library is (else ``mode="fused"`` raises);
 - ``auto``: ``fused`` on the CPU where the compiled library is available, ``parallel`` otherwise.
