@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 #: (dtype, kind) -> (metric, bound); metric is "max_abs" or "rel_rms".
 TOLERANCES: dict[tuple[torch.dtype, str], tuple[str, float]] = {
@@ -123,3 +125,45 @@ def data_present(locate) -> bool:
     except InputError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------- memory accounting
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in elements) any op returns, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def saved_numel(fn):
+    """``(fn(), elements of the distinct tensors autograd saves for backward while fn runs)``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def under_threads(fn, counts=(1, 2)) -> list:
+    """``[fn()]`` once under each ``torch.set_num_threads(n)`` of ``counts``; the count restored after."""
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(before)

@@ -4,40 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import rnnkit
 from rnnkit.errors import InputError
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor (in elements) any op returns, forward and backward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
-def saved_numel(fn) -> int:
-    """Elements of the distinct tensors autograd saves for backward while ``fn`` runs."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
-
+from tests.helpers import LargestTensor, saved_numel
 
 B, T, D, N, CHUNK = 2, 1024, 8, 64, 32
 E = 2 * D
@@ -63,10 +33,13 @@ def test_expanded_state_is_never_formed_for_the_whole_sequence(mode: str) -> Non
     assert probe.largest < full // 4, (probe.largest, full)
 
 
-def test_backward_keeps_only_sequence_sized_activations() -> None:
+@pytest.mark.parametrize("mode", ["chunk", "fused"])
+def test_backward_keeps_only_sequence_sized_activations(mode: str) -> None:
     torch.manual_seed(0)
     layer = rnnkit.layers.build("mamba", d_model=D, d_state=N, steps_per_block=CHUNK)
-    loss, saved = saved_numel(lambda: _run(layer, "chunk"))
+    if mode not in layer.modes:
+        pytest.skip(f"mode {mode!r} unavailable here (no compiled scan kernel)")
+    loss, saved = saved_numel(lambda: _run(layer, mode))
     loss.backward()
     # The (B, T, E)-sized activations of the block (projections, conv, gate, delta; the x_proj
     # output is (B, T, dt_rank + 2N)) and one (B, E, N) state per chunk: a fraction of one
@@ -74,15 +47,22 @@ def test_backward_keeps_only_sequence_sized_activations() -> None:
     assert saved < B * T * E * N // 2, (saved, B * T * E * N)
 
 
-def test_chunking_changes_nothing() -> None:
+@pytest.mark.parametrize("mode", ["chunk", "fused"])
+def test_chunking_changes_nothing(mode: str) -> None:
+    """The time blocks (chunk) or checkpoint interval (fused) change no output, state or gradient."""
     torch.manual_seed(0)
     layer = rnnkit.layers.build("mamba", d_model=D, d_state=4, steps_per_block=7).double()
-    x = torch.randn(2, 50, D, dtype=torch.float64)
+    if mode not in layer.modes:
+        pytest.skip(f"mode {mode!r} unavailable here (no compiled scan kernel)")
+    x = torch.randn(2, 50, D, dtype=torch.float64, requires_grad=True)
     y_ref, s_ref = layer(x, mode="recurrent")
+    (g_ref,) = torch.autograd.grad(y_ref.square().sum() + s_ref.h.sum(), x)
     for chunk_size in (1, 7, 50, 64):
         layer.config.steps_per_block = chunk_size
-        y, s = layer(x, mode="chunk")
+        y, s = layer(x, mode=mode)
+        (g,) = torch.autograd.grad(y.square().sum() + s.h.sum(), x)
         assert torch.allclose(y, y_ref, atol=1e-12) and torch.allclose(s.h, s_ref.h, atol=1e-12), chunk_size
+        assert torch.allclose(g, g_ref, atol=1e-10), chunk_size
 
 
 def test_former_option_name_still_loads():

@@ -69,6 +69,25 @@ def selective_inputs(B, T, gen):
             "A": -torch.exp(_randn(gen, E, N, scale=0.5)), "h0": _randn(gen, B, E, N)}
 
 
+def gated_selective_inputs(B, T, gen):
+    """Mamba's block: N = 16 (the kernel's unrolled state), E = 20 (whole vectors of channels and a
+    partial one), the step size softplus(delta + delta_bias), the skip D and the gate z."""
+    N16, E20 = 16, 20
+    return {"delta": _randn(gen, B, T, E20, scale=2.0), "B": _randn(gen, B, T, N16), "C": _randn(gen, B, T, N16),
+            "u": _randn(gen, B, T, E20), "A": -torch.exp(_randn(gen, E20, N16, scale=0.5)),
+            "h0": _randn(gen, B, E20, N16), "D": _randn(gen, E20), "z": _randn(gen, B, T, E20),
+            "delta_bias": _randn(gen, E20) - 1.0, "delta_softplus": True}
+
+
+def conv_inputs(activation, bias=True):
+    def make(B, T, gen):
+        C = 19  # a whole vector of channels and a partial one
+        return {"x": _randn(gen, B, T, C), "weight": _randn(gen, C, 4, scale=0.5),
+                "bias": _randn(gen, C) if bias else None, "state": _randn(gen, B, C, 3), "activation": activation}
+
+    return make
+
+
 def classic_inputs(gates, lstm=False, proj=0):
     def make(B, T, gen):
         R = proj or H
@@ -92,7 +111,8 @@ def window_inputs(B, T, gen):
 
 
 HEADS = {"q": 2, "k": 2, "v": 2}
-SCAN_FORMS = ("parallel", "chunk") + (("fused",) if ops.fused_available() else ()) + ("auto",)
+FUSED = ("fused",) if ops.fused_available() else ()
+SCAN_FORMS = ("parallel", "chunk") + FUSED + ("auto",)
 FAMILIES = [
     Family("linear_scan", ops.linear_scan, SCAN_FORMS, scan_inputs, {"a": 1, "b": 1}, 1, "h0",
            options={"chunk": {"chunk_size": 8}}),
@@ -109,7 +129,15 @@ FAMILIES = [
     Family("mlstm-strong", ops.mlstm, ("parallel", "chunk"), mlstm_inputs(0.0), HEADS | {"log_i": 2, "log_f": 2},
            2, "state", options={"chunk": {"chunk_size": 16}}),
     Family("selective_scan", ops.selective_scan, SCAN_FORMS, selective_inputs,
-           {"delta": 1, "B": 1, "C": 1, "u": 1}, 1, "h0", options={"parallel": {"steps_per_block": 8}}),
+           {"delta": 1, "B": 1, "C": 1, "u": 1}, 1, "h0",
+           options={"parallel": {"steps_per_block": 8}, "fused": {"steps_per_block": 8}}),
+    Family("selective_scan-gated", ops.selective_scan, SCAN_FORMS, gated_selective_inputs,
+           {"delta": 1, "B": 1, "C": 1, "u": 1, "z": 1}, 1, "h0", keywords=("D", "z", "delta_bias", "delta_softplus"),
+           options={"chunk": {"steps_per_block": 16}, "fused": {"steps_per_block": 16}}),
+    Family("short_conv-silu", ops.short_conv, ("parallel",) + FUSED + ("auto",), conv_inputs("silu"), {"x": 1}, 1,
+           "state", keywords=("activation",), defined_past_length=False),
+    Family("short_conv-identity-nobias", ops.short_conv, ("parallel",) + FUSED, conv_inputs("identity", bias=False),
+           {"x": 1}, 1, "state", keywords=("activation",), defined_past_length=False),
     Family("elman", ops.elman, ("fused",), classic_inputs(1), {"x": 1}, 1, "state"),
     Family("gru", ops.gru, ("fused",), classic_inputs(3), {"x": 1}, 1, "state"),
     Family("lstm-peephole", ops.lstm, ("fused",), classic_inputs(4, lstm=True), {"x": 1}, 1, "state",

@@ -1,13 +1,14 @@
 """The short causal depthwise convolution that Mamba, Mamba-2, Hawk, GLA, DeltaNet, mLSTM and
-linear attention put in front of their recurrences, with its input history as part of the state."""
+linear attention put in front of their recurrences, with its input history as part of the state:
+the module holding its weights; :func:`rnnkit.ops.short_conv` computes it."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import check_choice, check_positive_int
+from rnnkit.ops.short_conv import short_conv, short_conv_step
 
 ACTIVATIONS = ("silu", "identity")
 
@@ -50,30 +51,14 @@ class ShortConv(nn.Module):
             state_dict[prefix + "weight"] = weight[:, 0]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _act(self, y: torch.Tensor) -> torch.Tensor:
-        return F.silu(y) if self.activation == "silu" else y
-
     def forward(
         self, x: torch.Tensor, state: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` (B, T, D), ``state`` (B, D, W-1) -> ``y`` (B, T, D) and the state after each
-        sequence's last valid step (``lengths`` (B,) or None)."""
-        B, T, D = x.shape
-        W = self.kernel_size
-        xs = torch.cat([state, x.transpose(1, 2)], 2)  # (B, D, W-1+T)
-        y = F.conv1d(xs, self.weight[:, None], self.bias, groups=D).transpose(1, 2)  # (B, T, D)
-        if lengths is None:
-            new_state = xs[:, :, T:]
-        else:
-            # The W-1 inputs ending at each sequence's last valid step: xs[:, :, L : L+W-1].
-            idx = lengths[:, None, None] + torch.arange(W - 1, device=x.device)  # (B, 1, W-1)
-            new_state = xs.gather(2, idx.expand(B, D, W - 1))
-        return self._act(y), new_state
+        """``x`` (B, T, D), any strides, ``state`` (B, D, W-1) -> ``y`` (B, T, D) and the state after
+        each sequence's last valid step (``lengths`` (B,) or None); the op's own ``auto`` form (the
+        compiled kernel on the CPU)."""
+        return short_conv(x, self.weight, self.bias, state, lengths=lengths, activation=self.activation)
 
     def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step: ``x_t`` (B, D), ``state`` (B, D, W-1) -> ``y_t`` (B, D) and the next state."""
-        window = torch.cat([state, x_t[:, :, None]], 2)  # (B, D, W)
-        y = (window * self.weight).sum(-1)
-        if self.bias is not None:
-            y = y + self.bias
-        return self._act(y), window[:, :, 1:]
+        return short_conv_step(x_t, self.weight, self.bias, state, self.activation)

@@ -22,7 +22,7 @@ from rnnkit.errors import check_positive_int
 from rnnkit.layers._conv import ShortConv
 from rnnkit.layers._diagonal import DiagonalRecurrence, check_float
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.selective_scan import selective_scan, selective_scan_step
+from rnnkit.ops.selective_scan import resolve_mode, selective_scan, selective_scan_step
 
 
 @dataclass
@@ -37,7 +37,7 @@ class MambaConfig:
     dt_min: float = 0.001  # initial delta drawn log-uniformly from [dt_min, dt_max]
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4  # smallest initial delta
-    steps_per_block: int = 64  # time steps whose (B, block, E, N) expanded state exists at once in training
+    steps_per_block: int = 64  # training: steps per recomputed block (per checkpoint of the fused scan)
 
     #: Former option names, still accepted so that saved configurations load.
     RENAMED: ClassVar[dict[str, str]] = {"chunk_size": "steps_per_block"}
@@ -65,7 +65,7 @@ class MambaState(NamedTuple):
 
 @register(
     "mamba",
-    description="Mamba (Gu & Dao 2023): selective SSM, causal conv, SiLU gate; scanned in blocks so (B,T,E,N) never exists",
+    description="Mamba (Gu & Dao 2023): selective SSM, causal conv, SiLU gate; fused CPU scan, (B,T,E,N) never exists",
     test_configs={"default": {"d_state": 3, "expand": 1, "steps_per_block": 16},
                   "w2-r2": {"d_state": 2, "d_conv": 2, "dt_rank": 2, "steps_per_block": 64}},
 )
@@ -87,21 +87,27 @@ class Mamba(DiagonalRecurrence):
     initial step sizes span ``[0.001, 0.1]``; the other layers PyTorch's defaults.
     ``in_proj``, ``x_proj`` and ``out_proj`` have no bias, the conv has one (the paper's defaults).
 
-    Memory: the expanded state ``(B, T, E, N)`` is never formed for the whole sequence. Time is
-    processed in blocks of ``steps_per_block`` steps carrying the state; under autograd each block is
-    recomputed in the backward pass (activation checkpointing), so only the ``(B, T, E)``-sized
-    inputs of the scan and one ``(B, E, N)`` state per block are kept, and at most one block's
-    ``(B, block, E, N)`` exists at a time (``benchmarks/mamba_memory.py`` measures it).
+    Memory: the expanded state ``(B, T, E, N)`` is never formed for the whole sequence. The
+    ``fused`` scan keeps each channel's state in registers and saves it every ``steps_per_block``
+    steps for its backward, which recomputes the steps in between; the block forms process time in
+    blocks of ``steps_per_block`` steps carrying the state, each recomputed in the backward pass
+    (activation checkpointing), so at most one block's ``(B, block, E, N)`` exists at a time. Either
+    way only the ``(B, T, E)``-sized inputs of the scan and one ``(B, E, N)`` state per block are kept
+    (``benchmarks/mamba_memory.py`` measures it).
 
     Args:
         d_model: D. d_state: N. d_conv: W. expand: E / D. dt_rank: R (default ``ceil(D / 16)``).
-        dt_min, dt_max, dt_init_floor: initial step sizes. steps_per_block: time block of the training form.
+        dt_min, dt_max, dt_init_floor: initial step sizes. steps_per_block: time block of the
+        training forms (the fused scan's checkpoint interval).
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`MambaState` ``(conv (B, E, W-1),
     h (B, E, N))``.
 
-    Modes: ``recurrent`` (the loop over :meth:`step`), ``parallel``, ``chunk``, ``fused``: the time
-    blocks above, each scanned by that form of :func:`rnnkit.ops.linear_scan`.
+    Modes: ``recurrent`` (the loop over :meth:`step`), ``parallel``, ``chunk``, ``fused``: those forms
+    of :func:`rnnkit.ops.selective_scan` (``fused``, its compiled CPU kernel with the step-size
+    softplus, skip and gate inside, is ``auto`` on the CPU; the others scan time blocks by that form
+    of :func:`rnnkit.ops.linear_scan`). The convolution runs through :func:`rnnkit.ops.short_conv`
+    (its compiled kernel on the CPU) in every mode but ``recurrent``.
 
     Example:
         >>> block = Mamba(d_model=16)
@@ -116,7 +122,7 @@ class Mamba(DiagonalRecurrence):
         self.d_input = self.d_output = D = cfg.d_model
         E, N, R = cfg.expand * D, cfg.d_state, cfg.dt_rank
         self.in_proj = nn.Linear(D, 2 * E, bias=False)
-        self.conv = ShortConv(E, cfg.d_conv, activation="identity")
+        self.conv = ShortConv(E, cfg.d_conv, activation="silu")
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
         self.dt_proj = nn.Linear(R, E)
         self.A_log = nn.Parameter(torch.empty(E, N))
@@ -142,29 +148,37 @@ class Mamba(DiagonalRecurrence):
         return MambaState(self.conv.init_state(batch_size, device=device, dtype=dtype),
                           torch.zeros(batch_size, E, cfg.d_state, device=device, dtype=dtype))
 
+    def _auto_mode(self, x: torch.Tensor) -> str:
+        # The selective scan's own choice: its compiled kernel on the CPU (any floating dtype) where
+        # the library built, else chunk.
+        return resolve_mode("auto", x.device)
+
     def _ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """delta ``(..., E)``, B ``(..., N)``, C ``(..., N)`` from the conv output u ``(..., E)``."""
+        """``W_Delta W_R u`` ``(..., E)`` (delta before its bias and softplus), B ``(..., N)``, C
+        ``(..., N)`` from the conv output u ``(..., E)``."""
         R, N = self.config.dt_rank, self.config.d_state
         dt, Bm, Cm = self.x_proj(u).split([R, N, N], -1)
-        return F.softplus(self.dt_proj(dt)), Bm, Cm
+        return F.linear(dt, self.dt_proj.weight), Bm, Cm
 
     def _step(self, x_t, state):
         u, z = self.in_proj(x_t).chunk(2, -1)  # (B, E) each
-        u, window = self.conv.step(u, state.conv)
-        u = F.silu(u)
+        u, window = self.conv.step(u, state.conv)  # SiLU(conv(u))
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, E), (B, N), (B, N)
+        delta = F.softplus(delta + self.dt_proj.bias)
         A = -torch.exp(self.A_log)  # (E, N)
-        y, h = selective_scan_step(delta, Bm, Cm, u, A, state.h)  # (B, E), (B, E, N)
-        y = y + self.D * u  # (B, E)
-        return self.out_proj(y * F.silu(z)), MambaState(window, h)
+        y, h = selective_scan_step(delta, Bm, Cm, u, A, state.h, D=self.D, z_t=z)  # (B, E), (B, E, N)
+        return self.out_proj(y), MambaState(window, h)
 
     def _scan_forward(self, x, state, lengths, mode):
-        u, z = self.in_proj(x).chunk(2, -1)  # (B, T, E) each
-        u, window = self.conv(u, state.conv, lengths)
-        u = F.silu(u)
+        # Two products with the halves of W_in, not one split in two: the gradients of u and z then
+        # reach x without being concatenated into a (B, T, 2E) tensor first.
+        w_u, w_z = self.in_proj.weight.chunk(2, 0)
+        u, z = F.linear(x, w_u), F.linear(x, w_z)  # (B, T, E) each
+        u, window = self.conv(u, state.conv, lengths)  # SiLU(conv(u)), (B, T, E)
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, T, E), (B, T, N), (B, T, N)
         A = -torch.exp(self.A_log)  # (E, N)
-        y, h = selective_scan(delta, Bm, Cm, u, A, state.h, lengths=lengths, mode=mode,
-                              steps_per_block=self.config.steps_per_block)
-        y = y + self.D * u  # (B, T, E)
-        return self.out_proj(y * F.silu(z)), MambaState(window, h)
+        # The scan adds dt_proj's bias and takes the softplus (inside the kernel, when fused).
+        y, h = selective_scan(delta, Bm, Cm, u, A, state.h, D=self.D, z=z, delta_bias=self.dt_proj.bias,
+                              delta_softplus=True, lengths=lengths, mode=mode,
+                              steps_per_block=self.config.steps_per_block)  # (B, T, E), (B, E, N)
+        return self.out_proj(y), MambaState(window, h)

@@ -19,8 +19,13 @@ result (up to rounding) faster, and the tests hold them to it.
   ``(B, H, T)``, state :class:`~rnnkit.ops.mlstm.MLSTMState`. Modes :data:`MLSTM_MODES`:
   ``recurrent``, ``parallel``, ``chunk``.
 - :func:`selective_scan` ``(delta, B, C, u, A, h0)``: Mamba's selective SSM; delta, u
-  ``(B, T, E)``, B, C ``(B, T, N)``, A ``(E, N)`` -> y ``(B, T, E)``, state ``(B, E, N)``. Modes
-  :data:`SELECTIVE_SCAN_MODES`: ``recurrent`` and the linear-scan forms.
+  ``(B, T, E)``, B, C ``(B, T, N)``, A ``(E, N)``, optional skip D ``(E,)`` and gate z ``(B, T, E)``
+  -> y ``(B, T, E)``, state ``(B, E, N)``. Modes :data:`SELECTIVE_SCAN_MODES`: ``recurrent``,
+  ``parallel``, ``chunk`` (blocks through the linear scan), ``fused`` (compiled CPU kernel), ``auto``.
+- :func:`short_conv` ``(x, weight, bias, state)``: the short causal depthwise convolution in front of
+  many recurrences, x ``(B, T, D)``, weight ``(D, W)`` -> y ``(B, T, D)``, input history
+  ``(B, D, W-1)``. Modes :data:`SHORT_CONV_MODES`: ``recurrent``, ``parallel`` (``conv1d``),
+  ``fused`` (compiled CPU kernel), ``auto``.
 - :func:`elman`, :func:`lstm`, :func:`gru` ``(x, state, weights...)``: the classic cells over a
   sequence, x ``(B, T, D)`` -> y ``(B, T, H)`` (``(B, T, R)`` for a projected LSTM). Modes
   :data:`CLASSIC_MODES`: ``recurrent``, ``fused`` (whole-sequence kernels, hand-written backward).
@@ -44,6 +49,7 @@ from rnnkit.ops.scan import (
     linear_scan_recurrent,
 )
 from rnnkit.ops.selective_scan import SELECTIVE_SCAN_MODES, selective_scan
+from rnnkit.ops.short_conv import SHORT_CONV_MODES, short_conv
 from rnnkit.ops.sliding_window_attention import SLIDING_WINDOW_MODES, sliding_window_attention
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "LINEAR_SCAN_MODES",
     "MLSTM_MODES",
     "SELECTIVE_SCAN_MODES",
+    "SHORT_CONV_MODES",
     "SLIDING_WINDOW_MODES",
     "delta_rule",
     "elman",
@@ -65,5 +72,6 @@ __all__ = [
     "lstm",
     "mlstm",
     "selective_scan",
+    "short_conv",
     "sliding_window_attention",
 ]

@@ -1,9 +1,12 @@
 """The compiled CPU library (``_cpu_scan.cpp``): build, cache, load and its ABI, nothing else.
 
-The library holds the fused linear scan (used by :mod:`rnnkit.ops.scan`) and the chunk kernels'
-fused row pass (:mod:`rnnkit.ops._rows`). Why compiled loops: on a CPU both are memory-bound, and
-every PyTorch form of them pays extra passes over memory; one C++ loop that reads its inputs once
-and writes its output once runs at the speed of a copy (``benchmarks/scan_speed.py``). The source
+The library holds the fused linear scan (used by :mod:`rnnkit.ops.scan`), the chunk kernels'
+fused row pass (:mod:`rnnkit.ops._rows`) and Mamba's fused selective scan
+(:mod:`rnnkit.ops.selective_scan`). Why compiled loops: on a CPU the first two are memory-bound,
+and every PyTorch form of them pays extra passes over memory; one C++ loop that reads its inputs
+once and writes its output once runs at the speed of a copy (``benchmarks/scan_speed.py``). The
+selective scan's PyTorch forms write a ``(B, T, E, N)`` tensor per step of the recurrence that the
+compiled one keeps in registers (``benchmarks/mamba_speed.py``). The source
 includes no torch headers, so it builds with the system compiler, without network, GPU or ninja.
 
 Build: ``$RNNKIT_CXX``, ``$CXX``, ``g++``, ``c++`` or ``clang++`` (the first found) with
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from rnnkit.errors import InputError, check_choice
 from rnnkit.ops._lazy import LazyResource
 
 SOURCE = Path(__file__).with_name("_cpu_scan.cpp")
@@ -41,7 +45,11 @@ _MARCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 SCAN_DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.complex64: "c64", torch.complex128: "c128"}
 #: dtypes with a row-pass symbol (``rnnkit_row_pass_<suffix>``).
 ROW_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-ABI_VERSION = 5
+#: dtypes of the channels-last kernels: the selective scan (``rnnkit_selective_{fwd,bwd}_<suffix>``)
+#: and the short convolution (``rnnkit_conv_{fwd,bwd}_<suffix>``), with ``rnnkit_lanes_<suffix>``,
+#: their elements per vector.
+CHANNELS_LAST_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+ABI_VERSION = 6
 
 
 def _compiler() -> str | None:
@@ -154,6 +162,14 @@ def _load() -> ctypes.CDLL:
         rows = getattr(lib, f"rnnkit_row_pass_{suffix}")
         rows.argtypes = [i64, i64, i64, p, i64, i64, p, p, i64, p, p, p, p, p, i64, p, p, p, c_int, c_int]
         rows.restype = None
+    for suffix in CHANNELS_LAST_DTYPES.values():
+        lanes = getattr(lib, f"rnnkit_lanes_{suffix}")
+        lanes.argtypes, lanes.restype = [], c_int
+        for name, pointers in (("selective_fwd", 15), ("selective_bwd", 23), ("conv_fwd", 6), ("conv_bwd", 10)):
+            fn = getattr(lib, f"rnnkit_{name}_{suffix}")
+            fn.argtypes, fn.restype = [p] * pointers + [c_int], None
+        ceiling = getattr(lib, f"rnnkit_exp_fma_ceiling_{suffix}")
+        ceiling.argtypes, ceiling.restype = [i64, c_int], ctypes.c_double
     return lib
 
 
@@ -178,6 +194,59 @@ def unavailable_reason() -> str | None:
 def reset() -> None:
     """Forget the loaded library and any failure, so the next call re-reads the environment."""
     _LIBRARY.reset()
+
+
+def lanes(dtype: torch.dtype) -> int:
+    """Elements per vector of the channels-last kernels for ``dtype`` (in ``CHANNELS_LAST_DTYPES``)."""
+    return getattr(library(), f"rnnkit_lanes_{CHANNELS_LAST_DTYPES[dtype]}")()
+
+
+#: The channels-last kernels split each batch row's channels into ranges so that there are at least
+#: this many (row, range) units, enough for every thread of a typical CPU even at batch size 1.
+#: The split depends on the shape only, so their results do not depend on the number of threads.
+MIN_UNITS = 16
+
+
+def channel_parts(batch: int, channels: int, dtype: torch.dtype, partial_width: int = 0) -> int:
+    """Channel ranges per batch row of a channels-last kernel (see :data:`MIN_UNITS`).
+
+    ``partial_width``: the kernel keeps, per range, sums over its channels of this width per step
+    (the selective scan's dB and dC, ``N``); the ranges are then capped so that those partial sums
+    stay within a quarter of a ``(B, T, channels)`` tensor."""
+    blocks = -(-channels // lanes(dtype))
+    parts = min(blocks, -(-MIN_UNITS // batch))
+    if partial_width:
+        parts = min(parts, channels // (4 * partial_width))
+    return max(1, parts)
+
+
+def work_dtype(*tensors: torch.Tensor | None) -> tuple[torch.dtype, torch.dtype]:
+    """The promoted dtype of ``tensors`` (None skipped) and the one a channels-last kernel computes
+    it in: itself in ``CHANNELS_LAST_DTYPES``, else fp32 (bf16 and fp16 are computed in fp32)."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
+    return dtype, dtype if dtype in CHANNELS_LAST_DTYPES else torch.float32
+
+
+def resolve_fused(mode: str, modes: tuple[str, ...], device: torch.device, fallback: str) -> str:
+    """The form an op entry with a compiled ``fused`` form runs ``mode`` as: ``auto`` is ``fused``
+    on the CPU where the library is available, else ``fallback``; ``fused`` is checked.
+
+    Raises:
+        InputError: ``mode`` is not in ``modes``, or ``fused`` off the CPU or without the library.
+    """
+    check_choice("mode", mode, modes)
+    if mode == "auto":
+        return "fused" if device.type == "cpu" and available() else fallback
+    if mode == "fused":
+        if device.type != "cpu":
+            raise InputError(f"mode: 'fused' is a CPU kernel; expected CPU tensors, got {device} (use mode='auto')")
+        if not available():
+            raise InputError(f"mode: 'fused' expected the compiled CPU kernel, which is unavailable "
+                             f"({unavailable_reason()}); use mode='auto' or {fallback!r}")
+    return mode
 
 
 def ptr(x: torch.Tensor | None) -> int | None:

@@ -1,44 +1,66 @@
 """Mamba's selective scan (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State
-Spaces", Algorithm 2), without the ``D`` skip:
+Spaces", Algorithm 2), with the optional step-size bias and softplus, ``D`` skip and ``SiLU(z)`` gate
+of the Mamba block:
 
     h_t = exp(delta_t A) ⊙ h_{t-1} + (delta_t u_t) B_t        h_t (E, N) per batch element
-    y_t = h_t C_t                                              y_t (E,)
+    y_t = (h_t C_t + D ⊙ u_t) ⊙ SiLU(z_t)                      y_t (E,)
 
-with ``delta_t``, ``u_t`` ``(E,)`` per channel, ``B_t``, ``C_t`` ``(N,)`` shared by the channels and
-``A`` ``(E, N)`` (negative for a contraction). One entry, :func:`selective_scan` with ``mode=``:
+with ``delta_t``, ``u_t``, ``z_t`` ``(E,)`` per channel, ``B_t``, ``C_t`` ``(N,)`` shared by the
+channels, ``A`` ``(E, N)`` (negative for a contraction) and ``D`` ``(E,)``; without ``D`` the skip
+term is 0, without ``z`` the gate is 1. Given ``delta_bias`` ``(E,)`` and/or ``delta_softplus``,
+the step size is ``softplus(delta_t + delta_bias)`` (``torch.nn.functional.softplus``) or
+``delta_t + delta_bias`` in place of ``delta_t``. One entry, :func:`selective_scan` with ``mode=``:
 
 - ``recurrent``: :func:`selective_scan_recurrent`, the loop over :func:`selective_scan_step`, the
   definition;
-- ``parallel``, ``chunk``, ``fused``, ``auto``: the decays ``exp(delta A)`` and inputs
-  ``delta u B`` of a block of steps formed at once, ``(B, Tb, E, N)``, and scanned by that form of
-  :func:`rnnkit.ops.linear_scan`.
+- ``parallel``, ``chunk``: the decays ``exp(delta A)`` and inputs ``delta u B`` of a block of steps
+  formed at once, ``(B, Tb, E, N)``, and scanned by that form of :func:`rnnkit.ops.linear_scan`;
+- ``fused``: one compiled CPU kernel (:mod:`rnnkit.ops._native`) for the whole recurrence, skip,
+  gate and step-size softplus included, in the design of the paper's CUDA kernel: per batch row
+  and channel the discretisation, the scan over the ``(N,)`` state held in registers and the
+  contraction with ``C`` in one pass, so no ``(B, T, E, N)`` tensor is ever written. Its backward
+  recomputes the states chunk by chunk in reverse from checkpoints saved every
+  ``steps_per_block`` steps (``(B, T / steps_per_block, E, N)``, default every 64 steps); that
+  backward is not itself differentiable (no second derivatives). fp32 and fp64 run as they are;
+  other floating dtypes (bf16, fp16) are computed in fp32 and the results cast back. Available
+  where the compiled library is (else ``mode="fused"`` raises, as :func:`rnnkit.ops.linear_scan`'s
+  does). Threads split the work into (batch row, channel range) units that depend on the shape
+  only, so the result does not depend on the number of threads;
+- ``auto``: ``fused`` on the CPU where the compiled library is available, ``chunk`` otherwise.
 
-Memory: the expanded ``(B, T, E, N)`` tensors are never formed for the whole sequence when
-``steps_per_block`` is given: time runs in blocks of that many steps carrying the state, and under
-autograd each block is recomputed in the backward pass (activation checkpointing), so only the
-``(B, T, E)``-sized inputs and one ``(B, E, N)`` state per block are kept
-(``benchmarks/mamba_memory.py`` measures it).
+Memory of the block forms: the expanded ``(B, T, E, N)`` tensors are never formed for the whole
+sequence when ``steps_per_block`` is given: time runs in blocks of that many steps carrying the
+state, and under autograd each block is recomputed in the backward pass (activation
+checkpointing), so only the ``(B, T, E)``-sized inputs and one ``(B, E, N)`` state per block are
+kept (``benchmarks/mamba_memory.py`` measures it).
 
-Padding (``lengths``): steps past a length have decay 1 and input 0, so the state is kept (and
-the output there reads the kept state).
+Padding (``lengths``): steps past a length have decay 1 and input 0, so the state is kept (and the
+output there reads the kept state, with that step's ``C``, skip and gate), in every form.
 """
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_tensor
+from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_tensor, describe
+from rnnkit.ops import _native, _workspace
 from rnnkit.ops._forms import is_empty_batch
+from rnnkit.ops._native import CHANNELS_LAST_DTYPES, ptr
 from rnnkit.ops.padding import freeze_padding, valid_mask
 from rnnkit.ops.scan import LINEAR_SCAN_MODES, linear_scan
 
-#: Forms :func:`selective_scan` runs, ``recurrent`` (the definition) first; the others are the
-#: :func:`rnnkit.ops.linear_scan` forms of the same names.
+#: Forms :func:`selective_scan` runs, ``recurrent`` (the definition) first.
 SELECTIVE_SCAN_MODES = LINEAR_SCAN_MODES
+#: Steps between the fused backward's checkpoints when ``steps_per_block`` is not given.
+FUSED_CHECKPOINT_STEPS = 64
 
 
-def _check_inputs(delta, Bm, Cm, u, A, h0, lengths):
+def _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D=None, z=None, delta_bias=None, delta_softplus=False):
     for name, t in (("delta", delta), ("B", Bm), ("C", Cm), ("u", u), ("A", A)):
         check_tensor(name, t)
     if delta.dim() != 3 or delta.shape[1] < 1:
@@ -56,14 +78,36 @@ def _check_inputs(delta, Bm, Cm, u, A, h0, lengths):
         check_tensor("h0", h0)
         if h0.shape != (B, E, N):
             raise InputError(f"h0: expected shape (B, E, N) = {(B, E, N)}, got {tuple(h0.shape)}")
+    if D is not None and check_tensor("D", D).shape != (E,):
+        raise InputError(f"D: expected shape (E,) = ({E},), got {tuple(D.shape)}")
+    if z is not None and check_tensor("z", z).shape != delta.shape:
+        raise InputError(f"z: expected shape (B, T, E) = {(B, T, E)}, got {tuple(z.shape)}")
+    if delta_bias is not None and check_tensor("delta_bias", delta_bias).shape != (E,):
+        raise InputError(f"delta_bias: expected shape (E,) = ({E},), got {tuple(delta_bias.shape)}")
+    if not isinstance(delta_softplus, bool):
+        raise InputError(f"delta_softplus: expected a bool, got {describe(delta_softplus)}")
     return check_lengths(lengths, B, T, delta.device)
 
 
-def selective_scan_step(delta_t, B_t, C_t, u_t, A, h):
-    """One step: ``delta_t``, ``u_t`` (B, E), ``B_t``, ``C_t`` (B, N), ``A`` (E, N), ``h`` (B, E, N)
-    -> ``y_t`` (B, E) and the next ``h``."""
+def _step_sizes(delta, delta_bias, delta_softplus):
+    """The step sizes the recurrence uses: ``delta (+ delta_bias)``, through softplus when asked."""
+    if delta_bias is not None:
+        delta = delta + delta_bias
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _skip_and_gate(y, u, D, z):
+    """``(y + D u) SiLU(z)``, each part only when given; shapes ``(..., E)``."""
+    if D is not None:
+        y = y + D * u
+    return y if z is None else y * F.silu(z)
+
+
+def selective_scan_step(delta_t, B_t, C_t, u_t, A, h, D=None, z_t=None):
+    """One step: ``delta_t``, ``u_t``, ``z_t`` (B, E), ``B_t``, ``C_t`` (B, N), ``A`` (E, N), ``D``
+    (E,), ``h`` (B, E, N) -> ``y_t`` (B, E) and the next ``h``."""
     h = _update(delta_t, B_t, u_t, A, h)
-    return _read(h, C_t), h
+    return _skip_and_gate(_read(h, C_t), u_t, D, z_t), h
 
 
 def _update(delta_t, B_t, u_t, A, h):
@@ -74,26 +118,32 @@ def _read(h, C_t):
     return (h * C_t[:, None, :]).sum(-1)  # (B, E)
 
 
-def selective_scan_recurrent(delta, Bm, Cm, u, A, h0=None, lengths=None):
+def selective_scan_recurrent(delta, Bm, Cm, u, A, h0=None, lengths=None, *, D=None, z=None, delta_bias=None,
+                             delta_softplus=False):
     """The loop that defines the selective scan (see the module docstring).
 
     Args:
         delta: ``(B, T, E)`` step sizes; Bm, Cm: ``(B, T, N)``; u: ``(B, T, E)`` inputs; A: ``(E, N)``;
-        h0: ``(B, E, N)`` initial state, zeros if None; lengths: optional ``(B,)`` ints in ``[1, T]``.
+        h0: ``(B, E, N)`` initial state, zeros if None; lengths: optional ``(B,)`` ints in ``[1, T]``;
+        D: optional ``(E,)`` skip; z: optional ``(B, T, E)`` gate input; delta_bias: optional
+        ``(E,)``; delta_softplus: the step size is ``softplus(delta + delta_bias)``.
 
     Returns:
         ``y`` ``(B, T, E)`` and the final state ``(B, E, N)`` (at each sequence's last valid step).
     """
-    lengths = _check_inputs(delta, Bm, Cm, u, A, h0, lengths)
+    lengths = _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D, z, delta_bias, delta_softplus)
+    delta = _step_sizes(delta, delta_bias, delta_softplus)
     h = h0 if h0 is not None else delta.new_zeros(delta.shape[0], *A.shape)
     ys = []
-    steps = zip(delta.unbind(1), Bm.unbind(1), Cm.unbind(1), u.unbind(1))
-    for t, (delta_t, B_t, C_t, u_t) in enumerate(steps):
+    gates = z.unbind(1) if z is not None else [None] * delta.shape[1]
+    steps = zip(delta.unbind(1), Bm.unbind(1), Cm.unbind(1), u.unbind(1), gates)
+    for t, (delta_t, B_t, C_t, u_t, z_t) in enumerate(steps):
         h = freeze_padding(t, lengths, _update(delta_t, B_t, u_t, A, h), h)
-        ys.append(_read(h, C_t))
+        ys.append(_skip_and_gate(_read(h, C_t), u_t, D, z_t))
     return torch.stack(ys, 1), h
 
 
+# ----------------------------------------------------------------------------------- block forms
 def _scan_block(delta, Bm, Cm, u, h0, A, valid, mode):
     """One block of steps by :func:`linear_scan` in ``mode``; ``valid`` (B, Tb) bool or None."""
     dA = torch.exp(delta[..., None] * A)  # (B, Tb, E, N)
@@ -108,36 +158,12 @@ def _scan_block(delta, Bm, Cm, u, h0, A, valid, mode):
     return y, h[:, -1].clone()
 
 
-def selective_scan(delta, Bm, Cm, u, A, h0=None, *, lengths=None, mode: str = "auto",
-                   steps_per_block: int | None = None):
-    """Mamba's selective scan in the form ``mode`` (see the module docstring).
-
-    Args:
-        delta: ``(B, T, E)`` step sizes (positive); Bm, Cm: ``(B, T, N)`` input and output maps;
-            u: ``(B, T, E)`` inputs; A: ``(E, N)`` state matrix (diagonal per channel);
-            h0: ``(B, E, N)`` initial state, zeros if None; lengths: optional ``(B,)`` in ``[1, T]``.
-        mode: ``"recurrent"`` (the loop, the definition) or a :func:`rnnkit.ops.linear_scan` form:
-            ``"parallel"``, ``"chunk"``, ``"fused"``, ``"auto"`` (the default).
-        steps_per_block: the scan forms run in blocks of this many steps, each recomputed in the
-            backward pass under autograd (None: one block); ignored by ``recurrent``.
-
-    Returns:
-        ``y`` ``(B, T, E)`` with ``y_t = h_t C_t`` and the final state ``(B, E, N)``.
-
-    Raises:
-        InputError: an unknown ``mode``, or bad shapes or lengths.
-
-    Example:
-        >>> y, h = selective_scan(torch.rand(2, 50, 8), torch.randn(2, 50, 4), torch.randn(2, 50, 4),
-        ...                       torch.randn(2, 50, 8), -torch.rand(8, 4))   # y (2, 50, 8), h (2, 8, 4)
-    """
-    check_choice("mode", mode, SELECTIVE_SCAN_MODES)
-    if mode == "recurrent" or is_empty_batch(delta):
-        return selective_scan_recurrent(delta, Bm, Cm, u, A, h0, lengths)
-    lengths = _check_inputs(delta, Bm, Cm, u, A, h0, lengths)
+def scan_blocks(delta, Bm, Cm, u, A, h0, lengths, scan_mode: str, steps_per_block: int | None):
+    """``y`` (B, T, E) before the skip and gate, and the final state, by time blocks of
+    ``steps_per_block`` steps (None: one block) each scanned by :func:`linear_scan` in
+    ``scan_mode`` and recomputed in the backward pass; arguments as :func:`selective_scan`'s,
+    already checked."""
     B, T, _ = delta.shape
-    if steps_per_block is not None:
-        check_positive_int("steps_per_block", steps_per_block)
     block = T if steps_per_block is None else steps_per_block
     h = h0 if h0 is not None else delta.new_zeros(B, *A.shape)
     valid = valid_mask(lengths, T)
@@ -145,7 +171,7 @@ def selective_scan(delta, Bm, Cm, u, A, h0=None, *, lengths=None, mode: str = "a
     ys = []
     for start in range(0, T, block):
         sl = slice(start, start + block)
-        args = (delta[:, sl], Bm[:, sl], Cm[:, sl], u[:, sl], h, A, None if valid is None else valid[:, sl], mode)
+        args = (delta[:, sl], Bm[:, sl], Cm[:, sl], u[:, sl], h, A, None if valid is None else valid[:, sl], scan_mode)
         if recompute:
             # Keep only the block's (B, Tb, E)-sized inputs; rebuild its (B, Tb, E, N) expanded
             # state in the backward pass instead of storing it.
@@ -154,3 +180,141 @@ def selective_scan(delta, Bm, Cm, u, A, h0=None, *, lengths=None, mode: str = "a
             y_b, h = _scan_block(*args)
         ys.append(y_b)
     return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)), h
+
+
+# ----------------------------------------------------------------------------------- fused kernel
+def fused_available() -> bool:
+    """Whether the compiled selective-scan kernel is usable (compiles it on the first call)."""
+    return _native.available()
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """The form ``mode`` runs as on ``device`` (``auto`` resolved; ``fused`` checked).
+
+    Raises:
+        InputError: for an unknown mode, or ``fused`` where the compiled kernel cannot run.
+    """
+    return _native.resolve_fused(mode, SELECTIVE_SCAN_MODES, device, "chunk")
+
+
+def _int64s(*values: int):
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _rows(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` with a contiguous last dim (a copy only when it has not): the kernel takes any strides
+    of the leading dims, e.g. the halves of an ``in_proj`` output or the columns of ``x_proj``'s."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+class _FusedSelectiveScan(torch.autograd.Function):
+    """``(y, h_T)`` of the selective scan by the compiled kernel, all tensors of one dtype in
+    ``CHANNELS_LAST_DTYPES``; the backward recomputes the states from per-chunk checkpoints."""
+
+    @staticmethod
+    def forward(ctx, delta, Bm, Cm, u, A, h0, D, z, delta_bias, lengths, K: int, softplus: bool):
+        lib = _native.library()
+        sfx = CHANNELS_LAST_DTYPES[delta.dtype]
+        delta, Bm, Cm, u, z = (_rows(t) for t in (delta, Bm, Cm, u, z))
+        A, D, h0, delta_bias = (None if t is None else t.contiguous() for t in (A, D, h0, delta_bias))
+        B, T, E = delta.shape
+        N = A.shape[1]
+        lanes = _native.lanes(delta.dtype)
+        parts = _native.channel_parts(B, E, delta.dtype, partial_width=N)
+        dims = (B, T, E, N, K, parts, softplus)
+        strides = [s for t in (delta, u, Bm, Cm, z if z is not None else delta) for s in t.stride()[:2]]
+        y = _workspace.workspace((B, T, E), delta)
+        hT = torch.empty(B, E, N, dtype=delta.dtype)
+        ckpt = torch.empty(B, -(-T // K), N, -(-E // lanes) * lanes, dtype=delta.dtype) if any(ctx.needs_input_grad) else None
+        getattr(lib, f"rnnkit_selective_fwd_{sfx}")(
+            _int64s(*dims), _int64s(*strides), ptr(delta), ptr(u), ptr(Bm), ptr(Cm), ptr(A), ptr(D), ptr(z),
+            ptr(delta_bias), ptr(h0), ptr(lengths), ptr(y), ptr(hT), ptr(ckpt), torch.get_num_threads())
+        if ckpt is not None:
+            ctx.save_for_backward(delta, Bm, Cm, u, A, D, z, delta_bias, lengths, ckpt)
+            ctx.dims, ctx.strides, ctx.has_h0 = dims, strides, h0 is not None
+        return y, hT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, ghT):
+        delta, Bm, Cm, u, A, D, z, delta_bias, lengths, ckpt = ctx.saved_tensors
+        lib = _native.library()
+        sfx = CHANNELS_LAST_DTYPES[delta.dtype]
+        B, T, E, N, _, parts, _ = ctx.dims
+        gy, ghT = gy.contiguous(), ghT.contiguous()
+        need = ctx.needs_input_grad
+        ddelta, du = _workspace.workspace((B, T, E), delta), _workspace.workspace((B, T, E), delta)
+        dz = _workspace.workspace((B, T, E), delta) if z is not None and need[7] else None
+        dBp, dCp = (torch.empty(parts, B, T, N, dtype=delta.dtype) for _ in range(2))
+        dAp = torch.empty(B, E, N, dtype=delta.dtype)
+        dDp = torch.empty(B, E, dtype=delta.dtype) if D is not None else None
+        dh0 = torch.empty(B, E, N, dtype=delta.dtype) if ctx.has_h0 and need[5] else None
+        dbiasp = torch.empty(B, E, dtype=delta.dtype) if delta_bias is not None else None
+        getattr(lib, f"rnnkit_selective_bwd_{sfx}")(
+            _int64s(*ctx.dims), _int64s(*ctx.strides), ptr(delta), ptr(u), ptr(Bm), ptr(Cm), ptr(A), ptr(D),
+            ptr(z), ptr(delta_bias), ptr(lengths), ptr(ckpt), ptr(gy), ptr(ghT), ptr(ddelta), ptr(du), ptr(dBp),
+            ptr(dCp), ptr(dAp), ptr(dDp), ptr(dz), ptr(dh0), ptr(dbiasp), torch.get_num_threads())
+        dB, dC = (t[0] if parts == 1 else t.sum(0) for t in (dBp, dCp))
+        dD, dbias = (None if t is None else t.sum(0) for t in (dDp, dbiasp))
+        return ddelta, dB, dC, du, dAp.sum(0), dh0, dD, dz, dbias, None, None, None
+
+
+def _scan_fused(delta, Bm, Cm, u, A, h0, lengths, D, z, delta_bias, delta_softplus, steps_per_block):
+    """The fused form; inputs of other dtypes than the kernel's are computed in fp32 (or the
+    widest of them) and the results cast back."""
+    tensors = (delta, Bm, Cm, u, A, h0, D, z, delta_bias)
+    dtype, work = _native.work_dtype(*tensors)
+    delta, Bm, Cm, u, A, h0, D, z, delta_bias = (None if t is None else t.to(work) for t in tensors)
+    K = FUSED_CHECKPOINT_STEPS if steps_per_block is None else steps_per_block
+    lengths = None if lengths is None else lengths.contiguous()  # read through a raw pointer
+    y, h = _FusedSelectiveScan.apply(delta, Bm, Cm, u, A, h0, D, z, delta_bias, lengths, K, delta_softplus)
+    return y.to(dtype), h.to(dtype)
+
+
+# ----------------------------------------------------------------------------------- public entry
+def selective_scan(delta, Bm, Cm, u, A, h0=None, *, D=None, z=None, delta_bias=None, delta_softplus: bool = False,
+                   lengths=None, mode: str = "auto", steps_per_block: int | None = None):
+    """Mamba's selective scan in the form ``mode`` (see the module docstring).
+
+    Args:
+        delta: ``(B, T, E)`` step sizes (positive); Bm, Cm: ``(B, T, N)`` input and output maps;
+            u: ``(B, T, E)`` inputs; A: ``(E, N)`` state matrix (diagonal per channel);
+            h0: ``(B, E, N)`` initial state, zeros if None; D: optional ``(E,)`` skip weights;
+            z: optional ``(B, T, E)`` gate input (the output is multiplied by ``SiLU(z)``);
+            delta_bias: optional ``(E,)`` added to ``delta``; delta_softplus: the step size is
+            ``softplus(delta + delta_bias)`` (Mamba's); lengths: optional ``(B,)`` in ``[1, T]``.
+        mode: ``"recurrent"`` (the loop, the definition), ``"parallel"``, ``"chunk"`` (time blocks
+            scanned by that :func:`rnnkit.ops.linear_scan` form), ``"fused"`` (the compiled
+            kernel) or ``"auto"`` (the default).
+        steps_per_block: the block forms run in blocks of this many steps, each recomputed in the
+            backward pass under autograd (None: one block); the fused form saves its state every
+            this many steps for its backward (None: 64); ignored by ``recurrent``.
+
+    Returns:
+        ``y`` ``(B, T, E)`` with ``y_t = (h_t C_t + D u_t) SiLU(z_t)`` and the final state ``(B, E, N)``.
+
+    Raises:
+        InputError: an unknown ``mode``, ``"fused"`` where the compiled kernel is unavailable or
+            off the CPU, or bad shapes or lengths.
+
+    Example:
+        >>> y, h = selective_scan(torch.rand(2, 50, 8), torch.randn(2, 50, 4), torch.randn(2, 50, 4),
+        ...                       torch.randn(2, 50, 8), -torch.rand(8, 4))   # y (2, 50, 8), h (2, 8, 4)
+    """
+    check_choice("mode", mode, SELECTIVE_SCAN_MODES)
+    extras = {"D": D, "z": z, "delta_bias": delta_bias, "delta_softplus": delta_softplus}
+    if mode == "recurrent" or is_empty_batch(delta):
+        return selective_scan_recurrent(delta, Bm, Cm, u, A, h0, lengths, **extras)
+    lengths = _check_inputs(delta, Bm, Cm, u, A, h0, lengths, **extras)
+    if steps_per_block is not None:
+        check_positive_int("steps_per_block", steps_per_block)
+    mode = resolve_mode(mode, delta.device)
+    if mode == "fused":
+        return _scan_fused(delta, Bm, Cm, u, A, h0, lengths, D, z, delta_bias, delta_softplus, steps_per_block)
+    y, h = scan_blocks(_step_sizes(delta, delta_bias, delta_softplus), Bm, Cm, u, A, h0, lengths, mode,
+                       steps_per_block)
+    return _skip_and_gate(y, u, D, z), h
+
+
+__all__ = ["FUSED_CHECKPOINT_STEPS", "SELECTIVE_SCAN_MODES", "fused_available", "resolve_mode", "scan_blocks",
+           "selective_scan", "selective_scan_recurrent", "selective_scan_step"]
