@@ -20,6 +20,13 @@ class InputError(ValueError):
     """
 
 
+class ExportError(InputError):
+    """A model, layer or mode that an export format cannot express (:mod:`rnnkit.models.export`).
+
+    The message names what was asked for (program, format, layer) and why it cannot be written.
+    """
+
+
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN or infinite during training."""
 
