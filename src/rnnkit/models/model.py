@@ -257,7 +257,7 @@ class SequenceModel(nn.Module):
                 want = "(B,)" if per_step else "(B, T)"
                 raise InputError(f"{name}: expected integer token ids of shape {want}, got {describe(inputs)}")
             # torch.export traces without values (rnnkit.models.export), so the range is not read there.
-            checked = inputs.numel() and not torch.compiler.is_exporting()
+            checked = not torch.compiler.is_exporting() and inputs.numel()
             if checked and (int(inputs.min()) < 0 or int(inputs.max()) >= self.config.vocab_size):
                 raise InputError(
                     f"{name}: expected token ids in [0, {self.config.vocab_size}), "
