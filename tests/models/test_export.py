@@ -3,9 +3,9 @@ several steps) as ``torch.export`` programs (loaded with ``torch.export.load``) 
 by onnxruntime), at the fp32 tolerance (1e-5); the manifest; ``rnnkit export`` end to end; clear
 errors for what cannot be exported; and docs/layers.md's export table, derived here layer by layer.
 
-Exporting is slow (tracing, ONNX conversion), so a default run exports two layers (a stacked LSTM,
-whose state is a tuple of named tuples, and the complex-valued LRU) and the CLI's GRU; ``-m slow``
-exports every registered layer.
+Exporting is slow (tracing, ONNX conversion), so a default run exports two layers (an LSTM, whose
+state is a tuple of named tuples, and S4D, a complex-valued SSM that steps in real arithmetic) and
+the CLI's minGRU; ``-m slow`` exports every registered layer.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ SEQ_LEN = 6  # T of the exported forward programs
 BATCH = 3  # the batch the programs run on: not the one they were traced with
 STEPS = 4  # steps carried after the forward's final state
 VOCAB = 7
-DEFAULT_LAYERS = ("lstm", "lru")
+DEFAULT_LAYERS = ("lstm", "s4d")
 
 
 def model_for(name: str) -> SequenceModel:
@@ -272,7 +272,7 @@ def test_export_leaves_the_model_as_it_was(tmp_path: Path) -> None:
 def test_cli_exports_a_trained_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run, out = tmp_path / "run", tmp_path / "exported"
     train = ["train", "--task", "copy", "--task-opt", "n_symbols=2", "--task-opt", "delay=3", "--task-opt",
-             "eval_examples=4", "--model", "gru", "--d-model", "4", "--steps", "2", "--batch-size", "2",
+             "eval_examples=4", "--model", "mingru", "--d-model", "4", "--steps", "2", "--batch-size", "2",
              "--no-progress", "--out", str(run)]
     assert main(train) == 0
     capsys.readouterr()
