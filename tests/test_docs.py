@@ -112,8 +112,8 @@ def test_rnnkit_commands_finds_commands() -> None:
 WRAPPED = ("those of the wrapped layer",)
 
 
-def readme_layer_table() -> dict[str, tuple[str, ...]]:
-    """``name -> modes`` from the README's table of layers (the rows whose first cell is a `name`)."""
+def readme_layer_column(column: str) -> dict[str, str]:
+    """``name -> cell`` of one column of the README's table of layers (the rows whose first cell is a `name`)."""
     text = (ROOT / "README.md").read_text()
     header = next(line for line in text.splitlines() if line.startswith("| layer |"))
     columns = [c.strip() for c in header.strip("|").split("|")]
@@ -121,8 +121,13 @@ def readme_layer_table() -> dict[str, tuple[str, ...]]:
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| `") and len(cells) == len(columns):
-            rows[cells[0].strip("`")] = tuple(m.strip() for m in cells[columns.index("modes")].split(","))
+            rows[cells[0].strip("`")] = cells[columns.index(column)]
     return rows
+
+
+def readme_layer_table() -> dict[str, tuple[str, ...]]:
+    """``name -> modes`` from the README's table of layers."""
+    return {name: tuple(m.strip() for m in cell.split(",")) for name, cell in readme_layer_column("modes").items()}
 
 
 def test_readme_layer_table_matches_the_registry() -> None:

@@ -1,4 +1,4 @@
-"""``rnnkit`` command line: train, eval, generate, predict, list.
+"""``rnnkit`` command line: train, eval, generate, predict, list, export.
 
 Examples::
 
@@ -11,6 +11,7 @@ Examples::
     rnnkit train --task sequences --task-opt path=data.csv --task-opt label=y --out runs/mine
     rnnkit predict --checkpoint runs/mine --input new.csv --out predictions.csv
     rnnkit list
+    rnnkit export --checkpoint runs/shakespeare-lstm --out exported --format both
     rnnkit bench tasks --models lstm,gru --tasks mqar,parity --budget small --seeds 3 --out RESULTS.jsonl
     rnnkit report RESULTS.jsonl --out report
 """
@@ -162,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="cpu")
 
     sub.add_parser("list", help="registered layers (with modes) and tasks")
+
+    exp = sub.add_parser("export", help="write a checkpoint's model as torch.export (.pt2) and/or ONNX programs")
+    exp.add_argument("--checkpoint", required=True, help="directory written by `rnnkit train`")
+    exp.add_argument("--out", required=True, help="directory for the programs and manifest.json")
+    exp.add_argument("--format", choices=["pt2", "onnx", "both"], default="pt2")
+    exp.add_argument("--what", choices=["forward", "step", "both"],
+                     help="forward: whole sequences of --seq-len steps; step: one step with the state in and out "
+                          "(default: both for a causal next-token model, else forward)")
+    exp.add_argument("--seq-len", type=int, help="T of the exported forward (default: the training sequence length)")
 
     from rnnkit.bench.commands import add_parsers as add_bench_parsers
 
@@ -479,6 +489,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from rnnkit.models.export import export_model
+
+    model, task, info = _load_checkpoint(args.checkpoint)
+    steppable = model.config.head == "lm" and model.body.causal
+    what = args.what or ("both" if steppable else "forward")
+    seq_len = args.seq_len or info["train"].get("seq_len") or task.default_seq_len
+    manifest = export_model(model, args.out, format=args.format, what=what, seq_len=seq_len)
+    for name, artefact in manifest["artefacts"].items():
+        mode = f" (mode {artefact['mode']}, T = {artefact['seq_len']})" if artefact["what"] == "forward" else ""
+        print(f"{Path(args.out) / name}{mode}")
+    print(f"{Path(args.out) / 'manifest.json'}: inputs, outputs and the state's layout")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -489,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rnnkit.bench.commands import cmd_bench, cmd_report
 
     commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "predict": cmd_predict, "list": cmd_list,
-                "bench": cmd_bench, "report": cmd_report}
+                "bench": cmd_bench, "report": cmd_report, "export": cmd_export}
     try:
         return commands[args.command](args)
     except (InputError, NonFiniteError) as error:

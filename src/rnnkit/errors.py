@@ -20,6 +20,13 @@ class InputError(ValueError):
     """
 
 
+class ExportError(InputError):
+    """A model, layer or mode that an export format cannot express (:mod:`rnnkit.models.export`).
+
+    The message names what was asked for (program, format, layer) and why it cannot be written.
+    """
+
+
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN or infinite during training."""
 
@@ -119,7 +126,9 @@ def check_lengths(
         raise InputError(
             f"lengths: expected shape (B,) = ({batch_size},), got {tuple(lengths.shape)}"
         )
-    if batch_size > 0:
+    # ``torch.export`` traces without values: reading them would fail the trace, so an exported
+    # program takes the lengths as given (its manifest states the range it expects).
+    if batch_size > 0 and not torch.compiler.is_exporting():
         low, high = int(lengths.min()), int(lengths.max())
         if low < 1 or high > max_len:
             raise InputError(
@@ -135,8 +144,11 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
 
 
 def check_positive_int(name: str, value: object, minimum: int = 1) -> None:
-    """Raise InputError unless ``value`` is an int >= ``minimum`` (bools are rejected)."""
-    if not isinstance(value, int) or isinstance(value, bool):
+    """Raise InputError unless ``value`` is an int >= ``minimum`` (bools are rejected).
+
+    A ``torch.SymInt`` (a size that ``torch.export`` or ``torch.compile`` keeps symbolic) counts as an int.
+    """
+    if not isinstance(value, (int, torch.SymInt)) or isinstance(value, bool):
         raise InputError(f"{name}: expected an int >= {minimum}, got {describe(value)}")
     if value < minimum:
         raise InputError(f"{name}: expected an int >= {minimum}, got {value}")

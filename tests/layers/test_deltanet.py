@@ -61,7 +61,7 @@ def test_gated_deltanet_gate_init():
     assert ((A >= 1) & (A <= 16)).all()
     assert ((dt >= 0.01 - 1e-6) & (dt <= 0.05 + 1e-6)).all()
     log_decay = layer._log_decay(torch.randn(2, 5, 16))
-    assert log_decay.shape == (2, 5, 8) and (log_decay < 0).all()
+    assert log_decay.shape == (2, 8, 5) and (log_decay < 0).all()  # (B, H, T)
     assert layer.value_dim == 2 * layer.head_dim  # expand_v = 2 by default
 
 

@@ -118,7 +118,7 @@ class DeltaRuleLayer(MultiHeadRecurrence):
         return 2.0 * beta if self.config.allow_neg_eigval else beta
 
     def _log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``(B, T, H)`` log decay per head, or None for no decay (DeltaNet)."""
+        """``(B, H, T)`` log decay per head for ``x`` (B, T, D), or None for no decay (DeltaNet)."""
         return None
 
     def _init_state(self, batch_size, device, dtype):
@@ -138,9 +138,7 @@ class DeltaRuleLayer(MultiHeadRecurrence):
         k = F.normalize(split_heads(k, H), dim=-1)  # (B, H, T, K): unit keys keep |1 - beta| <= 1
         v = split_heads(v, H)  # (B, H, T, V)
         beta = self.beta(x)  # (B, H, T)
-        log_decay = self._log_decay(x)
-        if log_decay is not None:
-            log_decay = log_decay.transpose(1, 2)  # (B, H, T)
+        log_decay = self._log_decay(x)  # (B, H, T) or None
         o, S = delta_rule(q, k, v, beta, log_decay, S0, lengths, mode=mode, chunk_size=self.config.chunk_size)
         gate = self.gate_proj(x) if self.gate_proj is not None else None
         return self.out_proj(self.norm(merge_heads(o), gate)), S if history is None else ConvState(S, history)

@@ -89,4 +89,7 @@ class GatedDeltaNet(DeltaRuleLayer):
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def _log_decay(self, x):
-        return -self.A_log.exp() * F.softplus(self.decay_proj(x) + self.dt_bias)  # (..., H), <= 0
+        # Heads first, in a contiguous tensor, before the softplus: its backward on a transposed
+        # gradient breaks torch.compile's AOTAutograd (a stride its meta function does not predict).
+        z = (self.decay_proj(x) + self.dt_bias).transpose(1, 2).contiguous()  # (B, H, T)
+        return -self.A_log.exp()[:, None] * F.softplus(z)  # (B, H, T), <= 0

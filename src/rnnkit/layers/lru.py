@@ -38,9 +38,16 @@ class LRUConfig:
         check_float("max_phase", self.max_phase, 0.0, 2 * math.pi, open_low=True)
 
 
+def lru_lambda_parts(nu_log: torch.Tensor, theta_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real and imaginary parts (N,) of ``lambda = exp(-exp(nu_log) + i exp(theta_log))``,
+    ``|lambda| (cos, sin)(arg lambda)``."""
+    modulus, phase = torch.exp(-torch.exp(nu_log)), torch.exp(theta_log)
+    return modulus * torch.cos(phase), modulus * torch.sin(phase)
+
+
 def lru_lambda(nu_log: torch.Tensor, theta_log: torch.Tensor) -> torch.Tensor:
     """``lambda = exp(-exp(nu_log) + i exp(theta_log))`` (N,) complex (paper eq. 6)."""
-    return torch.exp(torch.complex(-torch.exp(nu_log), torch.exp(theta_log)))
+    return torch.complex(*lru_lambda_parts(nu_log, theta_log))
 
 
 @register(
@@ -115,21 +122,31 @@ class LRU(DiagonalRecurrence):
     def _init_state(self, batch_size, device, dtype):
         return torch.zeros(batch_size, self.config.d_state, 2, device=device, dtype=dtype)
 
+    def _input_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real and imaginary parts of ``gamma * (B x)``: x (..., H) real -> two (..., N)."""
+        gamma = torch.exp(self.gamma_log)
+        return x @ self.B_re.T * gamma, x @ self.B_im.T * gamma
+
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         """``gamma * (B x)``: x (..., H) real -> (..., N) complex."""
-        gamma = torch.exp(self.gamma_log)
-        return torch.complex(x @ self.B_re.T * gamma, x @ self.B_im.T * gamma)
+        return torch.complex(*self._input_parts(x))
 
-    def _readout(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``Re(C h) + D x``: h (..., N) complex, x (..., H) -> (..., H)."""
-        return h.real @ self.C_re.T - h.imag @ self.C_im.T + self.D * x
+    def _readout(self, h_re: torch.Tensor, h_im: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``Re(C h) + D x``: the parts of h (..., N), x (..., H) -> (..., H)."""
+        return h_re @ self.C_re.T - h_im @ self.C_im.T + self.D * x
 
     def _step(self, x_t, state):
-        h = lru_lambda(self.nu_log, self.theta_log) * to_complex(state) + self._input(x_t)  # (B, N)
-        return self._readout(h, x_t), to_real(h)
+        # The complex product written out on (real, imaginary) parts: the same arithmetic, in ops
+        # that every export target has (ONNX has no complex tensors).
+        lam_re, lam_im = lru_lambda_parts(self.nu_log, self.theta_log)  # (N,)
+        s_re, s_im = state.unbind(-1)  # (B, N)
+        u_re, u_im = self._input_parts(x_t)
+        h_re = lam_re * s_re - lam_im * s_im + u_re
+        h_im = lam_re * s_im + lam_im * s_re + u_im
+        return self._readout(h_re, h_im, x_t), torch.stack([h_re, h_im], -1)
 
     def _scan_forward(self, x, state, lengths, mode):
         b = self._input(x)  # (B, T, N) complex
         a = lru_lambda(self.nu_log, self.theta_log).expand_as(b)  # (B, T, N)
         h = scan(a, b, to_complex(state), lengths, mode)  # (B, T, N)
-        return self._readout(h, x), to_real(h[:, -1])
+        return self._readout(h.real, h.imag, x), to_real(h[:, -1])

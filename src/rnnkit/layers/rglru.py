@@ -117,7 +117,9 @@ class RGLRU(DiagonalRecurrence):
         xh = x.unflatten(-1, (H, -1))  # (..., H, Dh)
         gates = torch.einsum("...hi,ghoi->g...ho", xh, self.gate_weight).flatten(-2)  # (2, ..., D)
         bias = self.gate_bias.view(2, *([1] * (x.dim() - 1)), -1)
-        r, i = torch.sigmoid(gates + bias).unbind(0)  # (..., D) each
+        # Indexed, not unbound: inductor's backward of unbind here drops part of x's gradient.
+        rates = torch.sigmoid(gates + bias)
+        r, i = rates[0], rates[1]  # (..., D) each
         log_a = -self.config.c * r * F.softplus(-self.Lambda)  # log sigma(Lambda)^(c r)
         return torch.exp(log_a), torch.sqrt(-torch.expm1(2 * log_a)) * (i * x)
 

@@ -124,21 +124,38 @@ class S4D(DiagonalRecurrence):
     def _init_state(self, batch_size, device, dtype):
         return torch.zeros(batch_size, self.config.d_model, self.config.d_state // 2, 2, device=device, dtype=dtype)
 
+    def discretise_parts(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """:meth:`discretise` as (real, imaginary) pairs, in real arithmetic (which every export
+        target has; ONNX has no complex tensors): ``exp(a + ib) = e^a (cos b, sin b)``,
+        ``expm1(a + ib) = (expm1(a) cos b - 2 sin^2(b / 2), e^a sin b)`` (exact near 0) and the
+        complex quotient by ``A`` over ``|A|^2``."""
+        A_re, A_im = -torch.exp(self.log_A_real), self.A_imag  # (H, M)
+        dt = torch.exp(self.log_dt)[:, None]  # (H, 1)
+        a, b = dt * A_re, dt * A_im  # dt A
+        e, cos, sin = torch.exp(a), torch.cos(b), torch.sin(b)
+        dA = (e * cos, e * sin)
+        half = torch.sin(b / 2)
+        m_re, m_im = torch.expm1(a) * cos - 2 * half * half, e * sin  # expm1(dt A)
+        norm = A_re * A_re + A_im * A_im
+        dB = ((m_re * A_re + m_im * A_im) / norm, (m_im * A_re - m_re * A_im) / norm)
+        return (a, b), dA, dB
+
     def discretise(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ZOH: ``dt A`` (H, M), ``dA = exp(dt A)`` (H, M) and ``dB = (dA - 1) / A`` (H, M), complex."""
-        A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)  # (H, M)
-        dtA = torch.exp(self.log_dt)[:, None] * A  # (H, M)
-        dA = torch.exp(dtA)
-        return dtA, dA, torch.expm1(dtA) / A
+        return tuple(torch.complex(*parts) for parts in self.discretise_parts())
 
     def _C(self) -> torch.Tensor:
         return torch.complex(self.C_re, self.C_im)  # (H, M)
 
     def _step(self, x_t, state):
-        _, dA, dB = self.discretise()
-        s = dA * to_complex(state) + dB * x_t[..., None]  # (B, H, M)
-        y_t = 2 * (self._C() * s).sum(-1).real + self.D * x_t  # (B, H)
-        return y_t, to_real(s)
+        # The complex products written out on (real, imaginary) parts, like discretise_parts.
+        _, (dA_re, dA_im), (dB_re, dB_im) = self.discretise_parts()  # (H, M) each
+        s_re, s_im = state.unbind(-1)  # (B, H, M)
+        u = x_t[..., None]  # (B, H, 1)
+        new_re = dA_re * s_re - dA_im * s_im + dB_re * u
+        new_im = dA_re * s_im + dA_im * s_re + dB_im * u
+        y_t = 2 * (self.C_re * new_re - self.C_im * new_im).sum(-1) + self.D * x_t  # (B, H)
+        return y_t, torch.stack([new_re, new_im], -1)
 
     def _scan_forward(self, x, state, lengths, mode):
         if mode == "conv":

@@ -42,15 +42,20 @@ def save_model(model: torch.nn.Module, config: dict[str, Any], out_dir: str | os
     return out_dir
 
 
-def read_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` of a saved model directory."""
-    path = Path(directory) / CONFIG_NAME
+def read_json(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """The JSON in ``path``; a missing or malformed file is an :class:`InputError` naming ``what``."""
+    path = Path(path)
     if not path.is_file():
-        raise InputError(f"checkpoint: expected {path} to exist, got no such file")
+        raise InputError(f"{what}: expected {path} to exist, got no such file")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise InputError(f"checkpoint: expected valid JSON in {path}, got {error}") from None
+        raise InputError(f"{what}: expected valid JSON in {path}, got {error}") from None
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a saved model directory."""
+    return read_json(Path(directory) / CONFIG_NAME)
 
 
 def read_weights(model: torch.nn.Module, directory: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -243,6 +243,17 @@ class SequenceModel(nn.Module):
         load_weights(model, directory, device="cpu")
         return model.to(device)
 
+    def export(self, out_dir, *, format="pt2", what="both", seq_len: int | None = None) -> dict[str, Any]:
+        """Write this model's ``forward`` and/or ``step`` as ``torch.export`` programs (``.pt2``) and/or
+        ONNX files, with ``manifest.json``; see :func:`rnnkit.models.export.export_model`.
+
+        Example:
+            >>> model.export("out", format="both", what="both", seq_len=128)
+        """
+        from rnnkit.models.export import export_model
+
+        return export_model(self, out_dir, format=format, what=what, seq_len=seq_len)
+
     # ------------------------------------------------------------------ contract
     def init_state(self, batch_size: int, *, device=None, dtype=None):
         """The body's initial state for ``batch_size`` sequences."""
@@ -258,7 +269,9 @@ class SequenceModel(nn.Module):
             if inputs.dim() != (1 if per_step else 2) or inputs.dtype not in (torch.int64, torch.int32):
                 want = "(B,)" if per_step else "(B, T)"
                 raise InputError(f"{name}: expected integer token ids of shape {want}, got {describe(inputs)}")
-            if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self.config.vocab_size):
+            # torch.export traces without values (rnnkit.models.export), so the range is not read there.
+            checked = not torch.compiler.is_exporting() and inputs.numel()
+            if checked and (int(inputs.min()) < 0 or int(inputs.max()) >= self.config.vocab_size):
                 raise InputError(
                     f"{name}: expected token ids in [0, {self.config.vocab_size}), "
                     f"got min {int(inputs.min())}, max {int(inputs.max())}"

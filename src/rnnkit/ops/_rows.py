@@ -96,7 +96,9 @@ def row_pass(
         raise ValueError("out: given with write=False, which stores nothing")
     if write and out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    lib = _native.library() if x.device.type == "cpu" and x.dtype in ROW_DTYPES else None
+    # torch.compile cannot trace into the compiled pass (a graph break); it traces the same pass in torch ops.
+    native = x.device.type == "cpu" and x.dtype in ROW_DTYPES and not torch.compiler.is_compiling()
+    lib = _native.library() if native else None
     x_strides = _rows_view(x, D)
     # per-row and per-chunk operands are small (1/D of x): made contiguous; full-size ones must be
     a, vec, weights = (None if t is None else t.contiguous() for t in (a, vec, weights))

@@ -155,6 +155,19 @@ class BufferPool:
 POOL = BufferPool()
 
 
+def into(op, *args, out: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``op(*args, out=out, **kwargs)``: a kernel's write into its preallocated buffer (often a
+    strided slice of it). While ``torch.compile`` traces, which takes no ``out=`` into a strided
+    tensor (a graph break), the same result is computed and then copied into ``out``.
+
+    Example:
+        >>> into(torch.addcmul, b, a, prev, out=h[:, :, j])    # h[:, :, j] = b + a * prev
+    """
+    if torch.compiler.is_compiling():
+        return out.copy_(op(*args, **kwargs))
+    return op(*args, out=out, **kwargs)
+
+
 def workspace(shape, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised contiguous tensor of ``shape`` in ``like``'s dtype and device, from
     :data:`POOL` on the CPU."""

@@ -53,6 +53,7 @@ from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_choice, check_lengths, check_tensor
 from rnnkit.ops._forms import is_empty_batch
+from rnnkit.ops._workspace import into
 from rnnkit.ops.padding import freeze_padding, valid_mask
 
 #: Forms the classic entries run, ``recurrent`` (the definition) first.
@@ -218,7 +219,7 @@ def _gru_loop(xp, h0, w_hh, b_hh, mask, save: bool):
         a[..., : 2 * H] = xp[..., : 2 * H]
         a[..., 2 * H :] = 0
     else:
-        torch.add(xp[..., : 2 * H], b_hh[: 2 * H], out=a[..., : 2 * H])
+        into(torch.add, xp[..., : 2 * H], b_hh[: 2 * H], out=a[..., : 2 * H])
         a[..., 2 * H :] = b_hh[2 * H :]
     if mask is not None:
         # z = sigmoid(+inf) = 1 exactly, and lerp(n, h, 1) == h exactly (lerp computes
@@ -253,10 +254,10 @@ def _gru_coefficients(k, a, n, h_prev) -> None:
     r, z, hn = a[..., :H], a[..., H : 2 * H], a[..., 2 * H :]
     kr, kz, khn = k.unbind(2)
     # x - x y == x (1 - y): written in place, without a temporary
-    torch.addcmul(n.new_ones(()), n, n, value=-1, out=khn)
+    into(torch.addcmul, n.new_ones(()), n, n, value=-1, out=khn)
     khn.addcmul_(khn, z, value=-1).mul_(r)
-    torch.mul(khn, hn, out=kr).addcmul_(kr, r, value=-1)
-    torch.sub(h_prev, n, out=kz).mul_(z).addcmul_(kz, z, value=-1)
+    into(torch.mul, khn, hn, out=kr).addcmul_(kr, r, value=-1)
+    into(torch.sub, h_prev, n, out=kz).mul_(z).addcmul_(kz, z, value=-1)
 
 
 class _GRUSequence(torch.autograd.Function):
@@ -302,7 +303,7 @@ class _GRUSequence(torch.autograd.Function):
         # n's input half is not gated by r: its gradient is dh kn, written over d hn, which only
         # the weight gradients above needed.
         dn = g[..., 2 * H :]
-        torch.addcmul(ns.new_ones(()), ns, ns, value=-1, out=dn)
+        into(torch.addcmul, ns.new_ones(()), ns, ns, value=-1, out=dn)
         dn.addcmul_(dn, z, value=-1).mul_(dhs)
         return g, dh0, dw_hh, db_hh, None
 

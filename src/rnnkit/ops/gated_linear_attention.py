@@ -56,7 +56,7 @@ from rnnkit.ops._chunk_math import (
     suffix_sum,
 )
 from rnnkit.ops._forms import run_form
-from rnnkit.ops._workspace import workspace, workspace_like
+from rnnkit.ops._workspace import into, workspace, workspace_like
 from rnnkit.ops.padding import valid_mask, zero_padding
 
 #: Default chunk size: large enough for efficient batched matmuls, small enough that the (C, C)
@@ -309,9 +309,9 @@ class _ChunkwiseGLA(torch.autograd.Function):
         S_start[:, 0] = S0
         for n in range(N - 1):
             if decay is None:
-                torch.add(U[:, n], S_start[:, n], out=S_start[:, n + 1])
+                into(torch.add, U[:, n], S_start[:, n], out=S_start[:, n + 1])
             else:
-                torch.addcmul(U[:, n], decay[:, n], S_start[:, n], out=S_start[:, n + 1])
+                into(torch.addcmul, U[:, n], decay[:, n], S_start[:, n], out=S_start[:, n + 1])
         S = U[:, -1] + S_start[:, -1] if decay is None else torch.addcmul(U[:, -1], decay[:, -1], S_start[:, -1])
         del U
         scores = mm(qf, kf.transpose(-1, -2))  # (G, N, C, C)
@@ -350,9 +350,9 @@ class _ChunkwiseGLA(torch.autograd.Function):
             dU[:, -1] = dS_final
         for n in range(N - 1, 0, -1):
             if decay is None:
-                torch.add(dS_start[:, n], dU[:, n], out=dU[:, n - 1])
+                into(torch.add, dS_start[:, n], dU[:, n], out=dU[:, n - 1])
             else:
-                torch.addcmul(dS_start[:, n], decay[:, n], dU[:, n], out=dU[:, n - 1])
+                into(torch.addcmul, dS_start[:, n], decay[:, n], dU[:, n], out=dU[:, n - 1])
         dS0 = dS_start[:, 0] + dU[:, 0] if decay is None else torch.addcmul(dS_start[:, 0], decay[:, 0], dU[:, 0])
         del dS_start
         dscores = mm(dyc, v.transpose(-1, -2))  # (G, N, C, C)
@@ -389,8 +389,8 @@ class _ChunkwiseGLA(torch.autograd.Function):
                 db = db.sum(-1, keepdim=True)
             # the end-of-chunk states S_{n+1}: S_start shifted by one, then the final state
             prod = workspace_like(dU)
-            torch.mul(dU[:, :-1], S_start[:, 1:], out=prod[:, :-1])
-            torch.mul(dU[:, -1], S_final, out=prod[:, -1])
+            into(torch.mul, dU[:, :-1], S_start[:, 1:], out=prod[:, :-1])
+            into(torch.mul, dU[:, -1], S_final, out=prod[:, -1])
             db_last = prod.sum(-1)
             del prod
             db_last = db_last.sum(-1, keepdim=True) if g.shape[-1] == 1 else db_last  # (G, N, Kg)

@@ -45,7 +45,7 @@ from rnnkit.errors import InputError, check_lengths, check_positive_int, check_t
 from rnnkit.ops._chunk_math import addmm_, causal_float, common_dtype, decay_matrix_log, mm, pad_time, suffix_sum
 from rnnkit.ops._forms import run_form
 from rnnkit.ops._rows import row_pass
-from rnnkit.ops._workspace import workspace, workspace_like
+from rnnkit.ops._workspace import into, workspace, workspace_like
 from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK
 from rnnkit.ops.padding import valid_mask, zero_padding
 
@@ -320,8 +320,8 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         n_start[:, 0] = n0
         a4, a3 = alpha[..., None, None], alpha[..., None]
         for n in range(N - 1):
-            torch.addcmul(U[:, n], a4[:, n], S_start[:, n], out=S_start[:, n + 1])
-            torch.addcmul(u[:, n], a3[:, n], n_start[:, n], out=n_start[:, n + 1])
+            into(torch.addcmul, U[:, n], a4[:, n], S_start[:, n], out=S_start[:, n + 1])
+            into(torch.addcmul, u[:, n], a3[:, n], n_start[:, n], out=n_start[:, n + 1])
         S = torch.addcmul(U[:, -1], a4[:, -1], S_start[:, -1])
         n_fin = torch.addcmul(u[:, -1], a3[:, -1], n_start[:, -1])
         del U
@@ -404,8 +404,8 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             S_next = S_fin if n == N - 1 else S_start[:, n + 1]
             torch.sum(torch.mul(dU[:, n], S_next, out=prod).view(G, -1), -1, out=d_end[n])
             if n:
-                torch.addcmul(dS_start[:, n], a4[:, n], dU[:, n], out=dU[:, n - 1])
-                torch.addcmul(dn_start[:, n], a3[:, n], du[:, n], out=du[:, n - 1])
+                into(torch.addcmul, dS_start[:, n], a4[:, n], dU[:, n], out=dU[:, n - 1])
+                into(torch.addcmul, dn_start[:, n], a3[:, n], du[:, n], out=du[:, n - 1])
         dS0 = torch.addcmul(dS_start[:, 0], a4[:, 0], dU[:, 0])
         dn0 = torch.addcmul(dn_start[:, 0], a3[:, 0], du[:, 0])
         del dS_start

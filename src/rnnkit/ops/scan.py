@@ -15,7 +15,8 @@ The recurrence behind minGRU, minLSTM, LRU, S4D, RG-LRU and Mamba. One public en
   whatever ``T`` (no ``log T`` levels), work is the loop's.
 - ``fused``: a compiled CPU kernel (:mod:`rnnkit.ops._native`) that reads ``a`` and ``b`` once and
   writes ``h`` once; available when a C++ compiler is (else ``mode="fused"`` raises).
-- ``auto``: ``fused`` on the CPU when it is available for the dtype, ``chunk`` otherwise.
+- ``auto``: ``fused`` on the CPU when it is available for the dtype, ``chunk`` otherwise (and
+  while ``torch.compile`` traces, which cannot see into the compiled kernel).
 
 Every form except ``recurrent`` runs under one custom autograd function whose backward is itself a
 reverse linear scan (in the same form), not autograd through an unrolled graph:
@@ -38,6 +39,7 @@ from rnnkit.errors import InputError, check_choice, check_lengths, check_positiv
 from rnnkit.ops import _native, _workspace
 from rnnkit.ops._forms import is_empty_batch
 from rnnkit.ops._native import SCAN_DTYPES, ptr
+from rnnkit.ops._workspace import into
 from rnnkit.ops.padding import freeze_padding, valid_mask
 
 #: Forms :func:`linear_scan` accepts, ``recurrent`` (the definition) first.
@@ -170,8 +172,7 @@ def _scan_chunk(a, b, h0, chunk_size):
     h4 = torch.empty_like(b4)  # (B, n, C, S)
     prev = start
     for j in range(C):
-        torch.addcmul(b4[:, :, j], a4[:, :, j], prev, out=h4[:, :, j])
-        prev = h4[:, :, j]
+        prev = into(torch.addcmul, b4[:, :, j], a4[:, :, j], prev, out=h4[:, :, j])
     h = h4.view(B, n * C, S)
     return h[:, :T] if pad else h
 
@@ -297,7 +298,9 @@ def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype) -> str:
     """
     check_choice("mode", mode, LINEAR_SCAN_MODES)
     if mode == "auto":
-        return "fused" if device.type == "cpu" and fused_available(dtype) else "chunk"
+        # torch.compile cannot trace the compiled kernel (a ctypes call, a graph break), but it traces chunk.
+        fused = device.type == "cpu" and fused_available(dtype) and not torch.compiler.is_compiling()
+        return "fused" if fused else "chunk"
     if mode == "fused":
         if device.type != "cpu":
             raise InputError(f"mode: 'fused' is a CPU kernel; expected CPU tensors, got {device} (use mode='auto')")
