@@ -232,14 +232,17 @@ def work_dtype(*tensors: torch.Tensor | None) -> tuple[torch.dtype, torch.dtype]
 
 def resolve_fused(mode: str, modes: tuple[str, ...], device: torch.device, fallback: str) -> str:
     """The form an op entry with a compiled ``fused`` form runs ``mode`` as: ``auto`` is ``fused``
-    on the CPU where the library is available, else ``fallback``; ``fused`` is checked.
+    on the CPU where the library is available (and not while ``torch.compile`` or ``torch.export``
+    traces), else ``fallback``; ``fused`` is checked.
 
     Raises:
         InputError: ``mode`` is not in ``modes``, or ``fused`` off the CPU or without the library.
     """
     check_choice("mode", mode, modes)
     if mode == "auto":
-        return "fused" if device.type == "cpu" and available() else fallback
+        # torch.compile and torch.export cannot trace into a ctypes call: they get the PyTorch form.
+        traceable = torch.compiler.is_compiling()
+        return "fused" if device.type == "cpu" and available() and not traceable else fallback
     if mode == "fused":
         if device.type != "cpu":
             raise InputError(f"mode: 'fused' is a CPU kernel; expected CPU tensors, got {device} (use mode='auto')")
