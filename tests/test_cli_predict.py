@@ -7,8 +7,10 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from rnnkit.cli import main
+from rnnkit.models import SequenceModel
 
 pd = pytest.importorskip("pandas", reason="the data extra (pandas) is not installed")
 
@@ -97,6 +99,25 @@ def test_per_step_multilabel_and_forecast_write_one_row_per_step(tmp_path, capsy
     assert list(rows.columns) == ["id", "time", "pred_on", "pred_off", "prob_on", "prob_off"] and len(rows) == len(frame)
     first = rows[rows["id"] == 100]
     assert first["time"].tolist() == sorted(frame[frame["id"] == 100]["t"])
+    # ... and exports: the exported forward gives the model's per-step label logits.
+    exported = tmp_path / "multi-exported"
+    assert main(["export", "--checkpoint", str(out), "--out", str(exported)]) == 0
+    artefacts = json.loads((exported / "manifest.json").read_text())["artefacts"]
+    assert {"forward.pt2", "step.pt2"} <= set(artefacts)
+    model = SequenceModel.from_pretrained(out).eval()
+    seq_len = artefacts["forward.pt2"]["seq_len"]  # the length the run trained at
+    x, lengths = torch.randn(3, seq_len, 2), torch.tensor([seq_len, 3, 1])
+    with torch.no_grad():
+        expected, state = model(x, lengths=lengths)
+        got = torch.export.load(exported / "forward.pt2").module()(x, lengths)
+    assert expected.shape == (3, seq_len, 2)
+    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-5)
+    step, leaves = torch.export.load(exported / "step.pt2").module(), got[1:]
+    for x_t in torch.randn(2, 3, 2):
+        with torch.no_grad():
+            logits, state = model.step(x_t, state)
+            got_logits, *leaves = step(x_t, *leaves)
+        torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
     forecast = train(tmp_path, data, "--task-opt", "target=forecast", "--task-opt", "features=a,b", name="forecast")
     assert main(["predict", "--checkpoint", str(forecast), "--input", str(data), "--out", str(predictions)]) == 0
     rows = pd.read_csv(predictions)

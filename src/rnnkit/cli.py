@@ -490,11 +490,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from rnnkit.models.export import export_model
+    from rnnkit.models.export import export_model, step_exportable
 
     model, task, info = _load_checkpoint(args.checkpoint)
-    steppable = model.config.head == "lm" and model.body.causal
-    what = args.what or ("both" if steppable else "forward")
+    what = args.what or ("both" if step_exportable(model) else "forward")
     seq_len = args.seq_len or info["train"].get("seq_len") or task.default_seq_len
     manifest = export_model(model, args.out, format=args.format, what=what, seq_len=seq_len)
     for name, artefact in manifest["artefacts"].items():

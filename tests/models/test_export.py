@@ -239,7 +239,7 @@ def test_feature_input_classifier_exports_forward_only(tmp_path: Path) -> None:
         expected, _ = model(x, lengths=lengths, mode=artefact["mode"])
     got = pt2_runner(tmp_path / "forward.pt2")(x, lengths)
     assert_close(got[0], expected, what="classifier logits")
-    with pytest.raises(ExportError, match="what='step': expected a model with head='lm'"):
+    with pytest.raises(ExportError, match="what='step': expected a model with a per-step head"):
         model.export(tmp_path, what="step")
 
 

@@ -17,6 +17,7 @@ import torch
 
 from rnnkit.cli import main
 from rnnkit.errors import InputError
+from rnnkit.layers import flatten_state
 from rnnkit.models import SequenceModel, model_config_for
 from rnnkit.tasks import IGNORE_INDEX, build_task, restore_task, task_description
 from rnnkit.tasks.text import SEPARATOR, UNK_TEXT, _byte_level_alphabet, find_documents
@@ -417,6 +418,20 @@ def test_cli_train_generate_eval_after_the_corpus_moved(text_corpus, tmp_path, c
     assert re.search(r"val: loss [\d.]+, bpc [\d.]+", capsys.readouterr().out)
     assert main(["eval", "--checkpoint", str(run), "--task-opt", "colour=red"]) == 2
     assert "--task-opt: expected options from" in capsys.readouterr().err
+    # The model leaves the library: its step program generates what the model's own step does.
+    exported = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(run), "--out", str(exported)]) == 0
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert {"forward.pt2", "step.pt2"} <= set(manifest["artefacts"])
+    model = SequenceModel.from_pretrained(run).eval()
+    step = torch.export.load(exported / "step.pt2").module()
+    state = model.init_state(2)
+    leaves = list(flatten_state(state))
+    for token in torch.tensor([[1, 2], [3, 0], [5, 4]]):
+        with torch.no_grad():
+            logits, state = model.step(token, state)
+            got, *leaves = step(token, *leaves)
+        torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_resume_rebuilds_the_same_vocabulary(text_corpus, tmp_path, capsys):

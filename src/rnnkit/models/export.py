@@ -47,6 +47,7 @@ from rnnkit.atomic import write_atomic, write_json_atomic
 from rnnkit.errors import ExportError, InputError, check_positive_int, describe
 from rnnkit.layers import flatten_state, map_state
 from rnnkit.models.io import read_json
+from rnnkit.targets import PER_STEP_HEADS
 
 #: Export formats: ``torch.export`` programs and ONNX files.
 FORMATS = ("pt2", "onnx")
@@ -375,10 +376,16 @@ def export_model(
     return manifest
 
 
+def step_exportable(model: nn.Module) -> bool:
+    """Whether ``model`` has a ``step`` program: a per-step head (a prediction at every step) on a
+    causal body."""
+    return model.config.head in PER_STEP_HEADS and model.body.causal
+
+
 def _check_steppable(model: nn.Module) -> None:
     config = model.config
-    if config.head != "lm":
-        raise ExportError(f"what='step': expected a model with head='lm' (a prediction per step), got "
+    if config.head not in PER_STEP_HEADS:
+        raise ExportError(f"what='step': expected a model with a per-step head {PER_STEP_HEADS}, got "
                           f"head={config.head!r}, which reads whole sequences; export 'forward'")
     if not model.body.causal:
         raise ExportError(f"what='step': expected a causal model, got layer {config.layer!r} with "
@@ -405,8 +412,8 @@ def _x_spec(model: nn.Module, name: str, steps: int | None, ref: torch.Tensor) -
 
 def _output_spec(model: nn.Module, seq_len: int | None, ref: torch.Tensor) -> dict[str, Any]:
     config = model.config
-    name = "prediction" if config.head == "regress" else "logits"
-    per_step = config.head == "lm" and seq_len is not None
+    name = "prediction" if config.head.startswith("regress") else "logits"
+    per_step = config.head in PER_STEP_HEADS and seq_len is not None
     shape = [BATCH, seq_len, config.n_outputs] if per_step else [BATCH, config.n_outputs]
     return {"name": name, "shape": shape, "dtype": _dtype_name(ref.dtype)}
 
@@ -572,5 +579,5 @@ class ExportedModel:
 
 __all__ = [
     "BATCH", "FORMATS", "MANIFEST_NAME", "PROGRAMS", "ExportError", "ExportedModel", "ForwardProgram", "StepProgram",
-    "describe_state", "export_model", "parse_choices", "read_manifest", "state_from_leaves",
+    "describe_state", "export_model", "parse_choices", "read_manifest", "state_from_leaves", "step_exportable",
 ]
