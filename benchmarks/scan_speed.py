@@ -15,6 +15,9 @@
    each registered diagonal-recurrence layer in every mode next to ``torch.nn.LSTM`` and
    ``torch.nn.GRU`` of the same width, and lucidrains' ``mingru-pytorch`` minGRU when installed
    (``pip install -c constraints.txt -e ".[peers]"``; it is pure PyTorch and CPU-only friendly).
+3. S4's ``conv`` mode (the Cauchy/Woodbury kernel and FFT convolution) against its ``recurrent`` mode,
+   B=8, H=64, N=64, fp32, T=4096: training (forward + backward) seconds of each; target ``conv`` >= 5x.
+   ``--s4-length``, ``--s4-width`` and ``--s4-batch`` change the shape.
 
 Every candidate runs once per repetition, interleaved, so load from other processes hits all alike;
 the figure is the best repetition. The run ends with the share of CPU other processes took.
@@ -38,7 +41,8 @@ from rnnkit.ops import _native, linear_scan, linear_scan_recurrent  # noqa: E402
 from rnnkit.ops.scan import _fused_forward, resolve_mode  # noqa: E402
 
 #: Layers of the diagonal (linear-scan) family, benchmarked when registered.
-DIAGONAL_LAYERS = ("mingru", "minlstm", "lru", "s4d", "rglru", "hawk", "mamba", "cfc")
+#: S4's recurrence is not diagonal (DPLR), but it is a time-invariant SSM like S4D, with a conv mode.
+DIAGONAL_LAYERS = ("mingru", "minlstm", "lru", "s4d", "s4", "s5", "rglru", "hawk", "mamba", "cfc")
 
 
 # ------------------------------------------------------------------------------- the scan
@@ -163,6 +167,21 @@ def _peer_mingru(d: int) -> torch.nn.Module | None:
     return Peer()
 
 
+def s4_conv_table(B: int, T: int, H: int, reps: int) -> None:
+    """S4 training (forward + backward) in ``conv`` and ``recurrent`` mode at one shape."""
+    torch.manual_seed(0)
+    layer = rnnkit.layers.build("s4", d_model=H, d_state=64)
+    x, dy = torch.randn(B, T, H), torch.randn(B, T, H)
+    modes = ("conv", "recurrent")
+    times = best_of({m: train_step(_ModeCall(layer, m), x, dy) for m in modes}, reps)
+    header = f"{'B':>3} {'T':>6} {'H':>4}  {'s4 mode':<10} {'fwd+bwd s':>10} {'vs recurrent':>13}"
+    print(header)
+    print("-" * len(header))
+    for m in modes:
+        print(f"{B:>3} {T:>6} {H:>4}  {m:<10} {times[m]:>10.3f} {times['recurrent'] / times[m]:>12.2f}x")
+    print(f"target: conv >= 5x recurrent; measured {times['recurrent'] / times['conv']:.2f}x\n")
+
+
 class _ModeCall(torch.nn.Module):
     """``layer(x, mode=mode)`` as a module (``train_step`` calls ``model(x)``)."""
 
@@ -180,10 +199,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="T in (512, 2048), D=256; layers at D=256")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per candidate (default 3, quick 2)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: scan, layers")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: scan, layers, s4")
     parser.add_argument("--lengths", default=None, help="scan T values, comma-separated (default 512,2048,8192)")
     parser.add_argument("--widths", default=None, help="D values, comma-separated (default 256,1024)")
     parser.add_argument("--forms", default=None, help="linear_scan forms to time, comma-separated (default all)")
+    parser.add_argument("--s4-length", type=int, default=4096, help="T of the S4 conv-vs-recurrent part")
+    parser.add_argument("--s4-width", type=int, default=64, help="H of the S4 part (N = 64)")
+    parser.add_argument("--s4-batch", type=int, default=8, help="B of the S4 part")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -220,6 +242,8 @@ def main() -> None:
         print()
     if "layers" not in skip:
         layer_table(widths, B, 512, reps, names)
+    if "s4" not in skip and "s4" in rnnkit.layers.names():
+        s4_conv_table(args.s4_batch, args.s4_length, args.s4_width, reps)
     other = share.stop()
     if other is not None:
         print(f"other processes used {100 * other:.0f}% of all CPU time during the run"

@@ -143,6 +143,12 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
         raise InputError(f"{name}: expected one of {list(choices)}, got {value!r}")
 
 
+def check_bool(name: str, value: object) -> None:
+    """Raise InputError unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise InputError(f"{name}: expected a bool, got {describe(value)}")
+
+
 def check_positive_int(name: str, value: object, minimum: int = 1) -> None:
     """Raise InputError unless ``value`` is an int >= ``minimum`` (bools are rejected).
 

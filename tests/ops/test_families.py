@@ -29,12 +29,15 @@ def scan_inputs(B, T, gen):
     return {"a": a, "b": _randn(gen, B, T, 3), "h0": _randn(gen, B, 3)}
 
 
-def gla_inputs(per_dim):
+def gla_inputs(per_dim, signed=False):
     def make(B, T, gen):
         q, k = _randn(gen, B, H, T, K), _randn(gen, B, H, T, K)
         v = _randn(gen, B, H, T, V)
         g = F.logsigmoid(_randn(gen, B, H, T, *((K,) if per_dim else ()), scale=2.0))
-        return {"q": q, "k": k, "v": v, "log_decay": g, "state": _randn(gen, B, H, K, V)}
+        args = {"q": q, "k": k, "v": v, "log_decay": g, "state": _randn(gen, B, H, K, V)}
+        if signed:  # decays sign * exp(g) in (-1, 1)
+            args["decay_sign"] = torch.where(_randn(gen, *g.shape) < 0, -1.0, 1.0).to(f64)
+        return args
 
     return make
 
@@ -79,6 +82,11 @@ def gated_selective_inputs(B, T, gen):
             "delta_bias": _randn(gen, E20) - 1.0, "delta_softplus": True}
 
 
+def neg_selective_inputs(B, T, gen):
+    """Transitions 2 exp(delta A) - 1 of either sign."""
+    return selective_inputs(B, T, gen) | {"allow_neg_eigval": True}
+
+
 def conv_inputs(activation, bias=True):
     def make(B, T, gen):
         C = 19  # a whole vector of channels and a partial one
@@ -120,6 +128,12 @@ FAMILIES = [
            HEADS | {"log_decay": 2}, 2, "state", options={"chunk": {"chunk_size": 16}}),
     Family("gla-per-dim", ops.gated_linear_attention, ("parallel", "chunk"), gla_inputs(True),
            HEADS | {"log_decay": 2}, 2, "state", options={"chunk": {"chunk_size": 16}}),
+    Family("gla-scalar-signed", ops.gated_linear_attention, ("parallel", "chunk"), gla_inputs(False, True),
+           HEADS | {"log_decay": 2, "decay_sign": 2}, 2, "state", keywords=("decay_sign",),
+           options={"chunk": {"chunk_size": 16}}),
+    Family("gla-per-dim-signed", ops.gated_linear_attention, ("parallel", "chunk"), gla_inputs(True, True),
+           HEADS | {"log_decay": 2, "decay_sign": 2}, 2, "state", keywords=("decay_sign",),
+           options={"chunk": {"chunk_size": 16}}),
     Family("delta_rule", ops.delta_rule, ("parallel", "chunk"), delta_inputs(False), HEADS | {"beta": 2}, 2,
            "state", options={"chunk": {"chunk_size": 8}}),
     Family("gated_delta_rule", ops.delta_rule, ("parallel", "chunk"), delta_inputs(True),
@@ -134,6 +148,9 @@ FAMILIES = [
     Family("selective_scan-gated", ops.selective_scan, SCAN_FORMS, gated_selective_inputs,
            {"delta": 1, "B": 1, "C": 1, "u": 1, "z": 1}, 1, "h0", keywords=("D", "z", "delta_bias", "delta_softplus"),
            options={"chunk": {"steps_per_block": 16}, "fused": {"steps_per_block": 16}}),
+    Family("selective_scan-neg-eigval", ops.selective_scan, ("parallel", "chunk", "auto"), neg_selective_inputs,
+           {"delta": 1, "B": 1, "C": 1, "u": 1}, 1, "h0", keywords=("allow_neg_eigval",),
+           options={"chunk": {"steps_per_block": 16}}),
     Family("short_conv-silu", ops.short_conv, ("parallel",) + FUSED + ("auto",), conv_inputs("silu"), {"x": 1}, 1,
            "state", keywords=("activation",), defined_past_length=False),
     Family("short_conv-identity-nobias", ops.short_conv, ("parallel",) + FUSED, conv_inputs("identity", bias=False),

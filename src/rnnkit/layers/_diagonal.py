@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from rnnkit.errors import InputError, describe
+from rnnkit.errors import InputError, check_positive_int, describe
 from rnnkit.layers.base import Recurrence, map_state
 from rnnkit.ops.padding import freeze, step_valid
 
@@ -32,6 +32,22 @@ def check_float(name: str, value: object, low: float = -math.inf, high: float = 
     return float(value)
 
 
+def check_ssm_options(d_model: object, d_state: object, dt_min: object, dt_max: object) -> None:
+    """The options the state space layers (S4D, S4, S5) share: widths, an even ``d_state`` (conjugate
+    pairs of modes) and the range ``0 < dt_min <= dt_max`` of their initial step sizes."""
+    check_positive_int("d_model", d_model)
+    check_positive_int("d_state", d_state, minimum=2)
+    if d_state % 2:
+        raise InputError(f"d_state: expected an even number (conjugate pairs), got {d_state}")
+    check_float("dt_min", dt_min, 0.0, math.inf, open_low=True)
+    check_float("dt_max", dt_max, dt_min, math.inf)
+
+
+def log_uniform(n: int, low: float, high: float) -> torch.Tensor:
+    """``(n,)`` logarithms drawn uniformly from ``[log low, log high]``: the initial ``log dt`` of the SSMs."""
+    return torch.rand(n) * (math.log(high) - math.log(low)) + math.log(low)
+
+
 def scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, lengths: torch.Tensor | None, mode: str) -> torch.Tensor:
     """``h_t = a_t * h_{t-1} + b_t`` for all t by :func:`rnnkit.ops.linear_scan` in ``mode``.
 
@@ -45,6 +61,22 @@ def scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, lengths: torch.Tens
     from rnnkit.ops import linear_scan
 
     return linear_scan(a, b, h0, lengths=lengths, mode=mode)
+
+
+def zoh_parts(A_re: torch.Tensor, A_im: torch.Tensor, dt: torch.Tensor):
+    """Zero-order hold of the complex diagonal ``A = A_re + i A_im`` with step ``dt`` (broadcast), as
+    (real, imaginary) pairs in real arithmetic (which every export target has; ONNX has no complex
+    tensors): ``dt A``, ``dA = exp(dt A) = e^a (cos b, sin b)`` and ``dB = (exp(dt A) - 1) / A``, with
+    ``expm1(a + ib) = (expm1(a) cos b - 2 sin^2(b / 2), e^a sin b)`` (exact near 0) and the complex
+    quotient by ``A`` over ``|A|^2``."""
+    a, b = dt * A_re, dt * A_im
+    e, cos, sin = torch.exp(a), torch.cos(b), torch.sin(b)
+    dA = (e * cos, e * sin)
+    half = torch.sin(b / 2)
+    m_re, m_im = torch.expm1(a) * cos - 2 * half * half, e * sin  # expm1(dt A)
+    norm = A_re * A_re + A_im * A_im
+    dB = ((m_re * A_re + m_im * A_im) / norm, (m_im * A_re - m_re * A_im) / norm)
+    return (a, b), dA, dB
 
 
 def to_complex(state: torch.Tensor) -> torch.Tensor:

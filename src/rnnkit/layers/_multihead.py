@@ -10,7 +10,9 @@ DeltaNet, Gated DeltaNet, attention).
   (identity, elu+1, relu, 2nd-order Taylor);
 - :class:`HeadNorm`: per-head RMS or layer norm of the read-out, optionally multiplied by a SiLU
   gate (before or after the norm), as RetNet's group norm, GLA's and Mamba-2's gated RMSNorm;
-- :func:`check_head_config`: validation of the usual ``num_heads`` / head dimension options.
+- :func:`check_head_config`: validation of the usual ``num_heads`` / head dimension options;
+- :func:`signed_decay`: a decay in ``(0, 1)`` stretched to ``(-1, 1)`` (negative eigenvalues), as
+  the log of its magnitude and its sign, the form :func:`rnnkit.ops.gated_linear_attention` takes.
 """
 
 from __future__ import annotations
@@ -52,6 +54,17 @@ def check_head_config(d_model: int, num_heads: int, head_dim: int | None, field:
         return d_model // num_heads
     check_positive_int(field, head_dim)
     return head_dim
+
+
+def signed_decay(log_decay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a = 2 exp(log_decay) - 1``, the decay ``exp(log_decay)`` in ``(0, 1)`` mapped onto ``(-1, 1)``
+    (Grazzi et al. 2025, "Unlocking State-Tracking in Linear RNNs Through Negative Eigenvalues"), as
+    ``(log |a|, sign a)`` (sign +1 at ``a = 0``), shapes as ``log_decay``. ``|a|`` is floored at the
+    dtype's smallest normal number, so ``log |a|`` is finite: ``a = 0`` exactly decays by that
+    floor in every mode alike."""
+    a = 1 + 2 * torch.expm1(log_decay)
+    sign = torch.where(a < 0, -torch.ones((), dtype=a.dtype, device=a.device), torch.ones((), dtype=a.dtype, device=a.device))
+    return torch.log(a.abs().clamp_min(torch.finfo(a.dtype).tiny)), sign
 
 
 # --------------------------------------------------------------------------- base class

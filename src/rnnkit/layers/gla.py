@@ -16,6 +16,13 @@ here) puts a causal depthwise convolution of width ``conv_size`` with SiLU on q,
 has; the state is then :class:`~rnnkit.layers._multihead.ConvState` (``S``, the last ``W - 1``
 projections). A short convolution lets each key see its neighbours, which associative recall needs
 (Arora et al. 2023, "Zoology", section 4).
+
+``allow_neg_eigval=True`` takes the decay ``2 alpha_t - 1`` in ``(-1, 1)`` instead of ``alpha_t``
+(Grazzi et al. 2025, "Unlocking State-Tracking in Linear RNNs Through Negative Eigenvalues"), given
+to the kernel as its log-magnitude and sign (:func:`~rnnkit.layers._multihead.signed_decay`).
+Where a decay is near 0, the parallel and chunk forms' fp32 gradient of it is less accurate than
+the loop's: they form ``dL/d log|a|`` (which vanishes like ``|a|``) as a difference of terms of the
+state's size, and ``d log|a| / da = 1 / a`` multiplies its rounding error by ``1 / |a|``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.errors import InputError, check_positive_int
+from rnnkit.errors import InputError, check_bool, check_positive_int
 from rnnkit.layers._multihead import (
     ConvState,
     HeadNorm,
@@ -35,6 +42,7 @@ from rnnkit.layers._multihead import (
     check_head_config,
     merge_heads,
     short_conv_qkv,
+    signed_decay,
     split_heads,
 )
 from rnnkit.layers.registry import make_config, register
@@ -54,11 +62,12 @@ class GLAConfig:
     chunk_size: int = DEFAULT_CHUNK  # C of the chunk mode (a power of two)
     use_short_conv: bool = False  # a SiLU short convolution on q, k, v (fla's option, off there too)
     conv_size: int = 4  # W of the short convolution (>= 2)
+    allow_neg_eigval: bool = False  # decay 2 alpha - 1 in (-1, 1) (Grazzi et al. 2025)
 
     def __post_init__(self) -> None:
         self.value_dim = check_head_config(self.d_model, self.num_heads, self.value_dim, "value_dim")
-        if not isinstance(self.use_short_conv, bool):
-            raise InputError(f"use_short_conv: expected a bool, got {self.use_short_conv!r}")
+        check_bool("use_short_conv", self.use_short_conv)
+        check_bool("allow_neg_eigval", self.allow_neg_eigval)
         check_positive_int("conv_size", self.conv_size, minimum=2)
         if self.key_dim is None:
             self.key_dim = max(1, self.d_model // (2 * self.num_heads))
@@ -78,6 +87,10 @@ class GLAConfig:
         "default": {"num_heads": 2, "key_dim": 2, "value_dim": 3, "gate_rank": 2, "chunk_size": 16},
         "short-conv": {"num_heads": 1, "key_dim": 2, "value_dim": 3, "gate_rank": 2, "chunk_size": 16,
                        "use_short_conv": True, "conv_size": 3},
+        # temperature 1/4: at init alpha ~ 0.5^4, decays 2 alpha - 1 ~ -0.9, whose signs alternate the
+        # state (the module docstring says why decays near 0 are left out of an fp32 comparison)
+        "neg-eigval": {"num_heads": 2, "key_dim": 2, "value_dim": 3, "gate_rank": 2, "chunk_size": 16,
+                       "gate_temperature": 0.25, "allow_neg_eigval": True},
     },
 )
 class GLA(MultiHeadRecurrence):
@@ -132,6 +145,10 @@ class GLA(MultiHeadRecurrence):
         v = split_heads(v, c.num_heads)  # (B, H, T, V)
         gate = F.logsigmoid(self.gate_up(self.gate_down(x))) / c.gate_temperature  # (B, T, H*K), log alpha
         log_decay = split_heads(gate, c.num_heads)  # (B, H, T, K)
-        o, S = gated_linear_attention(q, k, v, log_decay, S, lengths, mode=mode, chunk_size=c.chunk_size)
+        sign = None
+        if c.allow_neg_eigval:
+            log_decay, sign = signed_decay(log_decay)
+        o, S = gated_linear_attention(q, k, v, log_decay, S, lengths, mode=mode, chunk_size=c.chunk_size,
+                                      decay_sign=sign)
         y = self.norm(merge_heads(o), self.r_proj(x))  # swish(W_r x) ⊙ RMSNorm(o)
         return self.o_proj(y), S if history is None else ConvState(S, history)

@@ -6,6 +6,9 @@
 Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", 2023
 (arXiv:2312.00752), Sec. 3 (Algorithm 2, the selective SSM), Sec. 3.4 and Fig. 3 (the block), and
 Sec. 3.6 / Appendix (initialisation: S4D-Real A, delta from [0.001, 0.1]).
+``allow_neg_eigval=True`` takes the transition ``2 exp(delta_t A) - 1`` in ``(-1, 1)`` (Grazzi,
+Siems, Zela, Franke, Hutter & Pontil, "Unlocking State-Tracking in Linear RNNs Through Negative
+Eigenvalues", ICLR 2025, Sec. 4).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.errors import check_positive_int
+from rnnkit.errors import check_bool, check_positive_int
 from rnnkit.layers._conv import ShortConv
 from rnnkit.layers._diagonal import DiagonalRecurrence, check_float
 from rnnkit.layers.registry import make_config, register
@@ -38,6 +41,7 @@ class MambaConfig:
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4  # smallest initial delta
     steps_per_block: int = 64  # training: steps per recomputed block (per checkpoint of the fused scan)
+    allow_neg_eigval: bool = False  # transition 2 exp(delta A) - 1 in (-1, 1) (Grazzi et al. 2025)
 
     #: Former option names, still accepted so that saved configurations load.
     RENAMED: ClassVar[dict[str, str]] = {"chunk_size": "steps_per_block"}
@@ -54,6 +58,7 @@ class MambaConfig:
         check_float("dt_max", self.dt_max, self.dt_min, math.inf)
         check_float("dt_init_floor", self.dt_init_floor, 0.0, math.inf, open_low=True)
         check_positive_int("steps_per_block", self.steps_per_block)
+        check_bool("allow_neg_eigval", self.allow_neg_eigval)
 
 
 class MambaState(NamedTuple):
@@ -67,7 +72,10 @@ class MambaState(NamedTuple):
     "mamba",
     description="Mamba (Gu & Dao 2023): selective SSM, causal conv, SiLU gate; fused CPU scan, (B,T,E,N) never exists",
     test_configs={"default": {"d_state": 3, "expand": 1, "steps_per_block": 16},
-                  "w2-r2": {"d_state": 2, "d_conv": 2, "dt_rank": 2, "steps_per_block": 64}},
+                  "w2-r2": {"d_state": 2, "d_conv": 2, "dt_rank": 2, "steps_per_block": 64},
+                  # dt in [0.5, 2]: decays 2 exp(dt A) - 1 of either sign
+                  "neg-eigval": {"d_state": 2, "expand": 1, "steps_per_block": 16, "dt_min": 0.5, "dt_max": 2.0,
+                                 "allow_neg_eigval": True}},
 )
 class Mamba(DiagonalRecurrence):
     """The Mamba block (Gu & Dao 2023, Fig. 3): projections, causal conv, selective SSM, SiLU gate.
@@ -98,7 +106,9 @@ class Mamba(DiagonalRecurrence):
     Args:
         d_model: D. d_state: N. d_conv: W. expand: E / D. dt_rank: R (default ``ceil(D / 16)``).
         dt_min, dt_max, dt_init_floor: initial step sizes. steps_per_block: time block of the
-        training forms (the fused scan's checkpoint interval).
+        training forms (the fused scan's checkpoint interval). allow_neg_eigval: the transition
+        ``2 exp(delta A) - 1`` (negative eigenvalues), which the fused kernel does not compute: this
+        instance then has no ``fused`` mode and ``auto`` runs ``chunk``.
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`MambaState` ``(conv (B, E, W-1),
     h (B, E, N))``.
@@ -148,10 +158,17 @@ class Mamba(DiagonalRecurrence):
         return MambaState(self.conv.init_state(batch_size, device=device, dtype=dtype),
                           torch.zeros(batch_size, E, cfg.d_state, device=device, dtype=dtype))
 
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The class's modes, without ``fused`` where the compiled kernel is unavailable or with
+        ``allow_neg_eigval`` (the kernel's transition is ``exp(delta A)``)."""
+        modes = super().modes
+        return tuple(m for m in modes if m != "fused") if self.config.allow_neg_eigval else modes
+
     def _auto_mode(self, x: torch.Tensor) -> str:
         # The selective scan's own choice: its compiled kernel on the CPU (any floating dtype) where
         # the library built, else chunk.
-        return resolve_mode("auto", x.device)
+        return "chunk" if self.config.allow_neg_eigval else resolve_mode("auto", x.device)
 
     def _ssm_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``W_Delta W_R u`` ``(..., E)`` (delta before its bias and softplus), B ``(..., N)``, C
@@ -166,7 +183,8 @@ class Mamba(DiagonalRecurrence):
         delta, Bm, Cm = self._ssm_inputs(u)  # (B, E), (B, N), (B, N)
         delta = F.softplus(delta + self.dt_proj.bias)
         A = -torch.exp(self.A_log)  # (E, N)
-        y, h = selective_scan_step(delta, Bm, Cm, u, A, state.h, D=self.D, z_t=z)  # (B, E), (B, E, N)
+        y, h = selective_scan_step(delta, Bm, Cm, u, A, state.h, D=self.D, z_t=z,
+                                   allow_neg_eigval=self.config.allow_neg_eigval)  # (B, E), (B, E, N)
         return self.out_proj(y), MambaState(window, h)
 
     def _scan_forward(self, x, state, lengths, mode):
@@ -180,5 +198,6 @@ class Mamba(DiagonalRecurrence):
         # The scan adds dt_proj's bias and takes the softplus (inside the kernel, when fused).
         y, h = selective_scan(delta, Bm, Cm, u, A, state.h, D=self.D, z=z, delta_bias=self.dt_proj.bias,
                               delta_softplus=True, lengths=lengths, mode=mode,
-                              steps_per_block=self.config.steps_per_block)  # (B, T, E), (B, E, N)
+                              steps_per_block=self.config.steps_per_block,
+                              allow_neg_eigval=self.config.allow_neg_eigval)  # (B, T, E), (B, E, N)
         return self.out_proj(y), MambaState(window, h)

@@ -12,6 +12,11 @@ attention of :mod:`rnnkit.ops.gated_linear_attention` with ``q = C``, ``k = B``,
 ``log_decay = dt A``; its chunk form is the paper's SSD algorithm (section 6). Initialisation as the
 paper's code: ``A_log = log U(1, 16)``, ``dt`` log-uniform in ``[1e-3, 1e-1]`` stored through the
 inverse softplus in ``dt_bias``, ``D = 1``, convolution and projections as ``torch.nn``.
+
+``allow_neg_eigval=True`` takes the decay ``2 exp(dt_h A_h) - 1`` in ``(-1, 1)`` (Grazzi et al. 2025,
+"Unlocking State-Tracking in Linear RNNs Through Negative Eigenvalues"), given to the kernel as its
+log-magnitude and sign (:func:`~rnnkit.layers._multihead.signed_decay`), which every form takes
+(near a decay of 0 the chunk form's fp32 gradient loses accuracy, as :mod:`rnnkit.layers.gla` says).
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.errors import InputError, check_positive_int
-from rnnkit.layers._multihead import HeadNorm, MultiHeadRecurrence, ShortConv
+from rnnkit.errors import InputError, check_bool, check_positive_int
+from rnnkit.layers._multihead import HeadNorm, MultiHeadRecurrence, ShortConv, signed_decay
 from rnnkit.layers.registry import make_config, register
 from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK, gated_linear_attention
 
@@ -49,6 +54,7 @@ class Mamba2Config:
     dt_min: float = 1e-3  # initial dt range (log-uniform)
     dt_max: float = 1e-1
     chunk_size: int = DEFAULT_CHUNK  # C of the chunk mode
+    allow_neg_eigval: bool = False  # decay 2 exp(dt A) - 1 in (-1, 1) (Grazzi et al. 2025)
 
     def __post_init__(self) -> None:
         check_positive_int("d_model", self.d_model)
@@ -65,12 +71,16 @@ class Mamba2Config:
         if not 0 < self.dt_min <= self.dt_max:
             raise InputError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
         check_positive_int("chunk_size", self.chunk_size)
+        check_bool("allow_neg_eigval", self.allow_neg_eigval)
 
 
 @register(
     "mamba2",
     description="Mamba-2 block (Dao & Gu 2024): SSD with scalar decay per head, conv, gated RMSNorm",
-    test_configs={"default": {"d_state": 3, "expand": 1.2, "head_dim": 2, "conv_size": 2, "chunk_size": 16}},
+    test_configs={"default": {"d_state": 3, "expand": 1.2, "head_dim": 2, "conv_size": 2, "chunk_size": 16},
+                  # dt in [0.1, 1]: decays 2 exp(dt A) - 1 of either sign
+                  "neg-eigval": {"d_state": 2, "expand": 1.2, "head_dim": 2, "conv_size": 2, "chunk_size": 16,
+                                 "dt_min": 0.1, "dt_max": 1.0, "allow_neg_eigval": True}},
 )
 class Mamba2(MultiHeadRecurrence):
     """Mamba-2 block (see the module docstring for the math and reference).
@@ -124,11 +134,14 @@ class Mamba2(MultiHeadRecurrence):
         xs, Bm, Cm = xbc.split([E, N, N], -1)
         dt = F.softplus(dt + self.dt_bias).transpose(1, 2)  # (B, H, T)
         log_decay = dt * -torch.exp(self.A_log)[:, None]  # (B, H, T) = dt * A
+        sign = None
+        if c.allow_neg_eigval:
+            log_decay, sign = signed_decay(log_decay)
         xh = xs.view(Bsz, T, H, P).transpose(1, 2)  # (B, H, T, P)
         q = Cm[:, None].expand(Bsz, H, T, N)  # (B, H, T, N): C shared by the heads
         k = Bm[:, None].expand(Bsz, H, T, N)  # (B, H, T, N)
         y, ssm = gated_linear_attention(q, k, xh * dt[..., None], log_decay, state.ssm, lengths, mode=mode,
-                                        chunk_size=c.chunk_size)
+                                        chunk_size=c.chunk_size, decay_sign=sign)
         y = y + self.D[:, None, None] * xh  # (B, H, T, P) skip
         y = y.transpose(1, 2).reshape(Bsz, T, E)
         return self.out_proj(self.norm(y, z)), Mamba2State(conv_state, ssm)

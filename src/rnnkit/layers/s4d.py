@@ -15,8 +15,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rnnkit.errors import InputError, check_choice, check_positive_int
-from rnnkit.layers._diagonal import SCAN_MODES, DiagonalRecurrence, check_float, scan, to_complex, to_real
+from rnnkit.errors import check_choice
+from rnnkit.layers._diagonal import (
+    SCAN_MODES,
+    DiagonalRecurrence,
+    check_ssm_options,
+    log_uniform,
+    scan,
+    to_complex,
+    to_real,
+    zoh_parts,
+)
 from rnnkit.layers.registry import make_config, register
 
 
@@ -31,13 +40,8 @@ class S4DConfig:
     dt_max: float = 0.1
 
     def __post_init__(self) -> None:
-        check_positive_int("d_model", self.d_model)
-        check_positive_int("d_state", self.d_state, minimum=2)
-        if self.d_state % 2:
-            raise InputError(f"d_state: expected an even number (conjugate pairs), got {self.d_state}")
+        check_ssm_options(self.d_model, self.d_state, self.dt_min, self.dt_max)
         check_choice("init", self.init, ("lin", "inv"))
-        check_float("dt_min", self.dt_min, 0.0, math.inf, open_low=True)
-        check_float("dt_max", self.dt_max, self.dt_min, math.inf)
 
 
 def s4d_init_A(n_modes: int, d_state: int, init: str) -> torch.Tensor:
@@ -112,8 +116,7 @@ class S4D(DiagonalRecurrence):
     def reset_parameters(self) -> None:
         cfg = self.config
         M = cfg.d_state // 2
-        log_dt = torch.rand(cfg.d_model) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min)
-        self.log_dt.copy_(log_dt)
+        self.log_dt.copy_(log_uniform(cfg.d_model, cfg.dt_min, cfg.dt_max))
         A = s4d_init_A(M, cfg.d_state, cfg.init)
         self.log_A_real.copy_(torch.log(-A.real).expand(cfg.d_model, M))  # keeps Re(A) < 0 while training
         self.A_imag.copy_(A.imag.expand(cfg.d_model, M))
@@ -125,20 +128,8 @@ class S4D(DiagonalRecurrence):
         return torch.zeros(batch_size, self.config.d_model, self.config.d_state // 2, 2, device=device, dtype=dtype)
 
     def discretise_parts(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        """:meth:`discretise` as (real, imaginary) pairs, in real arithmetic (which every export
-        target has; ONNX has no complex tensors): ``exp(a + ib) = e^a (cos b, sin b)``,
-        ``expm1(a + ib) = (expm1(a) cos b - 2 sin^2(b / 2), e^a sin b)`` (exact near 0) and the
-        complex quotient by ``A`` over ``|A|^2``."""
-        A_re, A_im = -torch.exp(self.log_A_real), self.A_imag  # (H, M)
-        dt = torch.exp(self.log_dt)[:, None]  # (H, 1)
-        a, b = dt * A_re, dt * A_im  # dt A
-        e, cos, sin = torch.exp(a), torch.cos(b), torch.sin(b)
-        dA = (e * cos, e * sin)
-        half = torch.sin(b / 2)
-        m_re, m_im = torch.expm1(a) * cos - 2 * half * half, e * sin  # expm1(dt A)
-        norm = A_re * A_re + A_im * A_im
-        dB = ((m_re * A_re + m_im * A_im) / norm, (m_im * A_re - m_re * A_im) / norm)
-        return (a, b), dA, dB
+        """:meth:`discretise` as (real, imaginary) pairs, in real arithmetic (:func:`zoh_parts`)."""
+        return zoh_parts(-torch.exp(self.log_A_real), self.A_imag, torch.exp(self.log_dt)[:, None])
 
     def discretise(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ZOH: ``dt A`` (H, M), ``dA = exp(dt A)`` (H, M) and ``dB = (dA - 1) / A`` (H, M), complex."""

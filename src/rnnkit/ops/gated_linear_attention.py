@@ -29,6 +29,14 @@ last step of the first half; the halves recurse down to single steps. When every
 call stays within ``SCORE_FACTOR_BOUND`` (mild decays, the usual case) the scores are one matmul of
 ``q exp(b)`` and ``k exp(-b)`` instead, exact and far from overflow.
 
+Negative decays: ``decay_sign`` (the shape of ``log_decay``, entries +1 or -1) makes the decay
+``G_t = sign_t exp(g_t)``, in ``(-1, 1)`` for ``g < 0`` (Grazzi et al. 2025, "Unlocking
+State-Tracking in Linear RNNs Through Negative Eigenvalues"). The log-space forms cannot take a
+negative decay directly, so the parallel and chunk forms fold the signs into the keys and queries:
+with ``sigma_t = prod_{s<=t} sign_s`` (per key dimension), ``S~_t = sigma_t S_t`` follows the same
+recurrence with decay ``exp(g_t)``, key ``sigma_t k_t`` and query ``sigma_t q_t`` (since
+``sigma_t^2 = 1``), and the final state is ``sigma_T S~_T``. The signs carry no gradient.
+
 Padding: with ``lengths`` (B,), steps ``t >= lengths[b]`` have ``g = 0`` and ``k = v = q = 0``, so
 they leave the state unchanged and the returned state is the one at each sequence's last valid step.
 
@@ -68,8 +76,9 @@ DEFAULT_CHUNK = 64
 SCORE_FACTOR_BOUND = 20.0
 
 
-def _check_inputs(q, k, v, log_decay, state, lengths):
-    """Validate shapes at the public boundary; returns (q, k, v, log_decay, state, mask)."""
+def _check_inputs(q, k, v, log_decay, state, lengths, decay_sign=None):
+    """Validate shapes at the public boundary; returns (q, k, v, log_decay, state, mask, decay_sign)
+    with the padding's signs set to +1 (a kept state)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay)):
         check_tensor(name, t)
         if not t.dtype.is_floating_point:
@@ -95,15 +104,35 @@ def _check_inputs(q, k, v, log_decay, state, lengths):
         check_tensor("state", state)
         if state.shape != (B, H, K, V):
             raise InputError(f"state: expected shape (B, H, K, V) = {(B, H, K, V)}, got {describe(state)}")
+    if decay_sign is not None:
+        check_tensor("decay_sign", decay_sign)
+        if decay_sign.shape != log_decay.shape:
+            raise InputError(f"decay_sign: expected the shape of log_decay {tuple(log_decay.shape)}, "
+                             f"got {tuple(decay_sign.shape)}")
+        decay_sign = decay_sign.detach()
     lengths = check_lengths(lengths, B, T, q.device)
     mask = None
     if lengths is not None:
         mask = valid_mask(lengths, T)  # (B, T)
         q, k, v, log_decay = zero_padding(mask, q, k, v, log_decay)
-    return q, k, v, log_decay, state, mask
+        if decay_sign is not None:
+            keep = mask[:, None].view(B, 1, T, *([1] * (decay_sign.dim() - 3)))
+            decay_sign = torch.where(keep, decay_sign, torch.ones((), dtype=decay_sign.dtype, device=q.device))
+    return q, k, v, log_decay, state, mask, decay_sign
 
 
-def gated_linear_attention_recurrent(q, k, v, log_decay, state=None, lengths=None):
+def _fold_signs(q, k, g, sign):
+    """The parallel and chunk forms' view of signed decays (module docstring): ``sigma`` (the
+    cumulative product of ``sign``) folded into q and k; returns q, k and the factor ``sigma_T``
+    ``(B, H, K, 1)`` or ``(B, H, 1, 1)`` of the final state, None without signs."""
+    if sign is None:
+        return q, k, None
+    sigma = torch.cumprod(sign.to(q.dtype), 2)  # (B, H, T) or (B, H, T, K), entries +-1
+    per_step = sigma if g.dim() == 4 else sigma[..., None]  # (B, H, T, K or 1)
+    return q * per_step, k * per_step, per_step[:, :, -1, :, None]
+
+
+def gated_linear_attention_recurrent(q, k, v, log_decay, state=None, lengths=None, decay_sign=None):
     """The step-by-step loop that defines the recurrence (see the module docstring).
 
     Args:
@@ -114,37 +143,42 @@ def gated_linear_attention_recurrent(q, k, v, log_decay, state=None, lengths=Non
             for a contraction (not enforced: the loop is defined for any value).
         state: ``(B, H, K, V)`` initial state, zeros if None.
         lengths: optional ``(B,)`` ints in ``[1, T]``.
+        decay_sign: optional, the shape of ``log_decay``, +1 or -1: the decay is
+            ``decay_sign * exp(log_decay)`` (no gradient flows to the signs).
 
     Returns:
         ``y`` ``(B, H, T, V)`` and the final state ``(B, H, K, V)``.
     """
-    q, k, v, g, S, _ = _check_inputs(q, k, v, log_decay, state, lengths)
+    q, k, v, g, S, _, sign = _check_inputs(q, k, v, log_decay, state, lengths, decay_sign)
     per_dim = g.dim() == 4
+    signs = sign.unbind(2) if sign is not None else [None] * g.shape[2]
     ys = []
     # unbind once: indexing x[:, :, t] in the loop would make backward write a full-size zero
     # gradient per step (O(T^2) memory traffic).
-    for q_t, k_t, v_t, g_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), g.unbind(2)):
+    for q_t, k_t, v_t, g_t, sign_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), g.unbind(2), signs):
         decay = torch.exp(g_t)  # (B, H, K) or (B, H)
+        decay = decay if sign_t is None else decay * sign_t
         decay = decay[..., None] if per_dim else decay[..., None, None]
         S = decay * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, K, V)
         ys.append((q_t[..., None, :] @ S)[..., 0, :])  # S^T q_t (B, H, V)
     return torch.stack(ys, 2), S
 
 
-def gated_linear_attention_parallel(q, k, v, log_decay, state=None, lengths=None):
+def gated_linear_attention_parallel(q, k, v, log_decay, state=None, lengths=None, decay_sign=None):
     """The quadratic masked form: the whole sequence as one block (same signature as the loop).
 
     Scalar decay: ``y = ((q k^T) ⊙ D) v + (q ⊙ exp(b)) S_0`` with ``D_ij = exp(b_i - b_j)`` for
     ``j <= i``, ``b`` the cumulative log decay; memory ``O(T^2)`` per head. Per-key-dimension decay
     uses the dyadic split of the module docstring over the whole (power-of-two padded) sequence.
     """
-    q, k, v, g, S, _ = _check_inputs(q, k, v, log_decay, state, lengths)
+    q, k, v, g, S, _, sign = _check_inputs(q, k, v, log_decay, state, lengths, decay_sign)
     T = q.shape[2]
     block = 1 << (T - 1).bit_length() if g.dim() == 4 else T
-    return _chunked(q, k, v, g, S, block)
+    return _chunked(q, k, v, g, S, block, sign)
 
 
-def gated_linear_attention_chunk(q, k, v, log_decay, state=None, lengths=None, chunk_size=DEFAULT_CHUNK):
+def gated_linear_attention_chunk(q, k, v, log_decay, state=None, lengths=None, decay_sign=None,
+                                 chunk_size=DEFAULT_CHUNK):
     """Chunkwise form (same signature as the loop, plus ``chunk_size``).
 
     Args:
@@ -154,10 +188,10 @@ def gated_linear_attention_chunk(q, k, v, log_decay, state=None, lengths=None, c
     Cost per head: ``O(T C (K + V) + T K V)`` time, ``O(T (K + V) + (T / C) K V)`` memory.
     """
     check_positive_int("chunk_size", chunk_size)
-    q, k, v, g, S, _ = _check_inputs(q, k, v, log_decay, state, lengths)
+    q, k, v, g, S, _, sign = _check_inputs(q, k, v, log_decay, state, lengths, decay_sign)
     if g.dim() == 4 and chunk_size & (chunk_size - 1):
         raise InputError(f"chunk_size: expected a power of two for per-dimension decay, got {chunk_size}")
-    return _chunked(q, k, v, g, S, min(chunk_size, _pow2_at_least(q.shape[2]) if g.dim() == 4 else q.shape[2]))
+    return _chunked(q, k, v, g, S, min(chunk_size, _pow2_at_least(q.shape[2]) if g.dim() == 4 else q.shape[2]), sign)
 
 
 #: Forms :func:`gated_linear_attention` runs, ``recurrent`` (the definition) first.
@@ -170,7 +204,7 @@ GLA_MODES = tuple(_FORMS)
 
 
 def gated_linear_attention(q, k, v, log_decay, state=None, lengths=None, *, mode: str = "chunk",
-                           chunk_size: int = DEFAULT_CHUNK):
+                           chunk_size: int = DEFAULT_CHUNK, decay_sign=None):
     """Gated linear attention in the form ``mode`` (see the module docstring for the recurrence).
 
     Args:
@@ -181,6 +215,8 @@ def gated_linear_attention(q, k, v, log_decay, state=None, lengths=None, *, mode
         mode: ``"recurrent"`` (the loop, the definition), ``"parallel"`` (quadratic masked form) or
             ``"chunk"`` (chunkwise, the default).
         chunk_size: steps per chunk of the ``chunk`` form (a power of two for per-key decay).
+        decay_sign: optional, the shape of ``log_decay``, +1 or -1: the decay is
+            ``decay_sign * exp(log_decay)``, in ``(-1, 1)`` (negative eigenvalues; no gradient).
 
     Returns:
         ``y`` ``(B, H, T, V)`` and the final state ``(B, H, K, V)``.
@@ -188,15 +224,22 @@ def gated_linear_attention(q, k, v, log_decay, state=None, lengths=None, *, mode
     Raises:
         InputError: an unknown ``mode``, or bad shapes, dtypes or lengths.
     """
-    return run_form(mode, _FORMS, (q, k, v, log_decay, state, lengths), chunk_size)
+    return run_form(mode, _FORMS, (q, k, v, log_decay, state, lengths, decay_sign), chunk_size)
 
 
 def _pow2_at_least(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _chunked(q, k, v, g, S, C):
-    """Core of the parallel and chunk forms on validated inputs; ``g`` (B,H,T) or (B,H,T,K)."""
+def _chunked(q, k, v, g, S, C, sign=None):
+    """Core of the parallel and chunk forms on validated inputs; ``g`` (B,H,T) or (B,H,T,K); ``sign``
+    None or +-1 of g's shape (folded into q and k, :func:`_fold_signs`)."""
+    q, k, sigma_T = _fold_signs(q, k, g, sign)
+    y, S = _chunked_unsigned(q, k, v, g, S, C)
+    return y, S if sigma_T is None else S * sigma_T.to(S.dtype)
+
+
+def _chunked_unsigned(q, k, v, g, S, C):
     B, H, T, K = q.shape
     V = v.shape[-1]
     N = math.ceil(T / C)

@@ -9,7 +9,11 @@ with ``delta_t``, ``u_t``, ``z_t`` ``(E,)`` per channel, ``B_t``, ``C_t`` ``(N,)
 channels, ``A`` ``(E, N)`` (negative for a contraction) and ``D`` ``(E,)``; without ``D`` the skip
 term is 0, without ``z`` the gate is 1. Given ``delta_bias`` ``(E,)`` and/or ``delta_softplus``,
 the step size is ``softplus(delta_t + delta_bias)`` (``torch.nn.functional.softplus``) or
-``delta_t + delta_bias`` in place of ``delta_t``. One entry, :func:`selective_scan` with ``mode=``:
+``delta_t + delta_bias`` in place of ``delta_t``. ``allow_neg_eigval=True`` takes the transition
+``2 exp(delta_t A) - 1`` in ``(-1, 1)`` instead of ``exp(delta_t A)`` in ``(0, 1)`` (Grazzi et al.
+2025, "Unlocking State-Tracking in Linear RNNs Through Negative Eigenvalues", Sec. 4); the fused
+kernel computes ``exp(delta A)`` itself, so that option runs the block forms (``auto``: ``chunk``).
+One entry, :func:`selective_scan` with ``mode=``:
 
 - ``recurrent``: :func:`selective_scan_recurrent`, the loop over :func:`selective_scan_step`, the
   definition;
@@ -47,7 +51,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_tensor, describe
+from rnnkit.errors import InputError, check_bool, check_choice, check_lengths, check_positive_int, check_tensor
 from rnnkit.ops import _native, _workspace
 from rnnkit.ops._forms import is_empty_batch
 from rnnkit.ops._native import CHANNELS_LAST_DTYPES, ptr
@@ -60,7 +64,8 @@ SELECTIVE_SCAN_MODES = LINEAR_SCAN_MODES
 FUSED_CHECKPOINT_STEPS = 64
 
 
-def _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D=None, z=None, delta_bias=None, delta_softplus=False):
+def _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D=None, z=None, delta_bias=None, delta_softplus=False,
+                  allow_neg_eigval=False):
     for name, t in (("delta", delta), ("B", Bm), ("C", Cm), ("u", u), ("A", A)):
         check_tensor(name, t)
     if delta.dim() != 3 or delta.shape[1] < 1:
@@ -84,8 +89,8 @@ def _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D=None, z=None, delta_bias=N
         raise InputError(f"z: expected shape (B, T, E) = {(B, T, E)}, got {tuple(z.shape)}")
     if delta_bias is not None and check_tensor("delta_bias", delta_bias).shape != (E,):
         raise InputError(f"delta_bias: expected shape (E,) = ({E},), got {tuple(delta_bias.shape)}")
-    if not isinstance(delta_softplus, bool):
-        raise InputError(f"delta_softplus: expected a bool, got {describe(delta_softplus)}")
+    check_bool("delta_softplus", delta_softplus)
+    check_bool("allow_neg_eigval", allow_neg_eigval)
     return check_lengths(lengths, B, T, delta.device)
 
 
@@ -103,15 +108,22 @@ def _skip_and_gate(y, u, D, z):
     return y if z is None else y * F.silu(z)
 
 
-def selective_scan_step(delta_t, B_t, C_t, u_t, A, h, D=None, z_t=None):
+def selective_scan_step(delta_t, B_t, C_t, u_t, A, h, D=None, z_t=None, allow_neg_eigval=False):
     """One step: ``delta_t``, ``u_t``, ``z_t`` (B, E), ``B_t``, ``C_t`` (B, N), ``A`` (E, N), ``D``
     (E,), ``h`` (B, E, N) -> ``y_t`` (B, E) and the next ``h``."""
-    h = _update(delta_t, B_t, u_t, A, h)
+    h = _update(delta_t, B_t, u_t, A, h, allow_neg_eigval)
     return _skip_and_gate(_read(h, C_t), u_t, D, z_t), h
 
 
-def _update(delta_t, B_t, u_t, A, h):
-    return torch.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t[:, None, :]  # (B, E, N)
+def _transition(delta_A: torch.Tensor, allow_neg_eigval: bool) -> torch.Tensor:
+    """``exp(delta A)``, or ``2 exp(delta A) - 1`` with negative eigenvalues allowed."""
+    decay = torch.exp(delta_A)
+    return 2 * decay - 1 if allow_neg_eigval else decay
+
+
+def _update(delta_t, B_t, u_t, A, h, allow_neg_eigval=False):
+    decay = _transition(delta_t[..., None] * A, allow_neg_eigval)
+    return decay * h + (delta_t * u_t)[..., None] * B_t[:, None, :]  # (B, E, N)
 
 
 def _read(h, C_t):
@@ -119,34 +131,35 @@ def _read(h, C_t):
 
 
 def selective_scan_recurrent(delta, Bm, Cm, u, A, h0=None, lengths=None, *, D=None, z=None, delta_bias=None,
-                             delta_softplus=False):
+                             delta_softplus=False, allow_neg_eigval=False):
     """The loop that defines the selective scan (see the module docstring).
 
     Args:
         delta: ``(B, T, E)`` step sizes; Bm, Cm: ``(B, T, N)``; u: ``(B, T, E)`` inputs; A: ``(E, N)``;
         h0: ``(B, E, N)`` initial state, zeros if None; lengths: optional ``(B,)`` ints in ``[1, T]``;
         D: optional ``(E,)`` skip; z: optional ``(B, T, E)`` gate input; delta_bias: optional
-        ``(E,)``; delta_softplus: the step size is ``softplus(delta + delta_bias)``.
+        ``(E,)``; delta_softplus: the step size is ``softplus(delta + delta_bias)``;
+        allow_neg_eigval: the transition is ``2 exp(delta A) - 1``.
 
     Returns:
         ``y`` ``(B, T, E)`` and the final state ``(B, E, N)`` (at each sequence's last valid step).
     """
-    lengths = _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D, z, delta_bias, delta_softplus)
+    lengths = _check_inputs(delta, Bm, Cm, u, A, h0, lengths, D, z, delta_bias, delta_softplus, allow_neg_eigval)
     delta = _step_sizes(delta, delta_bias, delta_softplus)
     h = h0 if h0 is not None else delta.new_zeros(delta.shape[0], *A.shape)
     ys = []
     gates = z.unbind(1) if z is not None else [None] * delta.shape[1]
     steps = zip(delta.unbind(1), Bm.unbind(1), Cm.unbind(1), u.unbind(1), gates)
     for t, (delta_t, B_t, C_t, u_t, z_t) in enumerate(steps):
-        h = freeze_padding(t, lengths, _update(delta_t, B_t, u_t, A, h), h)
+        h = freeze_padding(t, lengths, _update(delta_t, B_t, u_t, A, h, allow_neg_eigval), h)
         ys.append(_skip_and_gate(_read(h, C_t), u_t, D, z_t))
     return torch.stack(ys, 1), h
 
 
 # ----------------------------------------------------------------------------------- block forms
-def _scan_block(delta, Bm, Cm, u, h0, A, valid, mode):
+def _scan_block(delta, Bm, Cm, u, h0, A, valid, mode, allow_neg_eigval=False):
     """One block of steps by :func:`linear_scan` in ``mode``; ``valid`` (B, Tb) bool or None."""
-    dA = torch.exp(delta[..., None] * A)  # (B, Tb, E, N)
+    dA = _transition(delta[..., None] * A, allow_neg_eigval)  # (B, Tb, E, N)
     dBu = (delta * u)[..., None] * Bm[:, :, None, :]  # (B, Tb, E, N)
     if valid is not None:
         keep = valid[..., None, None]
@@ -158,7 +171,8 @@ def _scan_block(delta, Bm, Cm, u, h0, A, valid, mode):
     return y, h[:, -1].clone()
 
 
-def scan_blocks(delta, Bm, Cm, u, A, h0, lengths, scan_mode: str, steps_per_block: int | None):
+def scan_blocks(delta, Bm, Cm, u, A, h0, lengths, scan_mode: str, steps_per_block: int | None,
+                allow_neg_eigval: bool = False):
     """``y`` (B, T, E) before the skip and gate, and the final state, by time blocks of
     ``steps_per_block`` steps (None: one block) each scanned by :func:`linear_scan` in
     ``scan_mode`` and recomputed in the backward pass; arguments as :func:`selective_scan`'s,
@@ -171,7 +185,8 @@ def scan_blocks(delta, Bm, Cm, u, A, h0, lengths, scan_mode: str, steps_per_bloc
     ys = []
     for start in range(0, T, block):
         sl = slice(start, start + block)
-        args = (delta[:, sl], Bm[:, sl], Cm[:, sl], u[:, sl], h, A, None if valid is None else valid[:, sl], scan_mode)
+        args = (delta[:, sl], Bm[:, sl], Cm[:, sl], u[:, sl], h, A, None if valid is None else valid[:, sl], scan_mode,
+                allow_neg_eigval)
         if recompute:
             # Keep only the block's (B, Tb, E)-sized inputs; rebuild its (B, Tb, E, N) expanded
             # state in the backward pass instead of storing it.
@@ -273,7 +288,7 @@ def _scan_fused(delta, Bm, Cm, u, A, h0, lengths, D, z, delta_bias, delta_softpl
 
 # ----------------------------------------------------------------------------------- public entry
 def selective_scan(delta, Bm, Cm, u, A, h0=None, *, D=None, z=None, delta_bias=None, delta_softplus: bool = False,
-                   lengths=None, mode: str = "auto", steps_per_block: int | None = None):
+                   lengths=None, mode: str = "auto", steps_per_block: int | None = None, allow_neg_eigval: bool = False):
     """Mamba's selective scan in the form ``mode`` (see the module docstring).
 
     Args:
@@ -289,30 +304,38 @@ def selective_scan(delta, Bm, Cm, u, A, h0=None, *, D=None, z=None, delta_bias=N
         steps_per_block: the block forms run in blocks of this many steps, each recomputed in the
             backward pass under autograd (None: one block); the fused form saves its state every
             this many steps for its backward (None: 64); ignored by ``recurrent``.
+        allow_neg_eigval: the transition is ``2 exp(delta A) - 1`` (Grazzi et al. 2025); not taken
+            by ``fused`` (``auto`` then runs ``chunk``).
 
     Returns:
         ``y`` ``(B, T, E)`` with ``y_t = (h_t C_t + D u_t) SiLU(z_t)`` and the final state ``(B, E, N)``.
 
     Raises:
         InputError: an unknown ``mode``, ``"fused"`` where the compiled kernel is unavailable or
-            off the CPU, or bad shapes or lengths.
+            off the CPU or with ``allow_neg_eigval``, or bad shapes or lengths.
 
     Example:
         >>> y, h = selective_scan(torch.rand(2, 50, 8), torch.randn(2, 50, 4), torch.randn(2, 50, 4),
         ...                       torch.randn(2, 50, 8), -torch.rand(8, 4))   # y (2, 50, 8), h (2, 8, 4)
     """
     check_choice("mode", mode, SELECTIVE_SCAN_MODES)
-    extras = {"D": D, "z": z, "delta_bias": delta_bias, "delta_softplus": delta_softplus}
+    extras = {"D": D, "z": z, "delta_bias": delta_bias, "delta_softplus": delta_softplus,
+              "allow_neg_eigval": allow_neg_eigval}
     if mode == "recurrent" or is_empty_batch(delta):
         return selective_scan_recurrent(delta, Bm, Cm, u, A, h0, lengths, **extras)
     lengths = _check_inputs(delta, Bm, Cm, u, A, h0, lengths, **extras)
     if steps_per_block is not None:
         check_positive_int("steps_per_block", steps_per_block)
+    if allow_neg_eigval:
+        if mode == "fused":
+            raise InputError("mode: expected one of ['recurrent', 'parallel', 'chunk', 'auto'] with allow_neg_eigval=True "
+                             "(the fused kernel computes exp(delta A) itself), got 'fused'")
+        mode = "chunk" if mode == "auto" else mode
     mode = resolve_mode(mode, delta.device)
     if mode == "fused":
         return _scan_fused(delta, Bm, Cm, u, A, h0, lengths, D, z, delta_bias, delta_softplus, steps_per_block)
     y, h = scan_blocks(_step_sizes(delta, delta_bias, delta_softplus), Bm, Cm, u, A, h0, lengths, mode,
-                       steps_per_block)
+                       steps_per_block, allow_neg_eigval)
     return _skip_and_gate(y, u, D, z), h
 
 
