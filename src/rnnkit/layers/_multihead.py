@@ -10,7 +10,9 @@ DeltaNet, Gated DeltaNet, attention).
   (identity, elu+1, relu, 2nd-order Taylor);
 - :class:`HeadNorm`: per-head RMS or layer norm of the read-out, optionally multiplied by a SiLU
   gate (before or after the norm), as RetNet's group norm, GLA's and Mamba-2's gated RMSNorm;
-- :func:`check_head_config`: validation of the usual ``num_heads`` / head dimension options.
+- :func:`check_head_config`, :func:`check_power_of_two`, :func:`check_depth`,
+  :func:`check_positive_number`: validation of the usual ``num_heads`` / head dimension, chunk
+  size, depth and epsilon options.
 """
 
 from __future__ import annotations
@@ -52,6 +54,26 @@ def check_head_config(d_model: int, num_heads: int, head_dim: int | None, field:
         return d_model // num_heads
     check_positive_int(field, head_dim)
     return head_dim
+
+
+def check_depth(depth: object) -> float:
+    """``depth``: the layer's position in its stack, layer index / number of layers, in ``[0, 1]``."""
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
+        raise InputError(f"depth: expected a number in [0, 1] (layer index / number of layers), got {depth!r}")
+    return float(depth)
+
+
+def check_positive_number(name: str, value: object) -> None:
+    """A positive int or float (not a bool), e.g. a norm's epsilon."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InputError(f"{name}: expected a positive number, got {value!r}")
+
+
+def check_power_of_two(name: str, value: object) -> None:
+    """A chunk size of the per-key-dimension decay kernels: a positive power of two."""
+    check_positive_int(name, value)
+    if value & (value - 1):  # type: ignore[operator]
+        raise InputError(f"{name}: expected a power of two, got {value}")
 
 
 # --------------------------------------------------------------------------- base class
