@@ -41,7 +41,7 @@ def test_rwkv6_reads_the_state_before_the_update_plus_the_bonus(mode):
     assert_close(y, expected, what=f"rwkv6 {mode} vs the paper's sum")
 
 
-@pytest.mark.parametrize("name", ["rwkv6"])
+@pytest.mark.parametrize("name", ["rwkv6", "rwkv7"])
 def test_token_shift_state_is_the_last_valid_input(name):
     layer = rnnkit.layers.build(name, d_model=4, num_heads=2)
     x = torch.randn(3, 5, 4)
@@ -49,7 +49,7 @@ def test_token_shift_state_is_the_last_valid_input(name):
     assert torch.equal(state.shift, torch.stack([x[0, 4], x[1, 1], x[2, 0]]))
 
 
-@pytest.mark.parametrize("name", ["rwkv6"])
+@pytest.mark.parametrize("name", ["rwkv6", "rwkv7"])
 @pytest.mark.parametrize(("option", "value", "match"), [
     ("depth", 1.5, "depth: expected a number in \\[0, 1\\]"),
     ("num_heads", 3, "num_heads: expected a divisor"),
