@@ -3,11 +3,16 @@
     python benchmarks/delta_speed.py            # B=16, H=4, K=V=64, T in (512, 2048, 8192); ~4 min
     python benchmarks/delta_speed.py --quick    # T=512 only
     python benchmarks/delta_speed.py --lengths 8192 --against b4e615c   # this kernel vs an older one
+    python benchmarks/delta_speed.py --lengths 64 --batch 1 --heads 1 --dim 8 --reps 1   # a smoke run
 
 Rows, each forward + backward of the op alone (``rnnkit.ops.delta_rule``), fp32, 2 threads:
 
 - ``chunk``: :func:`delta_rule_chunk` (WY/UT inside chunks of 32), plain and gated (Gated DeltaNet);
 - ``recurrent``: the loop over time (T <= 2048);
+- ``dplr chunk`` / ``dplr recurrent``: the diagonal-plus-low-rank delta rule of RWKV-7
+  (:func:`rnnkit.ops.dplr_delta_rule`: decay per key dimension, removal key ``kappa`` and rate
+  ``eta``) at the same sizes, its chunkwise form (chunks of 32, autograd backward) and its loop
+  (T <= 2048), next to the gated rows (Gated DeltaNet's op);
 - ``parallel``: one ``(T, T)`` WY/UT block; ``O(T^2)`` memory, so at T = 2048 it runs at B = 2 (the
   row says so) and not at all beyond;
 - ``fla``: ``delta_rule_chunkwise`` of ``flash-linear-attention`` 0.6.0 (pure PyTorch, chunk 32,
@@ -39,7 +44,14 @@ import torch
 import torch.nn.functional as F
 
 from rnnkit.bench.machine import describe
-from rnnkit.ops.delta_rule import CHUNK_SIZE, delta_rule_chunk, delta_rule_parallel, delta_rule_recurrent
+from rnnkit.ops.delta_rule import (
+    CHUNK_SIZE,
+    delta_rule_chunk,
+    delta_rule_parallel,
+    delta_rule_recurrent,
+    dplr_delta_rule_chunk,
+    dplr_delta_rule_recurrent,
+)
 
 
 def load_fla_reference() -> Callable | None:
@@ -92,6 +104,17 @@ def inputs(B: int, T: int, H: int, K: int, V: int, gated: bool):
     return q, k, v, beta, log_decay
 
 
+def dplr_inputs(B: int, T: int, H: int, K: int, V: int):
+    """RWKV-7's transition at its initial decay range: ``a = -eta kappa``, ``b = kappa``."""
+    shape = (B, H, T)
+    kappa = F.normalize(torch.randn(*shape, K), dim=-1)
+    eta = torch.rand(*shape, K)
+    log_decay = -torch.rand(*shape, K) * 0.6
+    leaves = [torch.randn(*shape, K), torch.randn(*shape, K) * 0.5, torch.randn(*shape, V), -eta * kappa, kappa,
+              log_decay]
+    return tuple(t.requires_grad_() for t in leaves)
+
+
 def train_step(fn: Callable, args: tuple, with_state: bool) -> Callable[[], None]:
     B, H, K, V = args[0].shape[0], args[0].shape[1], args[0].shape[3], args[2].shape[3]
     state = torch.zeros(B, H, K, V, requires_grad=True) if with_state else None
@@ -121,12 +144,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths T")
+    parser.add_argument("--batch", type=int, default=16, help="B")
+    parser.add_argument("--heads", type=int, default=4, help="H")
+    parser.add_argument("--dim", type=int, default=64, help="K = V per head")
     parser.add_argument("--against", metavar="REV", default=None,
                         help="also time the chunk kernel of this git revision, side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    B, H, K, V, C = 16, 4, 64, 64, CHUNK_SIZE
+    B, H, K, V, C = args.batch, args.heads, args.dim, args.dim, CHUNK_SIZE
     fla = load_fla_reference()
     older = kernel_at(args.against) if args.against else None
     print(describe())
@@ -155,6 +181,12 @@ def main() -> None:
                 name = f"{tag}parallel" + (f" (B={Bp})" if Bp != B else "")
                 candidates[name] = train_step(delta_rule_parallel, p, with_state=True)
                 tokens[name] = Bp * T
+        d = dplr_inputs(B, T, H, K, V)
+        candidates["dplr chunk"] = train_step(dplr_delta_rule_chunk, d, with_state=True)
+        tokens["dplr chunk"] = B * T
+        if T <= 2048:
+            candidates["dplr recurrent"] = train_step(dplr_delta_rule_recurrent, d, with_state=True)
+            tokens["dplr recurrent"] = B * T
         if fla is not None:
             q, k, v, beta, _ = inputs(B, T, H, K, V, False)
             candidates["fla chunk (reference)"] = train_step(lambda *x: fla(*x, chunk_size=32), (q, k, v, beta), False)
@@ -164,9 +196,10 @@ def main() -> None:
         rate = {name: tokens[name] / best[name] for name in candidates}
         for name in candidates:
             vs_fla = rate[name] / rate["fla chunk (reference)"] if fla is not None else float("nan")
-            base = "gated recurrent" if name.startswith("gated") else "recurrent"
+            base = next((f"{tag} recurrent" for tag in ("gated", "dplr") if name.startswith(tag)), "recurrent")
             vs_rec = rate[name] / rate[base] if base in rate else float("nan")
-            gflops = 3 * chunk_flops(T, K, V, C) * H * tokens[name] / T / best[name] / 1e9 if "chunk" in name else None
+            counted = "chunk" in name and not name.startswith("dplr")  # chunk_flops counts the delta rule's algorithm
+            gflops = 3 * chunk_flops(T, K, V, C) * H * tokens[name] / T / best[name] / 1e9 if counted else None
             flops_cols = f"{gflops:8.1f} {100 * gflops / mm:7.0f}%" if gflops else f"{'':8} {'':8}"
             print(f"{T:>5} {name:<22} {rate[name]:>10,.0f} {vs_fla:>6.2f}x {vs_rec:>11.1f}x {flops_cols}", flush=True)
         if older is not None:

@@ -13,6 +13,7 @@ from rnnkit.ops.delta_rule import (
     delta_rule_chunk,
     delta_rule_parallel,
     delta_rule_recurrent,
+    dplr_delta_rule,
 )
 from tests.helpers import TOLERANCES, assert_close
 
@@ -239,3 +240,57 @@ def test_parallel_without_gradients_skips_nothing_it_needs():
         y, S = delta_rule_parallel(*inputs)
     assert_close(y, y_ref, what="parallel, no grad: y")
     assert_close(S, S_ref, what="parallel, no grad: final state")
+
+
+# --------------------------------------------------------------------------- diagonal plus low rank
+@pytest.mark.parametrize("form", ["recurrent", "parallel", "chunk"])
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+def test_dplr_reduces_to_the_delta_rule(form, gated):
+    """``a = -g beta k``, ``b = k``, ``beta k`` written and the decay ``g`` equal across K is the
+    (gated) delta rule, ``g (I - beta k k^T)``: the diagonal-plus-low-rank op agrees with its loop."""
+    q, k, v, beta, log_decay, state = make_inputs(2, 21, 2, 3, 4, torch.float64, gated)
+    ref_y, ref_S = delta_rule_recurrent(q, k, v, beta, log_decay, state)
+    g = (log_decay if gated else torch.zeros_like(beta))[..., None].expand_as(k)
+    bk = beta[..., None] * k
+    y, S = dplr_delta_rule(q, bk, v, -g.exp() * bk, k, g, state, mode=form, chunk_size=8)
+    assert_close(y, ref_y, what="y")
+    assert_close(S, ref_S, what="state")
+
+
+def test_dplr_is_rwkv7s_transition():
+    """The op with ``a = -(eta ⊙ kappa)``, ``b = kappa`` is RWKV-7's update as the paper writes it,
+    with a ``(V, K)`` state: ``S_t = S_{t-1}(diag(w_t) - kappa_t^T (eta_t ⊙ kappa_t)) + v_t^T k_t``,
+    ``y_t = S_t r_t``."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, T, K, V = 2, 2, 9, 3, 4
+    r, k = (torch.randn(B, H, T, K, dtype=torch.float64, generator=gen) for _ in range(2))
+    v = torch.randn(B, H, T, V, dtype=torch.float64, generator=gen)
+    kappa = F.normalize(torch.randn(B, H, T, K, dtype=torch.float64, generator=gen), dim=-1)
+    eta = torch.rand(B, H, T, K, dtype=torch.float64, generator=gen)
+    w = torch.rand(B, H, T, K, dtype=torch.float64, generator=gen) * 0.5 + 0.5
+    S0 = torch.randn(B, H, V, K, dtype=torch.float64, generator=gen)  # the paper's layout
+    S, ys = S0, []
+    for t in range(T):
+        kap, e = kappa[:, :, t, None, :], eta[:, :, t, None, :]  # (B, H, 1, K) row vectors
+        transition = torch.diag_embed(w[:, :, t]) - kap.transpose(-1, -2) @ (e * kap)  # (B, H, K, K)
+        S = S @ transition + v[:, :, t, :, None] @ k[:, :, t, None, :]
+        ys.append((S @ r[:, :, t, :, None])[..., 0])
+    y, S_op = dplr_delta_rule(r, k, v, -eta * kappa, kappa, w.log(), S0.transpose(-1, -2), mode="recurrent")
+    assert_close(y, torch.stack(ys, 2), what="y")
+    assert_close(S_op, S.transpose(-1, -2), what="state")
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda args: args.__setitem__(3, args[3][..., :2]), "a: expected shape"),
+    (lambda args: args.__setitem__(5, args[5][:, :, :, 0]), "log_decay: expected shape"),
+    (lambda args: args.__setitem__(2, args[2][:, :1]), "v: expected shape"),
+    (lambda args: args.__setitem__(4, args[4].float()), "expected one floating dtype"),
+    (lambda args: args.__setitem__(6, torch.zeros(2, 2, 3, 3, dtype=torch.float64)), "state: expected"),
+])
+def test_dplr_rejects_bad_arguments(change, match):
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 2, 5, 3, dtype=torch.float64, generator=gen) for _ in range(6)] + [None]
+    args[2] = torch.randn(2, 2, 5, 4, dtype=torch.float64, generator=gen)
+    change(args)
+    with pytest.raises(InputError, match=match):
+        dplr_delta_rule(*args)

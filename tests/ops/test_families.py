@@ -54,6 +54,19 @@ def delta_inputs(gated):
     return make
 
 
+def dplr_inputs(decay_scale):
+    """RWKV-7's transition: a unit removal key kappa, a rate eta in (0, 1): a = -eta kappa, b = kappa;
+    log decays in (-decay_scale - 0.1, -0.1), past SCORE_FACTOR_BOUND within a chunk when strong."""
+    def make(B, T, gen):
+        kappa = F.normalize(_randn(gen, B, H, T, K), dim=-1)
+        eta = torch.rand(B, H, T, K, dtype=f64, generator=gen)
+        g = -torch.rand(B, H, T, K, dtype=f64, generator=gen) * decay_scale - 0.1
+        return {"q": _randn(gen, B, H, T, K), "k": _randn(gen, B, H, T, K, scale=0.5), "v": _randn(gen, B, H, T, V),
+                "a": -eta * kappa, "b": kappa, "log_decay": g, "state": _randn(gen, B, H, K, V)}
+
+    return make
+
+
 def mlstm_inputs(forget_bias):
     def make(B, T, gen):
         q, k = _randn(gen, B, H, T, K), _randn(gen, B, H, T, K)
@@ -138,6 +151,10 @@ FAMILIES = [
            "state", options={"chunk": {"chunk_size": 8}}),
     Family("gated_delta_rule", ops.delta_rule, ("parallel", "chunk"), delta_inputs(True),
            HEADS | {"beta": 2, "log_decay": 2}, 2, "state", options={"chunk": {"chunk_size": 8}}),
+    Family("dplr_delta_rule", ops.dplr_delta_rule, ("parallel", "chunk"), dplr_inputs(0.5),
+           HEADS | {"a": 2, "b": 2, "log_decay": 2}, 2, "state", options={"chunk": {"chunk_size": 8}}),
+    Family("dplr_delta_rule-strong", ops.dplr_delta_rule, ("parallel", "chunk"), dplr_inputs(6.0),
+           HEADS | {"a": 2, "b": 2, "log_decay": 2}, 2, "state", options={"chunk": {"chunk_size": 8}}),
     Family("mlstm-mild", ops.mlstm, ("parallel", "chunk"), mlstm_inputs(4.0), HEADS | {"log_i": 2, "log_f": 2}, 2,
            "state", options={"chunk": {"chunk_size": 16}}),
     Family("mlstm-strong", ops.mlstm, ("parallel", "chunk"), mlstm_inputs(0.0), HEADS | {"log_i": 2, "log_f": 2},

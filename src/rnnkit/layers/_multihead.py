@@ -13,6 +13,8 @@ DeltaNet, Gated DeltaNet, attention).
 - :func:`check_head_config`: validation of the usual ``num_heads`` / head dimension options;
 - :func:`signed_decay`: a decay in ``(0, 1)`` stretched to ``(-1, 1)`` (negative eigenvalues), as
   the log of its magnitude and its sign, the form :func:`rnnkit.ops.gated_linear_attention` takes.
+- :func:`check_power_of_two`, :func:`check_depth`, :func:`check_positive_number`: validation of
+  the chunk size, depth and epsilon options.
 """
 
 from __future__ import annotations
@@ -65,6 +67,24 @@ def signed_decay(log_decay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a = 1 + 2 * torch.expm1(log_decay)
     sign = torch.where(a < 0, -torch.ones((), dtype=a.dtype, device=a.device), torch.ones((), dtype=a.dtype, device=a.device))
     return torch.log(a.abs().clamp_min(torch.finfo(a.dtype).tiny)), sign
+def check_depth(depth: object) -> float:
+    """``depth``: the layer's position in its stack, layer index / number of layers, in ``[0, 1]``."""
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
+        raise InputError(f"depth: expected a number in [0, 1] (layer index / number of layers), got {depth!r}")
+    return float(depth)
+
+
+def check_positive_number(name: str, value: object) -> None:
+    """A positive int or float (not a bool), e.g. a norm's epsilon."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InputError(f"{name}: expected a positive number, got {value!r}")
+
+
+def check_power_of_two(name: str, value: object) -> None:
+    """A chunk size of the per-key-dimension decay kernels: a positive power of two."""
+    check_positive_int(name, value)
+    if value & (value - 1):  # type: ignore[operator]
+        raise InputError(f"{name}: expected a power of two, got {value}")
 
 
 # --------------------------------------------------------------------------- base class

@@ -14,7 +14,9 @@ result (up to rounding) faster, and the tests hold them to it.
   :data:`GLA_MODES`: ``recurrent``, ``parallel``, ``chunk``.
 - :func:`delta_rule` ``(q, k, v, beta, log_decay, state, lengths)``: DeltaNet / Gated DeltaNet,
   shapes as GLA with beta ``(B, H, T)``. Modes :data:`DELTA_RULE_MODES`: ``recurrent``,
-  ``parallel``, ``chunk``.
+  ``parallel``, ``chunk``. :func:`dplr_delta_rule` ``(q, k, v, a, b, log_decay, state, lengths)``:
+  the diagonal-plus-low-rank transition of RWKV-7, ``S_t = (diag(exp(g_t)) + a_t b_t^T) S_{t-1} +
+  k_t v_t^T``, all but v ``(B, H, T, K)``. Modes :data:`DPLR_DELTA_RULE_MODES`: the same three.
 - :func:`mlstm` ``(q, k, v, log_i, log_f, state, lengths)``: xLSTM's mLSTM cell, gates
   ``(B, H, T)``, state :class:`~rnnkit.ops.mlstm.MLSTMState`. Modes :data:`MLSTM_MODES`:
   ``recurrent``, ``parallel``, ``chunk``.
@@ -38,7 +40,7 @@ its full path (``from rnnkit.ops.mlstm import MLSTMState``).
 """
 
 from rnnkit.ops.classic_rnn import CLASSIC_MODES, elman, gru, lstm
-from rnnkit.ops.delta_rule import DELTA_RULE_MODES, delta_rule
+from rnnkit.ops.delta_rule import DELTA_RULE_MODES, DPLR_DELTA_RULE_MODES, delta_rule, dplr_delta_rule
 from rnnkit.ops.gated_linear_attention import GLA_MODES, gated_linear_attention
 from rnnkit.ops.mlstm import MLSTM_MODES, mlstm
 from rnnkit.ops.scan import (
@@ -55,6 +57,7 @@ from rnnkit.ops.sliding_window_attention import SLIDING_WINDOW_MODES, sliding_wi
 __all__ = [
     "CLASSIC_MODES",
     "DELTA_RULE_MODES",
+    "DPLR_DELTA_RULE_MODES",
     "GLA_MODES",
     "LINEAR_SCAN_MODES",
     "MLSTM_MODES",
@@ -62,6 +65,7 @@ __all__ = [
     "SHORT_CONV_MODES",
     "SLIDING_WINDOW_MODES",
     "delta_rule",
+    "dplr_delta_rule",
     "elman",
     "fused_available",
     "gated_linear_attention",

@@ -39,20 +39,29 @@ nothing is ever divided by a cumulative product, so a chunk whose decay underflo
 still exact (the entries become 0, never ``0/0``). The masked upper triangle is filled with ``-inf``
 before ``exp`` so neither it nor its gradient can overflow.
 
+A second entry, :func:`dplr_delta_rule`, generalises the transition to diagonal plus low rank,
+``S_t = (diag(exp(g_t)) + a_t b_t^T) S_{t-1} + k_t v_t^T`` with a decay per key dimension and
+separate write and read vectors ``a``, ``b`` (RWKV-7), in the same three forms; its chunkwise form
+(:func:`dplr_delta_rule_chunk`) solves the same kind of unit-lower-triangular system per chunk, with
+per-dimension decayed scores, and is differentiated by autograd.
+
 Shapes: ``B`` batch, ``T`` time, ``H`` heads, ``K`` key/query dim, ``V`` value dim.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
 from rnnkit.ops._blas import ChunkProducts
-from rnnkit.ops._chunk_math import addmm_, causal_float, decay_matrix_log, mm, pad_time, rowdot
+from rnnkit.ops._chunk_math import addmm_, causal_float, decay_matrix_log, mm, pad_time, rowdot, suffix_sum
 from rnnkit.ops._forms import run_form
 from rnnkit.ops._rows import row_pass
 from rnnkit.ops._workspace import workspace, workspace_like
+from rnnkit.ops.gated_linear_attention import SCORE_FACTOR_BOUND
 from rnnkit.ops.padding import valid_mask, zero_padding
 
 #: Default chunk length of :func:`delta_rule_chunk` (see ``benchmarks/delta_speed.py``).
@@ -78,13 +87,20 @@ def _check_inputs(q, k, v, beta, log_decay, state, lengths):
     if log_decay is not None and (not isinstance(log_decay, torch.Tensor) or log_decay.shape != (B, H, T)):
         raise InputError(f"log_decay: expected None or shape (B, H, T) = ({B}, {H}, {T}), got {describe(log_decay)}")
     tensors = [q, k, v, beta] + ([log_decay] if log_decay is not None else [])
+    return _check_state_dtype_lengths(q, v, tensors, state, lengths, "q, k, v, beta, ...")
+
+
+def _check_state_dtype_lengths(q, v, tensors, state, lengths, names):
+    """What both entries check after their own shapes: the state ``(B, H, K, V)`` or None, one
+    floating dtype over ``tensors`` and the state, ``T >= 1``; returns ``lengths`` checked."""
+    B, H, T, K = q.shape
     if state is not None:
         want = (B, H, K, v.shape[-1])
         if not isinstance(state, torch.Tensor) or state.shape != want:
             raise InputError(f"state: expected None or shape (B, H, K, V) = {want}, got {describe(state)}")
-        tensors.append(state)
+        tensors = [*tensors, state]
     if not q.is_floating_point() or any(t.dtype != q.dtype for t in tensors):
-        raise InputError(f"q, k, v, beta, ...: expected one floating dtype, got {[t.dtype for t in tensors]}")
+        raise InputError(f"{names}: expected one floating dtype, got {[t.dtype for t in tensors]}")
     if T < 1:
         raise InputError(f"q: expected at least one time step (T >= 1), got shape {tuple(q.shape)}")
     return check_lengths(lengths, B, T, q.device)
@@ -465,3 +481,191 @@ def _solve_unit_lower_(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(A, X, upper=False, unitriangular=True, out=X)
     X.copy_(torch.linalg.solve_triangular(A.float(), X.float(), upper=False, unitriangular=True))
     return X
+
+
+# --------------------------------------------------------------------------- diagonal plus low rank
+#: Default chunk length of :func:`dplr_delta_rule_chunk`.
+DPLR_CHUNK_SIZE = 32
+
+
+def _check_dplr_inputs(q, k, v, a, b, log_decay, state, lengths):
+    """Validate the diagonal-plus-low-rank op's arguments; return ``q, k, v, a, b, log_decay`` with
+    the steps past each length set to zero."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("a", a), ("b", b), ("log_decay", log_decay)):
+        check_tensor(name, t)
+    if q.dim() != 4:
+        raise InputError(f"q: expected shape (B, H, T, K), got {tuple(q.shape)}")
+    B, H, T, K = q.shape
+    for name, t in (("k", k), ("a", a), ("b", b), ("log_decay", log_decay)):
+        if t.shape != q.shape:
+            raise InputError(f"{name}: expected shape (B, H, T, K) = {tuple(q.shape)}, got {tuple(t.shape)}")
+    if v.dim() != 4 or v.shape[:3] != (B, H, T):
+        raise InputError(f"v: expected shape (B, H, T, V) = ({B}, {H}, {T}, V), got {tuple(v.shape)}")
+    inputs = (q, k, v, a, b, log_decay)
+    lengths = _check_state_dtype_lengths(q, v, inputs, state, lengths, "q, k, v, a, b, log_decay, ...")
+    if lengths is not None:
+        # zeros make a padded step the identity (no decay, no low-rank term, nothing written)
+        inputs = zero_padding(valid_mask(lengths, T), *inputs)
+    return inputs
+
+
+def dplr_delta_rule_recurrent(q, k, v, a, b, log_decay, state=None, lengths=None):
+    """The diagonal-plus-low-rank delta rule as a loop over time: the definition the other forms match.
+
+    Per batch element and head, with state ``S`` ``(K, V)``::
+
+        S_t = (diag(exp(g_t)) + a_t b_t^T) S_{t-1} + k_t v_t^T        y_t = S_t^T q_t
+
+    the transition of RWKV-7 (Peng et al. 2025, "RWKV-7 Goose with Expressive Dynamic State
+    Evolution", eq. 3, transposed to the ``(K, V)`` layout): ``a = -(eta ⊙ kappa)``, ``b = kappa``
+    with the removal key ``kappa`` and the in-context learning rate ``eta``. With ``g = 0``,
+    ``a = -beta k`` and ``b = k`` (and ``beta k`` written) it is the delta rule above.
+
+    Args:
+        q: ``(B, H, T, K)`` queries (any scaling is the caller's).
+        k: ``(B, H, T, K)`` keys written.
+        v: ``(B, H, T, V)`` values.
+        a: ``(B, H, T, K)`` the low-rank term's write direction.
+        b: ``(B, H, T, K)`` the low-rank term's read key.
+        log_decay: ``(B, H, T, K)`` ``g``, the log of the diagonal (``<= 0`` for a contraction; not
+            enforced).
+        state: ``(B, H, K, V)`` initial state, zeros if None.
+        lengths: optional ``(B,)`` ints in ``[1, T]``; steps past a length leave the state unchanged.
+
+    Returns:
+        ``y`` ``(B, H, T, V)`` and the final state ``(B, H, K, V)``.
+    """
+    q, k, v, a, b, g = _check_dplr_inputs(q, k, v, a, b, log_decay, state, lengths)
+    B, H, T, K = q.shape
+    S = state if state is not None else q.new_zeros(B, H, K, v.shape[-1])
+    ys = []
+    # unbind once: indexing in the loop would make backward write a full-size zero gradient per step
+    for q_t, k_t, v_t, a_t, b_t, g_t in zip(*(t.unbind(2) for t in (q, k, v, a, b, g))):
+        y_t, S = dplr_delta_rule_step(q_t, k_t, v_t, a_t, b_t, g_t, S)
+        ys.append(y_t)
+    return torch.stack(ys, 2), S
+
+
+def dplr_delta_rule_step(q_t, k_t, v_t, a_t, b_t, log_decay_t, S):
+    """One step: ``q_t, k_t, a_t, b_t, log_decay_t`` (B, H, K), ``v_t`` (B, H, V), ``S`` (B, H, K, V)
+    -> ``y_t`` (B, H, V) and the next ``S``."""
+    read = torch.einsum("bhk,bhkv->bhv", b_t, S)  # b_t^T S_{t-1}
+    S = torch.exp(log_decay_t)[..., None] * S + a_t[..., :, None] * read[..., None, :] + k_t[..., :, None] * v_t[..., None, :]
+    return torch.einsum("bhk,bhkv->bhv", q_t, S), S
+
+
+def dplr_delta_rule_chunk(q, k, v, a, b, log_decay, state=None, lengths=None, chunk_size=DPLR_CHUNK_SIZE):
+    """Chunkwise diagonal-plus-low-rank delta rule; same arguments and result as
+    :func:`dplr_delta_rule_recurrent`, plus ``chunk_size`` (``C``, steps per chunk; ``T`` need not
+    be a multiple).
+
+    Within a chunk, with ``gamma_i`` the cumulative log decay to step ``i`` (a vector over ``K``)
+    and ``h_i = b_i^T S_{i-1}`` the low-rank term's read, unrolling the recurrence gives
+    ``S_i = e^{gamma_i} S_0 + sum_{j <= i} e^{gamma_i - gamma_j} (a_j h_j + k_j v_j^T)``, so the
+    reads solve one unit-lower-triangular system per chunk,
+    ``(I - L_ab) h = (b e^{gamma_{i-1}}) S_0 + L_ak v`` with ``L_xy[i, j] = sum_d x_id y_jd
+    e^{gamma_{i-1,d} - gamma_{j,d}}`` for ``j < i``, solved for the two right-hand sides (the part
+    from ``v`` and the factor of ``S_0``) of all chunks at once; only the state carry
+    ``S_{n+1} = e^{gamma_C} S_n + (a e^{gamma_C - gamma})^T h + (k e^{gamma_C - gamma})^T v``
+    loops over chunks, and ``y = (q e^{gamma}) S_n + M_qa h + M_qk v`` (``M_xy`` as ``L`` with
+    ``j <= i`` and ``gamma_i``) is batched again. Gradients by autograd.
+
+    Cost per head: ``O(T C (K + V) + T K V)`` time; ``O(T (C + K + V) + (T / C) K V)`` memory while
+    the decays of a chunk stay within ``SCORE_FACTOR_BOUND`` of 1 in log space (then every decayed
+    score is one product of ``x e^{gamma}`` and ``y e^{-gamma}``), ``O(T C K)`` beyond (exact scores
+    from the pairwise differences).
+    """
+    check_positive_int("chunk_size", chunk_size)
+    inputs = _check_dplr_inputs(q, k, v, a, b, log_decay, state, lengths)
+    return _dplr_chunks(*inputs, state, min(chunk_size, q.shape[2]))
+
+
+def dplr_delta_rule_parallel(q, k, v, a, b, log_decay, state=None, lengths=None):
+    """The chunkwise algorithm with one chunk spanning the sequence (same arguments and result as
+    :func:`dplr_delta_rule_recurrent`): no loop, ``O(T^2)`` memory."""
+    inputs = _check_dplr_inputs(q, k, v, a, b, log_decay, state, lengths)
+    return _dplr_chunks(*inputs, state, q.shape[2])
+
+
+#: Forms :func:`dplr_delta_rule` runs, ``recurrent`` (the definition) first.
+_DPLR_FORMS = {"recurrent": dplr_delta_rule_recurrent, "parallel": dplr_delta_rule_parallel,
+               "chunk": dplr_delta_rule_chunk}
+DPLR_DELTA_RULE_MODES = tuple(_DPLR_FORMS)
+
+
+def dplr_delta_rule(q, k, v, a, b, log_decay, state=None, lengths=None, *, mode: str = "chunk",
+                    chunk_size: int = DPLR_CHUNK_SIZE):
+    """The delta rule with a diagonal-plus-low-rank transition, ``S_t = (diag(exp(g_t)) + a_t b_t^T)
+    S_{t-1} + k_t v_t^T``, ``y_t = S_t^T q_t`` (RWKV-7), in the form ``mode``.
+
+    Args:
+        q, k, a, b, log_decay: ``(B, H, T, K)``; v: ``(B, H, T, V)``; state: ``(B, H, K, V)`` or
+            None; lengths: ``(B,)`` or None (as :func:`dplr_delta_rule_recurrent`).
+        mode: ``"recurrent"`` (the loop, the definition), ``"parallel"`` (one chunk) or ``"chunk"``
+            (the default).
+        chunk_size: steps per chunk of the ``chunk`` form.
+
+    Returns:
+        ``y`` ``(B, H, T, V)`` and the final state ``(B, H, K, V)``.
+
+    Raises:
+        InputError: an unknown ``mode``, or bad shapes, dtypes or lengths.
+    """
+    return run_form(mode, _DPLR_FORMS, (q, k, v, a, b, log_decay, state, lengths), chunk_size)
+
+
+def _decayed_scores(x, gx, y, gy, strict, mild):
+    """``s_ij = sum_d x_id y_jd exp(gx_id - gy_jd)`` for ``j <= i`` (``j < i`` if ``strict``), zero
+    above; ``x, gx, y, gy`` (..., C, K) -> (..., C, C). ``mild``: every ``|g|`` within
+    ``SCORE_FACTOR_BOUND``, so the factors ``e^{gx}`` and ``e^{-gy}`` are far from overflow and the
+    scores are one product; otherwise the exponent of each pair is formed (masked to ``-inf`` above
+    the diagonal, so neither its value nor its gradient overflows)."""
+    C = x.shape[-2]
+    keep = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
+    if mild:
+        scores = (x * torch.exp(gx)) @ (y * torch.exp(-gy)).transpose(-1, -2)
+        return scores.masked_fill(~keep, 0)
+    exponent = (gx[..., :, None, :] - gy[..., None, :, :]).masked_fill(~keep[..., None], -math.inf)
+    return torch.einsum("...id,...jd,...ijd->...ij", x, y, torch.exp(exponent))
+
+
+def _dplr_chunks(q, k, v, a, b, g, state, C):
+    """The chunkwise algorithm of :func:`dplr_delta_rule_chunk` on validated, padding-zeroed inputs."""
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    N = -(-T // C)
+    pad = N * C - T
+    dtype = q.dtype
+    # LAPACK has no half-precision triangular solve: bf16 and fp16 compute in fp32 and round once.
+    work = torch.promote_types(dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        # zero steps past T are identities; (G, N, C, *) chunks
+        q, k, a, b, g = (pad_time(t.to(work), pad).reshape(B * H, N, C, K) for t in (q, k, a, b, g))
+        v = pad_time(v.to(work), pad).reshape(B * H, N, C, V)
+        S = state.to(work).reshape(B * H, K, V) if state is not None else q.new_zeros(B * H, K, V)
+        gamma = g.cumsum(2)  # inclusive cumulative log decay from the chunk start
+        gamma_before = torch.cat([torch.zeros_like(gamma[:, :, :1]), gamma[:, :, :-1]], 2)  # exclusive
+        mild = bool(gamma.detach().abs().amax() <= SCORE_FACTOR_BOUND)
+        L_ab = _decayed_scores(b, gamma_before, a, gamma, True, mild)  # (G, N, C, C)
+        L_ak = _decayed_scores(b, gamma_before, k, gamma, True, mild)
+        M_qa = _decayed_scores(q, gamma, a, gamma, False, mild)
+        M_qk = _decayed_scores(q, gamma, k, gamma, False, mild)
+        rhs = torch.cat([L_ak @ v, b * torch.exp(gamma_before)], -1)  # (G, N, C, V + K)
+        # (I - L_ab)^{-1} rhs: the solve reads only the strictly lower triangle of -L_ab
+        U, W = torch.linalg.solve_triangular(-L_ab, rhs, upper=False, unitriangular=True).split([V, K], -1)
+        to_end = torch.exp(suffix_sum(g))  # (G, N, C, K) e^{gamma_C - gamma_j}, from segment sums
+        a_end = (a * to_end).transpose(-1, -2)  # (G, N, K, C)
+        kv_end = (k * to_end).transpose(-1, -2) @ v  # (G, N, K, V)
+        chunk_decay = torch.exp(gamma[:, :, -1, :, None])  # (G, N, K, 1)
+        starts, reads = [], []
+        # unbind, not [:, n]: each indexed slice's backward would zero-fill a full-size gradient
+        for U_n, W_n, a_n, kv_n, d_n in zip(U.unbind(1), W.unbind(1), a_end.unbind(1), kv_end.unbind(1),
+                                            chunk_decay.unbind(1)):
+            starts.append(S)
+            h = torch.baddbmm(U_n, W_n, S)  # (G, C, V) the reads h_i = U_i + W_i S_n
+            reads.append(h)
+            S = torch.baddbmm(torch.addcmul(kv_n, d_n, S), a_n, h)
+        S_start, h = torch.stack(starts, 1), torch.stack(reads, 1)  # (G, N, K, V), (G, N, C, V)
+        y = (q * torch.exp(gamma)) @ S_start + M_qa @ h + M_qk @ v
+    y = y.reshape(B, H, N * C, V)[:, :, :T]
+    return y.to(dtype), S.view(B, H, K, V).to(dtype)
