@@ -67,6 +67,8 @@ def signed_decay(log_decay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a = 1 + 2 * torch.expm1(log_decay)
     sign = torch.where(a < 0, -torch.ones((), dtype=a.dtype, device=a.device), torch.ones((), dtype=a.dtype, device=a.device))
     return torch.log(a.abs().clamp_min(torch.finfo(a.dtype).tiny)), sign
+
+
 def check_depth(depth: object) -> float:
     """``depth``: the layer's position in its stack, layer index / number of layers, in ``[0, 1]``."""
     if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
