@@ -61,7 +61,7 @@ def main() -> None:
     if args.quick:
         args.words = args.words or 64
         args.d_model = 32
-    print(describe(), flush=True)
+    print(describe())
     model, task = load(args.checkpoint, args.d_model)
     batches = list(task.eval_batches("test", args.batch_size))
     if args.words is not None:
