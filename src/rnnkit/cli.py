@@ -1,4 +1,4 @@
-"""``rnnkit`` command line: train, eval, generate, predict, list, export.
+"""``rnnkit`` command line: train, eval, generate, translate, predict, list, export.
 
 Examples::
 
@@ -9,6 +9,10 @@ Examples::
     rnnkit generate --checkpoint runs/shakespeare-lstm --prompt "ROMEO:"
     rnnkit eval --checkpoint runs/shakespeare-lstm --split test
     rnnkit train --task sequences --task-opt path=data.csv --task-opt label=y --out runs/mine
+    rnnkit train --task g2p --out runs/g2p                          # the G2P recipe: attention LSTM
+    rnnkit train --task reverse --model gru --attention bahdanau --bidirectional-encoder --steps 500
+    rnnkit eval --checkpoint runs/g2p --split test                  # PER and WER of greedy decoding
+    rnnkit translate --checkpoint runs/g2p --input hello --beam 5 --nbest 3
     rnnkit predict --checkpoint runs/mine --input new.csv --out predictions.csv
     rnnkit list
     rnnkit export --checkpoint runs/shakespeare-lstm --out exported --format both
@@ -45,21 +49,52 @@ from rnnkit.errors import InputError, NonFiniteError, check_positive_int, check_
 LANGUAGE_MODEL_DEFAULTS: dict[str, Any] = {
     "model": "lstm", "block": "stacked", "d_model": 128, "layers": 1, "steps": 1800,
     "batch_size": 32, "seq_len": 128, "lr": 4e-3, "warmup": 50, "eval_every": 0,
-    "layer_options": {"hidden_size": 512}, "precision": "auto", "budget_minutes": 4.5,
+    "layer_options": {"hidden_size": 512}, "precision": "auto", "budget_minutes": 4.5, "dropout": 0.0,
 }
 #: Defaults for every other task.
 GENERIC_DEFAULTS: dict[str, Any] = {
     "model": "lstm", "block": "stacked", "d_model": 128, "layers": 1, "steps": 1000,
     "batch_size": 32, "seq_len": None, "lr": 3e-3, "warmup": 100, "eval_every": 0,
-    "layer_options": {}, "precision": "auto", "budget_minutes": None,
+    "layer_options": {}, "precision": "auto", "budget_minutes": None, "dropout": 0.0,
+}
+#: Defaults of the encoder-decoder models of sequence-to-sequence tasks: an LSTM encoder and decoder
+#: (``model``, ``layers`` each) with Luong's general attention; the keys after the generic ones are
+#: the options of ``Seq2SeqConfig``/``PointerConfig`` and the sequence-to-sequence ``TrainConfig`` fields.
+SEQ2SEQ_DEFAULTS: dict[str, Any] = {
+    **GENERIC_DEFAULTS, "precision": "fp32", "attention": "general", "bidirectional_encoder": False,
+    "input_feeding": False, "bridge": "auto", "num_heads": 1, "pointer_encoder": "rnn", "process_steps": 3,
+    "label_smoothing": 0.0, "scheduled_sampling": "none", "eval_beam": 1,
+}
+#: The G2P recipe (CMUdict), meant to reach WER <= 35% and PER <= 9% on the test split within 30
+#: CPU-minutes on 2 cores: a bidirectional LSTM encoder and an LSTM decoder with additive (Bahdanau)
+#: attention, label smoothing 0.1, batches of 64 words; training stops at ``steps`` or after
+#: ``budget_minutes``, whichever comes first (the final val evaluation, greedy decoding of every val
+#: word, comes on top). No input feeding: without it the decoder runs once over the whole target in its
+#: fused mode, where input feeding would run it one step at a time.
+G2P_DEFAULTS: dict[str, Any] = {
+    **SEQ2SEQ_DEFAULTS, "d_model": 256, "steps": 30000, "batch_size": 64, "lr": 3e-3, "warmup": 200,
+    "budget_minutes": 25.0, "attention": "additive", "bidirectional_encoder": True, "label_smoothing": 0.1,
 }
 
 
 def defaults_for(task) -> dict[str, Any]:
     """The recipe ``rnnkit train`` starts from: the tuned character-LM recipe for every language-model task
-    (tokens in, the next token predicted at every step, streamed in windows), the generic one otherwise."""
+    (tokens in, the next token predicted at every step, streamed in windows), the G2P recipe for ``g2p``,
+    the encoder-decoder defaults for other sequence-to-sequence tasks, the generic one otherwise."""
+    if getattr(task, "seq2seq", False):
+        return G2P_DEFAULTS if task.name == "g2p" else SEQ2SEQ_DEFAULTS
     language_model = task.input_kind == "tokens" and task.target == "per_step" and task.streaming
     return LANGUAGE_MODEL_DEFAULTS if language_model else GENERIC_DEFAULTS
+
+
+#: ``--attention`` names: the config's kinds and the papers' names for them.
+ATTENTION_ALIASES = {"bahdanau": "additive", "luong": "general"}
+#: ``rnnkit train`` flags of sequence-to-sequence tasks only (argparse destinations; None when not given).
+SEQ2SEQ_FLAGS = (
+    "encoder", "decoder", "encoder_layers", "decoder_layers", "encoder_opt", "decoder_opt", "attention", "num_heads",
+    "bidirectional_encoder", "input_feeding", "bridge", "pointer_encoder", "process_steps", "label_smoothing",
+    "scheduled_sampling", "sampling_k", "sampling_slope", "sampling_min", "eval_beam",
+)
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -87,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", type=int, help="number of layers / blocks")
     train.add_argument("--layer-opt", action="append", default=[], metavar="KEY=VALUE", help="layer option, repeatable")
     train.add_argument("--bidirectional", action="store_true", help="bidirectional layers (not for language models)")
-    train.add_argument("--dropout", type=float, default=0.0)
+    train.add_argument("--dropout", type=float, help="dropout between layers and before the output (default 0)")
     train.add_argument("--tie-embeddings", action="store_true")
     train.add_argument("--pooling", choices=["last", "mean"], default="last", help="sequence heads: pooling")
     train.add_argument("--steps", type=int, help="optimizer steps (with --max-minutes: the most it may run)")
@@ -131,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nan-policy", choices=["raise", "skip"], default="raise",
                        help="non-finite loss or gradient norm: raise (default) or skip the step")
     train.add_argument("--max-skips", type=int, default=10, help="--nan-policy skip: consecutive skips tolerated")
+    _add_seq2seq_arguments(train)
 
     gen = sub.add_parser("generate", help="sample text from a trained language model (character, byte or BPE)")
     gen.add_argument("--checkpoint", required=True, help="directory written by `rnnkit train`")
@@ -153,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="change a saved task option, repeatable (e.g. path=NEW_DATA); the saved vocabulary is kept")
     ev.add_argument("--input", help="evaluate on every sequence of this labelled file instead of a split "
                                     "(tasks trained on files: sequences)")
+    ev.add_argument("--seq-len", type=int, help="evaluate at this length (generated tasks: every example of this "
+                                                "size, for length generalisation; default: the training run's)")
+    ev.add_argument("--beam", type=int, help="sequence-to-sequence tasks: score beam search of this width "
+                                             "(default: the training run's --eval-beam, greedy decoding)")
 
     pr = sub.add_parser("predict", help="predictions of a model trained on a table for a new file")
     pr.add_argument("--checkpoint", required=True, help="directory written by `rnnkit train --task sequences`")
@@ -161,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="the predictions, as CSV")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--device", default="cpu")
+
+    tr = sub.add_parser("translate", help="decode sources with a model trained on a sequence-to-sequence task "
+                                          "(g2p: words to phonemes), with beam search and n-best lists")
+    tr.add_argument("--checkpoint", required=True, help="directory written by `rnnkit train --task g2p` (or any "
+                                                        "sequence-to-sequence task)")
+    tr.add_argument("--input", action="append", default=[], metavar="TEXT",
+                    help="a source (a word for g2p), repeatable; without --input or --input-file, lines of stdin")
+    tr.add_argument("--input-file", help="a file of sources, one per line")
+    tr.add_argument("--beam", type=int, default=5, help="beam width (1: greedy decoding)")
+    tr.add_argument("--nbest", type=int, default=1, help="hypotheses printed per source, best first (at most --beam)")
+    tr.add_argument("--alpha", type=float, default=0.0, help="length penalty exponent (GNMT); 0 ranks by log-prob")
+    tr.add_argument("--batch-size", type=int, default=64, help="sources decoded together")
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
     sub.add_parser("list", help="registered layers (with modes) and tasks")
 
@@ -179,10 +233,101 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_seq2seq_arguments(train: argparse.ArgumentParser) -> None:
+    """The ``rnnkit train`` flags of sequence-to-sequence tasks (encoder-decoder models)."""
+    group = train.add_argument_group("sequence-to-sequence tasks (g2p, reverse, addition, sort, convex_hull)")
+    group.add_argument("--encoder", metavar="LAYER", help="the encoder's layer (default: --model)")
+    group.add_argument("--decoder", metavar="LAYER", help="the decoder's causal layer (default: --model)")
+    group.add_argument("--encoder-layers", type=int, help="encoder blocks (default: --layers)")
+    group.add_argument("--decoder-layers", type=int, help="decoder layers (default: --layers)")
+    group.add_argument("--encoder-opt", action="append", metavar="KEY=VALUE",
+                       help="encoder layer option, repeatable (--layer-opt sets both sides)")
+    group.add_argument("--decoder-opt", action="append", metavar="KEY=VALUE", help="decoder layer option, repeatable")
+    kinds = ["none", "additive", "bahdanau", "dot", "general", "luong", "multihead"]
+    group.add_argument("--attention", choices=kinds,
+                       help="none (Sutskever), additive = bahdanau, dot, general = luong, multihead "
+                            "(default: the recipe's)")
+    group.add_argument("--num-heads", type=int, help="heads of --attention multihead")
+    group.add_argument("--bidirectional-encoder", action=argparse.BooleanOptionalAction,
+                       help="read the source both ways")
+    group.add_argument("--input-feeding", action=argparse.BooleanOptionalAction,
+                       help="feed the attentional vector into the next decoder step (Luong)")
+    group.add_argument("--bridge", choices=["auto", "copy", "project", "zeros"], help="the decoder's initial state")
+    group.add_argument("--pointer-encoder", choices=["rnn", "set"], help="pointer tasks: a recurrent encoder or "
+                                                                         "Read-Process-Write (set)")
+    group.add_argument("--process-steps", type=int, help="--pointer-encoder set: process steps")
+    group.add_argument("--label-smoothing", type=float, help="label smoothing of the training loss (default 0)")
+    group.add_argument("--scheduled-sampling", choices=["none", "linear", "exponential", "inverse_sigmoid"],
+                       help="schedule of the teacher-forcing probability (Bengio et al. 2015; default none)")
+    group.add_argument("--sampling-k", type=float, help="the schedule's k")
+    group.add_argument("--sampling-slope", type=float, help="the linear schedule's slope")
+    group.add_argument("--sampling-min", type=float, help="the lowest teacher-forcing probability")
+    group.add_argument("--eval-beam", type=int, help="evaluations decode with this beam width (default 1: greedy)")
+
+
+def _check_seq2seq_flags(args: argparse.Namespace, task) -> None:
+    """Raise InputError for a sequence-to-sequence flag given with another kind of task (or an
+    attention flag with a pointer task, whose attention is its output)."""
+    given = [name for name in SEQ2SEQ_FLAGS if getattr(args, name, None) is not None]
+    if not getattr(task, "seq2seq", False) and given:
+        flag = "--" + given[0].replace("_", "-")
+        raise InputError(f"{flag}: expected a sequence-to-sequence task (g2p, reverse, addition, sort, convex_hull), "
+                         f"got task {task.name!r}")
+    pointer_only = ("pointer_encoder", "process_steps")
+    token_only = ("attention", "num_heads", "input_feeding", "scheduled_sampling", "sampling_k", "sampling_slope",
+                  "sampling_min")
+    wrong = [n for n in given if n in (token_only if getattr(task, "pointer", False) else pointer_only)]
+    if wrong:
+        kind = "a token" if getattr(task, "pointer", False) else "a pointer"
+        raise InputError(f"--{wrong[0].replace('_', '-')}: expected {kind} task, got task {task.name!r}")
+
+
+def _seq2seq_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
+    """The Seq2SeqConfig (PointerConfig for a pointer task) of ``rnnkit train``'s flags over the recipe."""
+    from rnnkit.models import seq2seq_config_for
+
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
+    layer = args.model or defaults["model"]
+    layers = args.layers if args.layers is not None else defaults["layers"]
+    shared = _layer_options(args, defaults)
+    fields: dict[str, Any] = dict(
+        d_model=args.d_model if args.d_model is not None else defaults["d_model"],
+        encoder_layer=args.encoder or layer, encoder_block=args.block or defaults["block"],
+        encoder_layers=args.encoder_layers if args.encoder_layers is not None else layers,
+        encoder_options={**shared, **dict(_parse_option(o) for o in args.encoder_opt or ())},
+        bidirectional=args.bidirectional or pick("bidirectional_encoder"),
+        decoder_layer=args.decoder or layer,
+        decoder_layers=args.decoder_layers if args.decoder_layers is not None else layers,
+        decoder_options={**shared, **dict(_parse_option(o) for o in args.decoder_opt or ())},
+        bridge=pick("bridge"), dropout=pick("dropout"),
+    )
+    if task.pointer:
+        fields.update(encoder=pick("pointer_encoder"), process_steps=pick("process_steps"),
+                      process_layer=fields["decoder_layer"], process_options=fields["decoder_options"])
+    else:
+        attention = pick("attention")
+        fields.update(attention=ATTENTION_ALIASES.get(attention, attention), num_heads=pick("num_heads"),
+                      input_feeding=pick("input_feeding"), tie_embeddings=args.tie_embeddings)
+    return seq2seq_config_for(task, **fields)
+
+
+def _seq2seq_train_fields(args: argparse.Namespace, task, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The sequence-to-sequence fields of ``TrainConfig`` from the flags over the recipe (none for other tasks)."""
+    if not getattr(task, "seq2seq", False):
+        return {}
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
+    fields = {name: pick(name) for name in ("label_smoothing", "scheduled_sampling", "eval_beam")}
+    for name in ("sampling_k", "sampling_slope", "sampling_min"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    return fields
+
+
 def _layer_options(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
     """``--layer-opt`` values over the defaults' layer options; those defaults belong to the default
     model, so they are dropped as soon as the model, block or width is chosen on the command line."""
-    chosen = args.model is not None or args.block is not None or args.d_model is not None
+    chosen = args.model is not None or args.block is not None or args.d_model is not None \
+        or getattr(args, "encoder", None) is not None or getattr(args, "decoder", None) is not None
     options = {} if chosen else dict(defaults["layer_options"])
     options.update(_parse_option(o) for o in args.layer_opt)
     return options
@@ -199,7 +344,7 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
         num_layers=args.layers if args.layers is not None else defaults["layers"],
         layer_options=_layer_options(args, defaults),
         bidirectional=args.bidirectional,
-        dropout=args.dropout,
+        dropout=args.dropout if args.dropout is not None else defaults["dropout"],
         pooling=args.pooling,
         tie_embeddings=args.tie_embeddings,
     )
@@ -250,7 +395,8 @@ def _report_training(args: argparse.Namespace, trainer, result: dict[str, Any], 
     print(f"done in {result['seconds']:.0f} s ({result['tokens_per_second']:,.0f} {throughput_unit(task)}); "
           f"val: {describe_metrics(result['val'])}")
     print(f"checkpoint: {out}")
-    if task.input_kind == "tokens" and task.target == "per_step" and hasattr(task, "vocab") and args.sample_length > 0:
+    language_model = task.input_kind == "tokens" and task.target == "per_step" and not getattr(task, "seq2seq", False)
+    if language_model and hasattr(task, "vocab") and args.sample_length > 0:
         print("sample:")
         _print_sample(model, task, "\n", args.sample_length, 0.8, None, args.seed)
     return 0
@@ -259,7 +405,6 @@ def _report_training(args: argparse.Namespace, trainer, result: dict[str, Any], 
 def _prepare_training(args: argparse.Namespace):
     """Task, model, config and Trainer of ``rnnkit train`` (resumed with ``--resume``), and a ``say``
     that prints on rank 0 only."""
-    from rnnkit.models import SequenceModel
     from rnnkit.tasks import build_task
     from rnnkit.train import TrainConfig, Trainer, distributed, resolve_precision, seed_everything
 
@@ -281,17 +426,22 @@ def _prepare_training(args: argparse.Namespace):
     lead = distributed.rank_and_world()[0] == 0
     task = build_task(args.task, **dict(_parse_option(o) for o in args.task_opt))
     defaults = defaults_for(task)
+    _check_seq2seq_flags(args, task)
     seed_everything(args.seed)  # parameters are initialised from the run's seed
-    model_config = _model_config(args, task, defaults)
+    if getattr(task, "seq2seq", False):
+        model_config = _seq2seq_config(args, task, defaults)
+    else:
+        model_config = _model_config(args, task, defaults)
     try:
-        model = SequenceModel(model_config)
+        model = _model_class(model_config)(model_config)
     except (MemoryError, RuntimeError) as error:
         if not isinstance(error, MemoryError) and "alloc" not in str(error).lower():
             raise
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputError(
             f"--d-model/--layers: expected a model that fits in memory, got d_model={model_config.d_model}, "
-            f"layers={model_config.num_layers} (allocation failed: {first_line})"
+            f"layers={getattr(model_config, 'num_layers', None) or model_config.decoder_layers} "
+            f"(allocation failed: {first_line})"
         ) from None
     pick = lambda name, key: getattr(args, name) if getattr(args, name) is not None else defaults[key]  # noqa: E731
     config = TrainConfig(
@@ -303,14 +453,14 @@ def _prepare_training(args: argparse.Namespace):
         mode=args.mode, device=device, precision=resolve_precision(pick("precision", "precision"), device),
         progress=not args.no_progress, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, nan_policy=args.nan_policy,
-        max_skips=args.max_skips,
+        max_skips=args.max_skips, **_seq2seq_train_fields(args, task, defaults),
     )
-    out = Path(args.out or f"runs/{args.task}-{model_config.layer}-{time.strftime('%Y%m%d-%H%M%S')}")
+    layer = getattr(model_config, "layer", None) or model_config.encoder_layer
+    out = Path(args.out or f"runs/{args.task}-{layer}-{time.strftime('%Y%m%d-%H%M%S')}")
     lock = _claim_run_directory(args, out) if lead else None
     params = sum(p.numel() for p in model.parameters())
     say = print if lead else (lambda *a, **k: None)
-    say(f"rnnkit train: task {task.name}, model {model_config.block}/{model_config.layer} "
-        f"d_model={model_config.d_model} layers={model_config.num_layers} ({params:,} parameters), "
+    say(f"rnnkit train: task {task.name}, model {_describe_model(model_config)} ({params:,} parameters), "
         f"{_length_of_run(config)} of batch {config.batch_size} x {config.seq_len or task.default_seq_len or 'variable length'}, "
         f"lr {config.lr}, {config.precision}, {torch.get_num_threads()} threads", flush=True)
     try:
@@ -324,6 +474,26 @@ def _prepare_training(args: argparse.Namespace):
             lock.release()
         raise
     return trainer, say, lock
+
+
+def _model_class(config):
+    """The model class of a config: SequenceModel, Seq2Seq or PointerNetwork."""
+    from rnnkit.models import ModelConfig, PointerConfig, PointerNetwork, Seq2Seq, SequenceModel
+
+    return SequenceModel if isinstance(config, ModelConfig) else PointerNetwork if isinstance(config, PointerConfig) \
+        else Seq2Seq
+
+
+def _describe_model(config) -> str:
+    """``stacked/lstm d_model=128 layers=1``, or the encoder, decoder and attention of an encoder-decoder."""
+    if hasattr(config, "layer"):
+        return f"{config.block}/{config.layer} d_model={config.d_model} layers={config.num_layers}"
+    both = "bidirectional " if config.bidirectional else ""
+    encoder = "set encoder" if getattr(config, "encoder", "rnn") == "set" else \
+        f"{both}{config.encoder_block}/{config.encoder_layer} x{config.encoder_layers}"
+    attention = f", attention {config.attention}" if hasattr(config, "attention") else ", pointer"
+    return f"encoder {encoder}, decoder {config.decoder_layer} x{config.decoder_layers}{attention}, " \
+           f"d_model={config.d_model}"
 
 
 #: ``--steps`` when only ``--max-minutes`` bounds the run: the budget fixes the count after a few steps.
@@ -397,14 +567,14 @@ def _print_sample(model, task, prompt: str, length: int, temperature: float, top
 def _load_checkpoint(directory: str, task_opts: Sequence[str] = ()):
     """Model, restored task and ``train.json`` of a saved run; ``task_opts`` (``key=value``) override
     the saved task options, never its saved state (vocabulary, tokenizer)."""
-    from rnnkit.models import SequenceModel
+    from rnnkit.models import load_pretrained
     from rnnkit.tasks import restore_task, task_options
 
     path = Path(directory) / "train.json"
     if not path.is_file():
         raise InputError(f"--checkpoint: expected a directory written by `rnnkit train` with {path.name}, got {directory}")
     info = json.loads(path.read_text())
-    model = SequenceModel.from_pretrained(directory)
+    model = load_pretrained(directory)
     description = info["task"]
     if task_opts:
         overrides = dict(_parse_option(o) for o in task_opts)
@@ -425,7 +595,7 @@ def _set_threads(threads: int | None) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     model, task, _ = _load_checkpoint(args.checkpoint)
-    if not hasattr(task, "vocab"):
+    if not hasattr(task, "vocab") or getattr(task, "seq2seq", False):
         raise InputError(f"--checkpoint: expected a character language model, got one trained on {task.name!r}")
     check_seed("--seed", args.seed)
     _print_sample(model, task, args.prompt, args.length, args.temperature, args.top_k, args.seed, args.top_p)
@@ -452,10 +622,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # The whole split unless --max-batches: the training run's --eval-max-batches capped its own
     # evaluations for speed and is not a property of the model.
     train = dict(info["train"], eval_batch_size=args.batch_size, eval_max_batches=None, progress=False, device=device)
+    if args.beam is not None:
+        if not getattr(task, "seq2seq", False):
+            raise InputError(f"--beam: expected a model of a sequence-to-sequence task, got task {task.name!r}")
+        check_positive_int("--beam", args.beam)
+        train["eval_beam"] = args.beam
     trainer = Trainer(model, task, TrainConfig(**train))
-    metrics, seen = trainer.evaluate_bounded(args.split, max_batches=args.max_batches)
+    if args.seq_len is not None:
+        check_positive_int("--seq-len", args.seq_len)
+    metrics, seen = trainer.evaluate_bounded(args.split, seq_len=args.seq_len, max_batches=args.max_batches)
     part = "the whole split" if args.max_batches is None else f"the first {args.max_batches} batch(es)"
     print(f"{args.split}: {describe_metrics(metrics)} ({seen:,} sequences: {part})")
+    return 0
+
+
+def _translate_sources(args: argparse.Namespace):
+    """The sources of ``rnnkit translate``: ``--input`` values, then the lines of ``--input-file``; stdin's
+    lines when neither is given. Blank lines are skipped."""
+    if args.input_file is not None:
+        path = Path(args.input_file)
+        if not path.is_file():
+            raise InputError(f"--input-file: expected a file of sources, one per line, got {args.input_file!r} "
+                             "(no such file)")
+        lines = path.read_text(encoding="utf-8").splitlines()
+    else:
+        lines = [] if args.input else sys.stdin.read().splitlines()
+    return [text.strip() for text in [*args.input, *lines] if text.strip()]
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from rnnkit.models.decoding import beam_search
+    from rnnkit.train.config import check_device
+
+    for flag, value in (("--beam", args.beam), ("--nbest", args.nbest), ("--batch-size", args.batch_size)):
+        check_positive_int(flag, value)
+    if args.nbest > args.beam:
+        raise InputError(f"--nbest: expected at most --beam = {args.beam}, got {args.nbest}")
+    check_device("--device", args.device)
+    _set_threads(args.threads)
+    model, task, _ = _load_checkpoint(args.checkpoint)
+    if not getattr(task, "seq2seq", False):
+        raise InputError(f"--checkpoint: expected a model of a sequence-to-sequence task (g2p, reverse, ...), "
+                         f"got one trained on {task.name!r}")
+    model = model.to(args.device).eval()
+    sources = _translate_sources(args)
+    if not sources:
+        raise InputError("--input: expected at least one source (--input, --input-file or lines on stdin), got none")
+    for lo in range(0, len(sources), args.batch_size):
+        chunk = sources[lo:lo + args.batch_size]
+        src, lengths = task.source_batch(chunk)
+        beams = beam_search(model, src.to(args.device), lengths.to(args.device), beam_size=args.beam,
+                            n_best=args.nbest, alpha=args.alpha, **task.decode_options(lengths))
+        for i, text in enumerate(chunk):
+            for k in range(args.nbest):
+                if not torch.isfinite(beams.scores[i, k]):
+                    break  # fewer distinct hypotheses than asked for
+                output = task.decode_target(beams.tokens[i, k, : int(beams.lengths[i, k])].tolist())
+                print(f"{text}\t{output}\t{float(beams.scores[i, k]):.4f}", flush=True)
     return 0
 
 
@@ -493,6 +716,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from rnnkit.models.export import export_model, step_exportable
 
     model, task, info = _load_checkpoint(args.checkpoint)
+    if getattr(task, "seq2seq", False):
+        raise InputError(f"--checkpoint: expected a SequenceModel to export, got an encoder-decoder model of task "
+                         f"{task.name!r}")
     what = args.what or ("both" if step_exportable(model) else "forward")
     seq_len = args.seq_len or info["train"].get("seq_len") or task.default_seq_len
     manifest = export_model(model, args.out, format=args.format, what=what, seq_len=seq_len)
@@ -513,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rnnkit.bench.commands import cmd_bench, cmd_report
 
     commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "predict": cmd_predict, "list": cmd_list,
-                "bench": cmd_bench, "report": cmd_report, "export": cmd_export}
+                "bench": cmd_bench, "report": cmd_report, "export": cmd_export, "translate": cmd_translate}
     try:
         return commands[args.command](args)
     except (InputError, NonFiniteError) as error:

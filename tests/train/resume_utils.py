@@ -19,7 +19,7 @@ from rnnkit.train import CheckpointManager
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 #: Tiny runs covering what exact resume must restore: dropout (torch RNG), TBPTT state carried
-#: across windows (shakespeare), ragged batches (parity), residual blocks.
+#: across windows (shakespeare), ragged batches (parity), residual blocks, an encoder-decoder (reverse).
 RUNS = {
     "adding-gru2-dropout": ["--task", "adding", "--model", "gru", "--layers", "2", "--dropout", "0.2",
                             "--d-model", "8", "--batch-size", "4", "--seq-len", "12", "--task-opt", "eval_examples=8"],
@@ -28,6 +28,11 @@ RUNS = {
                                "--eval-batch-size", "2"],
     "parity-residual-elman": ["--task", "parity", "--model", "elman", "--block", "residual", "--d-model", "6",
                               "--batch-size", "4", "--seq-len", "9", "--task-opt", "eval_examples=8", "--dropout", "0.1"],
+    # An encoder-decoder: scheduled sampling draws tokens and dropout masks at every step, evaluations decode.
+    "reverse-seq2seq-sampling": ["--task", "reverse", "--model", "gru", "--d-model", "8", "--batch-size", "4",
+                                 "--dropout", "0.1", "--attention", "bahdanau", "--bidirectional-encoder",
+                                 "--label-smoothing", "0.1", "--scheduled-sampling", "linear", "--sampling-slope",
+                                 "0.02", "--task-opt", "eval_examples=8", "--task-opt", "max_len=5"],
 }
 
 

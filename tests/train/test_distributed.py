@@ -173,3 +173,17 @@ def test_two_ranks_carry_their_own_tbptt_streams(tmp_path):
     _fork_ranks(_cli_rank, _free_port(), argv(tmp_path / "ddp"))
     assert main(argv(tmp_path / "single")) == 0
     assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-5)
+
+
+def test_two_ranks_train_an_encoder_decoder_as_one_process(tmp_path):
+    """A sequence-to-sequence task under DDP: each rank trains on its rows of every batch (cut to their
+    own longest source and target), and the losses are the single process's."""
+    argv = lambda out: ["train", "--task", "reverse", "--task-opt", "max_len=6", "--task-opt", "eval_examples=8",  # noqa: E731
+                        "--model", "gru", "--attention", "bahdanau", "--bidirectional-encoder", "--d-model", "8",
+                        "--label-smoothing", "0.1", "--steps", "4", "--batch-size", "8", "--no-progress",
+                        "--threads", "1", "--out", str(out), "--log-dir", str(out / "logs")]
+    from rnnkit.cli import main
+
+    _fork_ranks(_cli_rank, _free_port(), argv(tmp_path / "ddp"))
+    assert main(argv(tmp_path / "single")) == 0
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-5)

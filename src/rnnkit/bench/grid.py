@@ -1,7 +1,9 @@
 """The task grid: train every (model, task, width, seed) cell with a fixed budget and record one JSON line each.
 
 ``rnnkit bench tasks`` calls :func:`run_grid`. A cell builds a :class:`~rnnkit.models.SequenceModel`
-whose blocks use the cell's registered layer, trains it with the :class:`~rnnkit.train.Trainer` for the
+whose blocks use the cell's registered layer (for a sequence-to-sequence task, a
+:class:`~rnnkit.models.Seq2Seq` or :class:`~rnnkit.models.PointerNetwork` with that layer as encoder
+and decoder), trains it with the :class:`~rnnkit.train.Trainer` for the
 budget's steps (stopping early if the budget's time cap is hit), then evaluates the test split at every
 test length the task offers (lengths beyond the training length measure length generalisation).
 
@@ -237,7 +239,7 @@ def downsample(values: Sequence[float], points: int) -> list[list[float]]:
 
 def run_cell(cell: Cell) -> dict[str, Any]:
     """Train and evaluate one cell; returns its result row (``status`` ``"ok"``)."""
-    from rnnkit.models import SequenceModel, model_config_for
+    from rnnkit.models import PointerNetwork, Seq2Seq, SequenceModel, model_config_for, seq2seq_config_for
     from rnnkit.tasks import build_task, task_options
     from rnnkit.train import TrainConfig, Trainer, seed_everything
 
@@ -250,9 +252,18 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     train_len = cell.task.seq_len or task.default_seq_len
     layer, layer_options = parse_model(cell.model)
     seed_everything(cell.seed)
-    model = SequenceModel(model_config_for(
-        task, d_model=cell.d_model, block=b.block, layer=layer, layer_options=layer_options, num_layers=b.num_layers,
-    ))
+    if getattr(task, "seq2seq", False):
+        # The cell's layer is the encoder and the decoder; the budget's blocks and depth are the encoder's.
+        config = seq2seq_config_for(
+            task, d_model=cell.d_model, encoder_block=b.block, encoder_layer=layer, encoder_options=layer_options,
+            encoder_layers=b.num_layers, decoder_layer=layer, decoder_options=layer_options,
+        )
+        model = (PointerNetwork if task.pointer else Seq2Seq)(config)
+    else:
+        model = SequenceModel(model_config_for(
+            task, d_model=cell.d_model, block=b.block, layer=layer, layer_options=layer_options,
+            num_layers=b.num_layers,
+        ))
     config = TrainConfig(
         steps=b.steps, batch_size=b.batch_size, seq_len=cell.task.seq_len, lr=b.lr, warmup_steps=b.warmup,
         eval_batch_size=b.eval_batch_size, eval_max_batches=1, seed=cell.seed, progress=False, log_every=10**9,
@@ -267,7 +278,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
 
     with contextlib.redirect_stdout(io.StringIO()):  # the trainer's end-of-run log line
         fit = trainer.fit(on_step=on_step)
-    metric = "mse" if task.target == "regress" else "accuracy"
+    metric = _metric(task)
     lengths = [train_len]
     if cell.task.seq_len is None:
         lengths = [T for T in task.test_lengths if T <= b.max_length_factor * train_len]
@@ -301,6 +312,16 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _metric(task) -> str:
+    """The metric a cell reports: ``mse`` for regression, ``accuracy`` where the task has it, else the
+    last of a sequence-to-sequence task's metrics (``g2p``: ``wer``)."""
+    if task.target == "regress":
+        return "mse"
+    if getattr(task, "seq2seq", False) and "accuracy" not in task.seq2seq_metrics:
+        return task.seq2seq_metrics[-1]
+    return "accuracy"
 
 
 #: Once per run, charged to its first cell: lazy imports and loading the fused kernels (later cells

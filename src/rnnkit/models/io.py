@@ -111,13 +111,24 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike, device: s
 
 
 
+#: The model classes that save themselves with :class:`Pretrained`, by the key of their config in
+#: ``config.json``; :func:`load_pretrained` picks from it.
+PRETRAINED_CLASSES: dict[str, type] = {}
+
+
 class Pretrained:
     """Mixin of the models configured by one dataclass: building from a config or its fields, and
     ``save_pretrained``/``from_pretrained`` (``config.json`` holds the config under ``CONFIG_KEY``,
-    next to ``model.safetensors``). Subclasses set ``CONFIG_KEY`` and ``CONFIG_CLASS``."""
+    next to ``model.safetensors``). Subclasses set ``CONFIG_KEY`` and ``CONFIG_CLASS`` and are listed
+    in :data:`PRETRAINED_CLASSES`."""
 
     CONFIG_KEY: str
     CONFIG_CLASS: type
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "CONFIG_KEY" in cls.__dict__:
+            PRETRAINED_CLASSES[cls.CONFIG_KEY] = cls
 
     @classmethod
     def resolve_config(cls, config: Any, fields: dict[str, Any]) -> Any:
@@ -145,3 +156,25 @@ class Pretrained:
         model = cls(cls.CONFIG_CLASS.from_dict(data[cls.CONFIG_KEY]))
         load_weights(model, directory)
         return model.to(device)
+
+
+def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model saved in ``directory`` (by ``save_pretrained`` or a Trainer), as the class its
+    ``config.json`` names: ``"model"`` a :class:`~rnnkit.models.SequenceModel`, ``"seq2seq"`` a
+    :class:`~rnnkit.models.Seq2Seq`, ``"pointer"`` a :class:`~rnnkit.models.PointerNetwork`.
+
+    Raises:
+        InputError: no ``config.json``, or one that names none of these models.
+    """
+    import rnnkit.models  # noqa: F401  (defines every model class, which lists itself)
+    from rnnkit.models.model import SequenceModel
+
+    data = read_config(directory)
+    if "model" in data:
+        return SequenceModel.from_pretrained(directory, device)
+    for key, cls in PRETRAINED_CLASSES.items():
+        if key in data:
+            return cls.from_pretrained(directory, device)
+    expected = sorted(["model", *PRETRAINED_CLASSES])
+    raise InputError(f"checkpoint: expected one of the entries {expected} in {directory}/config.json, "
+                     f"got keys {sorted(data)}")

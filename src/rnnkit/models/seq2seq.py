@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from rnnkit.errors import InputError, check_choice, check_lengths, check_positive_int, check_probability, describe
-from rnnkit.layers import build, flatten_state, map_state, spec
+from rnnkit.layers import build, flatten_state, map_state, names, spec
 from rnnkit.layers.base import Recurrence, length_mask
 from rnnkit.models.io import Pretrained
 from rnnkit.models.model import build_body
@@ -68,6 +68,8 @@ _WRAPPERS = ("stacked", "bidirectional")
 # ---------------------------------------------------------------------------------------- config
 def check_layer_field(name: str, layer: object, causal: bool) -> None:
     """Raise InputError unless ``layer`` names a registered recurrence (not a wrapper; causal if asked)."""
+    if layer not in names():
+        raise InputError(f"{name}: expected one of {names()}, got {layer!r}")
     layer_spec = spec(layer)
     if layer in _WRAPPERS:
         raise InputError(f"{name}: expected a recurrence (wrappers are set by the config's fields), got {layer!r}")

@@ -11,6 +11,8 @@ from typing import Any
 
 from rnnkit.errors import InputError
 from rnnkit.models.model import ModelConfig
+from rnnkit.models.pointer import PointerConfig
+from rnnkit.models.seq2seq import Seq2SeqConfig
 from rnnkit.targets import TARGET_KINDS, target_kind
 
 #: The model head each task target needs (the ``head`` column of :data:`rnnkit.targets.TARGET_KINDS`).
@@ -26,8 +28,8 @@ def task_io(task: Any) -> dict[str, Any]:
     """
     if getattr(task, "seq2seq", False):
         raise InputError(
-            f"task: expected a task for a SequenceModel, got the sequence-to-sequence task {task.name!r}; build a "
-            "Seq2Seq or PointerNetwork for it and train it from Python (docs/seq2seq.md); rnnkit train does not yet"
+            f"task: expected a task for a SequenceModel, got the sequence-to-sequence task {task.name!r}; wire a "
+            "Seq2Seq or PointerNetwork to it with seq2seq_config_for (docs/seq2seq.md)"
         )
     kind = target_kind(task.target, "task.target")
     tokens = task.input_kind == "tokens"
@@ -76,4 +78,48 @@ def check_fits(config: ModelConfig, task: Any) -> None:
         )
 
 
-__all__ = ["HEAD_FOR_TARGET", "check_fits", "model_config_for", "task_io"]
+def seq2seq_io(task: Any) -> dict[str, Any]:
+    """The config fields a sequence-to-sequence task fixes: for a pointer task (outputs are source
+    positions) the :class:`~rnnkit.models.PointerConfig` field ``d_input``; otherwise the
+    :class:`~rnnkit.models.Seq2SeqConfig` fields ``tgt_vocab_size`` and ``src_vocab_size`` (token
+    sources) or ``src_d_input`` (feature sources)."""
+    if not getattr(task, "seq2seq", False):
+        raise InputError(f"task: expected a sequence-to-sequence task, got {task.name!r} "
+                         "(wire it with model_config_for)")
+    if task.pointer:
+        return {"d_input": task.d_input}
+    tokens = task.input_kind == "tokens"
+    return {"tgt_vocab_size": task.tgt_vocab_size, "src_vocab_size": task.src_vocab_size if tokens else None,
+            "src_d_input": None if tokens else task.d_input}
+
+
+def seq2seq_config_for(task: Any, **options: Any):
+    """A :class:`~rnnkit.models.PointerConfig` (pointer tasks) or :class:`~rnnkit.models.Seq2SeqConfig`
+    wired to a sequence-to-sequence ``task`` (:func:`seq2seq_io`), with ``options`` for the rest
+    (``encoder_layer``, ``attention``, ``d_model``, ...).
+
+    Raises:
+        InputError: ``options`` sets a field the task fixes, or a field the config does not have.
+    """
+    wired = seq2seq_io(task)
+    clash = sorted(set(options) & set(wired))
+    if clash:
+        raise InputError(f"model options: expected none of the fields the task fixes {sorted(wired)}, got {clash}")
+    cls = PointerConfig if task.pointer else Seq2SeqConfig
+    return cls.from_dict({**wired, **options})
+
+
+def check_seq2seq_fits(config: Any, task: Any) -> None:
+    """Raise InputError unless ``config`` (a Seq2Seq or pointer config) has the kind and sizes ``task`` needs."""
+    wired = seq2seq_io(task)
+    kind = "PointerConfig" if task.pointer else "Seq2SeqConfig"
+    if isinstance(config, PointerConfig) != bool(task.pointer):
+        raise InputError(f"model: expected a {kind} for task {task.name!r}, got a {type(config).__name__}")
+    for name, expected in wired.items():
+        got = getattr(config, name)
+        if got != expected:
+            raise InputError(f"model.{name}: expected {expected!r} for task {task.name!r}, got {got!r}")
+
+
+__all__ = ["HEAD_FOR_TARGET", "check_fits", "check_seq2seq_fits", "model_config_for", "seq2seq_config_for",
+           "seq2seq_io", "task_io"]

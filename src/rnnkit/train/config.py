@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from rnnkit.errors import InputError, check_choice, check_positive_int, check_seed
+from rnnkit.models.losses import SCHEDULES, teacher_forcing_probability
 from rnnkit.train.precision import PRECISIONS
 
 
@@ -45,6 +46,15 @@ class TrainConfig:
     budget_minutes: float | None = None
     patience: int = 0  # stop after this many evaluations without a lower val loss (0: never; needs eval_every)
     keep_best: bool = False  # keep the model of the lowest val loss in <out_dir>/best (needs eval_every)
+    # Sequence-to-sequence tasks only (rnnkit.train.seq2seq):
+    label_smoothing: float = 0.0  # training loss: (1 - eps) NLL + eps * mean over classes of -log p
+    # Scheduled sampling (Bengio et al. 2015): the probability of feeding the true previous token
+    # falls with the step by this schedule of rnnkit.models.teacher_forcing_probability ("none": always 1).
+    scheduled_sampling: str = "none"  # "none", "linear", "exponential" or "inverse_sigmoid"
+    sampling_k: float | None = None  # the schedule's k (None: its default)
+    sampling_slope: float = 1e-4  # the linear schedule's decrease per step
+    sampling_min: float = 0.0  # the teacher-forcing probability never falls below this
+    eval_beam: int = 1  # evaluation decodes with beams of this width (1: greedy decoding)
 
     def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
@@ -82,6 +92,7 @@ class TrainConfig:
         if (self.patience or self.keep_best is True) and not self.eval_every:
             which = "patience" if self.patience else "keep_best"
             raise InputError(f"{which}: expected evaluations during training (eval_every > 0), got eval_every=0")
+        self._check_seq2seq_fields()
         for name in ("progress", "keep_best"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name}: expected a bool, got {getattr(self, name)!r}")
@@ -94,6 +105,29 @@ class TrainConfig:
                 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
             raise InputError(f"betas: expected two numbers in [0, 1), got {betas!r}")
         self.betas = tuple(betas)  # JSON round trips give lists
+
+    def _check_seq2seq_fields(self) -> None:
+        smoothing = self.label_smoothing
+        if not isinstance(smoothing, (int, float)) or isinstance(smoothing, bool) or not 0 <= smoothing < 1:
+            raise InputError(f"label_smoothing: expected a number in [0, 1), got {smoothing!r}")
+        check_choice("scheduled_sampling", self.scheduled_sampling, ("none", *SCHEDULES))
+        check_positive_int("eval_beam", self.eval_beam)
+        if self.scheduled_sampling != "none":
+            try:
+                teacher_forcing_probability(0, self.scheduled_sampling, self.sampling_k, self.sampling_slope,
+                                            self.sampling_min)
+            except InputError as error:  # name the config's fields, not the function's arguments
+                field = {"k": "sampling_k", "slope": "sampling_slope", "minimum": "sampling_min"}
+                name, _, rest = str(error).partition(":")
+                raise InputError(f"{field.get(name, name)}:{rest}") from None
+
+    @property
+    def teacher_forcing_schedule(self) -> dict[str, Any] | None:
+        """The arguments of ``teacher_forcing_probability`` after ``step`` (None without scheduled sampling)."""
+        if self.scheduled_sampling == "none":
+            return None
+        return {"schedule": self.scheduled_sampling, "k": self.sampling_k, "slope": self.sampling_slope,
+                "minimum": self.sampling_min}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,7 +159,7 @@ def check_device(name: str, device: object) -> None:
 #: TrainConfig fields that do not change a run's trajectory: they may differ on resume.
 RESUME_FREE_FIELDS = frozenset(
     {"progress", "log_every", "eval_every", "eval_batch_size", "eval_max_batches", "device",
-     "checkpoint_every", "keep_last", "nan_policy", "max_skips", "max_seconds", "keep_best"}
+     "checkpoint_every", "keep_last", "nan_policy", "max_skips", "max_seconds", "keep_best", "eval_beam"}
 )
 
 __all__ = ["RESUME_FREE_FIELDS", "TrainConfig", "check_device", "device_available"]

@@ -8,6 +8,7 @@ description, compared on resume so that a run never continues under a different 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -17,8 +18,7 @@ import torch
 
 from rnnkit.atomic import write_atomic, write_json_atomic
 from rnnkit.errors import InputError
-from rnnkit.models.io import save_model
-from rnnkit.train.config import RESUME_FREE_FIELDS
+from rnnkit.train.config import RESUME_FREE_FIELDS, TrainConfig
 
 #: Per-step records kept in ``Trainer.history``, the checkpoint and ``train.csv``.
 HISTORY_KEYS = ("step", "loss", "lr", "grad_norm", "skipped", "tokens_per_second", "elapsed")
@@ -40,9 +40,7 @@ def write_checkpoint_files(
     tmp: Path, model, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], description: dict[str, Any]
 ) -> None:
     """Fill a checkpoint directory (every file written atomically and fsynced)."""
-    from rnnkit import __version__
-
-    save_model(model, {"model": model.config.to_dict(), "rnnkit_version": __version__}, tmp)
+    model.save_pretrained(tmp)  # config.json names the model's class, so the checkpoint loads as one
     write_atomic(tmp / "optimizer.pt", lambda name: torch.save(optimizer.state_dict(), name))
     write_atomic(tmp / "trainer_state.pt", lambda name: torch.save(trainer_state, name))
     write_json_atomic(tmp / "train.json", description)
@@ -75,7 +73,10 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -
     """Raise InputError listing every field in which the run described by ``current`` differs from the
     checkpoint's ``saved`` description (fields that do not change the trajectory may differ)."""
     current = json.loads(json.dumps(current))  # as it reads back from JSON (tuples become lists)
-    diffs = _differences("train", saved.get("train", {}), current["train"], RESUME_FREE_FIELDS)
+    # A field added to TrainConfig after the checkpoint was written had its default value there.
+    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(TrainConfig)
+                                      if f.default is not dataclasses.MISSING}))
+    diffs = _differences("train", {**defaults, **saved.get("train", {})}, current["train"], RESUME_FREE_FIELDS)
     diffs += _differences("model", saved.get("model", {}), current["model"])
     # A learned vocabulary or tokenizer can be large: compare it by digest, so a changed corpus is named, not printed.
     diffs += _differences("task", _digest_state(saved.get("task", {})), _digest_state(current["task"]))

@@ -36,9 +36,9 @@ from rnnkit.errors import InputError, NonFiniteError
 from rnnkit.layers.base import flatten_state, map_state
 from rnnkit.models.io import read_weights
 from rnnkit.models.model import SequenceModel
-from rnnkit.models.wiring import check_fits
 from rnnkit.tasks import Batch, Task, task_description
 from rnnkit.train import distributed
+from rnnkit.train import seq2seq
 from rnnkit.train.checkpoint import CheckpointManager, resolve_checkpoint
 from rnnkit.train.config import RESUME_FREE_FIELDS, TrainConfig
 from rnnkit.train.logs import MetricsLogger
@@ -64,10 +64,14 @@ BUDGET_PROBE_STEPS = 20
 
 
 class Trainer:
-    """Trains a :class:`SequenceModel` on a :class:`~rnnkit.tasks.Task`.
+    """Trains a :class:`SequenceModel` on a :class:`~rnnkit.tasks.Task`, or an encoder-decoder model
+    (:class:`~rnnkit.models.Seq2Seq`, :class:`~rnnkit.models.PointerNetwork`) on a sequence-to-sequence
+    task (:mod:`rnnkit.train.seq2seq`: the loss with label smoothing and scheduled sampling, evaluation
+    by decoding), with the same checkpoints, exact resume, logs and NaN policy.
 
     Args:
-        model: the model; its head must match the task's target.
+        model: the model; its head must match the task's target (a Seq2Seq or PointerNetwork wired to
+            a sequence-to-sequence task, see :func:`~rnnkit.models.seq2seq_config_for`).
         task: the task supplying batches.
         config: optimisation settings.
         out_dir: where :meth:`fit` writes the final model and, under ``checkpoints/``, resumable
@@ -103,7 +107,8 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.run_info = dict(run_info or {})
-        check_fits(self.model.config, task)
+        self.seq2seq = seq2seq.is_seq2seq(task)
+        seq2seq.check_model(self.model, task, self.config)
         self.rank, self.world_size = distributed.rank_and_world()
         if self.config.batch_size % self.world_size:
             raise InputError(
@@ -177,7 +182,7 @@ class Trainer:
                     while self.step < cfg.steps and not self._out_of_time() and not self.patience_spent():
                         batch = next(batches)
                         if self.step == start:
-                            check_target(self.task, batch.x, batch.y)  # before a loss could misread it
+                            self._check_batch(batch)  # before a loss could misread it
                         record = self._train_step(batch)
                         self._record(record, batch, clock, logger, report)
                         self._fix_steps_from_budget(clock, report)
@@ -334,8 +339,16 @@ class Trainer:
             flag = distributed.all_sum([flag], self.config.device)[0]
         return bool(flag)
 
+    def _check_batch(self, batch: Batch) -> None:
+        if self.seq2seq:
+            seq2seq.check_batch(self.task, batch)
+        else:
+            check_target(self.task, batch.x, batch.y)
+
     def _shard(self, batch: Batch) -> Batch:
         """This rank's rows of a global batch (all rows outside a process group)."""
+        if self.seq2seq:
+            return seq2seq.shard(batch, self.rank, self.world_size)
         if self.world_size == 1:
             return batch
         per = batch.x.shape[0] // self.world_size
@@ -351,8 +364,12 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         set_lr(self.optimizer, lr)
         with autocast(cfg):
-            output, state = self.net(local.x, state, local.lengths, cfg.mode)
-            loss, loss_value = self._loss(output, local, batch)
+            if self.seq2seq:
+                total = seq2seq.loss_sum(self.net, self.task, local, cfg, self.step, self.rank)
+                loss, loss_value = self._mean_loss(total, batch.num_tokens)
+            else:
+                output, state = self.net(local.x, state, local.lengths, cfg.mode)
+                loss, loss_value = self._loss(output, local, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = clip_gradients(self.model, cfg.grad_clip)
@@ -373,11 +390,19 @@ class Trainer:
         if self.world_size == 1:
             loss, _ = loss_and_counts(output, local, self.task.target)
             return loss, float(loss.detach())
+        loss_sum, _ = loss_and_counts(output, local, self.task.target, reduction="sum")
+        return self._mean_loss(loss_sum, prediction_count(batch, self.task.target))
+
+    def _mean_loss(self, loss_sum: torch.Tensor, total: int) -> tuple[torch.Tensor, float]:
+        """From this rank's summed loss and the global batch's number of predictions ``total``: the
+        loss to differentiate and the global mean loss."""
+        if self.world_size == 1:
+            loss = loss_sum / max(total, 1)
+            return loss, float(loss.detach())
         # Each rank's sum over the *global* count, times the world size: DDP's gradient average
         # then equals the gradient of the global mean, even when ranks hold different numbers of
         # predictions (ignored targets, ragged sequences).
-        total = max(prediction_count(batch, self.task.target), 1)
-        loss_sum, _ = loss_and_counts(output, local, self.task.target, reduction="sum")
+        total = max(total, 1)
         loss_value = distributed.all_sum([float(loss_sum.detach())], self.config.device)[0] / total
         return loss_sum / total * self.world_size, loss_value
 
@@ -432,7 +457,8 @@ class Trainer:
     def evaluate(self, split: str = "val", max_batches: int | None = None) -> dict[str, float]:
         """Metrics over a whole evaluation split (or its first ``max_batches`` batches).
 
-        Streaming tasks are evaluated as streams: the state is carried across windows.
+        Streaming tasks are evaluated as streams: the state is carried across windows. Sequence-to-
+        sequence tasks report the teacher-forced loss and the task's metrics of decoded predictions.
         """
         max_batches = max_batches if max_batches is not None else self.config.eval_max_batches
         return self.evaluate_bounded(split, max_batches=max_batches)[0]
@@ -453,9 +479,13 @@ class Trainer:
         """
         was_training = self.model.training
         self.model.eval()
+        seq_len = seq_len if seq_len is not None else self.config.seq_len
+        if self.seq2seq:
+            result = seq2seq.evaluate(self.model, self.task, self.config, split, seq_len, max_batches, max_seconds)
+            self.model.train(was_training)
+            return result
         totals = empty_totals()
         state, seen, started = None, 0, time.perf_counter()
-        seq_len = seq_len if seq_len is not None else self.config.seq_len
         for index, batch in enumerate(self.task.eval_batches(split, self.config.eval_batch_size, seq_len)):
             if max_batches is not None and index >= max_batches:
                 break
