@@ -29,6 +29,15 @@ def test_train_eval_on_a_synthetic_task(tmp_path, capsys):
     assert "character language model" in capsys.readouterr().err
 
 
+def test_train_in_newton_mode(tmp_path, capsys):
+    """``--mode newton`` trains a nonlinear cell with Newton's method over the sequence."""
+    argv = ["train", "--task", "parity", "--model", "paragru", "--d-model", "8", "--steps", "2", "--batch-size", "4",
+            "--seq-len", "10", "--no-progress", "--out", str(tmp_path / "run"), "--mode", "newton",
+            "--task-opt", "eval_examples=8"]
+    assert main(argv) == 0
+    assert "val: loss" in capsys.readouterr().out
+
+
 def test_train_and_generate_shakespeare(tmp_path, capsys):
     out_dir = tmp_path / "lm"
     argv = ["train", "--d-model", "16", "--steps", "2", "--batch-size", "4", "--seq-len", "16", "--no-progress",
