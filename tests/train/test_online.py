@@ -74,7 +74,8 @@ def test_every_elementwise_layer_is_covered() -> None:
     assert set(ELEMENTWISE_LAYERS) <= set(CONFIGS)
 
 
-@pytest.mark.parametrize(("name", "block"), [("mingru", 1), ("paragru", 1), ("lru", 2)])
+@pytest.mark.parametrize(("name", "block"), [("mingru", 1), ("minlstm", 1), ("rglru", 1), ("paragru", 1), ("lru", 2),
+                                             ("s4d", 2)])
 def test_rtrl_with_block_diagonal_jacobian_equals_bptt(name: str, block: int) -> None:
     layer, head, x, target = _setup(name, **CONFIGS[name])
     expected = _bptt(layer, head, x, target)

@@ -99,7 +99,7 @@ class OnlineGradient:
         layer: a causal rnnkit layer (its ``step``); its parameters that require gradients are learnt.
         method: ``"rtrl"`` (exact) or ``"uoro"`` (unbiased rank-one estimate).
         block_size: ``rtrl`` only: the state Jacobian is block-diagonal with blocks of this many
-            consecutive entries of the flat state (1 for ``mingru``, ``minlstm``, ``paragru``; 2 for the
+            consecutive entries of the flat state (1 for ``mingru``, ``minlstm``, ``rglru``, ``paragru``; 2 for the
             (re, im) pairs of ``lru`` and ``s4d``), so ``M``'s update costs ``B S K P`` instead of
             ``B S^2 P``; None: dense (any layer). A wrong declaration gives wrong gradients.
         generator: the random source of ``uoro``'s signs (a fixed seed makes it reproducible).
