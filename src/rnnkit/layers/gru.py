@@ -43,6 +43,7 @@ class GRU(ClassicRNN):
         bias: learn biases.
         kernel: fused-mode kernel, ``"auto"`` (rnnkit's own on CPU, where it is faster than
             torch.nn.GRU; cuDNN on GPU), ``"torch"`` or ``"rnnkit"``.
+        newton_*: options of ``mode="newton"`` (:class:`rnnkit.layers._newton.NewtonOptions`).
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, H)``; state ``h`` ``(B, H)``.
 

@@ -70,6 +70,7 @@ class LSTM(ClassicRNN):
         forget_bias: initial forget-gate bias.
         bias: learn biases.
         kernel: fused-mode kernel, ``"auto"``, ``"torch"`` or ``"rnnkit"``.
+        newton_*: options of ``mode="newton"`` (:class:`rnnkit.layers._newton.NewtonOptions`).
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, R)``; state :class:`LSTMState` ``h`` (B, R), ``c`` (B, H).
 
