@@ -12,7 +12,7 @@ from rnnkit.cli import main
 def test_list_shows_layers_with_modes_and_tasks(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "lstm" in out and "recurrent, fused" in out and "shakespeare" in out
+    assert "lstm" in out and "recurrent, newton, fused" in out and "shakespeare" in out
 
 
 def test_train_eval_on_a_synthetic_task(tmp_path, capsys):
