@@ -12,7 +12,7 @@ from rnnkit.cli import main
 def test_list_shows_layers_with_modes_and_tasks(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "lstm" in out and "recurrent, fused" in out and "shakespeare" in out
+    assert "lstm" in out and "recurrent, newton, fused" in out and "shakespeare" in out
 
 
 def test_train_eval_on_a_synthetic_task(tmp_path, capsys):
@@ -27,6 +27,15 @@ def test_train_eval_on_a_synthetic_task(tmp_path, capsys):
     assert "test: loss" in capsys.readouterr().out
     assert main(["generate", "--checkpoint", str(out_dir)]) == 2  # not a character model
     assert "character language model" in capsys.readouterr().err
+
+
+def test_train_in_newton_mode(tmp_path, capsys):
+    """``--mode newton`` trains a nonlinear cell with Newton's method over the sequence."""
+    argv = ["train", "--task", "parity", "--model", "paragru", "--d-model", "8", "--steps", "2", "--batch-size", "4",
+            "--seq-len", "10", "--no-progress", "--out", str(tmp_path / "run"), "--mode", "newton",
+            "--task-opt", "eval_examples=8"]
+    assert main(argv) == 0
+    assert "val: loss" in capsys.readouterr().out
 
 
 def test_train_and_generate_shakespeare(tmp_path, capsys):

@@ -6,7 +6,7 @@ inference, tested to agree with a step-by-step reference.
 
 __version__ = "0.1.0"
 
-from rnnkit.errors import ExportError, InputError, NonFiniteError
+from rnnkit.errors import ConvergenceError, ExportError, InputError, NonFiniteError
 from rnnkit import layers
 
-__all__ = ["ExportError", "InputError", "NonFiniteError", "layers", "__version__"]
+__all__ = ["ConvergenceError", "ExportError", "InputError", "NonFiniteError", "layers", "__version__"]

@@ -31,6 +31,19 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN or infinite during training."""
 
 
+class ConvergenceError(RuntimeError):
+    """An iterative solver stopped without reaching its tolerance (:mod:`rnnkit.ops.newton`).
+
+    Not an :class:`InputError`: the call was valid, the iteration failed on these values. The message
+    says how far it got (iterations, last residual, tolerance) and what to change; ``info`` holds the
+    solver's diagnostics (a :class:`~rnnkit.ops.newton.NewtonInfo`: the residual of every iteration).
+    """
+
+    def __init__(self, message: str, info: object = None) -> None:
+        super().__init__(message)
+        self.info = info
+
+
 class DiskFullError(InputError, OSError):
     """A write failed because its file system is full (or the user's quota is spent).
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from rnnkit import ops
 from rnnkit.ops.classic_rnn import LSTMState
+from rnnkit.ops.classic_rnn import gru_cell
 from rnnkit.ops.mlstm import MLSTMState
 from rnnkit.ops.sliding_window_attention import sliding_window_attention_recurrent
 from tests.ops import harness
@@ -131,6 +132,51 @@ def window_inputs(B, T, gen):
     return {"q": q, "k": k, "v": v, "window": 6, "state": state}
 
 
+def matrix_scan_inputs(B, T, gen):
+    return {"A": _randn(gen, B, T, 2, 3, 3, scale=0.4), "b": _randn(gen, B, T, 2, 3), "h0": _randn(gen, B, 2, 3)}
+
+
+def _gru_flat(h, x_t, *params):
+    return gru_cell(x_t, h, *params)
+
+
+def _diagonal_cell(h, x_t, weight, diag, bias):
+    return torch.tanh(F.linear(x_t, weight, bias) + diag * h)
+
+
+def _pair_cell(s, x_t, weight, diag):
+    """An LSTM-like cell on (h, c) pairs: the Jacobian has 2 x 2 blocks."""
+    pairs = s.unflatten(-1, (-1, 2))
+    h, c = pairs[..., 0], pairs[..., 1]
+    f, g = F.linear(x_t, weight).chunk(2, -1)
+    c = torch.sigmoid(f + diag[0] * h) * c + torch.tanh(g + diag[1] * h)
+    return torch.stack([torch.tanh(c), c], -1).flatten(-2)
+
+
+def newton_inputs(kind):
+    """A dense GRU cell (state 3), a diagonal cell (state 4) and a 2 x 2 block cell (state 4)."""
+
+    def make(B, T, gen):
+        x = _randn(gen, B, T, D)
+        if kind == "dense":
+            S = 3
+            params = (_randn(gen, 3 * S, D, scale=0.5), _randn(gen, 3 * S, S, scale=0.5), _randn(gen, 3 * S, scale=0.5),
+                      _randn(gen, 3 * S, scale=0.5))
+            cell, block = _gru_flat, None
+        elif kind == "diagonal":
+            S = 4
+            params = (_randn(gen, S, D, scale=0.5), _randn(gen, S), _randn(gen, S, scale=0.5))
+            cell, block = _diagonal_cell, 1
+        else:
+            S = 4
+            params = (_randn(gen, S, D, scale=0.5), _randn(gen, 2, S // 2))
+            cell, block = _pair_cell, 2
+        return {"cell": cell, "x": x, "h0": _randn(gen, B, S, scale=0.5), "params": params, "block_size": block,
+                "state_size": S}
+
+    return make
+
+
 HEADS = {"q": 2, "k": 2, "v": 2}
 FUSED = ("fused",) if ops.fused_available() else ()
 SCAN_FORMS = ("parallel", "chunk") + FUSED + ("auto",)
@@ -178,6 +224,14 @@ FAMILIES = [
            keywords=("peephole", "weight_hr")),
     Family("lstm-peephole-proj", ops.lstm, ("fused",), classic_inputs(4, lstm=True, proj=2), {"x": 1}, 1, "state",
            keywords=("peephole", "weight_hr")),
+    Family("matrix_scan", ops.matrix_scan, ("parallel", "chunk", "auto"), matrix_scan_inputs, {"A": 1, "b": 1}, 1,
+           "h0", options={"chunk": {"chunk_size": 8}}),
+    Family("newton-dense", ops.newton_recurrence, ("newton", "quasi"), newton_inputs("dense"), {"x": 1}, 1, "h0",
+           keywords=("block_size", "state_size")),
+    Family("newton-diagonal", ops.newton_recurrence, ("newton",), newton_inputs("diagonal"), {"x": 1}, 1, "h0",
+           keywords=("block_size", "state_size")),
+    Family("newton-blocks", ops.newton_recurrence, ("newton", "quasi"), newton_inputs("blocks"), {"x": 1}, 1, "h0",
+           keywords=("block_size", "state_size")),
     Family("sliding_window", ops.sliding_window_attention, ("parallel", "chunk"), window_inputs, HEADS, 2, "state",
            options={"chunk": {"chunk_size": 8}}, defined_past_length=False),
 ]

@@ -13,7 +13,7 @@ from rnnkit.layers.registry import LayerSpec, build, names, register, spec
 # Importing a layer module registers it: adding a recurrence is its file plus one line here.
 from rnnkit.layers import bidirectional, elman, gru, lstm, stacked  # noqa: E402,F401
 from rnnkit.layers import cfc, lru, mamba, rglru, s4, s4d, s5  # noqa: E402,F401
-from rnnkit.layers import mingru, minlstm  # noqa: E402,F401
+from rnnkit.layers import mingru, minlstm, pararnn  # noqa: E402,F401
 from rnnkit.layers import attention, based, gla, linear_attention, mamba2, mlstm, retnet  # noqa: E402,F401
 from rnnkit.layers import deltanet, gated_deltanet  # noqa: E402,F401
 from rnnkit.layers import gateloop, hgrn2, rwkv6, rwkv7  # noqa: E402,F401

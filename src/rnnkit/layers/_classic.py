@@ -1,8 +1,10 @@
 """What the classic cells (Elman, LSTM, GRU) share: parameters under PyTorch's names, kernel choice.
 
-Each classic layer has two modes:
+Each classic layer has three modes:
 
 - ``recurrent``: the plain per-step loop in the layer's file, autograd through it (the definition);
+- ``newton``: the whole sequence by Newton iterations over dense matrix scans (DEER;
+  :mod:`rnnkit.layers._newton`), options ``newton_*`` in the config;
 - ``fused``: a whole-sequence kernel, either PyTorch's own (``kernel="torch"``: oneDNN on CPU,
   cuDNN on GPU, only for configurations ``torch.nn`` supports) or rnnkit's hand-differentiated loop
   (``kernel="rnnkit"``: any configuration, e.g. LSTM peepholes). ``kernel="auto"`` picks the faster
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import InputError, check_choice, check_positive_int
+from rnnkit.layers._newton import NewtonOptions, solve_newton
 from rnnkit.layers.base import Recurrence, State, length_mask
 from rnnkit.ops import torch_rnn as torch_kernels
 
@@ -33,21 +36,31 @@ KERNELS = ("auto", "torch", "rnnkit")
 
 
 @dataclass
-class ClassicConfig:
-    """Options every classic cell shares."""
+class CellConfig(NewtonOptions):
+    """Options of every nonlinear cell with a ``newton`` mode (the ``newton_*`` ones: :class:`NewtonOptions`)."""
 
     d_model: int  # input width D_in
     hidden_size: int | None = None  # H; defaults to d_model
     bias: bool = True  # learn b_ih and b_hh (PyTorch keeps both)
-    kernel: str = "auto"  # fused-mode kernel: "auto", "torch" (torch.nn's) or "rnnkit" (own loop)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive_int("d_model", self.d_model)
         if self.hidden_size is None:
             self.hidden_size = self.d_model
         check_positive_int("hidden_size", self.hidden_size)
         if not isinstance(self.bias, bool):
             raise InputError(f"bias: expected a bool, got {self.bias!r}")
+
+
+@dataclass
+class ClassicConfig(CellConfig):
+    """Options every classic cell shares: :class:`CellConfig`'s and the fused kernel."""
+
+    kernel: str = "auto"  # fused-mode kernel: "auto", "torch" (torch.nn's) or "rnnkit" (own loop)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("kernel", self.kernel, KERNELS)
 
 
@@ -69,7 +82,7 @@ def _warn_fp32_fallback(layer: str, dtype: torch.dtype) -> None:
 class ClassicRNN(Recurrence):
     """Shared parameters and dispatch of the classic cells; see the module docstring."""
 
-    MODES = ("recurrent", "fused")
+    MODES = ("recurrent", "newton", "fused")
     #: Gate blocks stacked in ``weight_ih_l0`` (1 Elman, 3 GRU, 4 LSTM).
     GATES: ClassVar[int] = 1
     #: Whether ``kernel="auto"`` takes PyTorch's kernel on the CPU (on accelerators it always does:
@@ -154,6 +167,8 @@ class ClassicRNN(Recurrence):
     def _forward(self, x, state, lengths, mode):
         if mode == "recurrent":
             return self._recurrent(x, state, lengths)
+        if mode == "newton":
+            return self._newton(x, state, lengths)
         if self.fused_kernel(x.device) == "torch":
             hx = (state,) if isinstance(state, torch.Tensor) else tuple(state)
             y, final = torch_kernels.torch_rnn(
@@ -168,6 +183,8 @@ class ClassicRNN(Recurrence):
         # hand-differentiated in one dtype, so it runs in the parameters' dtype with autocast off.
         if mode in (None, "recurrent"):
             return True
+        if mode == "newton":  # its tolerance is for the parameters' dtype
+            return False
         if self.fused_kernel(x.device) != "torch":
             return False
         if self._torch_kernel_takes_autocast(x.device):
@@ -177,6 +194,15 @@ class ClassicRNN(Recurrence):
 
     def _recurrent(self, x: torch.Tensor, state: State, lengths: torch.Tensor | None):
         raise NotImplementedError
+
+    def _cell(self, h: torch.Tensor, x_t: torch.Tensor, *params: torch.Tensor | None) -> torch.Tensor:
+        """One step on the flat state ``h`` ``(N, S)`` with ``x_t`` ``(N, D)``: what Newton solves."""
+        raise NotImplementedError
+
+    def _newton(self, x: torch.Tensor, state: State, lengths: torch.Tensor | None):
+        """``newton`` mode for a tensor state (Elman, GRU): the states are the outputs."""
+        states = solve_newton(self, self._cell, x, state, self._params(), lengths)
+        return states, states[:, -1]
 
     def _native(self, x: torch.Tensor, state: State, mask: torch.Tensor | None):
         """rnnkit's kernel; returns time-major ``y`` (T, B, D_out) and the final state."""

@@ -36,7 +36,7 @@ from rnnkit.errors import (
 )
 
 #: Every mode name rnnkit knows, in the order of docs/design.md.
-MODE_NAMES = ("recurrent", "parallel", "chunk", "conv", "fused")
+MODE_NAMES = ("recurrent", "parallel", "chunk", "conv", "fused", "newton")
 
 State = Any  # a tensor, or a (named) tuple of states
 

@@ -35,6 +35,7 @@ class ElmanConfig(ClassicConfig):
         "relu": {"nonlinearity": "relu"},
         "tanh-rnnkit": {"hidden_size": 6, "kernel": "rnnkit"},
         "relu-rnnkit-nobias": {"nonlinearity": "relu", "kernel": "rnnkit", "bias": False},
+        "tanh-quasi": {"hidden_size": 6, "newton_quasi": True},
     },
 )
 class Elman(ClassicRNN):
@@ -47,6 +48,7 @@ class Elman(ClassicRNN):
         bias: learn biases.
         kernel: fused-mode kernel, ``"auto"`` (rnnkit's own on CPU, where it is faster than
             torch.nn.RNN; cuDNN on GPU), ``"torch"`` or ``"rnnkit"``.
+        newton_*: options of ``mode="newton"`` (:class:`rnnkit.layers._newton.NewtonOptions`).
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, H)``; state ``h`` ``(B, H)``.
 
@@ -72,6 +74,9 @@ class Elman(ClassicRNN):
     def _native(self, x, state, mask):
         xp = self.input_projection(x, fold_hidden_bias=True)  # (T, B, H)
         return elman_sequence(xp, state, self.weight_hh_l0, self.config.nonlinearity == "relu", mask)
+
+    def _cell(self, h, x_t, *params):
+        return elman_cell(x_t, h, *params, self.config.nonlinearity)
 
     def _step(self, x_t, state):
         h = elman_cell(x_t, state, *self._params(), self.config.nonlinearity)

@@ -31,6 +31,7 @@ class GRUConfig(ClassicConfig):
         "default": {"hidden_size": 6},
         "torch": {"hidden_size": 6, "kernel": "torch"},
         "rnnkit-nobias": {"kernel": "rnnkit", "bias": False},
+        "damped": {"hidden_size": 6, "newton_damping": 0.5},
     },
 )
 class GRU(ClassicRNN):
@@ -42,6 +43,7 @@ class GRU(ClassicRNN):
         bias: learn biases.
         kernel: fused-mode kernel, ``"auto"`` (rnnkit's own on CPU, where it is faster than
             torch.nn.GRU; cuDNN on GPU), ``"torch"`` or ``"rnnkit"``.
+        newton_*: options of ``mode="newton"`` (:class:`rnnkit.layers._newton.NewtonOptions`).
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, H)``; state ``h`` ``(B, H)``.
 
@@ -66,6 +68,9 @@ class GRU(ClassicRNN):
     def _native(self, x, state, mask):
         xp = self.input_projection(x, fold_hidden_bias=False)  # (T, B, 3H); b_hn is gated by r
         return gru_sequence(xp, state, self.weight_hh_l0, self.bias_hh_l0, mask)
+
+    def _cell(self, h, x_t, *params):
+        return gru_cell(x_t, h, *params)
 
     def _step(self, x_t, state):
         h = gru_cell(x_t, state, *self._params())

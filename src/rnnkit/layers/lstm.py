@@ -20,6 +20,7 @@ from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int
 from rnnkit.layers._classic import ClassicConfig, ClassicRNN
+from rnnkit.layers._newton import solve_newton
 from rnnkit.layers.registry import make_config, register
 from rnnkit.ops.classic_rnn import LSTMState, lstm, lstm_cell, lstm_sequence
 
@@ -69,6 +70,7 @@ class LSTM(ClassicRNN):
         forget_bias: initial forget-gate bias.
         bias: learn biases.
         kernel: fused-mode kernel, ``"auto"``, ``"torch"`` or ``"rnnkit"``.
+        newton_*: options of ``mode="newton"`` (:class:`rnnkit.layers._newton.NewtonOptions`).
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, R)``; state :class:`LSTMState` ``h`` (B, R), ``c`` (B, H).
 
@@ -122,6 +124,17 @@ class LSTM(ClassicRNN):
         w_ih, w_hh, b_ih, b_hh, peephole, w_hr = self._params()
         return lstm(x, state, w_ih, w_hh, b_ih, b_hh, peephole=peephole, weight_hr=w_hr, lengths=lengths,
                     mode="recurrent")
+
+    def _cell(self, s, x_t, *params):
+        # The flat state is (h, c) side by side: (N, R + H).
+        h, c = s.split([self.d_output, self.hidden_size], -1)
+        state = lstm_cell(x_t, LSTMState(h, c), *params)
+        return torch.cat([state.h, state.c], -1)
+
+    def _newton(self, x, state, lengths):
+        states = solve_newton(self, self._cell, x, torch.cat([state.h, state.c], -1), self._params(), lengths)
+        h, c = states.split([self.d_output, self.hidden_size], -1)
+        return h, LSTMState(h[:, -1], c[:, -1])
 
     def _native(self, x, state, mask):
         xp = self.input_projection(x, fold_hidden_bias=True)  # (T, B, 4H)

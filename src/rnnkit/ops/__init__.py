@@ -31,6 +31,13 @@ result (up to rounding) faster, and the tests hold them to it.
 - :func:`elman`, :func:`lstm`, :func:`gru` ``(x, state, weights...)``: the classic cells over a
   sequence, x ``(B, T, D)`` -> y ``(B, T, H)`` (``(B, T, R)`` for a projected LSTM). Modes
   :data:`CLASSIC_MODES`: ``recurrent``, ``fused`` (whole-sequence kernels, hand-written backward).
+- :func:`matrix_scan` ``(A, b, h0)``: ``h_t = A_t h_{t-1} + b_t`` with ``K x K`` blocks; ``A``
+  ``(B, T, *S, K, K)``, ``b`` ``(B, T, *S, K)`` -> ``h`` ``(B, T, *S, K)``. Modes
+  :data:`MATRIX_SCAN_MODES`: ``recurrent``, ``parallel``, ``chunk``, ``auto``.
+- :func:`newton_recurrence` ``(cell, x, h0, params)``: a nonlinear recurrence ``h_t = cell(h_{t-1},
+  x_t, *params)`` solved for all steps by Newton iterations over parallel scans (DEER, quasi-DEER,
+  ELK), gradients by the implicit function theorem; x ``(B, T, *X)``, h0 ``(B, S)`` -> h
+  ``(B, T, S)``. Modes :data:`NEWTON_MODES`: ``recurrent``, ``newton``, ``quasi``.
 - :func:`sliding_window_attention` ``(q, k, v, window, state, lengths)``: causal softmax attention
   over the last ``window`` steps. Modes :data:`SLIDING_WINDOW_MODES`: ``recurrent``, ``parallel``,
   ``chunk``.
@@ -42,7 +49,9 @@ its full path (``from rnnkit.ops.mlstm import MLSTMState``).
 from rnnkit.ops.classic_rnn import CLASSIC_MODES, elman, gru, lstm
 from rnnkit.ops.delta_rule import DELTA_RULE_MODES, DPLR_DELTA_RULE_MODES, delta_rule, dplr_delta_rule
 from rnnkit.ops.gated_linear_attention import GLA_MODES, gated_linear_attention
+from rnnkit.ops.matrix_scan import MATRIX_SCAN_MODES, matrix_scan
 from rnnkit.ops.mlstm import MLSTM_MODES, mlstm
+from rnnkit.ops.newton import NEWTON_MODES, NewtonInfo, newton_recurrence
 from rnnkit.ops.scan import (
     LINEAR_SCAN_MODES,
     fused_available,
@@ -60,7 +69,10 @@ __all__ = [
     "DPLR_DELTA_RULE_MODES",
     "GLA_MODES",
     "LINEAR_SCAN_MODES",
+    "MATRIX_SCAN_MODES",
     "MLSTM_MODES",
+    "NEWTON_MODES",
+    "NewtonInfo",
     "SELECTIVE_SCAN_MODES",
     "SHORT_CONV_MODES",
     "SLIDING_WINDOW_MODES",
@@ -74,7 +86,9 @@ __all__ = [
     "linear_scan_log",
     "linear_scan_recurrent",
     "lstm",
+    "matrix_scan",
     "mlstm",
+    "newton_recurrence",
     "selective_scan",
     "short_conv",
     "sliding_window_attention",
