@@ -31,8 +31,9 @@ predictions) the decoder runs one ``step`` at a time. Both paths compute the sam
   tensor's shape; so an LSTM gets ``h`` and ``c``, a matrix-state layer its ``(H, K, V)`` matrix,
   a Mamba layer its convolution buffer and SSM state. A layer whose state is or holds a cache of past
   steps (``attention``'s KV cache, ``based``'s sliding window: slots with validity flags and positions,
-  which a projection would fill with invented steps) instead reads the projected summary as its first
-  input: one ``step`` from its initial state. Non-floating state parts keep their initial values.
+  which a projection would fill with invented steps), or counts its steps (the test-time-training
+  layers' position in a mini-batch), instead reads the projected summary as its first input: one
+  ``step`` from its initial state. Non-floating state parts keep their initial values.
 - ``"zeros"``: the decoder's own initial state; the source reaches it through attention only.
 - ``"auto"``: ``copy`` when the encoder is causal and uses the decoder's layer, options and number of
   layers, else ``project``.
@@ -298,11 +299,14 @@ def _structure(state: Any) -> Any:
 
 
 def _has_slot_flags(state: Any) -> bool:
-    """Whether a state holds validity flags of cache slots (a field ``valid`` or ``*_valid``)."""
+    """Whether a state holds validity flags of cache slots (a field ``valid`` or ``*_valid``) or a step
+    counter (``count``: the test-time-training layers' position in their mini-batch), parts that
+    hold whole numbers a projection would not write."""
     if isinstance(state, torch.Tensor):
         return False
     names = getattr(state, "_fields", ())
-    return any(n == "valid" or n.endswith("_valid") for n in names) or any(_has_slot_flags(p) for p in state)
+    flags = any(n in ("valid", "count") or n.endswith("_valid") for n in names)
+    return flags or any(_has_slot_flags(p) for p in state)
 
 
 def _is_cache(layer: Recurrence) -> bool:

@@ -1,0 +1,415 @@
+"""What the test-time-training memories share (``ttt_linear``, ``ttt_mlp``, ``titans``): a small
+network per head whose weights are the state, trained on each token by one step of gradient descent
+on a self-supervised loss, with the mini-batch size part of the recurrence.
+
+The inner network is an MLP ``z = mlp_W(x)`` of ``depth`` linear layers (with or without biases), exact
+GELU between them, followed by a head: ``f(x) = x + LN(z)`` (TTT's LayerNorm + residual, ``ln`` given)
+or ``f(x) = z`` (Titans' memory, ``ln`` None). The loss of token ``t`` is ``l_t(W) = 1/2 ||f(k_t) -
+v_t||^2``, its gradient ``G_t(W)`` (one tensor per weight) written out analytically (the MLP's
+backward pass; no ``torch.autograd.grad``), so that autograd of the outer model differentiates
+through the inner updates like any other arithmetic.
+
+**The recurrence, per head, with mini-batch size ``b``.** The state keeps ``W0`` (the weights at the
+start of the current mini-batch), ``W`` (the current weights), for the momentum update ``S`` (the
+momentum), and ``c``, the steps already read in the current mini-batch. At each step:
+
+    u_t = lr_t G_t(W0)                                   gradient at the mini-batch-start weights
+    plain:     W <- W - u_t                              (TTT)
+    momentum:  S <- eta_t S - u_t;  W <- (1 - alpha_t) W + S          (Titans)
+    y_t = f_W(q_t)                                       read out with the updated weights
+    c <- c + 1;  if c = b:  W0 <- W, c <- 0              the mini-batch ends
+
+With ``b = 1``, ``W0 = W`` at every step and this is per-token gradient descent ``W_t = W_{t-1} -
+lr_t G_t(W_{t-1})``; with ``b > 1`` it is the mini-batch gradient descent of Sun et al. 2024 (section
+2.4: every gradient of a mini-batch at the weights it started from, each output with the weights
+after its own token's update) and Titans' chunked training (Behrouz et al. 2025, section 3.2). The
+state has a constant size: ``W0 - W`` is the pending mini-batch's accumulated update. The layers keep
+``W0`` and ``W`` in their state counted from the learned initial weights (:class:`TTTState`); the
+functions here take and return them whole.
+
+**``recurrent``** runs that loop step by step. **``chunk``** computes the same recurrence one
+mini-batch at a time without materialising a weight per token: the gradients of a mini-batch are
+all taken at ``W0``, so the layer inputs ``X`` and output gradients ``delta`` of its ``b`` tokens come
+from one batched forward and backward pass, and the weights that token ``t`` reads out with are
+
+    W_t = D_t W + E_t S - sum_{s <= t} C[t, s] lr_s X_s^T delta_s
+
+(plain: ``D = 1``, ``E = 0``, ``C[t, s] = 1``; momentum: ``D``, ``E``, ``C`` are the two nested linear
+scans of ``S`` and ``W`` over the mini-batch in closed form, products of ``eta`` and ``1 - alpha``
+taken as exponentials of differences of cumulative log sums, never divided). So the read-out
+``q_t W_t`` is the dual form of Sun et al.: ``D_t q_t W + E_t q_t S - (C ⊙ q X^T) delta`` for each
+layer in turn, and the carry to the next mini-batch is the last row. Memory is linear in ``T``:
+per mini-batch ``(b, b)`` matrices and one weight set, never a ``(T, K, K)`` tensor of weights.
+
+A state whose ``c`` is not zero (a sequence continued mid-mini-batch) and padded batches are handled
+by shifting each sequence within a grid of ``ceil((T + b - 1) / b)`` mini-batches so that its
+mini-batches line up with the grid; the slots before its start and after its length are identity
+steps (``lr = 0``, ``eta = 1``, ``alpha = 0``, no write of ``S`` into ``W``). No tensor value is read on
+the host, so both modes trace under ``torch.compile`` and ``torch.export`` without a graph break.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnnkit.errors import InputError
+from rnnkit.layers._multihead import MultiHeadRecurrence
+from rnnkit.ops.padding import freeze, step_valid
+
+Weights = tuple[torch.Tensor, ...]  # per layer W (B, H, in, out), then its bias (B, H, out) if any
+
+
+class InnerSpec(NamedTuple):
+    """The inner network and its update: ``depth`` linear layers, ``bias`` on each, ``momentum``
+    (Titans' momentum and decay) or plain gradient descent, and the mini-batch size ``b``."""
+
+    depth: int
+    bias: bool
+    momentum: bool
+    mini_batch: int
+
+
+class Gates(NamedTuple):
+    """Per-token scalars per head, each ``(B, H, T)``: the inner learning rate ``lr``, and for the
+    momentum update ``log eta`` (momentum) and ``log (1 - alpha)`` (what the decay keeps)."""
+
+    lr: torch.Tensor
+    log_eta: torch.Tensor | None = None
+    log_keep: torch.Tensor | None = None
+
+
+class LNHead(NamedTuple):
+    """TTT's output head ``f(x) = x + LN(z)``: LayerNorm weight and bias ``(H, K)`` and its epsilon."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+
+# --------------------------------------------------------------------------- option checks
+def check_positive_number(name: str, value: object) -> None:
+    """A finite number > 0, named in the error."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise InputError(f"{name}: expected a positive number, got {value!r}")
+
+
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InputError(f"{name}: expected a bool, got {value!r}")
+
+
+# --------------------------------------------------------------------------- the inner network
+def _layers(weights: Weights, spec: InnerSpec) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``[(W, b or None)]`` per layer from the flat weight tuple."""
+    if spec.bias:
+        return [(weights[2 * i], weights[2 * i + 1]) for i in range(spec.depth)]
+    return [(w, None) for w in weights]
+
+
+def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
+    """Derivative of the exact GELU ``z Phi(z)``: ``Phi(z) + z phi(z)``."""
+    return 0.5 * (1.0 + torch.erf(z * 0.5**0.5)) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def _mlp(layers, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's input ``X_l`` and pre-activation ``Z_l`` for ``x`` ``(B, H, n, in)``."""
+    inputs, pre = [], []
+    h = x
+    for i, (w, b) in enumerate(layers):
+        inputs.append(h)
+        z = h @ w
+        if b is not None:
+            z = z + b[..., None, :]
+        pre.append(z)
+        if i + 1 < len(layers):
+            h = F.gelu(z)
+    return inputs, pre
+
+
+def _head(z: torch.Tensor, x: torch.Tensor, ln: LNHead | None):
+    """``f``'s output for the last pre-activation ``z`` and the network's input ``x``, and what the
+    LayerNorm's backward needs (``zhat``, ``1 / sigma``)."""
+    if ln is None:
+        return z, None
+    centred = z - z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + ln.eps)
+    zhat = centred * rstd
+    return x + zhat * ln.weight[:, None] + ln.bias[:, None], (zhat, rstd)
+
+
+def _loss_grads(layers, x: torch.Tensor, target: torch.Tensor, ln: LNHead | None):
+    """Inputs ``X_l`` and output gradients ``delta_l = dl/dZ_l`` of every layer, for the tokens ``x``
+    ``(B, H, n, K)`` and their targets, ``l = 1/2 ||f(x) - target||^2`` summed over tokens."""
+    inputs, pre = _mlp(layers, x)
+    out, norm = _head(pre[-1], x, ln)
+    delta = out - target
+    if ln is not None:
+        zhat, rstd = norm
+        g = delta * ln.weight[:, None]
+        delta = rstd * (g - g.mean(-1, keepdim=True) - zhat * (g * zhat).mean(-1, keepdim=True))
+    deltas = [delta]
+    for i in range(len(layers) - 1, 0, -1):
+        delta = (delta @ layers[i][0].transpose(-1, -2)) * _gelu_grad(pre[i - 1])
+        deltas.insert(0, delta)
+    return inputs, deltas
+
+
+def _apply(ln: LNHead | None, layers, q: torch.Tensor) -> torch.Tensor:
+    """``f_W(q)`` for ``q`` ``(B, H, n, K)``."""
+    return _head(_mlp(layers, q)[1][-1], q, ln)[0]
+
+
+def _scaled_grads(inputs, deltas, coef: torch.Tensor, spec: InnerSpec) -> Weights:
+    """``sum_s coef_s X_s^T delta_s`` (and ``sum_s coef_s delta_s`` for biases) per layer, in the
+    flat weight order; ``coef`` ``(B, H, n)``."""
+    out = []
+    for x, d in zip(inputs, deltas):
+        d = d * coef[..., None]
+        out.append(x.transpose(-1, -2) @ d)
+        if spec.bias:
+            out.append(d.sum(-2))
+    return tuple(out)
+
+
+def _expand(g: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """A per-(B, H) scalar ``g`` viewed to broadcast over ``leaf`` ``(B, H, ...)``."""
+    return g.view(*g.shape, *([1] * (leaf.dim() - g.dim())))
+
+
+def _where(cond: torch.Tensor, a: Weights, b: Weights) -> Weights:
+    """Per sequence (``cond`` ``(B,)``): ``a`` where True, else ``b``."""
+    return tuple(torch.where(cond.view(-1, *([1] * (x.dim() - 1))), x, y) for x, y in zip(a, b))
+
+
+def _position(count: torch.Tensor, b: int) -> torch.Tensor:
+    """The state's step count as a whole number in ``[0, b)`` (same dtype). A count that is not finite
+    (a state the caller did not validate) reads as 0, so the call still runs."""
+    return torch.remainder(torch.nan_to_num(count.round(), nan=0.0, posinf=0.0, neginf=0.0), b)
+
+
+# --------------------------------------------------------------------------- recurrent: the definition
+def fast_weights_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: Gates,
+    carry: tuple,
+    lengths: torch.Tensor | None,
+    spec: InnerSpec,
+    ln: LNHead | None,
+):
+    """The per-step loop of the module docstring.
+
+    Args:
+        q, k, v: ``(B, H, T, K)`` read-out input, training input and target of the inner loss (TTT's
+            residual head reconstructs ``v`` from ``k``, i.e. the MLP fits ``v - k``).
+        gates: per-token ``(B, H, T)`` scalars.
+        carry: ``(start, weights, momentum, count)``: the state's ``W0``, ``W`` and ``S`` (None without
+            momentum), and ``(B,)`` the steps read in the current mini-batch (rounded; a float leaf).
+        lengths: ``(B,)`` or None; padded steps leave the state as it was.
+
+    Returns:
+        ``y`` ``(B, H, T, K)`` and the final ``(start, weights, momentum, count)``.
+    """
+    start, weights, momentum, count = carry
+    b = spec.mini_batch
+    count = _position(count, b)
+    ys = []
+    for t in range(q.shape[2]):
+        inputs, deltas = _loss_grads(_layers(start, spec), k[:, :, t : t + 1], v[:, :, t : t + 1], ln)
+        lr = gates.lr[:, :, t : t + 1]  # (B, H, 1): the one token's coefficient
+        u = _scaled_grads(inputs, deltas, lr, spec)
+        if momentum is None:
+            new_w, new_m = tuple(w - g for w, g in zip(weights, u)), None
+        else:
+            eta, keep = gates.log_eta[:, :, t].exp(), gates.log_keep[:, :, t].exp()  # (B, H)
+            new_m = tuple(_expand(eta, s) * s - g for s, g in zip(momentum, u))
+            new_w = tuple(_expand(keep, w) * w + s for w, s in zip(weights, new_m))
+        ys.append(_apply(ln, _layers(new_w, spec), q[:, :, t : t + 1]))
+        new_count = count + 1
+        full = new_count >= b
+        new_start = _where(full, new_w, start)
+        new_count = torch.where(full, torch.zeros_like(new_count), new_count)
+        valid = step_valid(t, lengths)
+        start, weights, count = freeze(valid, new_start, start), freeze(valid, new_w, weights), freeze(valid, new_count, count)
+        if momentum is not None:
+            momentum = freeze(valid, new_m, momentum)
+    return torch.cat(ys, 2), (start, weights, momentum, count)
+
+
+# --------------------------------------------------------------------------- chunk: mini-batch at a time
+def _decay_matrix(log_cum: torch.Tensor) -> torch.Tensor:
+    """``exp(L_t - L_s)`` for ``s <= t``, zero above the diagonal; ``log_cum`` ``(..., n)`` cumulative
+    log products, so entry ``[t, s]`` is the product of the factors at steps ``s+1 .. t``."""
+    n = log_cum.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=log_cum.device).tril()
+    diff = (log_cum[..., :, None] - log_cum[..., None, :]).masked_fill(~causal, -math.inf)
+    return diff.exp()
+
+
+def _coefficients(gates: Gates, active: torch.Tensor):
+    """``(D, E, C, P, Pm)`` of one mini-batch for the momentum update (module docstring), from gates
+    ``(B, H, n)`` and ``active`` ``(B, 1, n)`` (float, 0 at identity steps). ``C`` and ``Pm``
+    include each column's learning rate."""
+    log_eta = gates.log_eta.cumsum(-1)
+    log_keep = gates.log_keep.cumsum(-1)
+    P, Pm = log_eta.exp(), _decay_matrix(log_eta)  # S_t = P_t S - sum_s Pm[t, s] u_s
+    Dm = _decay_matrix(log_keep)  # W_t = sum_{r <= t} Dm[t, r] (active_r S_r) + D_t W
+    E = (Dm @ (active * P)[..., None])[..., 0]
+    C = Dm @ (active[..., None] * Pm)
+    lr = gates.lr[..., None, :]
+    return log_keep.exp(), E, C * lr, P, Pm * lr
+
+
+def fast_weights_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: Gates,
+    carry: tuple,
+    lengths: torch.Tensor | None,
+    spec: InnerSpec,
+    ln: LNHead | None,
+):
+    """The same recurrence as :func:`fast_weights_recurrent` (same arguments and results), one
+    mini-batch at a time in the dual form (module docstring)."""
+    start, weights, momentum, count = carry
+    B, H, T, K = q.shape
+    b = spec.mini_batch
+    device = q.device
+    offset = _position(count, b).long()  # (B,) steps of its mini-batch a sequence has read
+    length = lengths.long() if lengths is not None else torch.full((B,), T, dtype=torch.long, device=device)
+    n_mb = (T + 2 * b - 2) // b  # room for any offset in [0, b)
+    grid = torch.arange(n_mb * b, device=device)
+    source = grid[None, :] - offset[:, None]  # (B, T'): the step of the sequence in each grid slot
+    active = (source >= 0) & (source < length[:, None])
+    index = source.clamp(0, T - 1)[:, None, :].expand(B, H, -1)
+
+    def on_grid(t: torch.Tensor, fill: float) -> torch.Tensor:  # (B, H, T) -> (B, H, T'), identity off the sequence
+        return torch.where(active[:, None], t.gather(2, index), torch.full((), fill, dtype=t.dtype, device=device))
+
+    index4 = index[..., None].expand(-1, -1, -1, K)
+    qg, kg, vg = (t.gather(2, index4) for t in (q, k, v))
+    lr = on_grid(gates.lr, 0.0)
+    if momentum is not None:
+        log_eta, log_keep = on_grid(gates.log_eta, 0.0), on_grid(gates.log_keep, 0.0)
+    act = active[:, None].to(q.dtype)  # (B, 1, T')
+    last_mb = (offset + length - 1) // b  # the mini-batch holding each sequence's last step
+    final_count = torch.remainder(offset + length, b)
+    grad_base, captured = start, start
+    ys = []
+    for m in range(n_mb):
+        s = slice(m * b, (m + 1) * b)
+        inputs, deltas = _loss_grads(_layers(grad_base, spec), kg[:, :, s], vg[:, :, s], ln)
+        cur = _layers(weights, spec)
+        mom = _layers(momentum, spec) if momentum is not None else None
+        if momentum is None:
+            D = E = P = Pm = None
+            C = torch.ones(b, b, dtype=q.dtype, device=device).tril() * lr[:, :, None, s]
+        else:
+            D, E, C, P, Pm = _coefficients(Gates(lr[:, :, s], log_eta[:, :, s], log_keep[:, :, s]), act[:, :, s])
+        h = qg[:, :, s]
+        for i, ((w, bias), x, d) in enumerate(zip(cur, inputs, deltas)):
+            z = h @ w
+            if bias is not None:
+                z = z + bias[..., None, :]
+            if D is not None:
+                z = D[..., None] * z + E[..., None] * (h @ mom[i][0])
+                if bias is not None:
+                    z = z + E[..., None] * mom[i][1][..., None, :]
+            mix = C * (h @ x.transpose(-1, -2)) if bias is None else C * (h @ x.transpose(-1, -2) + 1)
+            z = z - mix @ d
+            h = F.gelu(z) if i + 1 < len(cur) else z
+        ys.append(_head(h, qg[:, :, s], ln)[0])
+        last = C[..., -1, :]  # (B, H, b): the row of the mini-batch's last token
+        step = _scaled_grads(inputs, deltas, last, spec)
+        if momentum is None:
+            weights = tuple(w - g for w, g in zip(weights, step))
+        else:
+            dS = _scaled_grads(inputs, deltas, Pm[..., -1, :], spec)
+            weights = tuple(
+                _expand(D[..., -1], w) * w + _expand(E[..., -1], sm) * sm - g
+                for w, sm, g in zip(weights, momentum, step)
+            )
+            momentum = tuple(_expand(P[..., -1], sm) * sm - g for sm, g in zip(momentum, dS))
+        captured = _where(last_mb == m, grad_base, captured)
+        grad_base = weights
+    y = torch.cat(ys, 2).gather(2, (offset[:, None] + torch.arange(T, device=device))[:, None, :, None].expand(B, H, T, K))
+    start = _where(final_count == 0, weights, captured)
+    return y, (start, weights, momentum, final_count.to(count.dtype))
+
+
+# --------------------------------------------------------------------------- the layers' base class
+class TTTState(NamedTuple):
+    """State of a TTT layer, inner weights counted from the learned initial ones (so a fresh state is
+    zeros and the initial weights get their gradient whatever state a call starts from): ``start``
+    the inner weights at the start of the current mini-batch, ``weights`` the current ones, each
+    minus the initial weights (a tuple with one ``(B, H, in, out)`` matrix and ``(B, H, out)`` bias
+    per inner layer; ``start - weights`` is the pending mini-batch's update), and ``count`` ``(B, 1)``
+    the steps read in the current mini-batch (whole numbers, kept in the state's dtype)."""
+
+    start: tuple
+    weights: tuple
+    count: torch.Tensor
+
+
+class TitansState(NamedTuple):
+    """State of the Titans memory: as :class:`TTTState`, plus ``momentum`` (``S``, shaped like
+    ``weights``, zero at the start)."""
+
+    start: tuple
+    weights: tuple
+    momentum: tuple
+    count: torch.Tensor
+
+
+class FastWeightLayer(MultiHeadRecurrence):
+    """Base of the test-time-training layers: modes ``recurrent`` (the definition) and ``chunk`` (the
+    dual form, one mini-batch at a time), learned initial inner weights ``inner`` (one parameter per
+    inner tensor, ``(H, in, out)`` or ``(H, out)``), and the state of :class:`TTTState` or
+    :class:`TitansState`.
+
+    Subclasses set ``spec`` (:class:`InnerSpec`) and ``inner`` and implement ``_inner_inputs(x) ->
+    (q, k, v, gates)`` (each ``(B, H, T, K)``, :class:`Gates`), ``_output(y, x)`` (``y`` ``(B, H, T, K)``
+    -> ``(B, T, D)``) and ``_ln()`` (the :class:`LNHead` or None).
+    """
+
+    MODES = ("recurrent", "chunk")
+    # The inner loop takes one dtype throughout: under autocast it runs in the parameters' (the
+    # reference implementations keep the inner loop in fp32 too).
+    autocast_safe = False
+    spec: InnerSpec
+    inner: nn.ParameterList
+
+    def _init_state(self, batch_size, device, dtype):
+        def zeros() -> tuple:
+            return tuple(torch.zeros(batch_size, *p.shape, device=device, dtype=dtype) for p in self.inner)
+
+        count = torch.zeros(batch_size, 1, device=device, dtype=dtype)
+        if self.spec.momentum:
+            return TitansState(zeros(), zeros(), zeros(), count)
+        return TTTState(zeros(), zeros(), count)
+
+    def _forward(self, x, state, lengths, mode):
+        q, k, v, gates = self._inner_inputs(x)
+        run = fast_weights_chunk if mode == "chunk" else fast_weights_recurrent
+        momentum = state.momentum if self.spec.momentum else None
+        init = tuple(p[None] for p in self.inner)  # the state counts the weights from these
+
+        def absolute(part: Weights) -> Weights:
+            return tuple(w + w0 for w, w0 in zip(part, init))
+
+        carry = (absolute(state.start), absolute(state.weights), momentum, state.count[:, 0])
+        y, (start, weights, momentum, count) = run(q, k, v, gates, carry, lengths, self.spec, self._ln())
+        start, weights = (tuple(w - w0 for w, w0 in zip(part, init)) for part in (start, weights))
+        count = count[:, None]
+        new = TitansState(start, weights, momentum, count) if self.spec.momentum else TTTState(start, weights, count)
+        return self._output(y, x), new
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in vars(self.config).items())
