@@ -24,6 +24,7 @@ import errno
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model on a task (default: Shakespeare character LM)")
     train.add_argument("--task", default="shakespeare", help="task name (see `rnnkit list`)")
     train.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE", help="task option, repeatable")
-    train.add_argument("--model", help="registered layer used in every block (default lstm)")
+    train.add_argument("--model", help="registered layer used in every block (default lstm), or a layer pattern "
+                                       "cycled to --layers, e.g. 'rglru,rglru,attention:window=1024' or 'mamba*7,attention'")
     train.add_argument("--block", choices=["stacked", "residual"], help="block type")
     train.add_argument("--d-model", type=int, help="model width")
     train.add_argument("--layers", type=int, help="number of layers / blocks")
@@ -305,11 +307,14 @@ def _prepare_training(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, nan_policy=args.nan_policy,
         max_skips=args.max_skips,
     )
-    out = Path(args.out or f"runs/{args.task}-{model_config.layer}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from rnnkit.layers.pattern import format_pattern
+
+    label = format_pattern(model_config.layer)
+    out = Path(args.out or f"runs/{args.task}-{_file_word(label)}-{time.strftime('%Y%m%d-%H%M%S')}")
     lock = _claim_run_directory(args, out) if lead else None
     params = sum(p.numel() for p in model.parameters())
     say = print if lead else (lambda *a, **k: None)
-    say(f"rnnkit train: task {task.name}, model {model_config.block}/{model_config.layer} "
+    say(f"rnnkit train: task {task.name}, model {model_config.block}/{label} "
         f"d_model={model_config.d_model} layers={model_config.num_layers} ({params:,} parameters), "
         f"{_length_of_run(config)} of batch {config.batch_size} x {config.seq_len or task.default_seq_len or 'variable length'}, "
         f"lr {config.lr}, {config.precision}, {torch.get_num_threads()} threads", flush=True)
@@ -324,6 +329,11 @@ def _prepare_training(args: argparse.Namespace):
             lock.release()
         raise
     return trainer, say, lock
+
+
+def _file_word(text: str) -> str:
+    """``text`` as one word of a file name: a layer pattern's separators and options become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
 
 
 #: ``--steps`` when only ``--max-minutes`` bounds the run: the budget fixes the count after a few steps.
