@@ -16,5 +16,6 @@ from rnnkit.layers import cfc, lru, mamba, rglru, s4d  # noqa: E402,F401
 from rnnkit.layers import mingru, minlstm  # noqa: E402,F401
 from rnnkit.layers import attention, based, gla, linear_attention, mamba2, mlstm, retnet  # noqa: E402,F401
 from rnnkit.layers import deltanet, gated_deltanet  # noqa: E402,F401
+from rnnkit.layers import aaren, slstm  # noqa: E402,F401
 
 __all__ = ["MODE_NAMES", "LayerSpec", "Recurrence", "build", "flatten_state", "map_state", "names", "register", "spec"]
