@@ -28,6 +28,7 @@ import errno
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model on a task (default: Shakespeare character LM)")
     train.add_argument("--task", default="shakespeare", help="task name (see `rnnkit list`)")
     train.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE", help="task option, repeatable")
-    train.add_argument("--model", help="registered layer used in every block (default lstm)")
+    train.add_argument("--model", help="registered layer used in every block (default lstm), or a layer pattern "
+                                       "cycled to --layers, e.g. 'rglru,rglru,attention:window=1024' or 'mamba*7,attention'")
     train.add_argument("--block", choices=["stacked", "residual"], help="block type")
     train.add_argument("--d-model", type=int, help="model width")
     train.add_argument("--layers", type=int, help="number of layers / blocks")
@@ -455,8 +457,10 @@ def _prepare_training(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, nan_policy=args.nan_policy,
         max_skips=args.max_skips, **_seq2seq_train_fields(args, task, defaults),
     )
-    layer = getattr(model_config, "layer", None) or model_config.encoder_layer
-    out = Path(args.out or f"runs/{args.task}-{layer}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from rnnkit.layers.pattern import format_pattern
+
+    layer = format_pattern(getattr(model_config, "layer", None) or model_config.encoder_layer)
+    out = Path(args.out or f"runs/{args.task}-{_file_word(layer)}-{time.strftime('%Y%m%d-%H%M%S')}")
     lock = _claim_run_directory(args, out) if lead else None
     params = sum(p.numel() for p in model.parameters())
     say = print if lead else (lambda *a, **k: None)
@@ -487,13 +491,20 @@ def _model_class(config):
 def _describe_model(config) -> str:
     """``stacked/lstm d_model=128 layers=1``, or the encoder, decoder and attention of an encoder-decoder."""
     if hasattr(config, "layer"):
-        return f"{config.block}/{config.layer} d_model={config.d_model} layers={config.num_layers}"
+        from rnnkit.layers.pattern import format_pattern
+
+        return f"{config.block}/{format_pattern(config.layer)} d_model={config.d_model} layers={config.num_layers}"
     both = "bidirectional " if config.bidirectional else ""
     encoder = "set encoder" if getattr(config, "encoder", "rnn") == "set" else \
         f"{both}{config.encoder_block}/{config.encoder_layer} x{config.encoder_layers}"
     attention = f", attention {config.attention}" if hasattr(config, "attention") else ", pointer"
     return f"encoder {encoder}, decoder {config.decoder_layer} x{config.decoder_layers}{attention}, " \
            f"d_model={config.d_model}"
+
+
+def _file_word(text: str) -> str:
+    """``text`` as one word of a file name: a layer pattern's separators and options become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
 
 
 #: ``--steps`` when only ``--max-minutes`` bounds the run: the budget fixes the count after a few steps.

@@ -227,6 +227,21 @@ def test_exported_model_runs_with_state_trees(tmp_path: Path) -> None:
     assert zero[0].shape == (2, 6) and not bool(zero[0].any())
 
 
+def test_hybrid_stack_exports_forward_and_step(tmp_path: Path) -> None:
+    """A layer pattern's mixed state (a recurrence's tensor, attention's rotary cache) exports as one
+    flat tuple of leaves, in the mode every block declares."""
+    torch.manual_seed(0)
+    model = SequenceModel(vocab_size=VOCAB, d_model=8, block="residual", num_layers=3,
+                          layer="mingru,attention:window=3:num_heads=2").eval()
+    manifest = export_model(model, tmp_path, format="pt2", what="both", seq_len=SEQ_LEN)
+    mode = manifest["artefacts"]["forward.pt2"]["mode"]
+    assert mode in model.body.modes and "fused" not in model.body.modes
+    names = [leaf["name"] for leaf in manifest["state"]["leaves"]]
+    assert names[0] == "state.0" and "state.1.k" in names and "state.1.position" in names and names[-1] == "state.2"
+    final = check_forward(model, pt2_runner(tmp_path / "forward.pt2"), mode, "hybrid forward.pt2")
+    check_steps(model, pt2_runner(tmp_path / "step.pt2"), final, "hybrid step.pt2")
+
+
 def test_feature_input_classifier_exports_forward_only(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = SequenceModel(d_input=3, d_model=8, layer="gru", head="classify", n_outputs=4, pooling="mean").eval()

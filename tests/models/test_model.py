@@ -21,20 +21,26 @@ def _lm(name: str) -> SequenceModel:
     return SequenceModel(vocab_size=11, d_model=8, **LM_CONFIGS[name]).double().eval()
 
 
-@pytest.mark.parametrize("name", sorted(LM_CONFIGS))
-def test_lm_step_matches_forward_and_state_carries(name):
-    model = _lm(name)
-    x = torch.randint(0, 11, (3, 9))
-    logits, state = model(x)
-    assert logits.shape == (3, 9, 11)
+def check_step_and_carry(model: SequenceModel, x: torch.Tensor) -> torch.Tensor:
+    """``step`` over ``x`` (B, T) equals ``forward``, and a forward split at T // 2 with the state carried
+    equals the whole (fp64, 1e-10); returns the logits."""
+    logits, _ = model(x)
     stepped, step_state = [], None
-    for t in range(9):
+    for t in range(x.shape[1]):
         out, step_state = model.step(x[:, t], step_state)
         stepped.append(out)
     torch.testing.assert_close(torch.stack(stepped, 1), logits, atol=1e-10, rtol=0)
-    first, mid = model(x[:, :4])
-    second, _ = model(x[:, 4:], mid)
+    split = x.shape[1] // 2
+    first, mid = model(x[:, :split])
+    second, _ = model(x[:, split:], mid)
     torch.testing.assert_close(torch.cat([first, second], 1), logits, atol=1e-10, rtol=0)
+    return logits
+
+
+@pytest.mark.parametrize("name", sorted(LM_CONFIGS))
+def test_lm_step_matches_forward_and_state_carries(name):
+    logits = check_step_and_carry(_lm(name), torch.randint(0, 11, (3, 9)))
+    assert logits.shape == (3, 9, 11)
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

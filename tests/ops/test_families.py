@@ -13,6 +13,7 @@ from rnnkit.ops.classic_rnn import LSTMState
 from rnnkit.ops.classic_rnn import gru_cell
 from rnnkit.ops.mlstm import MLSTMState
 from rnnkit.ops.sliding_window_attention import sliding_window_attention_recurrent
+from rnnkit.ops.slstm import SLSTMState
 from tests.ops import harness
 from tests.ops.harness import Family
 
@@ -125,6 +126,17 @@ def classic_inputs(gates, lstm=False, proj=0):
     return make
 
 
+def slstm_inputs(exp_forget):
+    def make(B, T, gen):
+        # A reachable state: normaliser >= 1 (0 only before the first step), any stabiliser.
+        state = SLSTMState(_randn(gen, B, H * K), _randn(gen, B, H * K),
+                           1 + torch.rand(B, H * K, dtype=f64, generator=gen) * 3, _randn(gen, B, H * K))
+        return {"pre_x": _randn(gen, B, T, 4, H, K), "state": state, "recurrent": _randn(gen, 4, H, K, K, scale=0.5),
+                "exp_forget": exp_forget}
+
+    return make
+
+
 def window_inputs(B, T, gen):
     q, k, v = (_randn(gen, B, H, T, K) for _ in range(3))
     prefix = [_randn(gen, B, H, 3, K) for _ in range(3)]
@@ -232,6 +244,9 @@ FAMILIES = [
            keywords=("block_size", "state_size")),
     Family("newton-blocks", ops.newton_recurrence, ("newton", "quasi"), newton_inputs("blocks"), {"x": 1}, 1, "h0",
            keywords=("block_size", "state_size")),
+    Family("slstm", ops.slstm, ("fused",), slstm_inputs(False), {"pre_x": 1}, 1, "state", keywords=("exp_forget",)),
+    Family("slstm-exp", ops.slstm, ("fused",), slstm_inputs(True), {"pre_x": 1}, 1, "state",
+           keywords=("exp_forget",)),
     Family("sliding_window", ops.sliding_window_attention, ("parallel", "chunk"), window_inputs, HEADS, 2, "state",
            options={"chunk": {"chunk_size": 8}}, defined_past_length=False),
 ]

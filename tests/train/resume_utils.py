@@ -19,7 +19,8 @@ from rnnkit.train import CheckpointManager
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 #: Tiny runs covering what exact resume must restore: dropout (torch RNG), TBPTT state carried
-#: across windows (shakespeare), ragged batches (parity), residual blocks, an encoder-decoder (reverse).
+#: across windows (shakespeare), ragged batches (parity), residual blocks, an encoder-decoder (reverse), a
+#: hybrid stack (a layer pattern mixing a recurrence with windowed attention, whose state is a tuple of different kinds).
 RUNS = {
     "adding-gru2-dropout": ["--task", "adding", "--model", "gru", "--layers", "2", "--dropout", "0.2",
                             "--d-model", "8", "--batch-size", "4", "--seq-len", "12", "--task-opt", "eval_examples=8"],
@@ -33,6 +34,9 @@ RUNS = {
                                  "--dropout", "0.1", "--attention", "bahdanau", "--bidirectional-encoder",
                                  "--label-smoothing", "0.1", "--scheduled-sampling", "linear", "--sampling-slope",
                                  "0.02", "--task-opt", "eval_examples=8", "--task-opt", "max_len=5"],
+    "parity-hybrid": ["--task", "parity", "--model", "gru,attention:window=4:num_heads=2", "--block", "residual",
+                      "--layers", "2", "--d-model", "6", "--batch-size", "4", "--seq-len", "9",
+                      "--task-opt", "eval_examples=8"],
 }
 
 

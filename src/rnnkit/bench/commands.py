@@ -28,7 +28,8 @@ def add_parsers(sub) -> None:
     kinds = bench.add_subparsers(dest="bench_kind", required=True)
     grid = kinds.add_parser("tasks", help="train each (model, task, width, seed) cell with a fixed budget")
     grid.add_argument("--models", help="comma-separated layers, each name or name:key=value:... "
-                      "with the layer's options (default: every registered layer but the wrappers)")
+                      "with the layer's options, or a hybrid stack's layer pattern joined by + "
+                      "(rglru+rglru+attention:window=64) (default: every registered layer but the wrappers)")
     grid.add_argument("--tasks", help="comma-separated tasks, each name or name:key=value:... (default: the probes)")
     grid.add_argument("--budget", default="small", help="small (sized for every layer x the default tasks in 30 min) or medium")
     grid.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1)")

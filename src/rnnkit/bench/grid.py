@@ -122,9 +122,14 @@ class TaskSpec:
 
 def parse_model(text: str) -> tuple[str, dict[str, Any]]:
     """A ``--models`` entry, ``name`` or ``name:key=value:...`` (the layer's own options, e.g.
-    ``attention:rope=False:num_heads=1``), as the layer name and its options."""
+    ``attention:rope=False:num_heads=1``), as the layer name and its options; or a hybrid stack's layer
+    pattern with its entries joined by ``+`` (``rglru+rglru+attention:window=64``, ``mamba*3+attention``;
+    :mod:`rnnkit.layers.pattern`), as the pattern and no shared options."""
     from rnnkit import layers
+    from rnnkit.layers.pattern import format_pattern
 
+    if any(mark in text for mark in "+*,"):
+        return format_pattern(text, separator="+"), {}
     name, options = parse_entry(text, "--models")
     layers.spec(name)  # raises for unknown names
     return name, options
@@ -133,19 +138,9 @@ def parse_model(text: str) -> tuple[str, dict[str, Any]]:
 def parse_entry(text: str, flag: str) -> tuple[str, dict[str, Any]]:
     """``name:key=value:...`` as the name and its options; values are Python literals, bare words
     strings (``dataset=GunPoint``, ``feature_map=relu``). ``flag`` names the argument in errors."""
-    import ast
+    from rnnkit.layers.pattern import parse_entry as parse
 
-    name, *parts = text.strip().split(":")
-    options: dict[str, Any] = {}
-    for part in parts:
-        if "=" not in part:
-            raise InputError(f"{flag}: expected name:key=value, got {text!r}")
-        key, raw = part.split("=", 1)
-        try:
-            options[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            options[key] = raw
-    return name, options
+    return parse(text, flag)
 
 
 @dataclass(frozen=True)
@@ -175,6 +170,7 @@ def build_cells(
 ) -> list[Cell]:
     """The grid in run order: task-major, so a partial run already covers every model on the first tasks."""
     from rnnkit import layers
+    from rnnkit.layers.pattern import parse_pattern
 
     if budget not in BUDGETS:
         raise InputError(f"--budget: expected one of {sorted(BUDGETS)}, got {budget!r}")
@@ -187,7 +183,8 @@ def build_cells(
     labels = []
     for model in models:
         name, options = parse_model(model)
-        layers.build(name, d_model=max(widths), **options)  # raises for unknown or invalid options
+        for layer, entry in parse_pattern(name, "--models"):
+            layers.build(layer, d_model=max(widths), **options, **entry)  # raises for unknown or invalid options
         labels.append(":".join([name] + [f"{k}={v}" for k, v in sorted(options.items())]))
     return [
         Cell(model, spec, width, seed, chosen)

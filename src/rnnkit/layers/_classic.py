@@ -89,14 +89,15 @@ class ClassicRNN(Recurrence):
     #: cuDNN's fused kernels beat a per-step loop there).
     TORCH_KERNEL_ON_CPU: ClassVar[bool] = True
 
-    def __init__(self, config: ClassicConfig, output_size: int | None = None) -> None:
+    def __init__(self, config: ClassicConfig, output_size: int | None = None, gates: int | None = None) -> None:
+        # gates: blocks of weight_ih_l0 when a configuration has fewer than GATES (LSTM variants)
         super().__init__()
         self.config = config
         hidden = config.hidden_size
         self.hidden_size = hidden
         self.d_input = config.d_model
         self.d_output = output_size or hidden
-        gates = self.GATES * hidden
+        gates = (gates or self.GATES) * hidden
         self.weight_ih_l0 = nn.Parameter(torch.empty(gates, config.d_model))
         self.weight_hh_l0 = nn.Parameter(torch.empty(gates, self.d_output))
         if config.bias:

@@ -2,6 +2,9 @@
 
 Each layer reads the previous layer's output; dropout (Zaremba, Sutskever & Vinyals 2014: on the
 non-recurrent connections only) is applied between layers, never on the last layer's output.
+``layer`` is a layer pattern (:mod:`rnnkit.layers.pattern`), so one stack may mix layer types
+(``"lstm,gru"``); such a stack runs the modes all its layers declare, and ``auto`` lets each layer
+pick its own.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int, check_probability
 from rnnkit.layers.base import Recurrence
-from rnnkit.layers.registry import build, make_config, register, spec
+from rnnkit.layers.pattern import common_modes, expand_pattern, parse_pattern
+from rnnkit.layers.registry import build, make_config, register
 
 
 @dataclass
@@ -22,14 +26,14 @@ class StackedConfig:
     """Stacked options; every other keyword goes to each layer."""
 
     d_model: int  # input width of the first layer
-    layer: str = "lstm"  # registered recurrence used at every level
+    layer: str | list = "lstm"  # registered recurrence used at every level, or a layer pattern
     num_layers: int = 2  # L
     dropout: float = 0.0  # dropout probability between layers (training only)
     bidirectional: bool = False  # wrap each layer in the bidirectional wrapper
     options: dict = field(default_factory=dict)  # per-layer options (besides d_model)
 
     def __post_init__(self) -> None:
-        spec(self.layer)
+        parse_pattern(self.layer)
         check_positive_int("num_layers", self.num_layers)
         check_probability("dropout", self.dropout)
         if not isinstance(self.bidirectional, bool):
@@ -43,6 +47,7 @@ class StackedConfig:
         "lstm2": {"layer": "lstm", "num_layers": 2, "hidden_size": 4, "dropout": 0.25},
         "gru3": {"layer": "gru", "num_layers": 3},
         "lstm2-peephole": {"layer": "lstm", "num_layers": 2, "peephole": True},
+        "mixed": {"layer": "lstm,gru:hidden_size=3,elman", "num_layers": 4, "dropout": 0.25},
     },
 )
 class Stacked(Recurrence):
@@ -50,7 +55,8 @@ class Stacked(Recurrence):
 
     Args:
         d_model: input width D of the first layer.
-        layer: registered recurrence name.
+        layer: registered recurrence name, or a layer pattern (:mod:`rnnkit.layers.pattern`) cycled
+            to ``num_layers``.
         num_layers: L.
         dropout: inter-layer dropout probability.
         bidirectional: wrap each layer in :class:`~rnnkit.layers.bidirectional.Bidirectional`
@@ -70,7 +76,7 @@ class Stacked(Recurrence):
     def __init__(
         self,
         d_model: int,
-        layer: str = "lstm",
+        layer: str | list = "lstm",
         num_layers: int = 2,
         dropout: float = 0.0,
         bidirectional: bool = False,
@@ -84,11 +90,11 @@ class Stacked(Recurrence):
                  bidirectional=bidirectional, options=options),
         )
         layers, width = [], d_model
-        for _ in range(num_layers):
+        for name, layer_options in expand_pattern(layer, num_layers, options):
             if bidirectional:
-                block = build("bidirectional", d_model=width, layer=layer, **options)
+                block = build("bidirectional", d_model=width, layer=name, **layer_options)
             else:
-                block = build(layer, d_model=width, **options)
+                block = build(name, d_model=width, **layer_options)
             layers.append(block)
             width = block.d_output
         self.layers = nn.ModuleList(layers)
@@ -99,8 +105,7 @@ class Stacked(Recurrence):
     @property
     def modes(self) -> tuple[str, ...]:
         # The modes every layer offers; "recurrent" is always among them.
-        common = [m for m in self.layers[0].modes if all(m in layer.modes for layer in self.layers)]
-        return tuple(common)
+        return common_modes(self.layers)
 
     def _init_state(self, batch_size, device, dtype):
         return tuple(layer.init_state(batch_size, device=device, dtype=dtype) for layer in self.layers)

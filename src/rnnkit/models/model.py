@@ -23,8 +23,9 @@ from torch import nn
 from rnnkit.errors import (
     InputError, check_choice, check_lengths, check_positive_int, check_probability, check_seed, describe,
 )
-from rnnkit.layers import build, spec
+from rnnkit.layers import build
 from rnnkit.layers.base import Recurrence, length_mask
+from rnnkit.layers.pattern import common_modes, expand_pattern, parse_pattern
 from rnnkit.targets import HEADS, KIND_OF_HEAD, PER_STEP_HEADS
 
 
@@ -36,7 +37,7 @@ class ModelConfig:
     d_input: int | None = None  # feature input: (B, T, d_input) floats are projected
     d_model: int = 256  # width of the blocks
     block: str = "stacked"  # "stacked" (classic RNN stack) or "residual" (pre-norm mixer + MLP)
-    layer: str = "lstm"  # registered recurrence used in every block
+    layer: str | list = "lstm"  # registered recurrence used in every block, or a layer pattern cycled to depth
     num_layers: int = 1  # L
     layer_options: dict = field(default_factory=dict)  # extra options of each layer
     bidirectional: bool = False  # run every layer in both directions (not causal: no step/generate)
@@ -58,16 +59,19 @@ class ModelConfig:
                 check_positive_int(name, getattr(self, name))
         check_positive_int("d_model", self.d_model)
         check_choice("block", self.block, ("stacked", "residual"))
-        spec(self.layer)
         check_positive_int("num_layers", self.num_layers)
         if not isinstance(self.layer_options, dict):
             raise InputError(f"layer_options: expected a dict, got {describe(self.layer_options)}")
-        reserved = sorted({"d_model", "layer", "num_layers", "dropout", "bidirectional"} & set(self.layer_options))
-        if reserved:
-            raise InputError(
-                f"layer_options: expected only the layer's own options, got {reserved} "
-                "(set these as ModelConfig fields: layer, num_layers, dropout, bidirectional)"
-            )
+        reserved = {"d_model", "layer", "num_layers", "dropout", "bidirectional"}
+        for name, options in [("layer_options", self.layer_options)] + [
+            (f"layer (entry {index}, {layer!r})", entry) for index, (layer, entry) in enumerate(parse_pattern(self.layer))
+        ]:
+            clash = sorted(reserved & set(options))
+            if clash:
+                raise InputError(
+                    f"{name}: expected only the layer's own options, got {clash} "
+                    "(set these as ModelConfig fields: layer, num_layers, dropout, bidirectional)"
+                )
         if not isinstance(self.bidirectional, bool):
             raise InputError(f"bidirectional: expected a bool, got {self.bidirectional!r}")
         check_probability("dropout", self.dropout)
@@ -103,6 +107,7 @@ class ResidualBlock(nn.Module):
     def __init__(
         self, d_model: int, layer: str, options: dict, mlp_ratio: float, dropout: float, bidirectional: bool = False
     ) -> None:
+        # layer: one registered name; options: its options (a pattern's entry over the shared ones).
         super().__init__()
         self.mixer_norm = nn.LayerNorm(d_model)
         if bidirectional:
@@ -128,16 +133,17 @@ class ResidualBlock(nn.Module):
 
 
 class ResidualStack(Recurrence):
-    """L residual blocks, as one recurrence whose state is the tuple of the mixers' states."""
+    """L residual blocks, as one recurrence whose state is the tuple of the mixers' states; block ``i``'s
+    mixer is entry ``i`` of the layer pattern cycled to depth. A mixed stack runs the modes every mixer
+    declares, and ``auto`` lets each mixer pick its own."""
 
     delegates_auto = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            ResidualBlock(config.d_model, config.layer, config.layer_options, config.mlp_ratio, config.dropout,
-                          config.bidirectional)
-            for _ in range(config.num_layers)
+            ResidualBlock(config.d_model, layer, options, config.mlp_ratio, config.dropout, config.bidirectional)
+            for layer, options in expand_pattern(config.layer, config.num_layers, config.layer_options)
         )
         self.final_norm = nn.LayerNorm(config.d_model)
         self.d_input = self.d_output = config.d_model
@@ -145,7 +151,7 @@ class ResidualStack(Recurrence):
 
     @property
     def modes(self) -> tuple[str, ...]:
-        return self.blocks[0].mixer.modes
+        return common_modes(block.mixer for block in self.blocks)
 
     def _init_state(self, batch_size, device, dtype):
         return tuple(b.mixer.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks)
@@ -169,7 +175,8 @@ class ResidualStack(Recurrence):
 
 
 def build_body(config: Any) -> Recurrence:
-    """The blocks of a model: ``stacked`` layers or ``residual`` blocks of ``config.layer``.
+    """The blocks of a model: ``stacked`` layers or ``residual`` blocks of ``config.layer`` (a name or a
+    layer pattern).
 
     ``config`` is a :class:`ModelConfig` or any object with its fields ``block``, ``d_model``,
     ``layer``, ``num_layers``, ``layer_options``, ``dropout``, ``bidirectional`` and ``mlp_ratio``
@@ -258,6 +265,17 @@ class SequenceModel(nn.Module):
     def init_state(self, batch_size: int, *, device=None, dtype=None):
         """The body's initial state for ``batch_size`` sequences."""
         return self.body.init_state(batch_size, device=device, dtype=dtype)
+
+    @property
+    def state_size(self) -> int:
+        """Floats of recurrent state per sequence: the sum over the blocks' layers (of every kind, in a
+        mixed stack)."""
+        return self.body.state_size
+
+    def state_size_at(self, length: int) -> int:
+        """Floats of state per sequence after ``length`` steps (a KV cache in the stack grows up to its
+        capacity; see :meth:`rnnkit.layers.Recurrence.state_size_at`)."""
+        return self.body.state_size_at(length)
 
     def _embed(self, inputs: torch.Tensor, per_step: bool) -> torch.Tensor:
         """Embed ids / project features: ``(B, T)`` or ``(B, T, d_input)`` -> ``(B, T, D)``

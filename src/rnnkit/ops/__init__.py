@@ -38,6 +38,9 @@ result (up to rounding) faster, and the tests hold them to it.
   x_t, *params)`` solved for all steps by Newton iterations over parallel scans (DEER, quasi-DEER,
   ELK), gradients by the implicit function theorem; x ``(B, T, *X)``, h0 ``(B, S)`` -> h
   ``(B, T, S)``. Modes :data:`NEWTON_MODES`: ``recurrent``, ``newton``, ``quasi``.
+- :func:`slstm` ``(pre_x, state, recurrent)``: xLSTM's sLSTM cell, pre_x ``(B, T, 4, H, K)`` gate
+  pre-activations, recurrent ``(4, H, K, K)`` blocks, state :class:`~rnnkit.ops.slstm.SLSTMState`
+  -> h ``(B, T, H K)``. Modes :data:`SLSTM_MODES`: ``recurrent``, ``fused`` (hand-written backward).
 - :func:`sliding_window_attention` ``(q, k, v, window, state, lengths)``: causal softmax attention
   over the last ``window`` steps. Modes :data:`SLIDING_WINDOW_MODES`: ``recurrent``, ``parallel``,
   ``chunk``.
@@ -62,6 +65,7 @@ from rnnkit.ops.scan import (
 from rnnkit.ops.selective_scan import SELECTIVE_SCAN_MODES, selective_scan
 from rnnkit.ops.short_conv import SHORT_CONV_MODES, short_conv
 from rnnkit.ops.sliding_window_attention import SLIDING_WINDOW_MODES, sliding_window_attention
+from rnnkit.ops.slstm import SLSTM_MODES, slstm
 
 __all__ = [
     "CLASSIC_MODES",
@@ -76,6 +80,7 @@ __all__ = [
     "SELECTIVE_SCAN_MODES",
     "SHORT_CONV_MODES",
     "SLIDING_WINDOW_MODES",
+    "SLSTM_MODES",
     "delta_rule",
     "dplr_delta_rule",
     "elman",
@@ -92,4 +97,5 @@ __all__ = [
     "selective_scan",
     "short_conv",
     "sliding_window_attention",
+    "slstm",
 ]

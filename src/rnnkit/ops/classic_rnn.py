@@ -592,14 +592,14 @@ class LSTMState(NamedTuple):
     c: torch.Tensor
 
 
-def _run_cell(cell, x, state, lengths):
+def run_cell(cell, x, state, lengths):
     """The reference loop of a classic cell: ``state = cell(x_t, state)`` for each step of ``x``
     ``(B, T, D)``, the state frozen at padding; returns the outputs ``(B, T, *)`` (the state, or its
-    ``h`` for an :class:`LSTMState`) and the final state."""
+    ``h`` for a named state such as :class:`LSTMState`) and the final state."""
     ys = []
     for t, x_t in enumerate(x.unbind(1)):
         state = freeze_padding(t, lengths, cell(x_t, state), state)
-        ys.append(state.h if isinstance(state, LSTMState) else state)
+        ys.append(state if isinstance(state, torch.Tensor) else state.h)
     return torch.stack(ys, 1), state
 
 
@@ -618,7 +618,7 @@ def elman_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=
     Returns:
         ``y`` ``(B, T, H)`` and the final ``h`` ``(B, H)`` (at each sequence's last valid step).
     """
-    return _run_cell(lambda x_t, h: elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity),
+    return run_cell(lambda x_t, h: elman_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity),
                      x, h0, lengths)
 
 
@@ -641,7 +641,7 @@ def gru_recurrent(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, lengths=None):
     Returns:
         ``y`` ``(B, T, H)`` and the final ``h`` ``(B, H)`` (at each sequence's last valid step).
     """
-    return _run_cell(lambda x_t, h: gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh), x, h0, lengths)
+    return run_cell(lambda x_t, h: gru_cell(x_t, h, weight_ih, weight_hh, bias_ih, bias_hh), x, h0, lengths)
 
 
 def lstm_cell(x_t, state, weight_ih, weight_hh, bias_ih, bias_hh, peephole=None, weight_hr=None) -> LSTMState:
@@ -671,7 +671,7 @@ def lstm_recurrent(x, state, weight_ih, weight_hh, bias_ih, bias_hh, peephole=No
     Returns:
         ``y`` ``(B, T, R)`` and the final :class:`LSTMState` (at each sequence's last valid step).
     """
-    return _run_cell(
+    return run_cell(
         lambda x_t, st: lstm_cell(x_t, st, weight_ih, weight_hh, bias_ih, bias_hh, peephole, weight_hr), x, state, lengths
     )
 

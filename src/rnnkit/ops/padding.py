@@ -1,4 +1,5 @@
-"""The padding rule of every reference loop, for ops and layers alike.
+"""The padding rule of every reference loop, for ops and layers alike, and the reading of a zero
+initial state as "nothing read yet" (:func:`lowest_where_empty`).
 
 Right-padded batches carry ``lengths`` ``(B,)``: at a step ``t >= lengths[b]`` sequence ``b`` is
 padding, and its state is kept as it was (``torch.where``, not a multiplication, so that NaN or
@@ -50,3 +51,15 @@ def freeze_padding(t: int, lengths: torch.Tensor | None, new: Any, old: Any) -> 
     """The state after step ``t``: ``new`` for sequences where ``t`` is a valid step, ``old`` where
     it is padding (see :func:`freeze`)."""
     return freeze(step_valid(t, lengths), new, old)
+
+
+def lowest_where_empty(m: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """A stabiliser ``m`` (a running maximum of log weights) with the entries whose normaliser
+    ``total`` is 0 (nothing read yet: the zero initial state) replaced by the dtype's lowest value.
+
+    Then ``exp`` of it minus any log weight is 0 and it minus itself is 0 (where minus infinity
+    would give NaN), so the first step's stabiliser is its own log weight and its normaliser is at
+    least 1: the zero state never makes a small first weight underflow to ``0 / 0``.
+    """
+    lowest = torch.full((), torch.finfo(m.dtype).min, dtype=m.dtype, device=m.device)
+    return torch.where(total > 0, m, lowest)
