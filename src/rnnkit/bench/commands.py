@@ -31,7 +31,7 @@ def add_parsers(sub) -> None:
                       "with the layer's options, or a hybrid stack's layer pattern joined by + "
                       "(rglru+rglru+attention:window=64) (default: every registered layer but the wrappers)")
     grid.add_argument("--tasks", help="comma-separated tasks, each name or name:key=value:... (default: the probes)")
-    grid.add_argument("--budget", default="small", help="small (sized for every layer x the default tasks in 30 min) or medium")
+    grid.add_argument("--budget", default="small", help="small (about a minute per layer on the default tasks) or medium")
     grid.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1)")
     grid.add_argument("--widths", help="comma-separated d_model values (default: the budget's)")
     grid.add_argument("--steps", type=int, help="override the budget's training steps per cell")
