@@ -54,7 +54,7 @@ def test_variants_run_the_pytorch_loop_under_auto(name):
     for kernel in ("torch", "rnnkit"):
         with pytest.raises(InputError, match="kernel: expected 'auto' for an LSTM variant"):
             build("lstm", d_model=D, kernel=kernel, **VARIANTS[name])
-    assert _lstm().modes == ("recurrent", "fused")  # the vanilla LSTM keeps its kernels
+    assert _lstm().modes == ("recurrent", "newton", "fused")  # the vanilla LSTM keeps its kernels and Newton
 
 
 def test_parameters_of_each_variant():
