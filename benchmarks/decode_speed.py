@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -115,7 +116,8 @@ def plot(path: str, rows: list[dict], widths: list[int], batches: list[int]) -> 
         print(f"no plot written to {path}: matplotlib is not installed (pip install 'rnnkit[bench]')")
         return
     styles = {LSTM_STACK: "k:", TRANSFORMER: "k--"}
-    fig, axes = plt.subplots(len(widths), len(batches), figsize=(6 * len(batches), 5 * len(widths)), squeeze=False)
+    fig, axes = plt.subplots(len(widths), len(batches), figsize=(4 + 6 * len(batches), 5 * len(widths)),
+                             squeeze=False)
     for panels, width in zip(axes, widths):
         for ax, batch in zip(panels, batches):
             ok = [r for r in rows if r["batch"] == batch and r["width"] == width and "error" not in r]
@@ -127,7 +129,7 @@ def plot(path: str, rows: list[dict], widths: list[int], batches: list[int]) -> 
                    title=f"width {width}, batch {batch}")
             ax.grid(True, which="both", alpha=0.3)
         panels[-1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.suptitle(describe(), fontsize="small")
+    fig.suptitle(textwrap.fill(describe(), 110), fontsize="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot written to {path}")
