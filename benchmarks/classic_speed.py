@@ -39,7 +39,11 @@ from rnnkit.layers.lstm import LSTM
 
 # ------------------------------------------------------------------------------- measurement
 class CpuShare:
-    """Share of all CPUs' time that other processes used between ``start`` and ``stop``."""
+    """Share of all CPUs' time that other processes used between ``start`` and ``stop``
+    (``children``: the time of this process's finished child processes counts as its own)."""
+
+    def __init__(self, children: bool = False) -> None:
+        self.children = children
 
     def start(self) -> None:
         self.begin = self._read()
@@ -51,8 +55,7 @@ class CpuShare:
         (busy0, total0, own0), (busy1, total1, own1) = self.begin, end
         return max(0, (busy1 - busy0) - (own1 - own0)) / max(total1 - total0, 1)
 
-    @staticmethod
-    def _read():
+    def _read(self):
         try:
             with open("/proc/stat") as f:
                 v = [int(n) for n in f.readline().split()[1:9]]
@@ -60,7 +63,8 @@ class CpuShare:
                 own = f.read().rsplit(")", 1)[1].split()
         except OSError:
             return None
-        return sum(v) - v[3] - v[4], sum(v), int(own[11]) + int(own[12])  # busy, total, ours (ticks)
+        # busy, total, ours (ticks): utime, stime, and the children's cutime, cstime if counted
+        return sum(v) - v[3] - v[4], sum(v), sum(int(n) for n in own[11 : 15 if self.children else 13])
 
 
 def timed(fn: Callable[[], object]) -> float:

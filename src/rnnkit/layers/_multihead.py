@@ -198,16 +198,24 @@ class HeadNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         if z is not None and self.gate_first:
             y = y * F.silu(z)
-        shape = y.shape
-        h = y.reshape(*shape[:-1], self.num_heads, self.head_dim)  # (..., H, V)
-        if self.kind == "layer":
-            h = h - h.mean(-1, keepdim=True)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = h.reshape(shape) * self.weight
-        if self.bias is not None:
-            out = out + self.bias
+        # The layer norm by PyTorch's fused kernel (one pass forward, one backward) rather than the
+        # formula's elementwise ops and their backward: benchmarks/layer_profile.py.
+        if self.num_heads == 1:
+            out = self._norm(y, self.weight, self.bias)  # weight and bias applied inside the norm
+        else:
+            shape = y.shape
+            out = self._norm(y.reshape(*shape[:-1], self.num_heads, self.head_dim), None, None).reshape(shape)
+            out = out * self.weight if self.bias is None else torch.addcmul(self.bias, out, self.weight)
         if z is not None and not self.gate_first:
             out = out * F.silu(z)
         return out
+
+    def _norm(self, h: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """``h`` (..., V) normalised over its last dimension, times ``weight`` plus ``bias`` if given."""
+        if self.kind == "layer":
+            return F.layer_norm(h, (self.head_dim,), weight, bias, self.eps)
+        # RMS: the formula itself (PyTorch's CPU rms_norm is these same ops, not a fused kernel).
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h if weight is None else h * weight
 
 

@@ -142,6 +142,7 @@ class Mamba2(MultiHeadRecurrence):
         k = Bm[:, None].expand(Bsz, H, T, N)  # (B, H, T, N)
         y, ssm = gated_linear_attention(q, k, xh * dt[..., None], log_decay, state.ssm, lengths, mode=mode,
                                         chunk_size=c.chunk_size, decay_sign=sign)
-        y = y + self.D[:, None, None] * xh  # (B, H, T, P) skip
-        y = y.transpose(1, 2).reshape(Bsz, T, E)
+        # The skip D x formed in x's (B, T, H, P) layout and y added into it: the sum is then (B, T, E)
+        # as it stands, where y + D x in y's (B, H, T, P) layout needed one more copy to merge the heads.
+        y = (xs.view(Bsz, T, H, P) * self.D[:, None]).add_(y.transpose(1, 2)).view(Bsz, T, E)
         return self.out_proj(self.norm(y, z)), Mamba2State(conv_state, ssm)

@@ -159,24 +159,30 @@ class S4D(DiagonalRecurrence):
 
     def _conv_forward(self, x, state, lengths):
         B, T, H = x.shape
-        dtA, _, dB = self.discretise()
-        W, V = self._C() * dB, self._C() * to_complex(state)  # (H, M), (B, H, M)
-        # Vandermonde powers dA^l = exp(l dtA), l = 0..T, in real arithmetic: a real exp and a
+        M = self.config.d_state // 2
+        dtA, dA, dB = self.discretise()
+        s0 = to_complex(state)  # (B, H, M)
+        # The free response to the initial state, 2 Re(C dA^{t+1} s0), is 2 Re(V dA^t) with V = C dA s0,
+        # so the kernel, the free response and the final state all take the powers dA^t, t < T.
+        W, V = self._C() * dB, self._C() * dA * s0  # (H, M), (B, H, M)
+        # Vandermonde powers dA^l = exp(l dtA), l = 0..T-1, in real arithmetic: a real exp and a
         # cos/sin pair vectorise far better on the CPU than a complex exp, and nothing builds up in l.
-        l = torch.arange(T + 1, device=x.device, dtype=x.dtype)
-        decay = torch.exp(dtA.real[..., None] * l)  # (H, M, T+1)
+        # Stacked as [Re; Im] (H, 2M, T), so that each sum 2 Re(sum_m z_m dA_m^l) = 2 sum_m (Re z_m
+        # Re dA_m^l - Im z_m Im dA_m^l) is one matmul with contiguous operands (einsums over the
+        # real and imaginary views took PyTorch's slow strided batched path: benchmarks/layer_profile.py).
+        l = torch.arange(T, device=x.device, dtype=x.dtype)
+        decay = torch.exp(dtA.real[..., None] * l)  # (H, M, T)
         angle = dtA.imag[..., None] * l
-        p_re, p_im = decay * torch.cos(angle), decay * torch.sin(angle)  # (H, M, T+1) each
+        powers = (torch.stack([torch.cos(angle), torch.sin(angle)], 1) * decay[:, None]).view(H, 2 * M, T)
 
-        # y = K * x with K_l = 2 Re(sum_m C_m dB_m dA_m^l), by FFT zero-padded to 2T (linear, not
+        # y = K * x with K_l = 2 Re(sum_m W_m dA_m^l), by FFT zero-padded to 2T (linear, not
         # circular, convolution).
-        kernel = 2 * (torch.einsum("hm,hml->hl", W.real, p_re[..., :T]) - torch.einsum("hm,hml->hl", W.imag, p_im[..., :T]))
+        kernel = 2 * (_re_im_rows(W)[:, None] @ powers)[:, 0]  # (H, T)
         n_fft = 2 * T
         x_f = torch.fft.rfft(x.transpose(1, 2), n=n_fft)  # (B, H, n_fft/2+1)
         y = torch.fft.irfft(x_f * torch.fft.rfft(kernel, n=n_fft), n=n_fft)[..., :T]  # (B, H, T)
-        # The free response to the initial state, 2 Re(sum_m C_m dA_m^{t+1} s0_m).
-        free = 2 * (torch.einsum("bhm,hml->bhl", V.real, p_re[..., 1:]) - torch.einsum("bhm,hml->bhl", V.imag, p_im[..., 1:]))
-        y = (y + free).transpose(1, 2) + self.D * x  # (B, T, H)
+        free = 2 * (_re_im_rows(V).transpose(0, 1).contiguous() @ powers)  # (H, B, T)
+        y = _TimeMajor.apply(y + free.transpose(0, 1)) + self.D * x  # (B, T, H)
 
         # Final state s_L = dA^L s0 + sum_{l<L} dA^l dB x_{L-1-l}: read each sequence backwards from
         # its last valid step (steps before its start wrap onto its zeroed padding, so add nothing).
@@ -184,12 +190,34 @@ class S4D(DiagonalRecurrence):
         idx = (L[:, None] - 1 - torch.arange(T, device=x.device)[None, :]) % T  # (B, T)
         x_rev = x.gather(1, idx[..., None].expand(-1, -1, H))  # (B, T, H): x_{L-1-l}
         x_rev = x_rev.permute(2, 0, 1).contiguous()  # (H, B, T): bmm would otherwise copy per channel
-        # (H, B, T) @ (H, T, M) -> (H, B, M), for the real and imaginary parts of dA^l.
-        u_re = (x_rev @ p_re[..., :T].transpose(1, 2)).permute(1, 0, 2)  # (B, H, M)
-        u_im = (x_rev @ p_im[..., :T].transpose(1, 2)).permute(1, 0, 2)
-        dA_L = torch.complex(p_re[..., L], p_im[..., L]).permute(2, 0, 1)  # (B, H, M)
-        s_final = dA_L * to_complex(state) + dB * torch.complex(u_re, u_im)  # (B, H, M)
+        u = (x_rev @ powers.transpose(1, 2)).transpose(0, 1)  # (B, H, 2M): [Re | Im] of sum_l dA^l x_{L-1-l}
+        steps = L.to(x.dtype)[:, None, None]  # (B, 1, 1)
+        decay_L = torch.exp(dtA.real * steps)  # (B, H, M): dA^L in the powers' arithmetic
+        dA_L = torch.complex(decay_L * torch.cos(dtA.imag * steps), decay_L * torch.sin(dtA.imag * steps))
+        s_final = dA_L * s0 + dB * torch.complex(u[..., :M], u[..., M:])  # (B, H, M)
         return y, to_real(s_final)
 
     def _auto_mode(self, x: torch.Tensor) -> str:
         return "conv"
+
+
+def _re_im_rows(z: torch.Tensor) -> torch.Tensor:
+    """Complex ``(..., M)`` -> real ``(..., 2M)`` ``[Re z | -Im z]``: its product with powers stacked
+    as ``[Re p; Im p]`` is ``Re(sum_m z_m p_m)``."""
+    return torch.cat([z.real, -z.imag], -1)
+
+
+class _TimeMajor(torch.autograd.Function):
+    """``y`` (B, H, T) -> a contiguous (B, T, H) copy, whose backward copies the gradient back to a
+    contiguous (B, H, T). The plain transposed view would hand the free response's batched matmul a
+    gradient whose per-channel matrices lie one float apart (batch stride 1), a layout PyTorch's
+    CPU ``bmm`` computes element by element: the costliest op of the layer's training step by far
+    (``benchmarks/layer_profile.py --layers s4d``)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.transpose(1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.transpose(1, 2).contiguous()
