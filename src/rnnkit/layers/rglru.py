@@ -122,7 +122,10 @@ class RGLRU(DiagonalRecurrence):
             gates = gates + self.gate_bias.view(2 * D)
         rates = torch.sigmoid(gates).unflatten(-1, (2, D))  # (..., 2, D): [r_t, i_t]
         scale = -self.config.c * F.softplus(-self.Lambda)  # (D,): log a_t = r_t * scale
-        if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                                            or torch._C._are_functorch_transforms_active()):
+            # The hand-written backward is for plain autograd; torch.func's transforms (RTRL's
+            # Jacobians) and the tracers differentiate the plain ops below.
             return _GatedInput.apply(rates, x, scale)
         # Indexed, not unbound: inductor's backward of unbind here drops part of x's gradient.
         r, i = rates[..., 0, :], rates[..., 1, :]  # (..., D) each
