@@ -93,3 +93,15 @@ def test_s5_init_is_diagonalised_hippo_n() -> None:
 def test_bad_state_sizes_are_rejected(name: str, options: dict) -> None:
     with pytest.raises(InputError, match="d_state: expected"):
         rnnkit.layers.build(name, d_model=4, **options)
+
+
+def test_s4_recurrent_mode_saves_one_state_per_step_for_backward() -> None:
+    """The loop keeps O(B H N) per step for backward, never a per-step copy of the (H, N, N) transition
+    broadcast over the batch (which made long recurrent runs exhaust memory)."""
+    from tests.helpers import saved_numel
+
+    B, T, H, N = 8, 16, 4, 16
+    layer = rnnkit.layers.build("s4", d_model=H, d_state=N)
+    x = torch.randn(B, T, H)
+    _, saved = saved_numel(lambda: layer(x, mode="recurrent"))
+    assert saved < T * B * H * N * 8, f"{saved} floats saved; a per-step (B, H, N, N) copy is {T * B * H * N * N}"

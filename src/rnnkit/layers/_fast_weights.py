@@ -301,6 +301,20 @@ def fast_weights_chunk(
     act = active[:, None].to(q.dtype)  # (B, 1, T')
     last_mb = (offset + length - 1) // b  # the mini-batch holding each sequence's last step
     final_count = torch.remainder(offset + length, b)
+    # Without lengths every sequence ends in one of two mini-batches (its offset is below b), known
+    # from the shapes alone; only those need the per-sequence capture of the start weights.
+    ends = range(n_mb) if lengths is not None else {(T - 1) // b, (T + b - 2) // b}
+
+    # Every mini-batch's coefficients depend on the gates alone: one batched computation up front
+    # instead of a few small ones per mini-batch in the sequential loop.
+    def per_mb(t: torch.Tensor) -> torch.Tensor:  # (B, H, T') -> (B, H, n_mb, b)
+        return t.unflatten(2, (n_mb, b))
+
+    if momentum is None:
+        C_all = torch.ones(b, b, dtype=q.dtype, device=device).tril() * per_mb(lr)[..., None, :]
+    else:
+        D_all, E_all, C_all, P_all, Pm_all = _coefficients(
+            Gates(per_mb(lr), per_mb(log_eta), per_mb(log_keep)), per_mb(act))
     grad_base, captured = start, start
     ys = []
     for m in range(n_mb):
@@ -308,11 +322,11 @@ def fast_weights_chunk(
         inputs, deltas = _loss_grads(_layers(grad_base, spec), kg[:, :, s], vg[:, :, s], ln)
         cur = _layers(weights, spec)
         mom = _layers(momentum, spec) if momentum is not None else None
+        C = C_all[:, :, m]
         if momentum is None:
             D = E = P = Pm = None
-            C = torch.ones(b, b, dtype=q.dtype, device=device).tril() * lr[:, :, None, s]
         else:
-            D, E, C, P, Pm = _coefficients(Gates(lr[:, :, s], log_eta[:, :, s], log_keep[:, :, s]), act[:, :, s])
+            D, E, P, Pm = D_all[:, :, m], E_all[:, :, m], P_all[:, :, m], Pm_all[:, :, m]
         h = qg[:, :, s]
         for i, ((w, bias), x, d) in enumerate(zip(cur, inputs, deltas)):
             z = h @ w
@@ -337,7 +351,8 @@ def fast_weights_chunk(
                 for w, sm, g in zip(weights, momentum, step)
             )
             momentum = tuple(_expand(P[..., -1], sm) * sm - g for sm, g in zip(momentum, dS))
-        captured = _where(last_mb == m, grad_base, captured)
+        if m in ends:
+            captured = _where(last_mb == m, grad_base, captured)
         grad_base = weights
     y = torch.cat(ys, 2).gather(2, (offset[:, None] + torch.arange(T, device=device))[:, None, :, None].expand(B, H, T, K))
     start = _where(final_count == 0, weights, captured)

@@ -53,6 +53,15 @@ def pair_blocks(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
             + torch.diag_embed(interleave(im, zero)[..., :-1], offset=-1))
 
 
+def _per_channel_matvec(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``matrices[h] @ vectors[b, h]``: (H, N, N) and (B, H, N) -> (B, H, N).
+
+    A batched ``bmm`` over the channels: broadcasting ``(H, N, N) @ (B, H, N, 1)`` would copy the
+    matrices B times, and autograd would keep that copy for every step of a loop.
+    """
+    return torch.bmm(vectors.transpose(0, 1), matrices.transpose(1, 2)).transpose(0, 1)
+
+
 def _apply_power(powers: list[torch.Tensor], v: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
     """``M^e v`` for v (B, H, N) and exponents e (B,), from ``powers[j] = M^(2^j)`` (H, N, N)."""
     for j, P in enumerate(powers):
@@ -208,7 +217,7 @@ class S4(Recurrence):
     # ----------------------------------------------------------------- recurrent
     def _step(self, x_t, state):
         dA, dB, _ = self.bilinear()
-        s = (dA @ state.flatten(-2)[..., None])[..., 0] + dB * x_t[..., None]  # (B, H, N)
+        s = _per_channel_matvec(dA, state.flatten(-2)) + dB * x_t[..., None]  # (B, H, N)
         y_t = (self._readout() * s).sum(-1) + self.D * x_t
         return y_t, s.view_as(state)
 
@@ -220,7 +229,7 @@ class S4(Recurrence):
         s = state.flatten(-2)  # (B, H, N)
         ys = []
         for t, x_t in enumerate(x.unbind(1)):
-            new = (dA @ s[..., None])[..., 0] + dB * x_t[..., None]
+            new = _per_channel_matvec(dA, s) + dB * x_t[..., None]
             ys.append((C * new).sum(-1) + self.D * x_t)
             s = freeze(step_valid(t, lengths), new, s)
         return torch.stack(ys, 1), s.view_as(state)
@@ -251,28 +260,33 @@ class S4(Recurrence):
         lam_full, p_full, b_full, C_full = (torch.cat([v, v.conj()], -1) for v in (
             lam, torch.complex(self.P_re, self.P_im), torch.complex(self.B_re, self.B_im), Ct))  # (H, N)
         kappa = 1 / ((1 - z) - c[:, None, :] * lam_full[..., None])  # (H, N, F) the Cauchy kernel
-
-        def cauchy(weights: torch.Tensor) -> torch.Tensor:  # sum_n w_n / d_n(z): (H, N) -> (H, F)
-            return torch.einsum("hn,hnf->hf", weights, kappa)
-
-        W = c / (1 + c * cauchy(p_full.conj() * p_full))  # (H, F) Woodbury's scalar for p p^*
-        # R(z) = M(z)^{-1} dt b = sum_l dA^l dB z^l (all l), mode by mode: (H, N, F).
-        R = dt[:, None, None] * kappa * (b_full[..., None] - p_full[..., None] * (W * cauchy(p_full.conj() * b_full))[:, None])
-        K = torch.fft.irfft(torch.einsum("hn,hnf->hf", C_full, R), n=T)  # (H, T): K_l = C dA^l dB
+        # Free response C dA^{t+1} x0 = C~ M(z)^{-1} (I + dt/2 A) x0 at the same z, against
+        # w = (I + dt/2 A) x0.
+        s0 = state.flatten(-2)  # (B, H, N)
+        w = (forward @ s0[..., None])[..., 0]
+        w = torch.complex(w[..., 0::2], w[..., 1::2])
+        w_full = torch.cat([w, w.conj()], -1).transpose(0, 1)  # (H, B, N)
+        # Every generating function below is a sum over the modes, sum_n r_n / d_n(z) for some row r
+        # (H, N): all of them in one batched product with kappa, so no other (H, N, F) tensor forms.
+        p_conj = p_full.conj()
+        rows = torch.cat([torch.stack([C_full * b_full, C_full * p_full, p_conj * b_full, p_conj * p_full], 1),
+                          C_full[:, None] * w_full, p_conj[:, None] * w_full], 1)  # (H, 4 + 2B, N)
+        sums = rows @ kappa  # (H, 4 + 2B, F)
+        cb, cp, pb, pp = sums[:, :4].unbind(1)  # (H, F) each
+        W = c / (1 + c * pp)  # (H, F) Woodbury's scalar for p p^*
+        # Woodbury: C~ M(z)^{-1} dt b = dt (C b - C p W p^* b) in Cauchy sums; its inverse FFT over the
+        # T roots is the kernel K_l = C dA^l dB, l < T.
+        K = torch.fft.irfft(dt[:, None] * (cb - cp * W * pb), n=T)  # (H, T)
 
         # y = K * u, by FFT zero-padded to 2T (linear, not circular, convolution).
         n_fft = 2 * T
         y = torch.fft.irfft(torch.fft.rfft(x.transpose(1, 2), n=n_fft) * torch.fft.rfft(K, n=n_fft), n=n_fft)[..., :T]
-        # Free response C dA^{t+1} x0 = C~ M(z)^{-1} (I + dt/2 A) x0 at the same z: the row C~ M(z)^{-1}
-        # (Woodbury again) against w = (I + dt/2 A) x0.
-        s0 = state.flatten(-2)  # (B, H, N)
-        w = (forward @ s0[..., None])[..., 0]
-        w = torch.complex(w[..., 0::2], w[..., 1::2])
-        w_full = torch.cat([w, w.conj()], -1)  # (B, H, N)
-        rho = kappa * (C_full[..., None] - (W * cauchy(C_full * p_full))[:, None] * p_full.conj()[..., None])
-        free = torch.fft.irfft(torch.einsum("hnf,bhn->bhf", rho, w_full), n=T)  # (B, H, T)
+        cw, pw = sums[:, 4:4 + Bsz], sums[:, 4 + Bsz:]  # (H, B, F)
+        free = torch.fft.irfft(cw - (W * cp)[:, None] * pw, n=T).transpose(0, 1)  # (B, H, T)
         y = (y + free).transpose(1, 2) + self.D * x  # (B, T, H)
 
+        # R(z) = M(z)^{-1} dt b = sum_l dA^l dB z^l (all l), mode by mode: (H, N, F).
+        R = kappa * ((dt[:, None] * b_full)[..., None] - (dt[:, None] * p_full)[..., None] * (W * pb)[:, None])
         # Final state x_L = dA^L x0 + sum_{l<L} dA^l dB u_{L-1-l}. The inverse FFT of R over all T
         # roots gives r_l = sum_j dA^{l + jT} dB = (I - dA^T)^{-1} dA^l dB, so the sum is
         # (I - dA^T) sum_l r_l u_{L-1-l}. R at the roots k > T/2 of a kept mode is the conjugate of
