@@ -5,7 +5,7 @@
     python benchmarks/beam_speed.py --quick                  # 64 words, d_model 32: a check that it runs
 
 Both sides call ``rnnkit.models.decoding.beam_search`` with the same beam width (5), length penalty
-and ``max_len`` (the task's ``decode_options`` for the whole batch, on both sides):
+and ``max_len`` (the task's ``decode_options``: a limit per word, set by its own length):
 
 - batched: ``--batch-size`` words per call, so every ``decode_step`` advances ``batch * beam``
   hypotheses at once;
@@ -79,18 +79,15 @@ def main() -> None:
     print(f"g2p test split: {words} words, beam {args.beam}, batches of {args.batch_size}; model "
           f"{'from ' + args.checkpoint if args.checkpoint else 'untrained'} ({params:,} parameters)", flush=True)
 
-    def decode(src, lengths, batch_lengths):
-        # max_len from the whole batch's lengths on both sides: the same search for every word
-        return beam_search(model, src, lengths, beam_size=args.beam, alpha=args.alpha,
-                           **task.decode_options(batch_lengths))
+    def decode(src, lengths):
+        return beam_search(model, src, lengths, beam_size=args.beam, alpha=args.alpha, **task.decode_options(lengths))
 
     with torch.inference_mode():
         started = time.perf_counter()
-        batched = [decode(b.src, b.src_lengths, b.src_lengths) for b in batches]
+        batched = [decode(b.src, b.src_lengths) for b in batches]
         batched_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        single = [[decode(b.src[i:i + 1, : int(b.src_lengths[i])], b.src_lengths[i:i + 1], b.src_lengths)
-                   for i in range(len(b))]
+        single = [[decode(b.src[i:i + 1, : int(b.src_lengths[i])], b.src_lengths[i:i + 1]) for i in range(len(b))]
                   for b in batches]
         single_seconds = time.perf_counter() - started
     differ, score_gap = 0, 0.0

@@ -171,3 +171,36 @@ def test_search_stops_once_every_source_has_its_beam_finished():
     calls.clear()
     greedy_decode(model, src, sl, max_len=20, bos_id=BOS, eos_id=EOS)
     assert len(calls) == 1
+
+
+def test_per_source_max_len_decodes_each_source_as_alone():
+    """A ``(B,)`` ``max_len`` stops each source at its own limit: batched results equal each source
+    decoded alone with its limit, for beams and greedy, including hypotheses cut at the limit."""
+    model = make(seed=5, vocab=6)
+    with torch.no_grad():
+        model.out.bias[EOS] = -30.0  # no hypothesis ends early: every one runs to its limit
+    src, sl = sources(5, b=4, s=5)
+    limits = torch.tensor([2, 5, 3, 1])
+    batched = beam_search(model, src, sl, beam_size=3, max_len=limits, bos_id=BOS, eos_id=EOS, n_best=2)
+    greedy = greedy_decode(model, src, sl, max_len=limits, bos_id=BOS, eos_id=EOS)
+    for b, n in enumerate(limits.tolist()):
+        one = src[b : b + 1, : sl[b]]
+        alone = beam_search(model, one, None, beam_size=3, max_len=n, bos_id=BOS, eos_id=EOS, n_best=2)
+        assert torch.equal(batched.lengths[b], alone.lengths[0]) and (alone.lengths[0] == n).all()
+        assert torch.equal(batched.tokens[b, :, :n], alone.tokens[0])
+        assert (batched.tokens[b, :, n:] == 0).all()
+        assert_close(batched.scores[b], alone.scores[0], dtype=torch.float64)
+        g = greedy_decode(model, one, None, max_len=n, bos_id=BOS, eos_id=EOS)
+        assert int(greedy.lengths[b]) == n and torch.equal(greedy.tokens[b, :n], g.tokens[0])
+    for bad in (torch.tensor([2, 3]), torch.tensor([2.0, 5.0, 3.0, 1.0]), torch.tensor([2, 0, 3, 1])):
+        with pytest.raises(InputError, match="max_len"):
+            beam_search(model, src, sl, max_len=bad, bos_id=BOS, eos_id=EOS)
+
+
+def test_task_decode_options_give_each_source_its_own_limit():
+    from rnnkit.tasks import build_task
+
+    task = build_task("reverse")
+    lengths = torch.tensor([3, 7, 5])
+    limits = task.decode_options(lengths)["max_len"]
+    assert limits.tolist() == [task.max_target_len(torch.tensor([n])) for n in (3, 7, 5)]

@@ -55,8 +55,9 @@ def length_penalty(length: int | torch.Tensor, alpha: float, kind: str = "gnmt")
     return length ** alpha
 
 
-def _check_common(max_len: int, bos_id, eos_id, pad_id) -> None:
-    check_positive_int("max_len", max_len)
+def _check_common(max_len, bos_id, eos_id, pad_id) -> None:
+    if not isinstance(max_len, torch.Tensor):
+        check_positive_int("max_len", max_len)
     for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
         if value is not None:
             check_positive_int(name, value, minimum=0)
@@ -73,6 +74,19 @@ def _first_tokens(bos_id: int | None, batch: int, device) -> torch.Tensor | None
     return None if bos_id is None else torch.full((batch,), bos_id, dtype=torch.long, device=device)
 
 
+def _limits(max_len, batch: int, device) -> torch.Tensor:
+    """``max_len`` as ``(B,)`` longs: one int for every source, or a length per source (so that a
+    source's hypotheses do not depend on which other sources share its batch)."""
+    if not isinstance(max_len, torch.Tensor):
+        return torch.full((batch,), max_len, dtype=torch.long, device=device)
+    if max_len.dim() != 1 or max_len.shape[0] != batch or max_len.dtype.is_floating_point or max_len.dtype == torch.bool:
+        raise InputError(f"max_len: expected an int or ({batch},) integer tensor (one limit per source), "
+                         f"got {max_len.dtype} tensor of shape {tuple(max_len.shape)}")
+    if bool((max_len < 1).any()):
+        raise InputError(f"max_len: expected every limit >= 1, got minimum {int(max_len.min())}")
+    return max_len.to(device=device, dtype=torch.long)
+
+
 def _batch_size(memory: Any) -> tuple[int, torch.device]:
     leaf = memory
     while not isinstance(leaf, torch.Tensor):
@@ -87,12 +101,13 @@ def _decode_one_path(model, src, src_lengths, max_len, bos_id, eos_id, pad_id,
     _check_common(max_len, bos_id, eos_id, pad_id)
     memory, state = model.decode_init(src, src_lengths)
     batch, device = _batch_size(memory)
+    limits = _limits(max_len, batch, device)
     tokens = _first_tokens(bos_id, batch, device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     total = torch.zeros(batch, dtype=torch.float64, device=device)
     chosen = []
-    for _ in range(max_len):
+    for t in range(1, int(limits.max()) + 1):
         logits, state = model.decode_step(tokens, state, memory)
         _check_eos(eos_id, logits)
         log_probs = torch.log_softmax(logits.double(), -1)
@@ -102,6 +117,7 @@ def _decode_one_path(model, src, src_lengths, max_len, bos_id, eos_id, pad_id,
         chosen.append(torch.where(finished, pad_id, tokens))
         if eos_id is not None:
             finished |= tokens == eos_id
+        finished |= limits <= t
         if bool(finished.all()):
             break
     return DecodeResult(torch.stack(chosen, 1), lengths, total)
@@ -114,7 +130,8 @@ def greedy_decode(model, src, src_lengths=None, *, max_len: int, bos_id: int | N
     Args:
         model: a model with the decoding interface (module docstring), in eval mode.
         src: ``(B, S)`` source ids or ``(B, S, D_in)`` features; ``src_lengths`` ``(B,)``.
-        max_len: the most tokens per hypothesis (EOS included).
+        max_len: the most tokens per hypothesis (EOS included): an int, or a ``(B,)`` tensor of
+            one limit per source (a source's result then does not depend on its batch).
         bos_id: the start token (None for pointer networks); ``eos_id``: the end token (None: none).
         pad_id: written after each sequence's end.
 
@@ -171,6 +188,8 @@ def beam_search(model, src, src_lengths=None, *, beam_size: int = 5, max_len: in
     check_choice("penalty", penalty, ("gnmt", "length"))
     memory, state = model.decode_init(src, src_lengths)
     batch, device = _batch_size(memory)
+    limits = _limits(max_len, batch, device)
+    max_len = int(limits.max())
     k = beam_size
     per_beam = torch.arange(batch, device=device).repeat_interleave(k)  # (B K,)
     memory = map_state(lambda t: t.index_select(0, per_beam), memory)
@@ -193,12 +212,12 @@ def beam_search(model, src, src_lengths=None, *, beam_size: int = 5, max_len: in
         vocab = logits.shape[-1]
         candidates = (alive[..., None] + torch.log_softmax(logits.double(), -1).view(batch, k, vocab))
         candidates = candidates.view(batch, k * vocab)
-        last = t == max_len
-        if eos_id is not None or last:
+        last = limits == t  # (B,): sources at their limit, whose best live hypotheses finish now
+        if eos_id is not None or bool(last.any()):
             top, index = candidates.topk(min(k, k * vocab), -1)
             ends = torch.isfinite(top) & ~done[:, None]
-            if not last:
-                ends &= index % vocab == eos_id
+            at_end = last[:, None] if eos_id is None else (index % vocab == eos_id) | last[:, None]
+            ends &= at_end
             seq = torch.cat([alive_seq[rows, index // vocab], (index % vocab)[..., None]], -1)  # (B, k, t)
             seq = torch.nn.functional.pad(seq, (0, max_len - t), value=pad_id)
             new_scores = torch.where(ends, top / length_penalty(t, alpha, penalty), neg_inf)
@@ -209,8 +228,8 @@ def beam_search(model, src, src_lengths=None, *, beam_size: int = 5, max_len: in
             pool_seq = torch.cat([pool_seq, seq], 1)[rows, order]
             pool_len = torch.cat([pool_len, torch.where(ends, t, 0)], 1).gather(1, order)
             finished_count += ends.sum(1)
-            done |= finished_count >= k
-        if last or bool(done.all()):
+            done |= (finished_count >= k) | last
+        if bool(done.all()):
             break
         if eos_id is not None:
             candidates = candidates.view(batch, k, vocab).index_fill(-1, torch.tensor([eos_id], device=device),

@@ -274,9 +274,11 @@ class Seq2SeqTask(Task):
 
     def decode_options(self, src_lengths: torch.Tensor) -> dict[str, Any]:
         """Keyword arguments of ``rnnkit.models.decoding``'s functions for sources of these lengths:
-        ``max_len``, ``bos_id``, ``eos_id``, ``pad_id``."""
-        return {"max_len": self.max_target_len(src_lengths), "bos_id": self.bos_id, "eos_id": self.eos_id,
-                "pad_id": self.pad_id}
+        ``max_len`` (``(B,)``: each source's own :meth:`max_target_len`, so that a source decodes the
+        same in any batch), ``bos_id``, ``eos_id``, ``pad_id``."""
+        limits = torch.tensor([self.max_target_len(n) for n in src_lengths.reshape(-1, 1).cpu()],
+                              dtype=torch.long, device=src_lengths.device)
+        return {"max_len": limits, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
 
     def metric_sums(self, predictions: Any, batch: Seq2SeqBatch) -> dict[str, float]:
         """Additive counts of one batch's predictions (see :func:`predicted_sequences` for the forms
