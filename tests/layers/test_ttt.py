@@ -117,7 +117,12 @@ def test_chunk_never_materialises_a_weight_per_token(name: str) -> None:
     B, H, K, T = 1, 1, 16, 256
     torch.manual_seed(0)
     layer = rnnkit.layers.build(name, d_model=K, num_heads=H, mini_batch_size=16)
-    x = torch.randn(B, T, K, requires_grad=True)
+    largest = largest_saved_tensor(layer, torch.randn(B, T, K, requires_grad=True))
+    assert largest * 8 < B * H * T * K * K, f"largest saved tensor: {largest} floats"
+
+
+def largest_saved_tensor(layer: rnnkit.layers.Recurrence, x: torch.Tensor, mode: str = "chunk") -> int:
+    """The floats of the largest tensor that a forward of ``layer`` in ``mode`` saves for backward."""
     sizes = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -125,8 +130,8 @@ def test_chunk_never_materialises_a_weight_per_token(name: str) -> None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x, mode="chunk")
-    assert max(sizes) * 8 < B * H * T * K * K, f"largest saved tensor: {max(sizes)} floats"
+        layer(x, mode=mode)
+    return max(sizes)
 
 
 @pytest.mark.parametrize(

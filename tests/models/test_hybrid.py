@@ -24,6 +24,8 @@ HYBRIDS = {
     "griffin-residual": dict(block="residual", layer=GRIFFIN, num_layers=6),
     "jamba-residual": dict(block="residual", layer="mamba*3,attention:num_heads=2:max_len=32", num_layers=4),
     "xlstm-list": dict(block="residual", layer=[{"layer": "mlstm", "num_heads": 2}, "gru"], num_layers=3),
+    "titans-mal": dict(block="residual", layer="titans:num_heads=2:mini_batch_size=3,attention:window=4:num_heads=2",
+                       num_layers=4),
     "stacked-widths": dict(block="stacked", layer="lstm:hidden_size=5,gru,attention:window=3:num_heads=1",
                            num_layers=3),
 }

@@ -17,7 +17,7 @@ from rnnkit.layers import mingru, minlstm, pararnn  # noqa: E402,F401
 from rnnkit.layers import attention, based, gla, linear_attention, mamba2, mlstm, retnet  # noqa: E402,F401
 from rnnkit.layers import deltanet, gated_deltanet  # noqa: E402,F401
 from rnnkit.layers import gateloop, hgrn2, rwkv6, rwkv7  # noqa: E402,F401
-from rnnkit.layers import titans, ttt  # noqa: E402,F401
+from rnnkit.layers import lact, titans, titans_hybrid, ttt  # noqa: E402,F401
 from rnnkit.layers import aaren, slstm  # noqa: E402,F401
 
 __all__ = ["MODE_NAMES", "LayerSpec", "Recurrence", "build", "flatten_state", "map_state", "names", "register", "spec"]

@@ -42,10 +42,12 @@ layer in turn, and the carry to the next mini-batch is the last row. Memory is l
 per mini-batch ``(b, b)`` matrices and one weight set, never a ``(T, K, K)`` tensor of weights.
 
 A state whose ``c`` is not zero (a sequence continued mid-mini-batch) and padded batches are handled
-by shifting each sequence within a grid of ``ceil((T + b - 1) / b)`` mini-batches so that its
+by shifting each sequence within a grid of at most ``ceil((T + b - 1) / b)`` mini-batches so that its
 mini-batches line up with the grid; the slots before its start and after its length are identity
-steps (``lr = 0``, ``eta = 1``, ``alpha = 0``, no write of ``S`` into ``W``). No tensor value is read on
-the host, so both modes trace under ``torch.compile`` and ``torch.export`` without a graph break.
+steps (``lr = 0``, ``eta = 1``, ``alpha = 0``, no write of ``S`` into ``W``) (:func:`chunk_grid`). The
+number of grid mini-batches is read from the offsets and lengths when running eagerly (no mini-batch
+of identity steps is computed) and bounded without reading them while ``torch.compile`` or
+``torch.export`` traces, so both modes trace without a graph break.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import InputError
-from rnnkit.layers._multihead import MultiHeadRecurrence
+from rnnkit.layers._multihead import MultiHeadRecurrence, split_heads
 from rnnkit.ops.padding import freeze, step_valid
 
 Weights = tuple[torch.Tensor, ...]  # per layer W (B, H, in, out), then its bias (B, H, out) if any
@@ -101,6 +103,14 @@ def check_positive_number(name: str, value: object) -> None:
 def check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise InputError(f"{name}: expected a bool, got {value!r}")
+
+
+def silu_views(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values ``(B, H, T, K)`` of a fast-weight memory from the projections ``qkv``
+    ``(B, T, 3HK)`` = ``[q | k | v]``: SiLU of each, queries and keys L2-normalised per head (Titans'
+    section 4.4; LaCT's layers)."""
+    q, k, v = (split_heads(F.silu(t), num_heads) for t in qkv.chunk(3, -1))
+    return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
 
 
 # --------------------------------------------------------------------------- the inner network
@@ -192,6 +202,13 @@ def _position(count: torch.Tensor, b: int) -> torch.Tensor:
     return torch.remainder(torch.nan_to_num(count.round(), nan=0.0, posinf=0.0, neginf=0.0), b)
 
 
+def count_like(steps: torch.Tensor, count: torch.Tensor, b: int) -> torch.Tensor:
+    """The whole numbers ``steps`` ``(B,)`` as a count in ``count``'s dtype, connected to the count a
+    call started from with a zero gradient: the recurrent form's count (a rounding of it) is such an
+    output of the autograd graph too, so both forms return the same kind of tensor."""
+    return steps.to(count.dtype) + 0 * _position(count, b)
+
+
 # --------------------------------------------------------------------------- recurrent: the definition
 def fast_weights_recurrent(
     q: torch.Tensor,
@@ -243,6 +260,72 @@ def fast_weights_recurrent(
 
 
 # --------------------------------------------------------------------------- chunk: mini-batch at a time
+def tracing() -> bool:
+    """Whether ``torch.compile`` or ``torch.export`` is tracing: no tensor value may be read then."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+class ChunkGrid(NamedTuple):
+    """Sequences laid out on a grid of ``chunks`` whole chunks of ``size`` slots, each shifted by the
+    steps its current chunk has already read (``offset``), so that the chunk boundaries of every
+    sequence fall on the grid's. Slots before a sequence's start and after its length are inactive.
+
+    Attributes:
+        offset: ``(B,)`` steps of the current chunk read before this call, in ``[0, size)``.
+        length: ``(B,)`` valid steps of this call.
+        active: ``(B, chunks * size)`` True at the slots that hold a step of the sequence.
+        index: ``(B, H, chunks * size)`` the step each slot reads (clamped into ``[0, T)``).
+        chunks: the number of chunks.
+        size: the chunk size.
+    """
+
+    offset: torch.Tensor
+    length: torch.Tensor
+    active: torch.Tensor
+    index: torch.Tensor
+    chunks: int
+    size: int
+
+    def take(self, t: torch.Tensor, fill: float | None = None) -> torch.Tensor:
+        """``t`` ``(B, H, T, ...)`` on the grid, ``(B, H, chunks * size, ...)``; with ``fill`` the
+        inactive slots hold it (an identity step), else a copy of a step of the sequence."""
+        extra = t.shape[3:]
+        index = self.index.view(*self.index.shape, *([1] * len(extra))).expand(*self.index.shape, *extra)
+        out = t.gather(2, index)
+        if fill is None:
+            return out
+        active = self.active.view(self.active.shape[0], 1, -1, *([1] * len(extra)))
+        return torch.where(active, out, torch.full((), fill, dtype=t.dtype, device=t.device))
+
+    def back(self, y: torch.Tensor, steps: int) -> torch.Tensor:
+        """The grid's ``y`` ``(B, H, chunks * size, K)`` at the sequence's own ``steps`` positions,
+        ``(B, H, steps, K)``; a padded step past the grid reads its last slot (its output is padding)."""
+        B, H, slots, K = y.shape
+        where = (self.offset[:, None] + torch.arange(steps, device=y.device)).clamp(max=slots - 1)
+        return y.gather(2, where[:, None, :, None].expand(B, H, steps, K))
+
+
+def chunk_grid(count: torch.Tensor, lengths: torch.Tensor | None, heads: int, steps: int, size: int) -> ChunkGrid:
+    """The :class:`ChunkGrid` of a call of ``steps`` steps (``lengths`` ``(B,)`` or None) from states
+    that have read ``count`` ``(B,)`` steps of their current chunk of ``size``.
+
+    The number of chunks is read from the offsets and lengths, except while tracing, where it is the
+    bound ``ceil((steps + size - 1) / size)`` that any offset fits in (no tensor value is read)."""
+    device = count.device
+    B = count.shape[0]
+    offset = _position(count, size).long()
+    length = lengths.long() if lengths is not None else torch.full((B,), steps, dtype=torch.long, device=device)
+    if tracing() or B == 0:
+        chunks = (steps + 2 * size - 2) // size
+    else:
+        chunks = int(((offset + length).max() + size - 1) // size)
+    grid = torch.arange(chunks * size, device=device)
+    source = grid[None, :] - offset[:, None]  # (B, chunks * size): the step in each slot
+    active = (source >= 0) & (source < length[:, None])
+    index = source.clamp(0, steps - 1)[:, None, :].expand(B, heads, -1)
+    return ChunkGrid(offset, length, active, index, chunks, size)
+
+
 def _decay_matrix(log_cum: torch.Tensor) -> torch.Tensor:
     """``exp(L_t - L_s)`` for ``s <= t``, zero above the diagonal; ``log_cum`` ``(..., n)`` cumulative
     log products, so entry ``[t, s]`` is the product of the factors at steps ``s+1 .. t``."""
@@ -282,25 +365,15 @@ def fast_weights_chunk(
     B, H, T, K = q.shape
     b = spec.mini_batch
     device = q.device
-    offset = _position(count, b).long()  # (B,) steps of its mini-batch a sequence has read
-    length = lengths.long() if lengths is not None else torch.full((B,), T, dtype=torch.long, device=device)
-    n_mb = (T + 2 * b - 2) // b  # room for any offset in [0, b)
-    grid = torch.arange(n_mb * b, device=device)
-    source = grid[None, :] - offset[:, None]  # (B, T'): the step of the sequence in each grid slot
-    active = (source >= 0) & (source < length[:, None])
-    index = source.clamp(0, T - 1)[:, None, :].expand(B, H, -1)
-
-    def on_grid(t: torch.Tensor, fill: float) -> torch.Tensor:  # (B, H, T) -> (B, H, T'), identity off the sequence
-        return torch.where(active[:, None], t.gather(2, index), torch.full((), fill, dtype=t.dtype, device=device))
-
-    index4 = index[..., None].expand(-1, -1, -1, K)
-    qg, kg, vg = (t.gather(2, index4) for t in (q, k, v))
-    lr = on_grid(gates.lr, 0.0)
+    grid = chunk_grid(count, lengths, H, T, b)
+    qg, kg, vg = (grid.take(t) for t in (q, k, v))
+    lr = grid.take(gates.lr, 0.0)  # identity steps off the sequence
     if momentum is not None:
-        log_eta, log_keep = on_grid(gates.log_eta, 0.0), on_grid(gates.log_keep, 0.0)
-    act = active[:, None].to(q.dtype)  # (B, 1, T')
-    last_mb = (offset + length - 1) // b  # the mini-batch holding each sequence's last step
-    final_count = torch.remainder(offset + length, b)
+        log_eta, log_keep = grid.take(gates.log_eta, 0.0), grid.take(gates.log_keep, 0.0)
+    act = grid.active[:, None].to(q.dtype)  # (B, 1, T')
+    last_mb = (grid.offset + grid.length - 1) // b  # the mini-batch holding each sequence's last step
+    final_count = torch.remainder(grid.offset + grid.length, b)
+    n_mb = grid.chunks
     # Without lengths every sequence ends in one of two mini-batches (its offset is below b), known
     # from the shapes alone; only those need the per-sequence capture of the start weights.
     ends = range(n_mb) if lengths is not None else {(T - 1) // b, (T + b - 2) // b}
@@ -317,7 +390,7 @@ def fast_weights_chunk(
             Gates(per_mb(lr), per_mb(log_eta), per_mb(log_keep)), per_mb(act))
     grad_base, captured = start, start
     ys = []
-    for m in range(n_mb):
+    for m in range(grid.chunks):
         s = slice(m * b, (m + 1) * b)
         inputs, deltas = _loss_grads(_layers(grad_base, spec), kg[:, :, s], vg[:, :, s], ln)
         cur = _layers(weights, spec)
@@ -354,9 +427,9 @@ def fast_weights_chunk(
         if m in ends:
             captured = _where(last_mb == m, grad_base, captured)
         grad_base = weights
-    y = torch.cat(ys, 2).gather(2, (offset[:, None] + torch.arange(T, device=device))[:, None, :, None].expand(B, H, T, K))
+    y = grid.back(torch.cat(ys, 2), T)
     start = _where(final_count == 0, weights, captured)
-    return y, (start, weights, momentum, final_count.to(count.dtype))
+    return y, (start, weights, momentum, count_like(final_count, count, b))
 
 
 # --------------------------------------------------------------------------- the layers' base class

@@ -96,6 +96,33 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, base: float = ROPE_BASE) ->
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], -1)
 
 
+def empty_cache(batch_size: int, num_heads: int, span: int, head_dim: int, rope: bool, device, dtype):
+    """The empty KV cache of ``span - 1`` slots: a :class:`RotaryCacheState` at position 0 (``rope``)
+    or a :class:`WindowState`."""
+    cache = empty_window(batch_size, num_heads, span, head_dim, head_dim, device, dtype)
+    if not rope:
+        return cache
+    return RotaryCacheState(*cache, torch.zeros(batch_size, 1, device=device, dtype=dtype))
+
+
+def cached_attention(q, k, v, cache, lengths, mode: str, span: int, chunk_size: int, rope: bool):
+    """Causal attention of ``q``, ``k``, ``v`` ``(B, H, T, K)`` over the keys of the last ``span`` steps,
+    the cache's included, in ``mode`` (a form of :func:`sliding_window_attention`); with ``rope`` the
+    cache is a :class:`RotaryCacheState` and the queries and keys are first rotated by their absolute
+    positions.
+
+    Returns ``y`` ``(B, H, T, K)`` and the cache after each sequence's last valid step.
+    """
+    if rope:
+        position = cache[3]
+        positions = position.to(torch.float64) + torch.arange(q.shape[2], device=q.device, dtype=torch.float64)
+        q, k = rotate(q, positions), rotate(k, positions)
+        steps = lengths[:, None].to(position.dtype) if lengths is not None else q.shape[2]
+    y, window = sliding_window_attention(q, k, v, span, WindowState(*cache[:3]), lengths, mode=mode,
+                                         chunk_size=chunk_size)
+    return y, (RotaryCacheState(*window, position + steps) if rope else window)
+
+
 @register(
     "attention",
     description="Causal softmax attention (Vaswani et al. 2017), optional sliding window; state = KV cache",
@@ -131,10 +158,7 @@ class Attention(MultiHeadRecurrence):
 
     def _init_state(self, batch_size, device, dtype):
         c = self.config
-        cache = empty_window(batch_size, c.num_heads, self.span, c.head_dim, c.head_dim, device, dtype)
-        if not c.rope:
-            return cache
-        return RotaryCacheState(*cache, torch.zeros(batch_size, 1, device=device, dtype=dtype))
+        return empty_cache(batch_size, c.num_heads, self.span, c.head_dim, c.rope, device, dtype)
 
     def state_size_at(self, length: int) -> int:
         """Floats of the KV cache once ``length`` steps have been read: ``min(length, S)`` slots of
@@ -148,13 +172,5 @@ class Attention(MultiHeadRecurrence):
     def _forward(self, x, state, lengths, mode):
         c = self.config
         q, k, v = (split_heads(t, c.num_heads) for t in self.qkv_proj(x).chunk(3, -1))  # (B, H, T, K)
-        if c.rope:
-            position = state[3]
-            positions = position.to(torch.float64) + torch.arange(x.shape[1], device=x.device, dtype=torch.float64)
-            q, k = rotate(q, positions), rotate(k, positions)
-            steps = lengths[:, None].to(position.dtype) if lengths is not None else x.shape[1]
-        state = WindowState(*state[:3])
-        y, state = sliding_window_attention(q, k, v, self.span, state, lengths, mode=mode, chunk_size=c.chunk_size)
-        if c.rope:
-            state = RotaryCacheState(*state, position + steps)
+        y, state = cached_attention(q, k, v, state, lengths, mode, self.span, c.chunk_size, c.rope)
         return self.o_proj(merge_heads(y)), state

@@ -48,6 +48,9 @@ class StackedConfig:
         "gru3": {"layer": "gru", "num_layers": 3},
         "lstm2-peephole": {"layer": "lstm", "num_layers": 2, "peephole": True},
         "mixed": {"layer": "lstm,gru:hidden_size=3,elman", "num_layers": 4, "dropout": 0.25},
+        # Titans' memory as a layer (MAL): the memory, then sliding-window attention on its output.
+        "titans-mal": {"layer": "titans:num_heads=1:head_dim=2:mini_batch_size=3,"
+                                "attention:num_heads=1:head_dim=2:window=4", "num_layers": 2},
     },
 )
 class Stacked(Recurrence):

@@ -23,8 +23,9 @@ over a mini-batch in closed form as decay matrices (``exp`` of differences of cu
 so the read-outs take the dual form and no per-token memory is stored (memory linear in ``T``).
 With ``b = 1`` it is the equation above. See :mod:`rnnkit.layers._fast_weights`.
 
-Left out: the short convolutions on q, k, v, and the three ways the paper combines memory with
-attention (memory as context, gate or layer).
+Left out: the short convolutions on q, k, v. The paper's ways of combining the memory with attention
+are in :mod:`rnnkit.layers.titans_hybrid`: memory as a context (``titans_mac``), as a gate
+(``titans_mag``) and as a layer (the layer pattern ``titans,attention:window=w``).
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ from rnnkit.layers._fast_weights import (
     TitansState,
     check_bool,
     check_positive_number,
+    silu_views,
 )
-from rnnkit.layers._multihead import HeadNorm, check_head_config, merge_heads, split_heads
+from rnnkit.layers._multihead import HeadNorm, check_head_config, merge_heads
 from rnnkit.layers.registry import make_config, register
 
 __all__ = ["Titans", "TitansConfig", "TitansState"]
@@ -146,9 +148,8 @@ class Titans(FastWeightLayer):
         return None
 
     def _inner_inputs(self, x):
-        H, K = self.num_heads, self.head_dim
-        q, k, v = (split_heads(F.silu(t), H) for t in self.qkv_proj(x).split(H * K, -1))  # (B, H, T, K)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        H = self.num_heads
+        q, k, v = silu_views(self.qkv_proj(x), H)  # (B, H, T, K) each
         theta, eta, alpha = self.gate_params(x).transpose(1, 2).split(H, 1)  # (B, H, T) logits each
         gates = Gates(self.config.base_lr * torch.sigmoid(theta), F.logsigmoid(eta), F.logsigmoid(-alpha))
         return q, k, v, gates
