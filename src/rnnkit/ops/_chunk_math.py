@@ -17,8 +17,27 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
+from rnnkit.ops._blas import ChunkProducts
 from rnnkit.ops._workspace import workspace
+
+
+def chunk_backward(body):
+    """The ``backward`` of a chunk kernel's ``torch.autograd.Function``: ``body(ctx, *grads)`` with
+    autocast off (the kernels' ``out=`` buffers take one dtype), once differentiable (a second
+    derivative through a hand-written backward is not implemented).
+
+    Example:
+        >>> backward = chunk_backward(_backward)     # in the class body, after _backward
+    """
+
+    @once_differentiable
+    def backward(ctx, *grads):
+        with torch.autocast(grads[0].device.type, enabled=False):
+            return body(ctx, *grads)
+
+    return staticmethod(backward)
 
 
 def pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -45,6 +64,17 @@ def mm(a, b, out=None):
     shape = (*a.shape[:-1], b.shape[-1])
     out = workspace(shape, a) if out is None else out
     torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out=out.view(-1, *shape[-2:]))
+    return out
+
+
+def mm_into(a, b, out):
+    """``out = a @ b`` batched over the leading dims, in place, where ``out`` is a view whose
+    matrices have contiguous rows but whose batch is strided (a block of rows of a larger buffer):
+    ``torch.bmm`` would compute into a temporary and copy. Through :class:`~rnnkit.ops._blas.ChunkProducts`
+    with every matrix of the batch as one chunk."""
+    m, p = out.shape[-2:]
+    flat = [t.reshape(-1, 1, *t.shape[-2:]) for t in (a, b)]
+    ChunkProducts(*flat, out.view(-1, 1, m, p))(0)
     return out
 
 
