@@ -647,13 +647,22 @@ def _dplr_score_mask(C: int, like: torch.Tensor) -> torch.Tensor:
     return (pos[None, :] < pos[:, None] + after[:, None]).to(like.dtype)
 
 
-def _dplr_log_maps(C: int, like: torch.Tensor, mild: bool) -> torch.Tensor:
-    """``(3C, C)``: times ``g`` (C, K), the logs of the chunk's three factors: ``gamma_{i-1}``
-    (exclusive cumulative sum), ``gamma_i`` (inclusive) and, when ``mild``, ``-gamma_i``, otherwise
-    ``gamma_C - gamma_i`` summed from the steps after ``i`` (so it never loses ``|gamma_i|`` ulp)."""
+def _dplr_log_map(C: int, like: torch.Tensor, mild: bool) -> torch.Tensor:
+    """``(2C + 1, C)``: times ``g`` (C, K), the logs of a chunk's factors in one buffer: a row of
+    zeros and the inclusive cumulative sums ``gamma_1 .. gamma_C`` (so rows ``0 .. C-1`` are the
+    exclusive sums ``gamma_b`` and rows ``1 .. C`` are ``gamma``), then ``-gamma`` when ``mild``,
+    otherwise ``gamma_C - gamma_i`` summed over the steps after ``i`` (never losing ``|gamma_i|``
+    ulp)."""
     incl = causal_float(C, like)
     last = -incl if mild else incl.transpose(0, 1).triu(1)
-    return torch.cat([incl.tril(-1), incl, last], 0)
+    return torch.cat([incl.new_zeros(1, C), incl, last], 0)
+
+
+def _dplr_stacked_logs(logs: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[gamma_b; gamma]`` and ``[gamma; gamma]`` (G, N, 2C, K) from the buffer of
+    :func:`_dplr_log_map`: the exponents of the rows and columns of the stacked scores."""
+    gamma = logs[:, :, 1:C + 1]
+    return torch.cat([logs[:, :, :C], gamma], 2), torch.cat([gamma, gamma], 2)
 
 
 def _pair_decays(gx, gy, keep):
@@ -725,17 +734,18 @@ class _ChunkwiseDPLR(torch.autograd.Function):
     def forward(ctx, q, k, v, a, b, g, S0):
         G, N, C, K = q.shape
         V = v.shape[-1]
-        # (G, N, 3C, K) the logs of [E_b; E; F], by one batched product with the summation map
-        logs = mm(_dplr_log_maps(C, q, True).expand(G, N, 3 * C, C), g)
-        lo, hi = torch.aminmax(logs[:, :, C:2 * C])
+        # (G, N, 2C + 1, K) the logs of [1; E; F] (E_b is [1; E] less its last row), by one batched
+        # product with the summation map
+        logs = mm(_dplr_log_map(C, q, True).expand(G, N, 2 * C + 1, C), g)
+        lo, hi = torch.aminmax(logs[:, :, 1:C + 1])
         mild = max(-float(lo), float(hi)) <= SCORE_FACTOR_BOUND
         if not mild:
-            logs[:, :, 2 * C:] = _dplr_log_maps(C, q, False)[2 * C:] @ g
+            logs[:, :, C + 1:] = _dplr_log_map(C, q, False)[C + 1:] @ g
         fac = logs.exp_() if mild else torch.exp(logs, out=workspace_like(logs))
-        F = fac[:, :, 2 * C:]
-        end = fac[:, :, 2 * C - 1, :, None]  # (G, N, K, 1) E_C
+        F = fac[:, :, C + 1:]
+        end = fac[:, :, C, :, None]  # (G, N, K, 1) E_C
         X1, X2 = workspace((G, N, 2 * C, K), q), workspace((G, N, 2 * C, K), q)
-        for out, x, factor in ((X1[:, :, :C], b, fac[:, :, :C]), (X1[:, :, C:], q, fac[:, :, C:2 * C]),
+        for out, x, factor in ((X1[:, :, :C], b, fac[:, :, :C]), (X1[:, :, C:], q, fac[:, :, 1:C + 1]),
                                (X2[:, :, :C], a, F), (X2[:, :, C:], k, F)):
             into(torch.mul, x, factor, out=out)
         keep = _dplr_score_mask(C, q)
@@ -744,8 +754,8 @@ class _ChunkwiseDPLR(torch.autograd.Function):
             scores = mm(X1, X2.transpose(-1, -2)).mul_(keep)  # (G, N, 2C, 2C)
         else:
             x1, x2 = torch.cat([b, q], 2), torch.cat([a, k], 2)
-            gamma = logs[:, :, C:2 * C]
-            scores = _pairwise_scores(x1, logs[:, :, :2 * C], x2, torch.cat([gamma, gamma], 2), keep.bool())
+            rows, cols = _dplr_stacked_logs(logs, C)
+            scores = _pairwise_scores(x1, rows, x2, cols, keep.bool())
         # I - L_ab, for the triangular solves that read its strictly lower triangle
         A = torch.neg(scores[:, :, :C, :C], out=workspace((G, N, C, C), q))
         HV = workspace((G, N, 2 * C, V), q)  # [h; v]: h written chunk by chunk
@@ -789,7 +799,7 @@ class _ChunkwiseDPLR(torch.autograd.Function):
         mild = ctx.mild
         G, N, C2, K = X1.shape
         C, V = C2 // 2, HV.shape[-1]
-        end = fac[:, :, 2 * C - 1, :, None]  # (G, N, K, 1)
+        end = fac[:, :, C, :, None]  # (G, N, K, 1)
         Z = workspace((G, N, 2 * C, V), X1)  # [dR_v; dy]
         dyc = Z[:, :, C:]
         dyc.copy_(dy)
@@ -830,9 +840,9 @@ class _ChunkwiseDPLR(torch.autograd.Function):
             addmm_(dX2, dscores.transpose(-1, -2), X1)
         dv = addmm_(mm(scores[:, :, :, C:].transpose(-1, -2), Z), X2[:, :, C:], DS)  # (G, N, C, V)
         del Z, DS
-        F = fac[:, :, 2 * C:]
+        F = fac[:, :, C + 1:]
         grads = []
-        for dX, factor in ((dX1[:, :, :C], fac[:, :, :C]), (dX1[:, :, C:], fac[:, :, C:2 * C]),
+        for dX, factor in ((dX1[:, :, :C], fac[:, :, :C]), (dX1[:, :, C:], fac[:, :, 1:C + 1]),
                            (dX2[:, :, :C], F), (dX2[:, :, C:], F)):
             grads.append(torch.mul(dX, factor, out=workspace((G, N, C, K), X1)))
         db, dq, da, dk = grads
@@ -842,16 +852,16 @@ class _ChunkwiseDPLR(torch.autograd.Function):
         below.addcmul_(X2[:, :, :C], dX2[:, :, :C], value=-1).addcmul_(X2[:, :, C:], dX2[:, :, C:], value=-1)
         del dX1, dX2
         if not mild:
-            gamma = logs[:, :, C:2 * C]
-            dx1, dx2 = _pairwise_scores_backward(dscores, x1, logs[:, :, :2 * C], x2, torch.cat([gamma, gamma], 2),
-                                                 keep.bool())
+            rows, cols = _dplr_stacked_logs(logs, C)
+            dx1, dx2 = _pairwise_scores_backward(dscores, x1, rows, x2, cols, keep.bool())
             for out, part in ((db, dx1[:, :, :C]), (dq, dx1[:, :, C:]), (da, dx2[:, :, :C]), (dk, dx2[:, :, C:])):
                 out.add_(part)
             dlog.addcmul_(x1, dx1)
             below.addcmul_(x2[:, :, :C], dx2[:, :, :C], value=-1).addcmul_(x2[:, :, C:], dx2[:, :, C:], value=-1)
         del dscores
         # gamma_C = the chunk's sum of g reaches every step's g
-        maps_t = _dplr_log_maps(C, X1, True)[:2 * C].transpose(0, 1)  # (C, 2C)
+        incl = causal_float(C, X1)
+        maps_t = torch.cat([incl.tril(-1), incl], 0).transpose(0, 1)  # (C, 2C): [gamma_b; gamma] = maps g
         dg = mm(maps_t.expand(G, N, C, 2 * C), dlog).add_(end_dot[:, :, None, :])
         return dq, dk, dv, da, db, dg, dS
 
