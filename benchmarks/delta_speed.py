@@ -35,6 +35,7 @@ a plain ``(2048 x 2048) @ (2048 x 2048)`` matmul measured in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import subprocess
 import time
@@ -149,6 +150,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="B")
     parser.add_argument("--heads", type=int, default=4, help="H")
     parser.add_argument("--dim", type=int, default=64, help="K = V per head")
+    parser.add_argument("--dplr-chunks", type=int, nargs="+", default=(), metavar="C",
+                        help="also time the dplr chunk form with these chunk sizes")
     parser.add_argument("--only", metavar="TEXT", default=None,
                         help="time only the rows whose name contains TEXT (e.g. dplr)")
     parser.add_argument("--against", metavar="REV", default=None,
@@ -188,6 +191,10 @@ def main() -> None:
         d = dplr_inputs(B, T, H, K, V)
         candidates["dplr chunk"] = train_step(dplr_delta_rule_chunk, d, with_state=True)
         tokens["dplr chunk"] = B * T
+        for size in args.dplr_chunks:
+            name = f"dplr chunk (C={size})"
+            candidates[name] = train_step(functools.partial(dplr_delta_rule_chunk, chunk_size=size), d, with_state=True)
+            tokens[name] = B * T
         if older is not None and hasattr(older, "dplr_delta_rule_chunk"):
             candidates[f"dplr chunk @{args.against}"] = train_step(older.dplr_delta_rule_chunk, d, with_state=True)
             tokens[f"dplr chunk @{args.against}"] = B * T
