@@ -726,7 +726,8 @@ class _ChunkwiseDPLR(torch.autograd.Function):
     ``dscores = mask ⊙ [dR_v; dy] [h; v]^T``, ``dX1 = [dR_v; dy] S_n^T + dscores X2``,
     ``dX2 = [h; v] (E_C ⊙ dS_{n+1})^T + dscores^T X1`` and ``dv = [L_ak; M_qk]^T [dR_v; dy] +
     X2_k (E_C ⊙ dS_{n+1})``. The decays enter only through the factors' exponents: the gradient
-    w.r.t. each log factor is ``X ⊙ dX``, w.r.t. ``gamma_C`` through ``E_C`` it is
+    w.r.t. each log factor is ``X ⊙ dX`` (``F``'s counted as ``-gamma`` in both cases: for strong
+    decays its ``gamma_C`` share falls into the next term), w.r.t. ``gamma_C`` through ``E_C`` it is
     ``sum_v dS_{n+1} ⊙ S_{n+1}``, and ``dg`` is the transposed cumulative-sum map applied to them.
     """
 
