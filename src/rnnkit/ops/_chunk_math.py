@@ -1,9 +1,10 @@
 """Chunk math shared by the chunkwise kernels (gated linear attention, delta rule, mLSTM).
 
 The pieces that every ``(G, N, C, *)`` chunk kernel needs: batched products into workspace buffers
-(:func:`mm`, :func:`addmm_`), row dot products (:func:`rowdot`), causal masks, the decay matrices of
-a chunk in log space (:func:`decay_matrix_log`, :func:`segment_sum`, :func:`suffix_sum`), dtype
-promotion (:func:`common_dtype`) and time padding (:func:`pad_time`).
+(:func:`mm`, :func:`addmm_`, and :func:`mm_into` for a strided block of rows), the backward wrapper
+of their autograd Functions (:func:`chunk_backward`), row dot products (:func:`rowdot`), causal
+masks, the decay matrices of a chunk in log space (:func:`decay_matrix_log`, :func:`segment_sum`,
+:func:`suffix_sum`), dtype promotion (:func:`common_dtype`) and time padding (:func:`pad_time`).
 
 Why in one place: the three kernels take the same decays through the same numerics (every
 exponential of a difference ``b_i - b_j`` with ``j <= i``, so ``<= 0``), and a fix to one of these
@@ -70,8 +71,8 @@ def mm(a, b, out=None):
 def mm_into(a, b, out):
     """``out = a @ b`` batched over the leading dims, in place, where ``out`` is a view whose
     matrices have contiguous rows but whose batch is strided (a block of rows of a larger buffer):
-    ``torch.bmm`` would compute into a temporary and copy. Through :class:`~rnnkit.ops._blas.ChunkProducts`
-    with every matrix of the batch as one chunk."""
+    ``torch.bmm`` would compute into a temporary and copy. Runs as one call of
+    :class:`~rnnkit.ops._blas.ChunkProducts` with the whole batch as a single chunk."""
     m, p = out.shape[-2:]
     flat = [t.reshape(-1, 1, *t.shape[-2:]) for t in (a, b)]
     ChunkProducts(*flat, out.view(-1, 1, m, p))(0)
