@@ -3,6 +3,7 @@
     python benchmarks/delta_speed.py            # B=16, H=4, K=V=64, T in (512, 2048, 8192); ~4 min
     python benchmarks/delta_speed.py --quick    # T=512 only
     python benchmarks/delta_speed.py --lengths 8192 --against b4e615c   # this kernel vs an older one
+    python benchmarks/delta_speed.py --lengths 2048 --only dplr --against HEAD~1   # the RWKV-7 kernel alone
     python benchmarks/delta_speed.py --lengths 64 --batch 1 --heads 1 --dim 8 --reps 1   # a smoke run
 
 Rows, each forward + backward of the op alone (``rnnkit.ops.delta_rule``), fp32, 2 threads:
@@ -11,7 +12,7 @@ Rows, each forward + backward of the op alone (``rnnkit.ops.delta_rule``), fp32,
 - ``recurrent``: the loop over time (T <= 2048);
 - ``dplr chunk`` / ``dplr recurrent``: the diagonal-plus-low-rank delta rule of RWKV-7
   (:func:`rnnkit.ops.dplr_delta_rule`: decay per key dimension, removal key ``kappa`` and rate
-  ``eta``) at the same sizes, its chunkwise form (chunks of 32, autograd backward) and its loop
+  ``eta``) at the same sizes, its chunkwise form (chunks of 32, hand-written backward) and its loop
   (T <= 2048), next to the gated rows (Gated DeltaNet's op);
 - ``parallel``: one ``(T, T)`` WY/UT block; ``O(T^2)`` memory, so at T = 2048 it runs at B = 2 (the
   row says so) and not at all beyond;
@@ -20,9 +21,10 @@ Rows, each forward + backward of the op alone (``rnnkit.ops.delta_rule``), fp32,
   its file because ``import fla.ops`` needs triton. It takes no initial state and returns no state
   gradient, so it does a little less work than the rnnkit rows.
 
-With ``--against REV`` the chunk rows also run with ``delta_rule.py`` as it was at git revision
-``REV`` (read with ``git show``, imported against the current package), on the same inputs, and the
-last lines give each chunk row's speed over its older self: how a change to the kernel is measured.
+With ``--against REV`` the chunk rows (the dplr one included, where that revision has it) also run
+with ``delta_rule.py`` as it was at git revision ``REV`` (read with ``git show``, imported against
+the current package), on the same inputs, and the last lines give each chunk row's speed over its
+older self: how a change to the kernel is measured.
 
 Ratios are against ``fla`` (and ``recurrent``) measured in the same run; candidates are interleaved
 and the best repetition counts, so load from other processes hits all of them alike. GFLOP/s counts
@@ -33,6 +35,7 @@ a plain ``(2048 x 2048) @ (2048 x 2048)`` matmul measured in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import subprocess
 import time
@@ -68,14 +71,14 @@ def load_fla_reference() -> Callable | None:
     return module.delta_rule_chunkwise
 
 
-def kernel_at(rev: str) -> Callable:
-    """``delta_rule_chunk`` as ``src/rnnkit/ops/delta_rule.py`` was at git revision ``rev``."""
+def kernel_at(rev: str) -> types.ModuleType:
+    """``src/rnnkit/ops/delta_rule.py`` as it was at git revision ``rev``, as a module."""
     root = Path(__file__).resolve().parent.parent
     source = subprocess.run(["git", "show", f"{rev}:src/rnnkit/ops/delta_rule.py"], cwd=root,
                             capture_output=True, text=True, check=True).stdout
     module = types.ModuleType(f"delta_rule_at_{rev}")
     exec(compile(source, f"{rev}:src/rnnkit/ops/delta_rule.py", "exec"), module.__dict__)
-    return module.delta_rule_chunk
+    return module
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -147,6 +150,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="B")
     parser.add_argument("--heads", type=int, default=4, help="H")
     parser.add_argument("--dim", type=int, default=64, help="K = V per head")
+    parser.add_argument("--dplr-chunks", type=int, nargs="+", default=(), metavar="C",
+                        help="also time the dplr chunk form with these chunk sizes")
+    parser.add_argument("--only", metavar="TEXT", default=None,
+                        help="time only the rows whose name contains TEXT (e.g. dplr)")
     parser.add_argument("--against", metavar="REV", default=None,
                         help="also time the chunk kernel of this git revision, side by side")
     args = parser.parse_args()
@@ -171,7 +178,7 @@ def main() -> None:
             candidates[f"{tag}chunk"] = train_step(delta_rule_chunk, a, with_state=True)
             tokens[f"{tag}chunk"] = B * T
             if older is not None:
-                candidates[f"{tag}chunk @{args.against}"] = train_step(older, a, with_state=True)
+                candidates[f"{tag}chunk @{args.against}"] = train_step(older.delta_rule_chunk, a, with_state=True)
                 tokens[f"{tag}chunk @{args.against}"] = B * T
             if T <= 2048:
                 candidates[f"{tag}recurrent"] = train_step(delta_rule_recurrent, a, with_state=True)
@@ -184,6 +191,13 @@ def main() -> None:
         d = dplr_inputs(B, T, H, K, V)
         candidates["dplr chunk"] = train_step(dplr_delta_rule_chunk, d, with_state=True)
         tokens["dplr chunk"] = B * T
+        for size in args.dplr_chunks:
+            name = f"dplr chunk (C={size})"
+            candidates[name] = train_step(functools.partial(dplr_delta_rule_chunk, chunk_size=size), d, with_state=True)
+            tokens[name] = B * T
+        if older is not None and hasattr(older, "dplr_delta_rule_chunk"):
+            candidates[f"dplr chunk @{args.against}"] = train_step(older.dplr_delta_rule_chunk, d, with_state=True)
+            tokens[f"dplr chunk @{args.against}"] = B * T
         if T <= 2048:
             candidates["dplr recurrent"] = train_step(dplr_delta_rule_recurrent, d, with_state=True)
             tokens["dplr recurrent"] = B * T
@@ -191,11 +205,13 @@ def main() -> None:
             q, k, v, beta, _ = inputs(B, T, H, K, V, False)
             candidates["fla chunk (reference)"] = train_step(lambda *x: fla(*x, chunk_size=32), (q, k, v, beta), False)
             tokens["fla chunk (reference)"] = B * T
+        if args.only:
+            candidates = {name: fn for name, fn in candidates.items() if args.only in name}
         reps = args.reps if T <= 2048 else 2
         best = best_of(candidates, reps)
         rate = {name: tokens[name] / best[name] for name in candidates}
         for name in candidates:
-            vs_fla = rate[name] / rate["fla chunk (reference)"] if fla is not None else float("nan")
+            vs_fla = rate[name] / rate["fla chunk (reference)"] if "fla chunk (reference)" in rate else float("nan")
             base = next((f"{tag} recurrent" for tag in ("gated", "dplr") if name.startswith(tag)), "recurrent")
             vs_rec = rate[name] / rate[base] if base in rate else float("nan")
             counted = "chunk" in name and not name.startswith("dplr")  # chunk_flops counts the delta rule's algorithm
@@ -203,7 +219,9 @@ def main() -> None:
             flops_cols = f"{gflops:8.1f} {100 * gflops / mm:7.0f}%" if gflops else f"{'':8} {'':8}"
             print(f"{T:>5} {name:<22} {rate[name]:>10,.0f} {vs_fla:>6.2f}x {vs_rec:>11.1f}x {flops_cols}", flush=True)
         if older is not None:
-            for tag in ("", "gated "):
+            for tag in ("", "gated ", "dplr "):
+                if f"{tag}chunk @{args.against}" not in rate or f"{tag}chunk" not in rate:
+                    continue
                 print(f"{T:>5} {tag}chunk / {tag}chunk @{args.against}: "
                       f"{rate[f'{tag}chunk'] / rate[f'{tag}chunk @{args.against}']:.2f}x")
 

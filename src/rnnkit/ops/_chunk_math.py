@@ -1,9 +1,10 @@
 """Chunk math shared by the chunkwise kernels (gated linear attention, delta rule, mLSTM).
 
 The pieces that every ``(G, N, C, *)`` chunk kernel needs: batched products into workspace buffers
-(:func:`mm`, :func:`addmm_`), row dot products (:func:`rowdot`), causal masks, the decay matrices of
-a chunk in log space (:func:`decay_matrix_log`, :func:`segment_sum`, :func:`suffix_sum`), dtype
-promotion (:func:`common_dtype`) and time padding (:func:`pad_time`).
+(:func:`mm`, :func:`addmm_`, and :func:`mm_into` for a strided block of rows), the backward wrapper
+of their autograd Functions (:func:`chunk_backward`), row dot products (:func:`rowdot`), causal
+masks, the decay matrices of a chunk in log space (:func:`decay_matrix_log`, :func:`segment_sum`,
+:func:`suffix_sum`), dtype promotion (:func:`common_dtype`) and time padding (:func:`pad_time`).
 
 Why in one place: the three kernels take the same decays through the same numerics (every
 exponential of a difference ``b_i - b_j`` with ``j <= i``, so ``<= 0``), and a fix to one of these
@@ -17,8 +18,27 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
+from rnnkit.ops._blas import ChunkProducts
 from rnnkit.ops._workspace import workspace
+
+
+def chunk_backward(body):
+    """The ``backward`` of a chunk kernel's ``torch.autograd.Function``: ``body(ctx, *grads)`` with
+    autocast off (the kernels' ``out=`` buffers take one dtype), once differentiable (a second
+    derivative through a hand-written backward is not implemented).
+
+    Example:
+        >>> backward = chunk_backward(_backward)     # in the class body, after _backward
+    """
+
+    @once_differentiable
+    def backward(ctx, *grads):
+        with torch.autocast(grads[0].device.type, enabled=False):
+            return body(ctx, *grads)
+
+    return staticmethod(backward)
 
 
 def pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -45,6 +65,17 @@ def mm(a, b, out=None):
     shape = (*a.shape[:-1], b.shape[-1])
     out = workspace(shape, a) if out is None else out
     torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out=out.view(-1, *shape[-2:]))
+    return out
+
+
+def mm_into(a, b, out):
+    """``out = a @ b`` batched over the leading dims, in place, where ``out`` is a view whose
+    matrices have contiguous rows but whose batch is strided (a block of rows of a larger buffer):
+    ``torch.bmm`` would compute into a temporary and copy. Runs as one call of
+    :class:`~rnnkit.ops._blas.ChunkProducts` with the whole batch as a single chunk."""
+    m, p = out.shape[-2:]
+    flat = [t.reshape(-1, 1, *t.shape[-2:]) for t in (a, b)]
+    ChunkProducts(*flat, out.view(-1, 1, m, p))(0)
     return out
 
 

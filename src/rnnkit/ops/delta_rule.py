@@ -43,7 +43,7 @@ A second entry, :func:`dplr_delta_rule`, generalises the transition to diagonal 
 ``S_t = (diag(exp(g_t)) + a_t b_t^T) S_{t-1} + k_t v_t^T`` with a decay per key dimension and
 separate write and read vectors ``a``, ``b`` (RWKV-7), in the same three forms; its chunkwise form
 (:func:`dplr_delta_rule_chunk`) solves the same kind of unit-lower-triangular system per chunk, with
-per-dimension decayed scores, and is differentiated by autograd.
+per-dimension decayed scores, and has a hand-written backward too (:class:`_ChunkwiseDPLR`).
 
 Shapes: ``B`` batch, ``T`` time, ``H`` heads, ``K`` key/query dim, ``V`` value dim.
 """
@@ -53,14 +53,22 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
 from rnnkit.ops._blas import ChunkProducts
-from rnnkit.ops._chunk_math import addmm_, causal_float, decay_matrix_log, mm, pad_time, rowdot, suffix_sum
+from rnnkit.ops._chunk_math import (
+    addmm_,
+    causal_float,
+    chunk_backward,
+    decay_matrix_log,
+    mm,
+    mm_into,
+    pad_time,
+    rowdot,
+)
 from rnnkit.ops._forms import run_form
 from rnnkit.ops._rows import row_pass
-from rnnkit.ops._workspace import workspace, workspace_like
+from rnnkit.ops._workspace import into, workspace, workspace_like
 from rnnkit.ops.gated_linear_attention import SCORE_FACTOR_BOUND
 from rnnkit.ops.padding import valid_mask, zero_padding
 
@@ -357,12 +365,6 @@ class _ChunkwiseDelta(torch.autograd.Function):
         return y, S
 
     @staticmethod
-    @once_differentiable  # a second derivative through this backward is not implemented
-    def backward(ctx, dy, dS_final):
-        with torch.autocast(dy.device.type, enabled=False):
-            return _ChunkwiseDelta._backward(ctx, dy, dS_final)
-
-    @staticmethod
     def _backward(ctx, dy, dS_final):
         q, k, v, beta, P, Tinv, W, q_in, k_out, S_start, Delta, A, M, e, f, e_end = ctx.saved_tensors
         G, N, C, K = q.shape
@@ -450,6 +452,8 @@ class _ChunkwiseDelta(torch.autograd.Function):
             dgamma[..., -1] += xf.sum(-1) + end_dot * e_end[..., 0, 0]
             dg = dgamma.flip(-1).cumsum(-1).flip(-1)  # dL/dg_s = sum over i >= s of dL/dgamma_i
         return dq, dk, dv, dbeta, dg, dS0
+
+    backward = chunk_backward(_backward)
 
 
 def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
@@ -568,12 +572,13 @@ def dplr_delta_rule_chunk(q, k, v, a, b, log_decay, state=None, lengths=None, ch
     from ``v`` and the factor of ``S_0``) of all chunks at once; only the state carry
     ``S_{n+1} = e^{gamma_C} S_n + (a e^{gamma_C - gamma})^T h + (k e^{gamma_C - gamma})^T v``
     loops over chunks, and ``y = (q e^{gamma}) S_n + M_qa h + M_qk v`` (``M_xy`` as ``L`` with
-    ``j <= i`` and ``gamma_i``) is batched again. Gradients by autograd.
+    ``j <= i`` and ``gamma_i``) is batched again. The backward is written by hand
+    (:class:`_ChunkwiseDPLR`) and recomputes nothing larger than a chunk's ``(C, C)`` scores.
 
-    Cost per head: ``O(T C (K + V) + T K V)`` time; ``O(T (C + K + V) + (T / C) K V)`` memory while
-    the decays of a chunk stay within ``SCORE_FACTOR_BOUND`` of 1 in log space (then every decayed
-    score is one product of ``x e^{gamma}`` and ``y e^{-gamma}``), ``O(T C K)`` beyond (exact scores
-    from the pairwise differences).
+    Cost per head: ``O(T C (K + V) + T K V)`` time and ``O(T (C + K + V) + (T / C) K V)`` memory
+    while the decays of a chunk stay within ``SCORE_FACTOR_BOUND`` of 1 in log space (then every
+    decayed score is one product of ``x e^{gamma}`` and ``y e^{-gamma}``); beyond, the scores come
+    from the exponent of every pair, ``O(T C K)`` time, in slices of bounded memory.
     """
     check_positive_int("chunk_size", chunk_size)
     inputs = _check_dplr_inputs(q, k, v, a, b, log_decay, state, lengths)
@@ -614,58 +619,251 @@ def dplr_delta_rule(q, k, v, a, b, log_decay, state=None, lengths=None, *, mode:
     return run_form(mode, _DPLR_FORMS, (q, k, v, a, b, log_decay, state, lengths), chunk_size)
 
 
-def _decayed_scores(x, gx, y, gy, strict, mild):
-    """``s_ij = sum_d x_id y_jd exp(gx_id - gy_jd)`` for ``j <= i`` (``j < i`` if ``strict``), zero
-    above; ``x, gx, y, gy`` (..., C, K) -> (..., C, C). ``mild``: every ``|g|`` within
-    ``SCORE_FACTOR_BOUND``, so the factors ``e^{gx}`` and ``e^{-gy}`` are far from overflow and the
-    scores are one product; otherwise the exponent of each pair is formed (masked to ``-inf`` above
-    the diagonal, so neither its value nor its gradient overflows)."""
-    C = x.shape[-2]
-    keep = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
-    if mild:
-        scores = (x * torch.exp(gx)) @ (y * torch.exp(-gy)).transpose(-1, -2)
-        return scores.masked_fill(~keep, 0)
-    exponent = (gx[..., :, None, :] - gy[..., None, :, :]).masked_fill(~keep[..., None], -math.inf)
-    return torch.einsum("...id,...jd,...ijd->...ij", x, y, torch.exp(exponent))
-
-
 def _dplr_chunks(q, k, v, a, b, g, state, C):
     """The chunkwise algorithm of :func:`dplr_delta_rule_chunk` on validated, padding-zeroed inputs."""
     B, H, T, K = q.shape
     V = v.shape[-1]
     N = -(-T // C)
     pad = N * C - T
+    G = B * H
     dtype = q.dtype
     # LAPACK has no half-precision triangular solve: bf16 and fp16 compute in fp32 and round once.
     work = torch.promote_types(dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
         # zero steps past T are identities; (G, N, C, *) chunks
-        q, k, a, b, g = (pad_time(t.to(work), pad).reshape(B * H, N, C, K) for t in (q, k, a, b, g))
-        v = pad_time(v.to(work), pad).reshape(B * H, N, C, V)
-        S = state.to(work).reshape(B * H, K, V) if state is not None else q.new_zeros(B * H, K, V)
-        gamma = g.cumsum(2)  # inclusive cumulative log decay from the chunk start
-        gamma_before = torch.cat([torch.zeros_like(gamma[:, :, :1]), gamma[:, :, :-1]], 2)  # exclusive
-        mild = bool(gamma.detach().abs().amax() <= SCORE_FACTOR_BOUND)
-        L_ab = _decayed_scores(b, gamma_before, a, gamma, True, mild)  # (G, N, C, C)
-        L_ak = _decayed_scores(b, gamma_before, k, gamma, True, mild)
-        M_qa = _decayed_scores(q, gamma, a, gamma, False, mild)
-        M_qk = _decayed_scores(q, gamma, k, gamma, False, mild)
-        rhs = torch.cat([L_ak @ v, b * torch.exp(gamma_before)], -1)  # (G, N, C, V + K)
-        # (I - L_ab)^{-1} rhs: the solve reads only the strictly lower triangle of -L_ab
-        U, W = torch.linalg.solve_triangular(-L_ab, rhs, upper=False, unitriangular=True).split([V, K], -1)
-        to_end = torch.exp(suffix_sum(g))  # (G, N, C, K) e^{gamma_C - gamma_j}, from segment sums
-        a_end = (a * to_end).transpose(-1, -2)  # (G, N, K, C)
-        kv_end = (k * to_end).transpose(-1, -2) @ v  # (G, N, K, V)
-        chunk_decay = torch.exp(gamma[:, :, -1, :, None])  # (G, N, K, 1)
-        starts, reads = [], []
-        # unbind, not [:, n]: each indexed slice's backward would zero-fill a full-size gradient
-        for U_n, W_n, a_n, kv_n, d_n in zip(U.unbind(1), W.unbind(1), a_end.unbind(1), kv_end.unbind(1),
-                                            chunk_decay.unbind(1)):
-            starts.append(S)
-            h = torch.baddbmm(U_n, W_n, S)  # (G, C, V) the reads h_i = U_i + W_i S_n
-            reads.append(h)
-            S = torch.baddbmm(torch.addcmul(kv_n, d_n, S), a_n, h)
-        S_start, h = torch.stack(starts, 1), torch.stack(reads, 1)  # (G, N, K, V), (G, N, C, V)
-        y = (q * torch.exp(gamma)) @ S_start + M_qa @ h + M_qk @ v
-    y = y.reshape(B, H, N * C, V)[:, :, :T]
-    return y.to(dtype), S.view(B, H, K, V).to(dtype)
+        q, k, a, b, g = (pad_time(t.to(work), pad).reshape(G, N, C, K) for t in (q, k, a, b, g))
+        v = pad_time(v.to(work), pad).reshape(G, N, C, V)
+        S0 = state.to(work).reshape(G, K, V) if state is not None else q.new_zeros(G, K, V)
+        y, S = _ChunkwiseDPLR.apply(q, k, v, a, b, g, S0)
+    return y.reshape(B, H, N * C, V)[:, :, :T].to(dtype), S.view(B, H, K, V).to(dtype)
+
+
+def _dplr_score_mask(C: int, like: torch.Tensor) -> torch.Tensor:
+    """``(2C, 2C)`` mask of the stacked scores ``[b; q] [a; k]^T``: the rows of ``b`` (the reads,
+    before their own step) keep ``j < i``, the rows of ``q`` (after it) keep ``j <= i``, in both
+    column blocks; in ``like``'s dtype."""
+    pos = torch.arange(2 * C, device=like.device) % C
+    after = (torch.arange(2 * C, device=like.device) >= C).long()
+    return (pos[None, :] < pos[:, None] + after[:, None]).to(like.dtype)
+
+
+def _dplr_log_map(C: int, like: torch.Tensor, mild: bool) -> torch.Tensor:
+    """``(2C + 1, C)``: times ``g`` (C, K), the logs of a chunk's factors in one buffer: a row of
+    zeros and the inclusive cumulative sums ``gamma_1 .. gamma_C`` (so rows ``0 .. C-1`` are the
+    exclusive sums ``gamma_b`` and rows ``1 .. C`` are ``gamma``), then ``-gamma`` when ``mild``,
+    otherwise ``gamma_C - gamma_i`` summed over the steps after ``i`` (never losing ``|gamma_i|``
+    ulp)."""
+    incl = causal_float(C, like)
+    last = -incl if mild else incl.transpose(0, 1).triu(1)
+    return torch.cat([incl.new_zeros(1, C), incl, last], 0)
+
+
+def _dplr_stacked_logs(logs: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[gamma_b; gamma]`` and ``[gamma; gamma]`` (G, N, 2C, K) from the buffer of
+    :func:`_dplr_log_map`: the exponents of the rows and columns of the stacked scores."""
+    gamma = logs[:, :, 1:C + 1]
+    return torch.cat([logs[:, :, :C], gamma], 2), torch.cat([gamma, gamma], 2)
+
+
+def _pair_decays(gx, gy, keep):
+    """``exp(gx_id - gy_jd)`` ``(..., R, R', K)`` where ``keep`` (R, R') is True, else 0 (the exponent
+    masked to ``-inf`` first, so nothing above the kept entries can overflow)."""
+    return torch.exp((gx[..., :, None, :] - gy[..., None, :, :]).masked_fill(~keep[..., None], -math.inf))
+
+
+def _pair_slices(x: torch.Tensor, R2: int):
+    """Slices of dimension 0 whose ``(..., R, R', K)`` pairwise decays stay within 64 MiB."""
+    per_item = max(1, x[:1].numel() * R2 * x.element_size())
+    step = max(1, (64 << 20) // per_item)
+    return [slice(i, i + step) for i in range(0, x.shape[0], step)]
+
+
+def _pairwise_scores(x, gx, y, gy, keep):
+    """``s_ij = sum_d x_id y_jd exp(gx_id - gy_jd)`` where ``keep`` (R, R') is True, 0 elsewhere;
+    ``x, gx`` (G, ..., R, K), ``y, gy`` (G, ..., R', K). The exact form for decays too strong to
+    factor into ``x e^{gx}`` and ``y e^{-gy}``; ``O(R R' K)`` memory, in slices of ``G``."""
+    out = x.new_empty(*x.shape[:-1], y.shape[-2])
+    for sl in _pair_slices(x, y.shape[-2]):
+        out[sl] = torch.einsum("...id,...jd,...ijd->...ij", x[sl], y[sl], _pair_decays(gx[sl], gy[sl], keep))
+    return out
+
+
+def _pairwise_scores_backward(ds, x, gx, y, gy, keep):
+    """Gradients of :func:`_pairwise_scores` w.r.t. ``x`` and ``y`` given ``ds`` (zero where not
+    kept); those w.r.t. ``gx`` and ``gy`` are ``x * dx`` and ``-y * dy``. The decays are recomputed
+    slice by slice, never stored."""
+    dx, dy = torch.empty_like(x), torch.empty_like(y)
+    for sl in _pair_slices(x, y.shape[-2]):
+        weighted = _pair_decays(gx[sl], gy[sl], keep).mul_(ds[sl][..., None])
+        dx[sl] = torch.einsum("...ijd,...jd->...id", weighted, y[sl])
+        dy[sl] = torch.einsum("...ijd,...id->...jd", weighted, x[sl])
+    return dx, dy
+
+
+class _ChunkwiseDPLR(torch.autograd.Function):
+    """Chunkwise diagonal-plus-low-rank delta rule with a hand-written backward.
+
+    q, k, a, b, g (G, N, C, K); v (G, N, C, V); S0 (G, K, V). Per chunk, with ``gamma`` the
+    inclusive cumulative log decay (a row per step), ``gamma_b`` the exclusive one, ``E = e^gamma``,
+    ``E_b = e^{gamma_b}``, ``E_C`` its last row and ``F = e^{-gamma}`` (mild decays, every
+    ``|gamma| <= SCORE_FACTOR_BOUND``) or ``e^{gamma_C - gamma}`` (strong ones)::
+
+        X1 = [b E_b; q E]    X2 = [a F; k F]                       (2C, K) each
+        scores = mask ⊙ X1 X2^T = [[L_ab, L_ak], [M_qa, M_qk]]      (2C, 2C), strict above, causal below
+        T = (I - L_ab)^{-1}    U = T L_ak v    W = T (b E_b)       h_n = U + W S_n
+        y = (q E) S_n + [M_qa M_qk] [h_n; v]
+        S_{n+1} = E_C ⊙ (S_n + X2^T [h_n; v])  (mild)     E_C ⊙ S_n + X2^T [h_n; v]  (strong)
+
+    Strong decays cannot factor the scores (``e^{-gamma}`` would overflow), so they are formed
+    from the exponent of every pair (:func:`_pairwise_scores`, recomputed in the backward rather
+    than stored). ``[b; q]``, ``[a; k]``, ``[h; v]`` and ``[dR_v; dy]`` are stacked along the
+    rows so that the scores, their gradient and the products through them are each one
+    ``(2C, *)`` matmul. Only the state products run in a loop over chunks.
+
+    Backward, per chunk: ``dh = M_qa^T dy + X2_a (E_C ⊙ dS_{n+1})`` (mild; ``X2_a dS_{n+1}``
+    strong), ``dS_n = E_C ⊙ dS_{n+1} + (q E)^T dy + W^T dh``. Then ``dR_v = T^T dh`` and, through
+    ``[U | W] = T [L_ak v | b E_b]`` and ``h = U + W S_n``, ``dL_ab = dR_v h^T``; so
+    ``dscores = mask ⊙ [dR_v; dy] [h; v]^T``, ``dX1 = [dR_v; dy] S_n^T + dscores X2``,
+    ``dX2 = [h; v] (E_C ⊙ dS_{n+1})^T + dscores^T X1`` and ``dv = [L_ak; M_qk]^T [dR_v; dy] +
+    X2_k (E_C ⊙ dS_{n+1})``. The decays enter only through the factors' exponents: the gradient
+    w.r.t. each log factor is ``X ⊙ dX`` (``F``'s counted as ``-gamma`` in both cases: for strong
+    decays its ``gamma_C`` share falls into the next term), w.r.t. ``gamma_C`` through ``E_C`` it is
+    ``sum_v dS_{n+1} ⊙ S_{n+1}``, and ``dg`` is the transposed cumulative-sum map applied to them.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, a, b, g, S0):
+        G, N, C, K = q.shape
+        V = v.shape[-1]
+        # (G, N, 2C + 1, K) the logs of [1; E; F] (E_b is [1; E] less its last row), by one batched
+        # product with the summation map
+        logs = mm(_dplr_log_map(C, q, True).expand(G, N, 2 * C + 1, C), g)
+        lo, hi = torch.aminmax(logs[:, :, 1:C + 1])
+        mild = max(-float(lo), float(hi)) <= SCORE_FACTOR_BOUND
+        if not mild:
+            logs[:, :, C + 1:] = _dplr_log_map(C, q, False)[C + 1:] @ g
+        fac = logs.exp_() if mild else torch.exp(logs, out=workspace_like(logs))
+        F = fac[:, :, C + 1:]
+        end = fac[:, :, C, :, None]  # (G, N, K, 1) E_C
+        X1, X2 = workspace((G, N, 2 * C, K), q), workspace((G, N, 2 * C, K), q)
+        for out, x, factor in ((X1[:, :, :C], b, fac[:, :, :C]), (X1[:, :, C:], q, fac[:, :, 1:C + 1]),
+                               (X2[:, :, :C], a, F), (X2[:, :, C:], k, F)):
+            into(torch.mul, x, factor, out=out)
+        keep = _dplr_score_mask(C, q)
+        x1 = x2 = None
+        if mild:
+            scores = mm(X1, X2.transpose(-1, -2)).mul_(keep)  # (G, N, 2C, 2C)
+        else:
+            x1, x2 = torch.cat([b, q], 2), torch.cat([a, k], 2)
+            rows, cols = _dplr_stacked_logs(logs, C)
+            scores = _pairwise_scores(x1, rows, x2, cols, keep.bool())
+        # I - L_ab, for the triangular solves that read its strictly lower triangle
+        A = torch.neg(scores[:, :, :C, :C], out=workspace((G, N, C, C), q))
+        HV = workspace((G, N, 2 * C, V), q)  # [h; v]: h written chunk by chunk
+        HV[:, :, C:] = v
+        R = mm(scores[:, :, :C, C:], HV[:, :, C:])  # (G, N, C, V) L_ak v
+        direct = C > DIRECT_SOLVE_ABOVE
+        if direct:  # long chunks: solve rather than multiply by the inverse (see _ChunkwiseDelta)
+            solver = A
+            rhs = _column_major(R)
+            rhs.copy_(R)
+            HV[:, :, :C] = _solve_unit_lower_(A, rhs)
+            W = _column_major(X1[:, :, :C])
+            W.copy_(X1[:, :, :C])
+            W = _solve_unit_lower_(A, W)
+        else:
+            solver = _unit_lower_inverse(A)
+            mm_into(solver, R, HV[:, :, :C])
+            W = mm(solver, X1[:, :, :C])  # (G, N, C, K)
+        del R
+        S_start = workspace((G, N, K, V), q)
+        S = S0.clone()  # the running state, updated in place (its address is fixed for the plan)
+        read = ChunkProducts(W, S, HV[:, :, :C], beta=1.0)  # h_n = U_n + W_n S_n
+        write = ChunkProducts(X2.transpose(-1, -2), HV, S, beta=1.0)  # S += X2_n^T [h_n; v_n]
+        for n in range(N):
+            S_start[:, n] = S
+            read(n)
+            if mild:
+                write(n)
+                S.mul_(end[:, n])
+            else:
+                S.mul_(end[:, n])
+                write(n)
+        y = addmm_(mm(X1[:, :, C:], S_start), scores[:, :, C:], HV)  # (G, N, C, V)
+        ctx.mild, ctx.direct = mild, direct
+        ctx.save_for_backward(X1, X2, fac, scores, solver, W, HV, S_start, S, x1, x2, logs if not mild else None)
+        return y, S
+
+    @staticmethod
+    def _backward(ctx, dy, dS_final):
+        X1, X2, fac, scores, solver, W, HV, S_start, S_final, x1, x2, logs = ctx.saved_tensors
+        mild = ctx.mild
+        G, N, C2, K = X1.shape
+        C, V = C2 // 2, HV.shape[-1]
+        end = fac[:, :, C, :, None]  # (G, N, K, 1)
+        Z = workspace((G, N, 2 * C, V), X1)  # [dR_v; dy]
+        dyc = Z[:, :, C:]
+        dyc.copy_(dy)
+        DH = mm(scores[:, :, C:, :C].transpose(-1, -2), dyc)  # (G, N, C, V) dh, from M_qa^T dy first
+        DS = workspace((G, N, K, V), X1)  # dS_{n+1}, times E_C when mild
+        end_dot = X1.new_empty(G, N, K)  # sum_v dS_{n+1} ⊙ S_{n+1}: the gradient w.r.t. gamma_C via E_C
+        dS = dS_final.clone() if dS_final is not None else X1.new_zeros(G, K, V)  # updated in place
+        carry = ChunkProducts(X2[:, :, :C], dS, DH, beta=1.0)  # dh_n += X2_a dS
+        state_q = ChunkProducts(X1[:, :, C:].transpose(-1, -2), dyc, dS, beta=1.0)  # dS += (q E)^T dy
+        state_w = ChunkProducts(W.transpose(-1, -2), DH, dS, beta=1.0)  # dS += W^T dh
+        for n in range(N - 1, -1, -1):
+            end_dot[:, n] = rowdot(dS, S_start[:, n + 1] if n + 1 < N else S_final)
+            if mild:
+                dS.mul_(end[:, n])
+                DS[:, n] = dS
+                carry(n)
+            else:
+                DS[:, n] = dS
+                carry(n)
+                dS.mul_(end[:, n])
+            state_q(n)
+            state_w(n)
+        del carry, state_q, state_w
+        if ctx.direct:
+            rhs = _column_major(DH)
+            rhs.copy_(DH)
+            Z[:, :, :C] = torch.linalg.solve_triangular(solver.transpose(-1, -2), rhs, upper=True,
+                                                        unitriangular=True, out=rhs)
+        else:
+            mm_into(solver.transpose(-1, -2), DH, Z[:, :, :C])  # dR_v = T^T dh
+        del DH
+        keep = _dplr_score_mask(C, X1)
+        dscores = mm(Z, HV.transpose(-1, -2)).mul_(keep)  # (G, N, 2C, 2C)
+        dX1 = mm(Z, S_start.transpose(-1, -2))  # (G, N, 2C, K)
+        dX2 = mm(HV, DS.transpose(-1, -2))
+        if mild:
+            addmm_(dX1, dscores, X2)
+            addmm_(dX2, dscores.transpose(-1, -2), X1)
+        dv = addmm_(mm(scores[:, :, :, C:].transpose(-1, -2), Z), X2[:, :, C:], DS)  # (G, N, C, V)
+        del Z, DS
+        F = fac[:, :, C + 1:]
+        grads = []
+        for dX, factor in ((dX1[:, :, :C], fac[:, :, :C]), (dX1[:, :, C:], fac[:, :, 1:C + 1]),
+                           (dX2[:, :, :C], F), (dX2[:, :, C:], F)):
+            grads.append(torch.mul(dX, factor, out=workspace((G, N, C, K), X1)))
+        db, dq, da, dk = grads
+        # the gradient w.r.t. the logs [gamma_b; gamma] of the factors (F's counted as -gamma)
+        dlog = torch.mul(X1, dX1, out=workspace_like(X1))
+        below = dlog[:, :, C:]
+        below.addcmul_(X2[:, :, :C], dX2[:, :, :C], value=-1).addcmul_(X2[:, :, C:], dX2[:, :, C:], value=-1)
+        del dX1, dX2
+        if not mild:
+            rows, cols = _dplr_stacked_logs(logs, C)
+            dx1, dx2 = _pairwise_scores_backward(dscores, x1, rows, x2, cols, keep.bool())
+            for out, part in ((db, dx1[:, :, :C]), (dq, dx1[:, :, C:]), (da, dx2[:, :, :C]), (dk, dx2[:, :, C:])):
+                out.add_(part)
+            dlog.addcmul_(x1, dx1)
+            below.addcmul_(x2[:, :, :C], dx2[:, :, :C], value=-1).addcmul_(x2[:, :, C:], dx2[:, :, C:], value=-1)
+        del dscores
+        # gamma_C = the chunk's sum of g reaches every step's g
+        incl = causal_float(C, X1)
+        maps_t = torch.cat([incl.tril(-1), incl], 0).transpose(0, 1)  # (C, 2C): [gamma_b; gamma] = maps g
+        dg = mm(maps_t.expand(G, N, C, 2 * C), dlog).add_(end_dot[:, :, None, :])
+        return dq, dk, dv, da, db, dg, dS
+
+    backward = chunk_backward(_backward)

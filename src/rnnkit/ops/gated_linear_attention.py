@@ -51,12 +51,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
 from rnnkit.ops._chunk_math import (
     addmm_,
     causal_float,
+    chunk_backward,
     common_dtype,
     decay_matrix_log,
     mm,
@@ -368,12 +368,6 @@ class _ChunkwiseGLA(torch.autograd.Function):
         return y, S
 
     @staticmethod
-    @once_differentiable  # a second derivative through this backward is not implemented
-    def backward(ctx, dy, dS_final):
-        with torch.autocast(dy.device.type, enabled=False):
-            return _ChunkwiseGLA._backward(ctx, dy, dS_final)
-
-    @staticmethod
     def _backward(ctx, dy, dS_final):
         k, v, g, b, eb, qf, kf, q_dec, k_end, scores, D, S_start, S_final, decay = ctx.saved_tensors
         mode = ctx.mode
@@ -446,6 +440,8 @@ class _ChunkwiseGLA(torch.autograd.Function):
             dq = dqs.mul_(eb)
             dk = dks.div_(eb)
         return dq, dk, dv, dg, None, dS0, None
+
+    backward = chunk_backward(_backward)
 
 
 def _chunk_cumsum(g: torch.Tensor) -> torch.Tensor:
