@@ -88,9 +88,9 @@ EXPERIMENTS = {
     ),
     "gunpoint": Experiment(
         "ucr:dataset=GunPoint",
-        shared_budget("greff-gunpoint", d_model=32, steps=500, batch_size=32, lr=1e-2, warmup=15, max_seconds=600.0,
-               eval_seconds=60.0, eval_batch_size=256),
-        seeds=3, metric="accuracy", lower_is_better=False,
+        shared_budget("greff-gunpoint", d_model=32, steps=500, batch_size=32, lr=1e-2, warmup=15, max_seconds=3600.0,
+                      eval_seconds=600.0, eval_batch_size=256),
+        seeds=2, metric="accuracy", lower_is_better=False,
     ),
 }
 
@@ -133,7 +133,8 @@ def summary(rows: list[dict]) -> str:
     out = []
     for name, exp in EXPERIMENTS.items():
         budgets = (exp.budget.name, quick_budget(exp.budget).name)
-        mine = [r for r in rows if r.get("status") == "ok" and r["task_label"] == exp.task and r["budget"] in budgets]
+        mine = [r for r in rows if r.get("status") == "ok" and r["task_label"] == exp.task and r["budget"] in budgets
+                and r["seed"] < exp.seeds]
         for budget in sorted({r["budget"] for r in mine}):
             cells = [r for r in mine if r["budget"] == budget]
             by_variant = {v: sorted((r for r in cells if variant_of(r["model"]) == v), key=lambda r: r["seed"])
