@@ -239,30 +239,76 @@ class OnlineGradient:
 
         return f
 
+    def advance(self, x: torch.Tensor) -> None:
+        """``C`` steps without a loss, ``x`` ``(B, C, ...)``: the state and the sensitivities advance as
+        ``C`` calls of ``step(x[:, t], None)`` would, the weights unchanged in between. ``rtrl``
+        computes the ``C`` steps' Jacobians in one batched call (memory ``C`` times one step's), which
+        saves the per-step overhead of the transforms."""
+        if self.state is None:
+            raise InputError("advance: expected reset(batch_size) first, got no running sequences")
+        if x.dim() < 2 or x.shape[0] != self.state.shape[0]:
+            raise InputError(f"x: expected (B, C, ...) with B = {self.state.shape[0]} (as reset), got {tuple(x.shape)}")
+        if self.method != "rtrl" or self.names == []:  # nothing to batch: one step at a time
+            for t in range(x.shape[1]):
+                self.step(x[:, t], None)
+            return
+        start = 0
+        if self.names is None:  # the first step finds the parameters the state depends on
+            self.step(x[:, 0], None)
+            start = 1
+        if start == x.shape[1]:
+            return
+        with torch.no_grad():
+            states = [self.state]
+            for t in range(start, x.shape[1]):
+                states.append(self.stepper(x[:, t], states[-1])[1])
+            self._rtrl_advance(x[:, start:], torch.stack(states[:-1], 1))
+        self.state = states[-1]
+
+    def _rtrl_advance(self, x: torch.Tensor, s_prev: torch.Tensor) -> None:
+        """RTRL's ``M_t = J_t M_{t-1} + I_t`` over ``C`` steps: inputs ``x`` ``(B, C, ...)``, the states
+        before each step ``s_prev`` ``(B, C, S)``; their Jacobians in one vmapped call."""
+        f = self._per_sample()
+        names = self.names
+        values = {n: p.detach() for n, p in zip(names, self.params)}
+        B, C, S = s_prev.shape
+        flat_x, flat_s = x.reshape(B * C, *x.shape[2:]), s_prev.reshape(B * C, S)
+        d_params, d_state = torch.func.vmap(torch.func.jacrev(f, argnums=(0, 1)), in_dims=(None, 0, 0))(
+            values, flat_s, flat_x)
+        immediate = torch.cat([d_params[n].reshape(B, C, S, -1) for n in names], -1)  # (B, C, S, P)
+        d_state = d_state.reshape(B, C, S, S)
+        if self.verify_blocks:
+            self._check_blocks(d_state.reshape(B * C, S, S))
+        previous = self._carry.get("sensitivity")
+        for c in range(C):  # M_c = I_c + J_c M_{c-1}, in place in I
+            if previous is not None:
+                self._add_jacobian_product(d_state[:, c], previous, immediate[:, c])
+            previous = immediate[:, c]
+        self._carry = {"sensitivity": previous if C == 1 else previous.clone()}
+
+    def _add_jacobian_product(self, J: torch.Tensor, M: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += J M`` for ``J`` ``(B, S, S)`` and ``M``, ``out`` ``(B, S, P)``; with ``block_size``
+        only J's diagonal blocks ``(B, S/K, K, K)`` are used, as ``K`` broadcast products."""
+        B, S, _ = J.shape
+        K = self.block_size
+        if K is None:
+            out.add_(torch.bmm(J, M))
+            return
+        blocks = torch.diagonal(J.reshape(B, S // K, K, S // K, K), dim1=1, dim2=3).permute(0, 3, 1, 2)
+        rows, target = M.reshape(B, S // K, K, -1), out.view(B, S // K, K, -1)
+        for k in range(K):  # target += J[:, :, :, k] * M[:, :, k]
+            target.addcmul_(blocks[:, :, :, k, None], rows[:, :, None, k])
+
     def _advance(self, x_t: torch.Tensor, s_prev: torch.Tensor) -> None:
+        if not self.names:  # nothing learnt feeds the state: no sensitivity to carry
+            return
+        if self.method == "rtrl":
+            self._rtrl_advance(x_t[:, None], s_prev[:, None])
+            return
         f = self._per_sample()
         names = self.names
         values = {n: p.detach() for n, p in zip(names, self.params)}
         B, S = s_prev.shape
-        if not names:  # nothing learnt feeds the state: no sensitivity to carry
-            return
-        if self.method == "rtrl":
-            d_params, d_state = torch.func.vmap(torch.func.jacrev(f, argnums=(0, 1)), in_dims=(None, 0, 0))(
-                values, s_prev, x_t)
-            immediate = torch.cat([d_params[n].reshape(B, S, -1) for n in names], -1)  # (B, S, P)
-            previous = self._carry.get("sensitivity")
-            K = self.block_size
-            if self.verify_blocks:
-                self._check_blocks(d_state)
-            if previous is not None and K is None:
-                immediate.add_(torch.bmm(d_state, previous))
-            elif previous is not None:  # only J's diagonal blocks (B, S/K, K, K) on M (B, S/K, K, P): K products
-                blocks = torch.diagonal(d_state.reshape(B, S // K, K, S // K, K), dim1=1, dim2=3).permute(0, 3, 1, 2)
-                rows, out = previous.reshape(B, S // K, K, -1), immediate.view(B, S // K, K, -1)
-                for k in range(K):  # out += J[:, :, :, k] * M_prev[:, :, k]
-                    out.addcmul_(blocks[:, :, :, k, None], rows[:, :, None, k])
-            self._carry = {"sensitivity": immediate}
-            return
         nu = torch.randint(0, 2, s_prev.shape, generator=self.generator, dtype=torch.int64).to(s_prev) * 2 - 1
         P = sum(p.numel() for p in self.params)
         s_tilde = self._carry.get("s_tilde", s_prev.new_zeros(B, S))

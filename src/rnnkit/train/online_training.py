@@ -43,6 +43,8 @@ from rnnkit.train.optim import clip_gradients
 
 #: The state Jacobian's diagonal blocks of each element-wise layer: 2 for the (re, im) pairs of complex modes.
 BLOCK_SIZES = {name: 2 if name in ("lru", "s4d") else 1 for name in ELEMENTWISE_LAYERS}
+#: Steps without a loss advanced together (their Jacobians in one call): memory this many times one step's.
+ADVANCE_STEPS = 32
 
 
 def check_online(model: torch.nn.Module, task: Task, config: TrainConfig, world_size: int = 1) -> None:
@@ -125,11 +127,19 @@ class OnlineTraining:
         for end in window_ends:
             window = sum(counts[start : end + 1])
             window_loss = 0.0
-            for t in range(start, end + 1):
-                loss_fn = self._loss_at(y, last, lengths, t, window) if counts[t] else None
-                _, loss = self.gradient.step(_input_at(x, lengths, t), loss_fn)
-                if loss is not None:
-                    window_loss += float(loss) * window
+            t = start
+            while t <= end:
+                if not counts[t]:  # steps without a loss: their Jacobians in one batched call
+                    stop = t + 1
+                    while stop <= end and not counts[stop] and stop - t < ADVANCE_STEPS:
+                        stop += 1
+                    self.gradient.advance(_inputs(x, lengths, t, stop))
+                    t = stop
+                    continue
+                loss_fn = self._loss_at(y, last, lengths, t, window)
+                _, loss = self.gradient.step(_inputs(x, lengths, t, t + 1)[:, 0], loss_fn)
+                window_loss += float(loss) * window
+                t += 1
             start = end + 1
             if not window:
                 continue
@@ -185,14 +195,16 @@ def _valid_at(lengths: torch.Tensor | None, t: int) -> torch.Tensor | None:
     return None if lengths is None else (lengths > t).long()
 
 
-def _input_at(x: torch.Tensor, lengths: torch.Tensor | None, t: int) -> torch.Tensor:
-    """Step ``t`` of the inputs ``(B, T, ...)``, zero past each sequence's length (as the layers'
-    ``forward`` zeroes padding), so that nothing written in the padding reaches a state or a sensitivity."""
-    x_t = x[:, t]
+def _inputs(x: torch.Tensor, lengths: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+    """Steps ``start`` to ``stop - 1`` of the inputs ``(B, T, ...)``, zero past each sequence's length (as
+    the layers' ``forward`` zeroes padding), so that nothing written in the padding reaches a state or a
+    sensitivity."""
+    part = x[:, start:stop]
     if lengths is None:
-        return x_t
-    valid = (lengths.to(x.device) > t).reshape(-1, *([1] * (x_t.dim() - 1)))
-    return torch.where(valid, x_t, torch.zeros((), dtype=x_t.dtype, device=x_t.device))
+        return part
+    valid = lengths.to(x.device)[:, None] > torch.arange(start, stop, device=x.device)  # (B, C)
+    valid = valid.reshape(*valid.shape, *([1] * (part.dim() - 2)))
+    return torch.where(valid, part, torch.zeros((), dtype=part.dtype, device=part.device))
 
 
 def _last_steps(lengths: torch.Tensor | None, batch: int, steps: int, device: torch.device) -> torch.Tensor:
