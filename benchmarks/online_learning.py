@@ -20,8 +20,9 @@ gradient clipping 1.0) and the number of steps and examples. Methods:
 
 Test metric: the task's whole test split at the training length. ``memory`` runs each method for
 one step at each ``T`` in a fresh subprocess and records the growth of the resident set's high-water
-mark over that step (``VmHWM``, reset through ``/proc/self/clear_refs`` after a warm-up step at a
-short length, so that allocator arenas are already in place), and the step's seconds.
+mark over that step (``VmHWM``, reset through ``/proc/self/clear_refs`` after a warm-up step at
+``T = 2``, so that thread pools and allocator arenas are in place but no working set that grows
+with ``T`` is), and the step's CPU seconds.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class TruncatedTrainer(Trainer):
         return {"step": self.step, "loss": loss_sum / count, "lr": lr, "grad_norm": grad_norm, "skipped": 0}
 
 
-def build(name: str, method: str, seed: int, steps: int | None = None, seq_len: int | None = None) -> Trainer:
+def build(name: str, method: str, seed: int, steps: int | None = None, seq_len: int | None = None,
+          log_every: int = 10**9) -> Trainer:
     """The Trainer of one run of experiment ``name`` with ``method`` (module docstring)."""
     spec = EXPERIMENTS[name]
     task = build_task(spec["task"], eval_examples=EVAL_EXAMPLES, **spec["task_options"])
@@ -113,15 +115,15 @@ def build(name: str, method: str, seed: int, steps: int | None = None, seq_len: 
     model = SequenceModel(model_config_for(task, num_layers=1, **spec["model"]))
     kind, _, arg = method.partition(":")
     online = {"online": "rtrl", "online_every": int(arg)} if kind == "rtrl" else {}
-    config = TrainConfig(seq_len=seq_len or spec["seq_len"], seed=seed, progress=False, log_every=10**9,
+    config = TrainConfig(seq_len=seq_len or spec["seq_len"], seed=seed, progress=False, log_every=log_every,
                          eval_batch_size=250, **{**spec["train"], **({"steps": steps} if steps else {})}, **online)
     if kind == "tbptt":
         return TruncatedTrainer(model, task, config, window=int(arg))
     return Trainer(model, task, config)
 
 
-def run(name: str, method: str, seed: int, steps: int | None) -> dict:
-    trainer = build(name, method, seed, steps)
+def run(name: str, method: str, seed: int, steps: int | None, log_every: int = 10**9) -> dict:
+    trainer = build(name, method, seed, steps, log_every=log_every)
     start = time.process_time()
     result = trainer.fit()
     seconds = time.process_time() - start  # CPU seconds, which the load of other processes does not change
@@ -143,7 +145,7 @@ def memory_case(method: str, T: int) -> dict:
     """One training step at length ``T`` in this process: the growth of peak RSS over it (bytes)."""
     trainer = build(MEMORY["experiment"], method, 0, seq_len=T)
     trainer.model.train()
-    warm = next(trainer.task.train_batches(trainer.config.batch_size, 20, seed=1))
+    warm = next(trainer.task.train_batches(trainer.config.batch_size, 2, seed=1))  # no chunk of loss-free steps
     trainer._train_step(warm)
     batch = next(trainer.task.train_batches(trainer.config.batch_size, T, seed=0))
     base = reset_peak()  # VmHWM from here on
@@ -160,6 +162,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the experiment's steps (a quick look)")
     parser.add_argument("--methods", help="comma-separated subset of the experiment's methods")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the experiment's)")
+    parser.add_argument("--log-every", type=int, default=10**9, help="a line with the training loss every N steps")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -198,7 +201,7 @@ def main() -> None:
             T = spec["seq_len"] or build_task(spec["task"], **spec["task_options"]).default_seq_len
             if (args.experiment, method, seed, T, steps) in done:
                 continue
-            row = run(args.experiment, method, seed, args.steps)
+            row = run(args.experiment, method, seed, args.steps, args.log_every)
             metric = "mse" if "mse" in row["test"] else "accuracy"
             print(f"{args.experiment} T={row['T']} {method:<10} seed {seed}: test {metric} {row['test'][metric]:.4f}, "
                   f"{row['steps']} steps in {row['train_cpu_seconds']:.0f} CPU s", flush=True)

@@ -120,41 +120,42 @@ class OnlineTraining:
             self.gradient.reset(B)
         last = _last_steps(lengths, B, T, y.device)  # (B,) where each sequence ends
         counts = self._step_counts(y, last, lengths, T)  # predictions at each step (T,)
-        window_ends = [t for t in range(T) if (t + 1) % self.config.online_every == 0 or t == T - 1]
-        loss_sum, count, largest, updates = 0.0, 0, 0.0, 0
+        every = self.config.online_every
+        window_ends = [min(T, start + every) - 1 for start in range(0, T, every)]
+        window_count = [sum(counts[end - (end % every) : end + 1]) for end in window_ends]  # predictions per window
+        counted = [window_count[t // every] for t in range(T)]  # each step's window's predictions
+        updates = {end for end, n in zip(window_ends, window_count) if n}  # the steps after which the weights change
+        loss_sum, count, largest, done, window_loss = 0.0, 0, 0.0, 0, 0.0
         optimizer.zero_grad(set_to_none=True)
-        start = 0
-        for end in window_ends:
-            window = sum(counts[start : end + 1])
-            window_loss = 0.0
-            t = start
-            while t <= end:
-                if not counts[t]:  # steps without a loss: their Jacobians in one batched call
-                    stop = t + 1
-                    while stop <= end and not counts[stop] and stop - t < ADVANCE_STEPS:
-                        stop += 1
-                    self.gradient.advance(_inputs(x, lengths, t, stop))
-                    t = stop
-                    continue
-                loss_fn = self._loss_at(y, last, lengths, t, window)
+        t = 0
+        while t < T:
+            if counts[t]:
+                loss_fn = self._loss_at(y, last, lengths, t, counted[t])
                 _, loss = self.gradient.step(_inputs(x, lengths, t, t + 1)[:, 0], loss_fn)
-                window_loss += float(loss) * window
-                t += 1
-            start = end + 1
-            if not window:
+                window_loss += float(loss) * counted[t]
+                stop = t + 1
+            else:  # steps without a loss, up to the next update: their Jacobians in one batched call
+                stop = t + 1
+                while stop < T and not counts[stop] and stop - t < ADVANCE_STEPS and stop - 1 not in updates:
+                    stop += 1
+                self.gradient.advance(_inputs(x, lengths, t, stop))
+            t = stop
+            if stop - 1 not in updates:
                 continue
+            window = counted[stop - 1]
             grad_norm = clip_gradients(self.model, self.config.grad_clip)
             if not (math.isfinite(window_loss) and math.isfinite(grad_norm)):
                 on_non_finite(window_loss / window, grad_norm)  # raises unless the update is to be skipped
                 optimizer.zero_grad(set_to_none=True)
                 self.gradient.state = None  # a non-finite state would poison the steps that follow
-                return {"loss": window_loss / window, "grad_norm": grad_norm, "updates": updates, "skipped": 1}
+                return {"loss": window_loss / window, "grad_norm": grad_norm, "updates": done, "skipped": 1}
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, count, largest, updates = loss_sum + window_loss, count + window, max(largest, grad_norm), updates + 1
+            loss_sum, count, largest, done = loss_sum + window_loss, count + window, max(largest, grad_norm), done + 1
+            window_loss = 0.0
         if not self.task.streaming:
             self.gradient.state = None  # the next batch starts new sequences: nothing to carry or save
-        return {"loss": loss_sum / max(count, 1), "grad_norm": largest, "updates": updates, "skipped": 0}
+        return {"loss": loss_sum / max(count, 1), "grad_norm": largest, "updates": done, "skipped": 0}
 
     def _step_counts(self, y: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor | None, T: int) -> list[int]:
         """Predictions the loss counts at each step ``(T,)``: per-step targets at their valid steps;
