@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from rnnkit.bench.machine import describe
 from rnnkit.layers.base import map_state
 from rnnkit.models import SequenceModel, model_config_for
 from rnnkit.tasks import Batch, build_task
@@ -169,6 +170,7 @@ def main() -> None:
     if args.case:
         print(json.dumps(memory_case(**json.loads(args.case))))
         return
+    print(describe())
     out = Path(args.out)
     done = set()
     if out.is_file():
