@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-batch-size", type=int, default=64)
     train.add_argument("--eval-max-batches", type=int, help="cap on val batches per evaluation (default: all)")
     train.add_argument("--mode", default="auto", help="layer mode for training (default auto)")
+    train.add_argument("--online", choices=["rtrl", "uoro"],
+                       help="learn by gradients carried forward in time instead of backpropagation: rtrl (exact; "
+                            "one element-wise layer: mingru, minlstm, lru, rglru, s4d, paragru) or uoro (any causal "
+                            "model); memory independent of the sequence length")
+    train.add_argument("--online-every", type=int, default=1, metavar="K",
+                       help="--online: update the weights every K time steps (default 1)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu")
     train.add_argument("--precision", choices=["auto", "fp32", "bf16"],
@@ -408,7 +414,7 @@ def _prepare_training(args: argparse.Namespace):
     """Task, model, config and Trainer of ``rnnkit train`` (resumed with ``--resume``), and a ``say``
     that prints on rank 0 only."""
     from rnnkit.tasks import build_task
-    from rnnkit.train import TrainConfig, Trainer, distributed, resolve_precision, seed_everything
+    from rnnkit.train import TrainConfig, Trainer, distributed, seed_everything
 
     from rnnkit.train.config import check_device
 
@@ -423,6 +429,8 @@ def _prepare_training(args: argparse.Namespace):
         raise InputError("--overwrite: expected either --resume or --overwrite, got both")
     if args.resume and not args.out:
         raise InputError("--resume: expected --out DIR naming the run to continue, got no --out")
+    if args.online is None and args.online_every != 1:
+        raise InputError(f"--online-every: expected --online rtrl or uoro with it, got --online-every {args.online_every} alone")
     _set_threads(args.threads)
     device = distributed.init_from_env(args.device)  # joins torchrun's process group, if any
     lead = distributed.rank_and_world()[0] == 0
@@ -452,7 +460,8 @@ def _prepare_training(args: argparse.Namespace):
         seq_len=pick("seq_len", "seq_len"), lr=pick("lr", "lr"), warmup_steps=pick("warmup", "warmup"),
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=pick("eval_every", "eval_every"),
         eval_batch_size=args.eval_batch_size, eval_max_batches=args.eval_max_batches, seed=args.seed,
-        mode=args.mode, device=device, precision=resolve_precision(pick("precision", "precision"), device),
+        mode=args.mode, device=device, precision=_precision(args, defaults, device),
+        online=args.online, online_every=args.online_every,
         progress=not args.no_progress, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, nan_policy=args.nan_policy,
         max_skips=args.max_skips, **_seq2seq_train_fields(args, task, defaults),
@@ -466,7 +475,7 @@ def _prepare_training(args: argparse.Namespace):
     say = print if lead else (lambda *a, **k: None)
     say(f"rnnkit train: task {task.name}, model {_describe_model(model_config)} ({params:,} parameters), "
         f"{_length_of_run(config)} of batch {config.batch_size} x {config.seq_len or task.default_seq_len or 'variable length'}, "
-        f"lr {config.lr}, {config.precision}, {torch.get_num_threads()} threads", flush=True)
+        f"lr {config.lr}, {config.precision}, {torch.get_num_threads()} threads{_online_words(config)}", flush=True)
     try:
         trainer = Trainer(model, task, config, out_dir=out, run_info={"argv": sys.argv[1:]}, log_dir=args.log_dir)
         if args.resume:
@@ -478,6 +487,24 @@ def _prepare_training(args: argparse.Namespace):
             lock.release()
         raise
     return trainer, say, lock
+
+
+def _online_words(config) -> str:
+    """``, online rtrl (update every 1 step)`` for an online run, else nothing."""
+    if config.online is None:
+        return ""
+    return f", online {config.online} (update every {config.online_every} step{'s' if config.online_every > 1 else ''})"
+
+
+def _precision(args: argparse.Namespace, defaults: dict[str, Any], device: str) -> str:
+    """The run's precision: ``--precision``, else the recipe's; ``auto`` is fp32 for online training (its
+    Jacobians run in the parameters' dtype)."""
+    from rnnkit.train import resolve_precision
+
+    chosen = args.precision if args.precision is not None else defaults["precision"]
+    if args.online and chosen == "auto":
+        return "fp32"
+    return resolve_precision(chosen, device)
 
 
 def _model_class(config):

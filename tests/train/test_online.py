@@ -135,3 +135,26 @@ def test_bad_arguments() -> None:
         online.step(torch.randn(3, 3), lambda y: y.sum())
     with pytest.raises(InputError, match="layer: expected a causal layer"):
         OnlineGradient(rnnkit.layers.build("bidirectional", d_model=3, layer="gru"))
+
+
+@pytest.mark.parametrize(("name", "block"), [("lru", 2), ("mingru", 1), ("elman", None)])
+def test_advance_equals_steps_without_a_loss(name: str, block: int | None) -> None:
+    """``advance`` (the Jacobians of several loss-free steps in one call) carries the state and the
+    sensitivities exactly as that many ``step(x_t, None)`` calls do, then the gradients agree."""
+    layer, head, x, target = _setup(name, **CONFIGS[name])
+    batched, stepped = OnlineGradient(layer, block_size=block), OnlineGradient(layer, block_size=block)
+    batched.reset(B)
+    stepped.reset(B)
+    batched.advance(x[:, : T - 1])
+    for t in range(T - 1):
+        stepped.step(x[:, t], None)
+    for key, value in stepped.carry().items():
+        assert_close(batched.carry()[key], value, kind="value", what=f"{name}: {key}")
+    grads = []
+    for online in (batched, stepped):
+        layer.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+        online.step(x[:, T - 1], lambda y: _loss(head, y, target[:, T - 1]))
+        grads.append([p.grad.clone() for p in (*layer.parameters(), *head.parameters())])
+    for got, expected in zip(*grads):
+        assert_close(got, expected, kind="grad")

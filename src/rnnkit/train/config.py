@@ -11,6 +11,7 @@ import torch
 
 from rnnkit.errors import InputError, check_choice, check_positive_int, check_seed
 from rnnkit.models.losses import SCHEDULES, teacher_forcing_probability
+from rnnkit.train.online import ONLINE_METHODS
 from rnnkit.train.precision import PRECISIONS
 
 
@@ -46,6 +47,9 @@ class TrainConfig:
     budget_minutes: float | None = None
     patience: int = 0  # stop after this many evaluations without a lower val loss (0: never; needs eval_every)
     keep_best: bool = False  # keep the model of the lowest val loss in <out_dir>/best (needs eval_every)
+    # Online learning (rnnkit.train.online_training): gradients carried forward in time instead of BPTT.
+    online: str | None = None  # None (backpropagation), "rtrl" (exact, element-wise layers) or "uoro" (any causal model)
+    online_every: int = 1  # online: update the weights every this many time steps (and at the end of each batch)
     # Sequence-to-sequence tasks only (rnnkit.train.seq2seq):
     label_smoothing: float = 0.0  # training loss: (1 - eps) NLL + eps * mean over classes of -log p
     # Scheduled sampling (Bengio et al. 2015): the probability of feeding the true previous token
@@ -93,6 +97,7 @@ class TrainConfig:
             which = "patience" if self.patience else "keep_best"
             raise InputError(f"{which}: expected evaluations during training (eval_every > 0), got eval_every=0")
         self._check_seq2seq_fields()
+        self._check_online_fields()
         for name in ("progress", "keep_best"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name}: expected a bool, got {getattr(self, name)!r}")
@@ -105,6 +110,13 @@ class TrainConfig:
                 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
             raise InputError(f"betas: expected two numbers in [0, 1), got {betas!r}")
         self.betas = tuple(betas)  # JSON round trips give lists
+
+    def _check_online_fields(self) -> None:
+        check_choice("online", self.online, (None, *ONLINE_METHODS))
+        check_positive_int("online_every", self.online_every)
+        if self.online is not None and self.precision != "fp32":
+            raise InputError(f"precision: expected 'fp32' with online={self.online!r} (its Jacobians run in the "
+                             f"parameters' dtype), got {self.precision!r}")
 
     def _check_seq2seq_fields(self) -> None:
         smoothing = self.label_smoothing

@@ -26,7 +26,9 @@ sequence length: a model can update its weights at every step (or every ``k``) o
   ``B (S + P)`` floats: the gradient is unbiased, noisy, and cheap for any cell.
 
 Parameters that do not feed the state (a readout after the recurrence, the ``loss_fn``'s head) get
-their immediate gradient from ordinary backpropagation through the step.
+their immediate gradient from ordinary backpropagation through the step, and carry no sensitivity.
+:mod:`rnnkit.train.online_training` trains whole models this way inside the Trainer
+(``TrainConfig(online=...)``, ``rnnkit train --online``).
 
 Example:
     >>> layer = rnnkit.layers.build("mingru", d_model=4, hidden_size=8)
@@ -56,12 +58,14 @@ ELEMENTWISE_LAYERS = ("mingru", "minlstm", "lru", "rglru", "s4d", "paragru")
 
 
 class _Stepper(nn.Module):
-    """``layer.step`` on a flat state ``(N, S)``, as a module so ``torch.func.functional_call`` can
-    swap its parameters."""
+    """``layer.step`` on a flat state ``(N, S)``, after ``encoder`` (when given) on the input, as a
+    module so ``torch.func.functional_call`` can swap its parameters."""
 
-    def __init__(self, layer: Recurrence, template: Any) -> None:
+    def __init__(self, layer: Recurrence, encoder: nn.Module | None) -> None:
         super().__init__()
         self.layer = layer
+        self.encoder = encoder
+        template = layer.init_state(1, device="meta")
         self.shapes = [leaf.shape[1:] for leaf in flatten_state(template)]
         self.template = template
 
@@ -75,7 +79,8 @@ class _Stepper(nn.Module):
         return _rebuild(self.template, found)
 
     def forward(self, x_t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, state = self.layer.step(x_t, self.unflatten(s))
+        h = x_t if self.encoder is None else self.encoder(x_t)
+        y, state = self.layer.step(h, self.unflatten(s))
         return y, flatten(state)
 
 
@@ -101,12 +106,23 @@ class OnlineGradient:
         block_size: ``rtrl`` only: the state Jacobian is block-diagonal with blocks of this many
             consecutive entries of the flat state (1 for ``mingru``, ``minlstm``, ``rglru``, ``paragru``; 2 for the
             (re, im) pairs of ``lru`` and ``s4d``), so ``M``'s update costs ``B S K P`` instead of
-            ``B S^2 P``; None: dense (any layer). A wrong declaration gives wrong gradients.
+            ``B S^2 P``; None: dense (any layer). A wrong declaration gives wrong gradients, unless
+            ``verify_blocks`` catches it.
         generator: the random source of ``uoro``'s signs (a fixed seed makes it reproducible).
+        encoder: a module applied to each input before ``layer`` (an embedding or a projection: ``x_t``
+            is then whatever it takes, e.g. token ids ``(B,)``); its parameters are learnt through the
+            state like the layer's.
+        verify_blocks: with ``block_size``, check at the first step that the state Jacobian has no
+            entry outside the declared blocks, and raise InputError if it has.
+
+    Only the parameters the next state depends on carry a sensitivity (found at the first step from
+    the step's graph); the others (a readout inside ``layer`` after its recurrence, a skip term) get
+    their exact gradient from the step's own backward pass, at no cost in ``M``.
     """
 
     def __init__(self, layer: Recurrence, method: str = "rtrl", block_size: int | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, encoder: nn.Module | None = None,
+                 verify_blocks: bool = False) -> None:
         if not isinstance(layer, Recurrence):
             raise InputError(f"layer: expected an rnnkit Recurrence, got {type(layer).__name__}")
         if not layer.causal:
@@ -116,14 +132,21 @@ class OnlineGradient:
             check_positive_int("block_size", block_size)
             if layer.state_size % block_size:
                 raise InputError(f"block_size: expected a divisor of the state size {layer.state_size}, got {block_size}")
+        if encoder is not None and not isinstance(encoder, nn.Module):
+            raise InputError(f"encoder: expected a torch.nn.Module or None, got {type(encoder).__name__}")
         self.layer, self.method, self.generator, self.block_size = layer, method, generator, block_size
-        self.names = [n for n, p in layer.named_parameters() if p.requires_grad]
-        self.stepper: _Stepper | None = None
+        self.stepper = _Stepper(layer, encoder)
+        self.verify_blocks = verify_blocks and block_size is not None
+        self.names: list[str] | None = None  # the state's parameters, found at the first step
         self.state: torch.Tensor | None = None
+        self._carry: dict[str, torch.Tensor] = {}  # the sensitivities (zero until the first step)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
-        named = dict(self.layer.named_parameters())
+        """The parameters the state depends on (every trainable one before the first step)."""
+        named = dict(self.stepper.named_parameters())
+        if self.names is None:
+            return [p for p in named.values() if p.requires_grad]
         return [named[n] for n in self.names]
 
     def reset(self, batch_size: int, state: Any = None) -> None:
@@ -131,48 +154,80 @@ class OnlineGradient:
         with zero sensitivities (the initial state does not depend on the parameters)."""
         check_positive_int("batch_size", batch_size)
         template = self.layer.init_state(batch_size)
-        self.stepper = _Stepper(self.layer, template)
         self.state = flatten(template if state is None else state).detach()
-        ref = self.state
-        P = sum(p.numel() for p in self.params)
-        if self.method == "rtrl":
-            self.sensitivity = ref.new_zeros(batch_size, ref.shape[1], P)  # (B, S, P)
-        else:
-            self.s_tilde = ref.new_zeros(batch_size, ref.shape[1])  # (B, S)
-            self.theta_tilde = ref.new_zeros(batch_size, P)  # (B, P)
+        self._carry = {}
 
-    def step(self, x_t: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def carry(self) -> dict[str, torch.Tensor] | None:
+        """What the next step continues from: the flat state ``(B, S)`` and the sensitivities (``rtrl``:
+        ``(B, S, P)``; ``uoro``: ``(B, S)`` and ``(B, P)``), detached; None before :meth:`reset`.
+        :meth:`load_carry` of it continues the sequences exactly."""
+        if self.state is None:
+            return None
+        return {"state": self.state, **self._carry}
+
+    def load_carry(self, carry: dict[str, torch.Tensor]) -> None:
+        """Continue from what :meth:`carry` returned (on this layer, same method; moved to its device)."""
+        ref = next(iter(self.layer.parameters()), None)
+        expected = {"state"} | ({"sensitivity"} if self.method == "rtrl" else {"s_tilde", "theta_tilde"})
+        if not isinstance(carry, dict) or set(carry) not in (expected, {"state"}):
+            raise InputError(f"carry: expected the keys {sorted(expected)} (or only 'state' before the first step), "
+                             f"got {sorted(carry) if isinstance(carry, dict) else type(carry).__name__}")
+        S = self.layer.state_size
+        if carry["state"].dim() != 2 or carry["state"].shape[1] != S:
+            raise InputError(f"carry: expected a state of shape (B, {S}), got {tuple(carry['state'].shape)}")
+        moved = {k: v.detach().to(device=ref.device, dtype=ref.dtype) if ref is not None else v.detach()
+                 for k, v in carry.items()}
+        self.state = moved.pop("state")
+        self._carry = moved
+
+    def step(self, x_t: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor] | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One step: ``y_t`` from ``x_t`` ``(B, D)``, the loss ``loss_fn(y_t)`` (a scalar), and its
         full gradient (through the whole past) added to the parameters' ``.grad`` (and to those of
-        any module ``loss_fn`` uses). Returns ``(y_t, loss)``, detached."""
-        if self.stepper is None or self.state is None:
+        any module ``loss_fn`` uses). ``loss_fn=None``: a step without a loss, the sensitivities
+        only advance. Returns ``(y_t, loss)``, detached (``loss`` None without a ``loss_fn``)."""
+        if self.state is None:
             raise InputError("step: expected reset(batch_size) first, got no running sequences")
         if x_t.shape[0] != self.state.shape[0]:
             raise InputError(f"x_t: expected batch size {self.state.shape[0]} (as reset), got {x_t.shape[0]}")
-        params = self.params
         s_prev = self.state.detach().requires_grad_()
-        y, s_new = self.stepper(x_t, s_prev)
-        loss = loss_fn(y)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise InputError(f"loss_fn: expected a scalar tensor, got {type(loss).__name__}")
-        loss.backward()  # immediate gradients: the layer's (at fixed s_prev), the head's, and dl/ds_prev
-        g_s = torch.zeros_like(s_prev) if s_prev.grad is None else s_prev.grad  # (B, S)
-        carried = self._carried(g_s)  # (P,)
-        start = 0
-        for p in params:
-            part = carried[start : start + p.numel()].view_as(p)
-            p.grad = part.clone() if p.grad is None else p.grad + part
-            start += p.numel()
-        self._advance(x_t, s_prev.detach())
+        with torch.set_grad_enabled(loss_fn is not None or self.names is None):  # a graph only when read
+            y, s_new = self.stepper(x_t, s_prev)
+        if self.names is None:
+            self._find_state_parameters(s_new)
+        loss = None
+        if loss_fn is not None:
+            loss = loss_fn(y)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise InputError(f"loss_fn: expected a scalar tensor, got {type(loss).__name__}")
+            loss.backward()  # immediate gradients: the layer's (at fixed s_prev), the head's, and dl/ds_prev
+            if self._carry and s_prev.grad is not None:
+                carried = self._carried(s_prev.grad)  # (P,)
+                start = 0
+                for p in self.params:
+                    part = carried[start : start + p.numel()].view_as(p)
+                    p.grad = part.clone() if p.grad is None else p.grad + part
+                    start += p.numel()
+        with torch.no_grad():  # the transforms inside differentiate regardless; nothing outside needs a graph
+            self._advance(x_t, s_prev.detach())
         self.state = s_new.detach()
-        return y.detach(), loss.detach()
+        return y.detach(), None if loss is None else loss.detach()
 
     # ------------------------------------------------------------------ the sensitivities
+    def _find_state_parameters(self, s_new: torch.Tensor) -> None:
+        """Keep the parameters that ``s_new`` depends on (those absent from its graph never feed the state)."""
+        named = [(n, p) for n, p in self.stepper.named_parameters() if p.requires_grad]
+        if not named:
+            self.names = []
+            return
+        grads = torch.autograd.grad(s_new.sum(), [p for _, p in named], retain_graph=True, allow_unused=True)
+        self.names = [n for (n, _), g in zip(named, grads) if g is not None]
+
     def _carried(self, g_s: torch.Tensor) -> torch.Tensor:
         """``sum_b dl/ds_prev[b] M_{t-1}[b]`` ``(P,)``."""
         if self.method == "rtrl":
-            return torch.einsum("bs,bsp->p", g_s, self.sensitivity)
-        return ((g_s * self.s_tilde).sum(-1, keepdim=True) * self.theta_tilde).sum(0)
+            return torch.einsum("bs,bsp->p", g_s, self._carry["sensitivity"])
+        return ((g_s * self._carry["s_tilde"]).sum(-1, keepdim=True) * self._carry["theta_tilde"]).sum(0)
 
     def _per_sample(self) -> Callable:
         """``f(params, s, x) -> s_next`` for one sequence (unbatched ``s`` ``(S,)``, ``x`` ``(D,)``)."""
@@ -184,34 +239,103 @@ class OnlineGradient:
 
         return f
 
-    def _advance(self, x_t: torch.Tensor, s_prev: torch.Tensor) -> None:
-        f = self._per_sample()
-        values = {"layer." + n: p.detach() for n, p in zip(self.names, self.params)}
-        B = s_prev.shape[0]
-        if self.method == "rtrl":
-            d_params, d_state = torch.func.vmap(torch.func.jacrev(f, argnums=(0, 1)), in_dims=(None, 0, 0))(
-                values, s_prev, x_t)
-            S = s_prev.shape[1]
-            immediate = torch.cat([d_params["layer." + n].reshape(B, S, -1) for n in self.names], -1)  # (B, S, P)
-            K = self.block_size
-            if K is None:
-                carried = torch.bmm(d_state, self.sensitivity)
-            else:  # only the diagonal blocks of J: (B, S/K, K, K) times (B, S/K, K, P)
-                blocks = torch.diagonal(d_state.reshape(B, S // K, K, S // K, K), dim1=1, dim2=3).permute(0, 3, 1, 2)
-                carried = (blocks @ self.sensitivity.reshape(B, S // K, K, -1)).reshape(B, S, -1)
-            self.sensitivity = carried + immediate
+    def advance(self, x: torch.Tensor) -> None:
+        """``C`` steps without a loss, ``x`` ``(B, C, ...)``: the state and the sensitivities advance as
+        ``C`` calls of ``step(x[:, t], None)`` would, the weights unchanged in between. ``rtrl``
+        computes the ``C`` steps' Jacobians in one batched call (memory ``C`` times one step's), which
+        saves the per-step overhead of the transforms."""
+        if self.state is None:
+            raise InputError("advance: expected reset(batch_size) first, got no running sequences")
+        if x.dim() < 2 or x.shape[0] != self.state.shape[0]:
+            raise InputError(f"x: expected (B, C, ...) with B = {self.state.shape[0]} (as reset), got {tuple(x.shape)}")
+        if self.method != "rtrl" or self.names == []:  # nothing to batch: one step at a time
+            for t in range(x.shape[1]):
+                self.step(x[:, t], None)
             return
+        start = 0
+        if self.names is None:  # the first step finds the parameters the state depends on
+            self.step(x[:, 0], None)
+            start = 1
+        if start == x.shape[1]:
+            return
+        with torch.no_grad():
+            states = [self.state]
+            for t in range(start, x.shape[1]):
+                states.append(self.stepper(x[:, t], states[-1])[1])
+            self._rtrl_advance(x[:, start:], torch.stack(states[:-1], 1))
+        self.state = states[-1]
+
+    def _rtrl_advance(self, x: torch.Tensor, s_prev: torch.Tensor) -> None:
+        """RTRL's ``M_t = J_t M_{t-1} + I_t`` over ``C`` steps: inputs ``x`` ``(B, C, ...)``, the states
+        before each step ``s_prev`` ``(B, C, S)``; their Jacobians in one vmapped call."""
+        f = self._per_sample()
+        names = self.names
+        values = {n: p.detach() for n, p in zip(names, self.params)}
+        B, C, S = s_prev.shape
+        flat_x, flat_s = x.reshape(B * C, *x.shape[2:]), s_prev.reshape(B * C, S)
+        d_params, d_state = torch.func.vmap(torch.func.jacrev(f, argnums=(0, 1)), in_dims=(None, 0, 0))(
+            values, flat_s, flat_x)
+        immediate = torch.cat([d_params[n].reshape(B, C, S, -1) for n in names], -1)  # (B, C, S, P)
+        d_state = d_state.reshape(B, C, S, S)
+        if self.verify_blocks:
+            self._check_blocks(d_state.reshape(B * C, S, S))
+        previous = self._carry.get("sensitivity")
+        for c in range(C):  # M_c = I_c + J_c M_{c-1}, in place in I
+            if previous is not None:
+                self._add_jacobian_product(d_state[:, c], previous, immediate[:, c])
+            previous = immediate[:, c]
+        self._carry = {"sensitivity": previous if C == 1 else previous.clone()}
+
+    def _add_jacobian_product(self, J: torch.Tensor, M: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += J M`` for ``J`` ``(B, S, S)`` and ``M``, ``out`` ``(B, S, P)``; with ``block_size``
+        only J's diagonal blocks ``(B, S/K, K, K)`` are used, as ``K`` broadcast products."""
+        B, S, _ = J.shape
+        K = self.block_size
+        if K is None:
+            out.add_(torch.bmm(J, M))
+            return
+        blocks = torch.diagonal(J.reshape(B, S // K, K, S // K, K), dim1=1, dim2=3).permute(0, 3, 1, 2)
+        rows, target = M.reshape(B, S // K, K, -1), out.view(B, S // K, K, -1)
+        for k in range(K):  # target += J[:, :, :, k] * M[:, :, k]
+            target.addcmul_(blocks[:, :, :, k, None], rows[:, :, None, k])
+
+    def _advance(self, x_t: torch.Tensor, s_prev: torch.Tensor) -> None:
+        if not self.names:  # nothing learnt feeds the state: no sensitivity to carry
+            return
+        if self.method == "rtrl":
+            self._rtrl_advance(x_t[:, None], s_prev[:, None])
+            return
+        f = self._per_sample()
+        names = self.names
+        values = {n: p.detach() for n, p in zip(names, self.params)}
+        B, S = s_prev.shape
         nu = torch.randint(0, 2, s_prev.shape, generator=self.generator, dtype=torch.int64).to(s_prev) * 2 - 1
+        P = sum(p.numel() for p in self.params)
+        s_tilde = self._carry.get("s_tilde", s_prev.new_zeros(B, S))
+        theta_tilde = self._carry.get("theta_tilde", s_prev.new_zeros(B, P))
 
         def one(s, x, tangent, cotangent):
             _, js = torch.func.jvp(lambda ss: f(values, ss, x), (s,), (tangent,))
             _, pull = torch.func.vjp(lambda v: f(v, s, x), values)
             (grads,) = pull(cotangent)
-            return js, torch.cat([grads["layer." + n].reshape(-1) for n in self.names])
+            return js, torch.cat([grads[n].reshape(-1) for n in names])
 
-        js, nu_i = torch.func.vmap(one)(s_prev, x_t, self.s_tilde, nu)  # (B, S), (B, P)
+        js, nu_i = torch.func.vmap(one)(s_prev, x_t, s_tilde, nu)  # (B, S), (B, P)
         eps = torch.finfo(s_prev.dtype).tiny ** 0.5
-        rho0 = ((self.theta_tilde.norm(dim=-1) + eps) / (js.norm(dim=-1) + eps)).sqrt()[:, None]
+        rho0 = ((theta_tilde.norm(dim=-1) + eps) / (js.norm(dim=-1) + eps)).sqrt()[:, None]
         rho1 = ((nu_i.norm(dim=-1) + eps) / (nu.norm(dim=-1) + eps)).sqrt()[:, None]
-        self.s_tilde = rho0 * js + rho1 * nu
-        self.theta_tilde = self.theta_tilde / rho0 + nu_i / rho1
+        self._carry = {"s_tilde": rho0 * js + rho1 * nu, "theta_tilde": theta_tilde / rho0 + nu_i / rho1}
+
+    def _check_blocks(self, d_state: torch.Tensor) -> None:
+        """Raise InputError if the state Jacobian ``(B, S, S)`` has an entry outside the declared blocks."""
+        B, S, _ = d_state.shape
+        K = self.block_size
+        block_of = torch.arange(S, device=d_state.device) // K
+        outside = block_of[:, None] != block_of[None, :]  # (S, S)
+        if bool((d_state[:, outside] != 0).any()):
+            raise InputError(
+                f"block_size: expected a state Jacobian with no entry outside its {K} x {K} diagonal blocks, got "
+                f"{int((d_state[:, outside] != 0).sum())} nonzero entries outside them (the state mixes across "
+                "entries, so exact RTRL needs the dense update: block_size=None)"
+            )
+        self.verify_blocks = False

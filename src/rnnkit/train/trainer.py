@@ -6,6 +6,11 @@ detached at the window boundary, so gradients flow through at most ``seq_len`` s
 model still reads the text as one long stream. Gradient norms are clipped (Pascanu, Mikolov &
 Bengio 2013, "On the difficulty of training recurrent neural networks").
 
+With ``config.online`` the gradients are carried forward in time instead (real-time recurrent
+learning or UORO, :mod:`~rnnkit.train.online_training`): each batch is read one time step at a time,
+the weights change every ``online_every`` steps, memory does not grow with ``T``, and a stream's
+state and sensitivities are carried across windows without truncation (and saved in checkpoints).
+
 Exact resume: everything a step depends on is in the checkpoint (weights, optimizer moments, the
 step that fixes the learning rate and the data position, every RNG, the carried TBPTT state), and
 batches are pure functions of their index, so a run killed at any instant and resumed from its last
@@ -43,6 +48,7 @@ from rnnkit.train.checkpoint import CheckpointManager, resolve_checkpoint
 from rnnkit.train.config import RESUME_FREE_FIELDS, TrainConfig
 from rnnkit.train.logs import MetricsLogger
 from rnnkit.targets import check_target
+from rnnkit.train.online_training import OnlineTraining
 from rnnkit.train.metrics import describe_metrics, empty_totals, loss_and_counts, prediction_count, summarise
 from rnnkit.train.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from rnnkit.train.precision import autocast, fast_bf16, resolve_precision
@@ -114,6 +120,9 @@ class Trainer:
             raise InputError(
                 f"batch_size: expected a multiple of the world size {self.world_size}, got {self.config.batch_size}"
             )
+        self.online: OnlineTraining | None = None  # config.online: forward-carried gradients instead of BPTT
+        if self.config.online is not None:
+            self.online = OnlineTraining(self.model, task, self.config, self.world_size)
         self.net: torch.nn.Module = distributed.wrap(self.model, self.config.device)
         self.optimizer = build_optimizer(self.model, self.config)
         self.step = 0
@@ -356,8 +365,24 @@ class Trainer:
         lengths = None if batch.lengths is None else batch.lengths[rows]
         return Batch(batch.x[rows], batch.y[rows], lengths, batch.reset)
 
+    def _online_step(self, batch: Batch) -> dict[str, float]:
+        """One step of online training (:mod:`rnnkit.train.online_training`): the batch read step by step,
+        the weights updated every ``online_every`` time steps."""
+        local = batch.to(self.config.device)
+        lr = lr_at(self.step, self.config)
+        set_lr(self.optimizer, lr)
+        result = self.online.train_batch(local, self.task.streaming and not local.reset, self.optimizer,
+                                         self._non_finite)
+        if not result["skipped"]:
+            self.consecutive_skips = 0
+        self.step += 1
+        return {"step": self.step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
+                "skipped": result["skipped"]}
+
     def _train_step(self, batch: Batch) -> dict[str, float]:
         """One optimizer step on a global batch (or a skipped step under ``nan_policy="skip"``)."""
+        if self.online is not None:
+            return self._online_step(batch)
         cfg = self.config
         local = self._shard(batch).to(cfg.device)
         state = self._carry if (self.task.streaming and not local.reset) else None
@@ -576,7 +601,8 @@ class Trainer:
             # loses none of what a resume from this checkpoint keeps (TensorBoard events are buffered).
             self._logger.flush()
         carry = None if self._carry is None else [t.detach().cpu() for t in flatten_state(self._carry)]
-        mine = {"rng": rng_states(), "carry": carry}
+        online = None if self.online is None else self.online.checkpoint_state()
+        mine = {"rng": rng_states(), "carry": carry, "online": online}
         per_rank = distributed.gather_objects(mine) if self.world_size > 1 else [mine]
         path = None
         if self.rank == 0:
@@ -654,6 +680,8 @@ class Trainer:
         self.elapsed = float(state["elapsed"])
         self.budget_steps = state.get("budget_steps")
         self._carry = carry
+        if self.online is not None:  # the stream's state and sensitivities, when a stream runs on
+            self.online.load_checkpoint_state(mine.get("online"))
         set_rng_states(mine["rng"])
         self._rng_restored = True
         return path
