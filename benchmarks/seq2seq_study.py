@@ -23,10 +23,12 @@ Every cell runs ``rnnkit train`` in this process (``rnnkit.cli.main``) with ``--
 the machine's load changes its wall time and nothing else; the model is saved under ``--runs``
 (``runs/seq2seq_study/<cell>``, kept for ``rnnkit eval`` and ``rnnkit translate``). Each result is one
 JSON line appended to ``--out``, holding the cell's exact ``rnnkit train`` command (``command``), the
-run's step count, training seconds and val metrics, and ``test``: for each test size (``"all"`` for
-the task's own test split) the task's metrics of greedy decoding, plus ``position_accuracy`` where a
-target has a single reference (the share of the reference's tokens, the end token excluded, that
-the output has at the same position). A rerun with the same ``--out`` skips the cells already there.
+run's step count, training seconds (wall; ``train_cpu_seconds`` is this process's CPU time for
+training, the val evaluation and saving, which other load on the machine hardly changes), val
+metrics, and ``test``: for each test size (``"all"`` for the task's own test split) the task's
+metrics of greedy decoding, plus ``position_accuracy`` where a target has a single reference (the
+share of the reference's tokens, the end token excluded, that the output has at the same position).
+A rerun with the same ``--out`` skips the cells already there.
 """
 
 from __future__ import annotations
@@ -175,9 +177,10 @@ def run_cell(cell: Cell, runs: Path, threads: int | None, eval_batches: int | No
         argv += ["--threads", str(threads)]
     if eval_batches is not None:
         argv += ["--eval-max-batches", str(eval_batches)]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if rnnkit(argv) != 0:
         raise RuntimeError(f"rnnkit {shlex.join(argv)} failed")
+    cpu_seconds = time.process_time() - cpu_started  # this process's CPU time: a busy machine leaves it as it is
     info = json.loads((out / "train.json").read_text())
     model, task = load_pretrained(out).eval(), restore_task(info["task"])
     eval_started = time.perf_counter()
@@ -187,7 +190,7 @@ def run_cell(cell: Cell, runs: Path, threads: int | None, eval_batches: int | No
     decoder = getattr(model, "decoder", None)
     return {
         "key": cell.key, "status": "ok", **cell.info, "command": "rnnkit " + shlex.join(argv),
-        "steps": metrics["steps"], "train_seconds": metrics["seconds"], "val": metrics["val"], "test": test,
+        "steps": metrics["steps"], "train_seconds": metrics["seconds"], "train_cpu_seconds": cpu_seconds, "val": metrics["val"], "test": test,
         "eval_seconds": time.perf_counter() - eval_started, "wall_seconds": time.perf_counter() - started,
         "params": sum(p.numel() for p in model.parameters()),
         "decoder_state_size": None if decoder is None else int(decoder.state_size),

@@ -53,6 +53,7 @@ def test_quick_study_trains_scores_and_resumes(tmp_path, capsys):
     assert [r["key"] for r in rows] == ["reverse-n3-lstm-none", "reverse-n3-lstm-additive"]
     for row in rows:
         assert row["status"] == "ok" and row["steps"] == study.QUICK["steps"]
+        assert 0 < row["train_cpu_seconds"] and 0 < row["train_seconds"] <= row["wall_seconds"]
         test = row["test"]["3"]
         assert 0 <= test["accuracy"] <= test["position_accuracy"] <= 1 and test["examples"] > 0
         assert row["command"].startswith("rnnkit train --task reverse") and "--threads 1" in row["command"]
