@@ -165,8 +165,13 @@ def evaluate(model, task, size: int | None, positions: bool, batch_size: int = 2
     return metrics
 
 
-def run_cell(cell: Cell, runs: Path, threads: int | None, eval_batches: int | None) -> dict[str, Any]:
-    """Train ``cell`` with ``rnnkit train``, reload the saved model and score it; the result row."""
+def run_cell(cell: Cell, runs: Path, threads: int | None, eval_batches: int | None,
+             val_batches: int | None = None) -> dict[str, Any]:
+    """Train ``cell`` with ``rnnkit train``, reload the saved model and score it; the result row.
+
+    ``eval_batches`` caps the test batches scored, ``val_batches`` those of the run's own final val
+    evaluation (default: ``eval_batches``; None: the whole split).
+    """
     from rnnkit.cli import main as rnnkit
     from rnnkit.models import load_pretrained
     from rnnkit.tasks import restore_task
@@ -175,8 +180,9 @@ def run_cell(cell: Cell, runs: Path, threads: int | None, eval_batches: int | No
     argv = ["train", *cell.train_args, "--out", str(out), "--overwrite", "--no-progress", "--log-every", "500"]
     if threads is not None:
         argv += ["--threads", str(threads)]
-    if eval_batches is not None:
-        argv += ["--eval-max-batches", str(eval_batches)]
+    val_batches = eval_batches if val_batches is None else val_batches
+    if val_batches is not None:
+        argv += ["--eval-max-batches", str(val_batches)]
     started, cpu_started = time.perf_counter(), time.process_time()
     if rnnkit(argv) != 0:
         raise RuntimeError(f"rnnkit {shlex.join(argv)} failed")
@@ -218,6 +224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                            "attention-length, lstm,gru,mingru,gla for g2p-layers)")
     parser.add_argument("--eval-examples", type=int, default=1000, help="generated tasks: val and test examples")
     parser.add_argument("--eval-batches", type=int, help="score only this many test batches (default: all)")
+    parser.add_argument("--val-batches", type=int, help="val batches of each run's final evaluation, which only "
+                                                          "the results' val field reports (default: --eval-batches)")
     parser.add_argument("--only", help="run only the cells whose key matches this regular expression")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -248,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     print(describe())
     print(f"{args.study}: {len(cells)} cells, {len(cells) - len(todo)} already in {args.out}", flush=True)
     for cell in todo:
-        row = run_cell(cell, Path(args.runs), args.threads, args.eval_batches)
+        row = run_cell(cell, Path(args.runs), args.threads, args.eval_batches, args.val_batches)
         append_line(args.out, row)
         print(describe_row(row), flush=True)
     return {"cells": len(cells), "ran": len(todo)}

@@ -70,8 +70,11 @@ def test_quick_study_trains_scores_and_resumes(tmp_path, capsys):
 def test_quick_pointer_cell_scores_both_sizes(tmp_path):
     study = load("seq2seq_study")
     out = tmp_path / "pointer.jsonl"
-    study.main(["pointer", "--quick", "--only", "convex_hull-n5", "--out", str(out), "--runs", str(tmp_path / "runs")])
+    study.main(["pointer", "--quick", "--only", "convex_hull-n5", "--val-batches", "2", "--out", str(out),
+                "--runs", str(tmp_path / "runs")])
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "--eval-max-batches 2" in row["command"]  # the run's own val evaluation; the test scores one batch
+    assert row["test"]["5"]["examples"] == 64
     assert set(row["test"]) == {"5", "10"} and "area_coverage" in row["test"]["10"]
     assert "position_accuracy" not in row["test"]["5"]  # a hull has one sequence, but its metric is the task's own
     assert load_pretrained(tmp_path / "runs" / row["key"]).config.mask_chosen is False  # the papers' setting
