@@ -97,6 +97,7 @@ def test_pointer_and_reverse_tasks_train_from_the_command_line(tmp_path, capsys)
     assert "area_coverage" in capsys.readouterr().out
     config = load_pretrained(hull).config
     assert isinstance(config, PointerConfig) and config.encoder == "set" and config.process_steps == 2
+    assert config.mask_chosen  # the default
     assert main(["translate", "--checkpoint", str(hull), "--input", "0,0 1,0 1,1 0,1 0.5,0.5", "--beam", "2"]) == 0
     assert capsys.readouterr().out.startswith("0,0 1,0 1,1 0,1 0.5,0.5\t")
     reverse = tmp_path / "reverse"
@@ -117,6 +118,7 @@ def test_pointer_and_reverse_tasks_train_from_the_command_line(tmp_path, capsys)
     (["--task", "adding", "--attention", "dot"], "--attention: expected a sequence-to-sequence task"),
     (["--task", "adding", "--label-smoothing", "0.1"], "--label-smoothing: expected a sequence-to-sequence task"),
     (["--task", "reverse", "--pointer-encoder", "set"], "--pointer-encoder: expected a pointer task"),
+    (["--task", "reverse", "--no-mask-chosen"], "--mask-chosen: expected a pointer task"),
     (["--task", "sort", "--attention", "dot"], "--attention: expected a token task"),
     (["--task", "reverse", "--decoder", "nope"], "decoder_layer"),
     (["--task", "reverse", "--attention", "dot", "--bidirectional-encoder"], "'dot' expected the decoder output width"),

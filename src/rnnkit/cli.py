@@ -64,7 +64,7 @@ GENERIC_DEFAULTS: dict[str, Any] = {
 SEQ2SEQ_DEFAULTS: dict[str, Any] = {
     **GENERIC_DEFAULTS, "precision": "fp32", "attention": "general", "bidirectional_encoder": False,
     "input_feeding": False, "bridge": "auto", "num_heads": 1, "pointer_encoder": "rnn", "process_steps": 3,
-    "label_smoothing": 0.0, "scheduled_sampling": "none", "eval_beam": 1,
+    "mask_chosen": True, "label_smoothing": 0.0, "scheduled_sampling": "none", "eval_beam": 1,
 }
 #: The G2P recipe (CMUdict), meant to reach WER <= 35% and PER <= 9% on the test split within 30
 #: CPU-minutes on 2 cores: a bidirectional LSTM encoder and an LSTM decoder with additive (Bahdanau)
@@ -93,8 +93,8 @@ ATTENTION_ALIASES = {"bahdanau": "additive", "luong": "general"}
 #: ``rnnkit train`` flags of sequence-to-sequence tasks only (argparse destinations; None when not given).
 SEQ2SEQ_FLAGS = (
     "encoder", "decoder", "encoder_layers", "decoder_layers", "encoder_opt", "decoder_opt", "attention", "num_heads",
-    "bidirectional_encoder", "input_feeding", "bridge", "pointer_encoder", "process_steps", "label_smoothing",
-    "scheduled_sampling", "sampling_k", "sampling_slope", "sampling_min", "eval_beam",
+    "bidirectional_encoder", "input_feeding", "bridge", "pointer_encoder", "process_steps", "mask_chosen",
+    "label_smoothing", "scheduled_sampling", "sampling_k", "sampling_slope", "sampling_min", "eval_beam",
 )
 
 
@@ -264,6 +264,9 @@ def _add_seq2seq_arguments(train: argparse.ArgumentParser) -> None:
     group.add_argument("--pointer-encoder", choices=["rnn", "set"], help="pointer tasks: a recurrent encoder or "
                                                                          "Read-Process-Write (set)")
     group.add_argument("--process-steps", type=int, help="--pointer-encoder set: process steps")
+    group.add_argument("--mask-chosen", action=argparse.BooleanOptionalAction,
+                       help="pointer tasks: forbid choosing an element twice (default); --no-mask-chosen leaves every "
+                            "element choosable at every step, as Vinyals et al. 2015 did")
     group.add_argument("--label-smoothing", type=float, help="label smoothing of the training loss (default 0)")
     group.add_argument("--scheduled-sampling", choices=["none", "linear", "exponential", "inverse_sigmoid"],
                        help="schedule of the teacher-forcing probability (Bengio et al. 2015; default none)")
@@ -281,7 +284,7 @@ def _check_seq2seq_flags(args: argparse.Namespace, task) -> None:
         flag = "--" + given[0].replace("_", "-")
         raise InputError(f"{flag}: expected a sequence-to-sequence task (g2p, reverse, addition, sort, convex_hull), "
                          f"got task {task.name!r}")
-    pointer_only = ("pointer_encoder", "process_steps")
+    pointer_only = ("pointer_encoder", "process_steps", "mask_chosen")
     token_only = ("attention", "num_heads", "input_feeding", "scheduled_sampling", "sampling_k", "sampling_slope",
                   "sampling_min")
     wrong = [n for n in given if n in (token_only if getattr(task, "pointer", False) else pointer_only)]
@@ -311,7 +314,8 @@ def _seq2seq_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
     )
     if task.pointer:
         fields.update(encoder=pick("pointer_encoder"), process_steps=pick("process_steps"),
-                      process_layer=fields["decoder_layer"], process_options=fields["decoder_options"])
+                      process_layer=fields["decoder_layer"], process_options=fields["decoder_options"],
+                      mask_chosen=pick("mask_chosen"))
     else:
         attention = pick("attention")
         fields.update(attention=ATTENTION_ALIASES.get(attention, attention), num_heads=pick("num_heads"),
