@@ -73,3 +73,14 @@ def test_cli_runs_the_grid_and_prints_the_table(tmp_path, capsys):
     assert "| gla:num_heads=1:gate_rank=2 | modular_sum:modulus=2 | True | 1 | 1 |" in text
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["task"], r["test_len"], r["threads"]) for r in rows] == [("modular_sum", 6, 1)] * 2
+
+
+def test_a_run_stopped_early_is_not_recorded(tmp_path, monkeypatch):
+    """A stop signal (or any early stop) leaves a model trained fewer steps than the row would claim."""
+    from rnnkit.train import Trainer
+
+    monkeypatch.setattr(Trainer, "_out_of_time", lambda self: self.step >= 1)
+    out = tmp_path / "x.jsonl"
+    with pytest.raises(RuntimeError, match="training stopped at step 1 of 3"):
+        run_extrapolation_grid(["gla:num_heads=1:gate_rank=2"], ["parity"], [0], out, steps=3, train_len=4)
+    assert not out.exists()

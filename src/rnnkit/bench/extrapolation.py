@@ -71,6 +71,10 @@ def extrapolation_run(
     trainer = Trainer(model, train_task, config)
     with contextlib.redirect_stdout(io.StringIO()):  # the trainer's end-of-run log line
         fit = trainer.fit()
+    if fit.get("interrupted") or trainer.step < steps:
+        # A stop signal ends training early; such a model must not pass for one trained ``steps`` steps.
+        raise RuntimeError(f"{layer} on {task}: training stopped at step {trainer.step} of {steps} "
+                           f"({fit.get('interrupted') or 'early'}); nothing recorded")
     result: dict[str, float] = {"train_len": trainer.evaluate("test")["accuracy"]}
     # Every test sequence has exactly factor x the training length (no padding, no shorter ones).
     fixed = {"variable_length": False} if "variable_length" in options_of(task) else {}
