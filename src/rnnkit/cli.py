@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--d-model", type=int, help="model width")
     train.add_argument("--layers", type=int, help="number of layers / blocks")
     train.add_argument("--layer-opt", action="append", default=[], metavar="KEY=VALUE", help="layer option, repeatable")
+    train.add_argument("--mlp", choices=["gelu", "rwkv_channel_mix", "rwkv7_channel_mix"],
+                       help="residual blocks' MLP: gelu (default) or an RWKV channel mix (token shift, squared ReLU)")
     train.add_argument("--bidirectional", action="store_true", help="bidirectional layers (not for language models)")
     train.add_argument("--dropout", type=float, help="dropout between layers and before the output (default 0)")
     train.add_argument("--tie-embeddings", action="store_true")
@@ -297,6 +299,8 @@ def _seq2seq_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
     """The Seq2SeqConfig (PointerConfig for a pointer task) of ``rnnkit train``'s flags over the recipe."""
     from rnnkit.models import seq2seq_config_for
 
+    if getattr(args, "mlp", None) is not None:
+        raise InputError(f"--mlp: expected a task without an encoder-decoder model, got task {task.name!r}")
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
     layer = args.model or defaults["model"]
     layers = args.layers if args.layers is not None else defaults["layers"]
@@ -359,6 +363,7 @@ def _model_config(args: argparse.Namespace, task, defaults: dict[str, Any]):
         dropout=args.dropout if args.dropout is not None else defaults["dropout"],
         pooling=args.pooling,
         tie_embeddings=args.tie_embeddings,
+        **({"mlp": args.mlp} if args.mlp is not None else {}),
     )
 
 

@@ -51,51 +51,19 @@ head has ``beta`` 1.999 on a 1 and a 0-key at cosine 1e-4 to the 1-key). Weight 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from rnnkit.models import SequenceModel
-from rnnkit.tasks import build_task
-from rnnkit.train import TrainConfig, Trainer
+from rnnkit.bench.extrapolation import extrapolation_run
 
 TRAIN_LEN = 64
 TEST_LEN = 4 * TRAIN_LEN
 STEPS = 1500
 
 
-def parity_extrapolation(
-    allow_neg_eigval: bool,
-    seed: int = 0,
-    steps: int = STEPS,
-    train_len: int = TRAIN_LEN,
-    d_model: int = 32,
-    num_layers: int = 1,
-    lr: float = 3e-3,
-    weight_decay: float = 0.0,
-    **layer_options,
-) -> dict[str, float]:
-    """Train DeltaNet on parity (lengths 1..train_len); test accuracies at train_len and 4 x train_len."""
-    torch.manual_seed(seed)
-    options = {"num_heads": 2, "head_dim": 16, "use_short_conv": False, **layer_options,
-               "allow_neg_eigval": allow_neg_eigval}
-    model = SequenceModel(
-        vocab_size=2, d_model=d_model, block="residual", layer="deltanet", num_layers=num_layers, mlp_ratio=2.0,
-        layer_options=options, head="classify", n_outputs=2,
-    )
-    config = TrainConfig(steps=steps, batch_size=64, seq_len=train_len, lr=lr, warmup_steps=50,
-                         weight_decay=weight_decay, seed=seed, progress=False, log_every=10**9)
-    trainer = Trainer(model, build_task("parity"), config)
-    trainer.fit()
-    result = {"train_len": trainer.evaluate("test")["accuracy"]}
-    # Every test string has exactly 4x the training length (no padding, no shorter strings).
-    long = build_task("parity", variable_length=False, eval_examples=2000)
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for batch in long.eval_batches("test", batch_size=500, seq_len=4 * train_len):
-            logits, _ = model(batch.x)
-            correct += int((logits.argmax(-1) == batch.y).sum())
-    result["4x"] = correct / long.eval_examples
-    return result
+def parity_extrapolation(allow_neg_eigval: bool, seed: int = 0, **layer_options) -> dict[str, float]:
+    """Train DeltaNet on parity (lengths 1..TRAIN_LEN); test accuracies at TRAIN_LEN and 4 x TRAIN_LEN."""
+    options = {"num_heads": 2, "head_dim": 16, "use_short_conv": False, **layer_options}
+    result = extrapolation_run("deltanet", "parity", allow_neg_eigval, seed, STEPS, TRAIN_LEN, factor=4, **options)
+    return {"train_len": result["train_len"], "4x": result["long"]}
 
 
 @pytest.mark.slow

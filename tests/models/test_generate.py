@@ -13,6 +13,7 @@ CONFIGS = {
     "stacked-lstm2": dict(block="stacked", layer="lstm", num_layers=2),
     "stacked-gru": dict(block="stacked", layer="gru"),
     "residual-elman": dict(block="residual", layer="elman", num_layers=2),
+    "residual-gru-channel-mix": dict(block="residual", layer="gru", num_layers=2, mlp="rwkv_channel_mix"),
 }
 
 

@@ -13,6 +13,10 @@ LM_CONFIGS = {
     "stacked-gru-peep": dict(block="stacked", layer="lstm", layer_options={"peephole": True}),
     "residual-gru2": dict(block="residual", layer="gru", num_layers=2),
     "residual-elman-tied": dict(block="residual", layer="elman", tie_embeddings=True),
+    # The RWKV channel mixes carry the previous step's MLP input in each block's state.
+    "residual-rwkv6-channel-mix": dict(block="residual", layer="rwkv6", num_layers=2, mlp="rwkv_channel_mix",
+                                       layer_options={"num_heads": 2, "mix_rank": 2, "decay_rank": 2}),
+    "residual-gru-rwkv7-channel-mix": dict(block="residual", layer="gru", num_layers=2, mlp="rwkv7_channel_mix"),
 }
 
 

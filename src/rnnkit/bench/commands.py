@@ -46,16 +46,31 @@ def add_parsers(sub) -> None:
     grid.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     grid.add_argument("--no-progress", action="store_true", help="one log line per cell instead of a progress bar")
 
+    extra = kinds.add_parser(
+        "extrapolation", help="state tracking beyond the training length, each layer with and without allow_neg_eigval")
+    extra.add_argument("--models", required=True, help="comma-separated layers, each name or name:key=value:... "
+                       "(both allow_neg_eigval values run)")
+    extra.add_argument("--tasks", default="parity", help="comma-separated tasks, each name or name:key=value:... "
+                       "(default parity)")
+    extra.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    extra.add_argument("--steps", type=int, default=1500, help="training steps per run (default 1500)")
+    extra.add_argument("--train-len", type=int, default=64, help="longest training sequence (default 64)")
+    extra.add_argument("--factor", type=int, default=4, help="test length = factor x train length (default 4)")
+    extra.add_argument("--out", default="extrapolation.jsonl", help="results file; appended to, finished runs skipped")
+    extra.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
     report = sub.add_parser("report", help="tables, plots and an HTML page from a `rnnkit bench tasks` results file")
     report.add_argument("results", help="the JSON-lines file written by `rnnkit bench tasks`")
     report.add_argument("--out", default="report", help="output folder (default: report)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from rnnkit.bench.grid import BUDGETS, DEFAULT_TASKS, build_cells, default_models, describe_budget, run_grid
-
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bench_kind == "extrapolation":
+        return _cmd_extrapolation(args)
+    from rnnkit.bench.grid import BUDGETS, DEFAULT_TASKS, build_cells, default_models, describe_budget, run_grid
+
     models = _csv(args.models) if args.models else default_models()
     tasks = _csv(args.tasks) if args.tasks else list(DEFAULT_TASKS)
     if args.budget not in BUDGETS:
@@ -79,6 +94,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"{counts['error']} failed (re-run the same command to retry them)"
           + (f", {counts['left']} left for the next run" if counts["left"] else ""))
     return 1 if counts["error"] else 0
+
+
+def _cmd_extrapolation(args: argparse.Namespace) -> int:
+    from rnnkit.bench.extrapolation import run_extrapolation_grid, summary_table
+
+    print(f"rnnkit bench extrapolation: {torch.get_num_threads()} threads; results -> {args.out}", flush=True)
+    rows = run_extrapolation_grid(_csv(args.models), _csv(args.tasks), _ints(args.seeds), args.out, steps=args.steps,
+                                  train_len=args.train_len, factor=args.factor)
+    print(summary_table(rows))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -113,6 +113,10 @@ class Recurrence(nn.Module):
     autocast_safe: ClassVar[bool] = True
     #: Per-step inputs besides ``x`` that :meth:`forward` and :meth:`step` accept as keyword arguments.
     STEP_INPUTS: ClassVar[tuple[str, ...]] = ()
+    #: True for layers with a ``depth`` option (their position in a stack, layer index / number of
+    #: layers); stacks set it from each layer's position unless it is given
+    #: (:func:`rnnkit.layers.pattern.with_depth`).
+    takes_depth: ClassVar[bool] = False
 
     d_input: int
     d_output: int

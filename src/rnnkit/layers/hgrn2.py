@@ -9,7 +9,8 @@ HGRN's forget gate with its input gate tied to ``1 - f_t``, expanded from a vect
 by the outer product with the input (the state expansion: ``K`` channels of forget gate per head).
 The forget gate's lower bound ``gamma`` rises with depth so that upper layers keep longer memories;
 HGRN learns it as a cumulative softmax across layers, which starts at ``gamma = layer index / number
-of layers``: here ``gamma = depth`` (``0`` for the first layer, as in the paper), fixed.
+of layers``: here ``gamma = depth`` (``0`` for the first layer, as in the paper), fixed. The model's
+stacks set ``depth`` from each block's position (:func:`rnnkit.layers.pattern.with_depth`).
 
 Kernel: :mod:`rnnkit.ops.gated_linear_attention` with per-key-dimension decay (``q = o``,
 ``k = 1 - f``, ``v = i``, ``log_decay = log f``, taken in log space so that it stays exact where
@@ -83,6 +84,7 @@ class HGRN2(MultiHeadRecurrence):
     """
 
     MODES = ("recurrent", "chunk")
+    takes_depth = True
 
     def __init__(self, **config) -> None:
         super().__init__()

@@ -110,6 +110,21 @@ def expand_pattern(pattern: object, depth: int, shared: dict[str, Any] | None = 
             (entries[i % len(entries)] for i in range(depth))]
 
 
+def with_depth(entries: list[Entry]) -> list[Entry]:
+    """``entries`` (one per block of a stack, as :func:`expand_pattern` gives them) with ``depth`` =
+    block index / number of blocks added to the options of every layer that takes one
+    (``Recurrence.takes_depth``: ``hgrn2``'s forget-gate floor, the RWKV layers' initialisation),
+    unless the options already give it.
+
+    Example:
+        >>> [o["depth"] for _, o in with_depth(expand_pattern("hgrn2", 4))]
+        [0.0, 0.25, 0.5, 0.75]
+    """
+    count = len(entries)
+    return [(layer, {"depth": index / count, **options}) if spec(layer).cls.takes_depth else (layer, options)
+            for index, (layer, options) in enumerate(entries)]
+
+
 def format_pattern(pattern: object, separator: str = ",") -> str:
     """A pattern as one canonical string (runs of equal entries as ``*k``, options sorted), e.g. for
     labels and file names: ``format_pattern(["rglru", "rglru", "attention"])`` is ``"rglru*2,attention"``."""

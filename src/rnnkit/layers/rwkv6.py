@@ -20,7 +20,8 @@ one more update from the op's, at each sequence's last valid step.
 Initialisation as the authors' code, with ``depth`` = layer index / number of layers setting the
 token-shift mixes, the decay speeds ``w_0`` (from ``-6`` to ``-1`` across channels) and ``u``;
 the first LoRA factors start small and random rather than at zero, so that every parameter has a
-gradient from the first step. The channel-mix half of an RWKV block is not part of this layer.
+gradient from the first step. The channel-mix half of an RWKV block is not part of this layer: it is
+the residual block's MLP option ``mlp="rwkv_channel_mix"`` (:mod:`rnnkit.models.channel_mix`).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class RWKV6(TokenShiftRecurrence):
         >>> y, state = layer(torch.randn(2, 100, 64))     # y (2, 100, 64), state.S (2, 2, 32, 32)
     """
 
+    takes_depth = True
 
     def __init__(self, **config) -> None:
         super().__init__()

@@ -94,6 +94,7 @@ class RWKV7(TokenShiftRecurrence):
     """
 
     autocast_safe = False  # the diagonal-plus-low-rank kernel takes one dtype; see Recurrence.autocast_safe
+    takes_depth = True
 
     def __init__(self, **config) -> None:
         super().__init__()

@@ -17,7 +17,7 @@ from torch import nn
 
 from rnnkit.errors import InputError, check_positive_int, check_probability
 from rnnkit.layers.base import Recurrence
-from rnnkit.layers.pattern import common_modes, expand_pattern, parse_pattern
+from rnnkit.layers.pattern import common_modes, expand_pattern, parse_pattern, with_depth
 from rnnkit.layers.registry import build, make_config, register
 
 
@@ -30,6 +30,7 @@ class StackedConfig:
     num_layers: int = 2  # L
     dropout: float = 0.0  # dropout probability between layers (training only)
     bidirectional: bool = False  # wrap each layer in the bidirectional wrapper
+    auto_depth: bool = True  # set `depth` (index / num_layers) in layers that take one, unless given
     options: dict = field(default_factory=dict)  # per-layer options (besides d_model)
 
     def __post_init__(self) -> None:
@@ -38,6 +39,8 @@ class StackedConfig:
         check_probability("dropout", self.dropout)
         if not isinstance(self.bidirectional, bool):
             raise InputError(f"bidirectional: expected a bool, got {self.bidirectional!r}")
+        if not isinstance(self.auto_depth, bool):
+            raise InputError(f"auto_depth: expected a bool, got {self.auto_depth!r}")
 
 
 @register(
@@ -64,6 +67,8 @@ class Stacked(Recurrence):
         dropout: inter-layer dropout probability.
         bidirectional: wrap each layer in :class:`~rnnkit.layers.bidirectional.Bidirectional`
             (then the stack is not causal and has no ``step``).
+        auto_depth: give each layer that has a ``depth`` option (``hgrn2``, ``rwkv6``, ``rwkv7``) its
+            position, index / ``num_layers``, unless ``options`` or its pattern entry sets it.
         **options: options of every layer (e.g. ``hidden_size``).
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, D_out)`` (the last layer's width); state: a tuple of the
@@ -83,6 +88,7 @@ class Stacked(Recurrence):
         num_layers: int = 2,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        auto_depth: bool = True,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -90,10 +96,11 @@ class Stacked(Recurrence):
             StackedConfig,
             "stacked",
             dict(d_model=d_model, layer=layer, num_layers=num_layers, dropout=dropout,
-                 bidirectional=bidirectional, options=options),
+                 bidirectional=bidirectional, auto_depth=auto_depth, options=options),
         )
         layers, width = [], d_model
-        for name, layer_options in expand_pattern(layer, num_layers, options):
+        entries = expand_pattern(layer, num_layers, options)
+        for name, layer_options in with_depth(entries) if auto_depth else entries:
             if bidirectional:
                 block = build("bidirectional", d_model=width, layer=name, **layer_options)
             else:

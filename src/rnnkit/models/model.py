@@ -2,11 +2,11 @@
 
 Blocks are either ``stacked`` (the classic deep RNN: layer after layer with dropout between) or
 ``residual`` (pre-norm blocks ``x + mixer(norm(x))``, ``x + MLP(norm(x))`` with any registered
-recurrence as the mixer). Heads (one per target kind of :mod:`rnnkit.targets`): per step, ``lm``
-(class logits at every step, e.g. the next token, optionally tied to the embedding; Press & Wolf
-2017), ``regress_per_step`` (real values at every step) and ``multilabel`` (one logit per label at
-every step); per sequence, ``classify`` and ``regress`` (one prediction from the last valid step or
-the masked mean over time).
+recurrence as the mixer; the MLP a GELU MLP or an RWKV channel mix, :mod:`rnnkit.models.channel_mix`).
+Heads (one per target kind of :mod:`rnnkit.targets`): per step, ``lm`` (class logits at every step,
+e.g. the next token, optionally tied to the embedding; Press & Wolf 2017), ``regress_per_step`` (real
+values at every step) and ``multilabel`` (one logit per label at every step); per sequence,
+``classify`` and ``regress`` (one prediction from the last valid step or the masked mean over time).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,9 @@ from rnnkit.errors import (
     InputError, check_choice, check_lengths, check_positive_int, check_probability, check_seed, describe,
 )
 from rnnkit.layers import build
-from rnnkit.layers.base import Recurrence, length_mask
-from rnnkit.layers.pattern import common_modes, expand_pattern, parse_pattern
+from rnnkit.layers.base import Recurrence, State, length_mask
+from rnnkit.layers.pattern import common_modes, expand_pattern, parse_pattern, with_depth
+from rnnkit.models.channel_mix import MLP_KINDS, ChannelMix
 from rnnkit.targets import HEADS, KIND_OF_HEAD, PER_STEP_HEADS
 
 
@@ -43,6 +44,11 @@ class ModelConfig:
     bidirectional: bool = False  # run every layer in both directions (not causal: no step/generate)
     dropout: float = 0.0  # between layers (stacked) / on block outputs (residual), training only
     mlp_ratio: float = 4.0  # residual blocks: MLP hidden width = mlp_ratio * d_model
+    mlp: str = "gelu"  # residual blocks' MLP: "gelu", "rwkv_channel_mix" or "rwkv7_channel_mix" (token shift)
+    # Set each block's `depth` option (block index / num_layers) in layers that take one (hgrn2, rwkv6,
+    # rwkv7) unless layer_options or the pattern entry gives it. Configs saved without this field load
+    # with False: their models were built with every block at the layer's default depth.
+    auto_depth: bool = True
     head: str = "lm"  # "lm", "classify", "regress", "regress_per_step" or "multilabel"
     n_outputs: int | None = None  # classes (lm, classify), values (regress*), labels (multilabel); lm: vocab_size
     pooling: str = "last"  # classify/regress: "last" valid step or masked "mean"
@@ -62,7 +68,7 @@ class ModelConfig:
         check_positive_int("num_layers", self.num_layers)
         if not isinstance(self.layer_options, dict):
             raise InputError(f"layer_options: expected a dict, got {describe(self.layer_options)}")
-        reserved = {"d_model", "layer", "num_layers", "dropout", "bidirectional"}
+        reserved = {"d_model", "layer", "num_layers", "dropout", "bidirectional", "auto_depth"}
         for name, options in [("layer_options", self.layer_options)] + [
             (f"layer (entry {index}, {layer!r})", entry) for index, (layer, entry) in enumerate(parse_pattern(self.layer))
         ]:
@@ -70,13 +76,19 @@ class ModelConfig:
             if clash:
                 raise InputError(
                     f"{name}: expected only the layer's own options, got {clash} "
-                    "(set these as ModelConfig fields: layer, num_layers, dropout, bidirectional)"
+                    "(set these as ModelConfig fields: layer, num_layers, dropout, bidirectional, auto_depth)"
                 )
         if not isinstance(self.bidirectional, bool):
             raise InputError(f"bidirectional: expected a bool, got {self.bidirectional!r}")
         check_probability("dropout", self.dropout)
         if not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
             raise InputError(f"mlp_ratio: expected a positive number, got {self.mlp_ratio!r}")
+        check_choice("mlp", self.mlp, MLP_KINDS)
+        if self.mlp != "gelu" and self.block != "residual":
+            raise InputError(f"mlp: expected 'gelu' with block={self.block!r} (only residual blocks have an MLP), "
+                             f"got {self.mlp!r}")
+        if not isinstance(self.auto_depth, bool):
+            raise InputError(f"auto_depth: expected a bool, got {self.auto_depth!r}")
         check_choice("head", self.head, HEADS)
         check_choice("pooling", self.pooling, ("last", "mean"))
         if self.head == "lm":
@@ -98,16 +110,30 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"model config: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
+        return cls(**{"auto_depth": False, **data})
+
+
+class BlockState(NamedTuple):
+    """State of a residual block whose MLP reads the previous step (an RWKV channel mix): the mixer's
+    state and the MLP's last input ``(B, D)``."""
+
+    mixer: State
+    mlp: torch.Tensor
 
 
 class ResidualBlock(nn.Module):
-    """Pre-norm block: ``x + mixer(norm(x))`` then ``x + MLP(norm(x))``."""
+    """Pre-norm block: ``x + mixer(norm(x))`` then ``x + MLP(norm(x))``.
+
+    The state is the mixer's, or a :class:`BlockState` when the MLP carries the previous step's input
+    (``mlp="rwkv_channel_mix"`` or ``"rwkv7_channel_mix"``).
+    """
 
     def __init__(
-        self, d_model: int, layer: str, options: dict, mlp_ratio: float, dropout: float, bidirectional: bool = False
+        self, d_model: int, layer: str, options: dict, mlp_ratio: float, dropout: float, bidirectional: bool = False,
+        mlp: str = "gelu", depth: float = 0.0,
     ) -> None:
-        # layer: one registered name; options: its options (a pattern's entry over the shared ones).
+        # layer: one registered name; options: its options (a pattern's entry over the shared ones);
+        # depth: the block's index / number of blocks (the channel mix's initialisation).
         super().__init__()
         self.mixer_norm = nn.LayerNorm(d_model)
         if bidirectional:
@@ -118,32 +144,65 @@ class ResidualBlock(nn.Module):
         self.mixer_out = nn.Linear(self.mixer.d_output, d_model) if self.mixer.d_output != d_model else nn.Identity()
         self.mlp_norm = nn.LayerNorm(d_model)
         hidden = max(1, int(round(mlp_ratio * d_model)))
-        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+        self.carries_mlp = mlp != "gelu"
+        if self.carries_mlp:
+            self.mlp: nn.Module = ChannelMix(d_model, hidden, receptance=mlp == "rwkv_channel_mix", depth=depth)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
         self.dropout = nn.Dropout(dropout)
+        self.d_model = d_model
+
+    def init_state(self, batch_size: int, device, dtype) -> State:
+        mixer = self.mixer.init_state(batch_size, device=device, dtype=dtype)
+        if not self.carries_mlp:
+            return mixer
+        return BlockState(mixer, torch.zeros(batch_size, self.d_model, device=device, dtype=dtype))
+
+    def state_size_at(self, length: int) -> int:
+        return self.mixer.state_size_at(length) + (self.d_model if self.carries_mlp else 0)
+
+    def _split(self, state) -> tuple[State, torch.Tensor | None]:
+        """The mixer's state and the MLP's (None for a stateless MLP)."""
+        return state if self.carries_mlp else (state, None)
+
+    def _add_mlp(self, x, mixer_state, shift, channel_mix):
+        """``x + MLP(norm(x))`` and the block's state; ``channel_mix(h, shift)`` runs a stateful MLP."""
+        if not self.carries_mlp:
+            return x + self.dropout(self.mlp(self.mlp_norm(x))), mixer_state
+        out, shift = channel_mix(self.mlp_norm(x), shift)
+        return x + self.dropout(out), BlockState(mixer_state, shift)
 
     def forward(self, x, state, lengths, mode):
-        y, state = self.mixer(self.mixer_norm(x), state, lengths, mode)
+        mixer_state, shift = self._split(state)
+        y, mixer_state = self.mixer(self.mixer_norm(x), mixer_state, lengths, mode)
         x = x + self.dropout(self.mixer_out(y))
-        return x + self.dropout(self.mlp(self.mlp_norm(x))), state
+        return self._add_mlp(x, mixer_state, shift, lambda h, s: self.mlp(h, s, lengths))
 
     def step(self, x_t, state):
-        y_t, state = self.mixer.step(self.mixer_norm(x_t), state)
+        mixer_state, shift = self._split(state)
+        y_t, mixer_state = self.mixer.step(self.mixer_norm(x_t), mixer_state)
         x_t = x_t + self.dropout(self.mixer_out(y_t))
-        return x_t + self.dropout(self.mlp(self.mlp_norm(x_t))), state
+        return self._add_mlp(x_t, mixer_state, shift, lambda h, s: self.mlp.step(h, s))
 
 
 class ResidualStack(Recurrence):
-    """L residual blocks, as one recurrence whose state is the tuple of the mixers' states; block ``i``'s
-    mixer is entry ``i`` of the layer pattern cycled to depth. A mixed stack runs the modes every mixer
-    declares, and ``auto`` lets each mixer pick its own."""
+    """L residual blocks, as one recurrence whose state is the tuple of the blocks' states (each its
+    mixer's, with the MLP's last input for a channel mix); block ``i``'s mixer is entry ``i`` of the
+    layer pattern cycled to depth. A mixed stack runs the modes every mixer declares, and ``auto`` lets
+    each mixer pick its own."""
 
     delegates_auto = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        entries = expand_pattern(config.layer, config.num_layers, config.layer_options)
+        if getattr(config, "auto_depth", True):
+            entries = with_depth(entries)
+        mlp = getattr(config, "mlp", "gelu")
         self.blocks = nn.ModuleList(
-            ResidualBlock(config.d_model, layer, options, config.mlp_ratio, config.dropout, config.bidirectional)
-            for layer, options in expand_pattern(config.layer, config.num_layers, config.layer_options)
+            ResidualBlock(config.d_model, layer, options, config.mlp_ratio, config.dropout, config.bidirectional,
+                          mlp=mlp, depth=index / len(entries))
+            for index, (layer, options) in enumerate(entries)
         )
         self.final_norm = nn.LayerNorm(config.d_model)
         self.d_input = self.d_output = config.d_model
@@ -154,10 +213,10 @@ class ResidualStack(Recurrence):
         return common_modes(block.mixer for block in self.blocks)
 
     def _init_state(self, batch_size, device, dtype):
-        return tuple(b.mixer.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks)
+        return tuple(b.init_state(batch_size, device, dtype) for b in self.blocks)
 
     def state_size_at(self, length: int) -> int:
-        return sum(b.mixer.state_size_at(length) for b in self.blocks)
+        return sum(b.state_size_at(length) for b in self.blocks)
 
     def _forward(self, x, state, lengths, mode):
         finals = []
@@ -180,13 +239,15 @@ def build_body(config: Any) -> Recurrence:
 
     ``config`` is a :class:`ModelConfig` or any object with its fields ``block``, ``d_model``,
     ``layer``, ``num_layers``, ``layer_options``, ``dropout``, ``bidirectional`` and ``mlp_ratio``
-    (the encoder of :class:`rnnkit.models.seq2seq.Seq2Seq` passes its own).
+    (the encoder of :class:`rnnkit.models.seq2seq.Seq2Seq` passes its own); ``mlp`` and
+    ``auto_depth``, when it lacks them, are ``"gelu"`` and True.
     """
     if config.block == "stacked":
         # Layers default their width to d_model, so layer_options may widen them (hidden_size).
         return build(
             "stacked", d_model=config.d_model, layer=config.layer, num_layers=config.num_layers,
-            dropout=config.dropout, bidirectional=config.bidirectional, **config.layer_options,
+            dropout=config.dropout, bidirectional=config.bidirectional,
+            auto_depth=getattr(config, "auto_depth", True), **config.layer_options,
         )
     return ResidualStack(config)
 
