@@ -38,6 +38,7 @@ import sys
 import torch
 
 from rnnkit.bench.grid import Budget, build_cells, read_results, run_grid
+from rnnkit.bench.machine import describe
 from rnnkit.bench.report import fmt, mean_spread
 
 #: The paper's names for the vanilla LSTM and its variants, as options of the ``lstm`` layer.
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown tasks or variants {unknown}: expected tasks from {list(EXPERIMENTS)}, "
                      f"variants from {list(VARIANTS)}")
     torch.set_num_threads(args.threads)
+    print(describe())
     cells = cells_for(experiments, variants, args.seeds, args.quick)
     counts = run_grid(cells, args.out, progress=False, stop_after=args.stop_after)
     print(f"{counts['ok']} cells ran, {counts['skipped']} already done, {counts['error']} failed, "

@@ -275,7 +275,7 @@ def lact_recurrent(q, k, v, rates, gates, carry: Carry, lengths, spec: Spec, ini
         here = slots == carry.count.long()[:, None]  # (B, C): this step's slot
         chunk = []
         for buffer, series in zip(carry.chunk, steps):
-            at = here.view(*here.shape[:1], 1, -1, *([1] * (buffer.dim() - 3)))
+            at = _slots(here, buffer)
             chunk.append(torch.where(at, series[:, :, t : t + 1], buffer))
         new = carry._replace(chunk=tuple(chunk), count=carry.count + 1)
         full = new.count >= spec.chunk_size
@@ -331,7 +331,7 @@ def _slots(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _batch(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-sequence mask ``(B,)`` viewed to broadcast over ``like`` ``(B, ...)``."""
-    return mask.view(-1, *([1] * (like.dim() - 1)))
+    return mask.view(mask.shape[0], *([1] * (like.dim() - 1)))
 
 
 # --------------------------------------------------------------------------- the layer
