@@ -55,9 +55,7 @@ def length_penalty(length: int | torch.Tensor, alpha: float, kind: str = "gnmt")
     return length ** alpha
 
 
-def _check_common(max_len, bos_id, eos_id, pad_id) -> None:
-    if not isinstance(max_len, torch.Tensor):
-        check_positive_int("max_len", max_len)
+def _check_common(bos_id, eos_id, pad_id) -> None:
     for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
         if value is not None:
             check_positive_int(name, value, minimum=0)
@@ -78,8 +76,10 @@ def _limits(max_len, batch: int, device) -> torch.Tensor:
     """``max_len`` as ``(B,)`` longs: one int for every source, or a length per source (so that a
     source's hypotheses do not depend on which other sources share its batch)."""
     if not isinstance(max_len, torch.Tensor):
+        check_positive_int("max_len", max_len)
         return torch.full((batch,), max_len, dtype=torch.long, device=device)
-    if max_len.dim() != 1 or max_len.shape[0] != batch or max_len.dtype.is_floating_point or max_len.dtype == torch.bool:
+    integer = not (max_len.dtype.is_floating_point or max_len.dtype.is_complex or max_len.dtype == torch.bool)
+    if max_len.dim() != 1 or max_len.shape[0] != batch or not integer:
         raise InputError(f"max_len: expected an int or ({batch},) integer tensor (one limit per source), "
                          f"got {max_len.dtype} tensor of shape {tuple(max_len.shape)}")
     if bool((max_len < 1).any()):
@@ -98,7 +98,7 @@ def _batch_size(memory: Any) -> tuple[int, torch.device]:
 def _decode_one_path(model, src, src_lengths, max_len, bos_id, eos_id, pad_id,
                      choose: Callable[[torch.Tensor], torch.Tensor]) -> DecodeResult:
     """Extend one hypothesis per source by ``choose(logits (B, V)) -> (B,)`` until EOS or ``max_len``."""
-    _check_common(max_len, bos_id, eos_id, pad_id)
+    _check_common(bos_id, eos_id, pad_id)
     memory, state = model.decode_init(src, src_lengths)
     batch, device = _batch_size(memory)
     limits = _limits(max_len, batch, device)
@@ -123,7 +123,7 @@ def _decode_one_path(model, src, src_lengths, max_len, bos_id, eos_id, pad_id,
     return DecodeResult(torch.stack(chosen, 1), lengths, total)
 
 
-def greedy_decode(model, src, src_lengths=None, *, max_len: int, bos_id: int | None = None,
+def greedy_decode(model, src, src_lengths=None, *, max_len: int | torch.Tensor, bos_id: int | None = None,
                   eos_id: int | None = None, pad_id: int = 0) -> DecodeResult:
     """The most likely token at every step.
 
@@ -142,7 +142,7 @@ def greedy_decode(model, src, src_lengths=None, *, max_len: int, bos_id: int | N
                             lambda logits: logits.argmax(-1))
 
 
-def sample_decode(model, src, src_lengths=None, *, max_len: int, bos_id: int | None = None,
+def sample_decode(model, src, src_lengths=None, *, max_len: int | torch.Tensor, bos_id: int | None = None,
                   eos_id: int | None = None, pad_id: int = 0, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> DecodeResult:
     """Sampling with temperature, top-k and nucleus (top-p) filtering, as ``SequenceModel.generate``
@@ -154,9 +154,9 @@ def sample_decode(model, src, src_lengths=None, *, max_len: int, bos_id: int | N
 
 
 @torch.no_grad()
-def beam_search(model, src, src_lengths=None, *, beam_size: int = 5, max_len: int, bos_id: int | None = None,
-                eos_id: int | None = None, n_best: int = 1, alpha: float = 0.0, penalty: str = "gnmt",
-                pad_id: int = 0) -> BeamResult:
+def beam_search(model, src, src_lengths=None, *, beam_size: int = 5, max_len: int | torch.Tensor,
+                bos_id: int | None = None, eos_id: int | None = None, n_best: int = 1, alpha: float = 0.0,
+                penalty: str = "gnmt", pad_id: int = 0) -> BeamResult:
     """Batched beam search: ``beam_size`` hypotheses per source advanced together, one
     ``decode_step`` for the whole batch of ``B * beam_size`` hypotheses per step.
 
@@ -178,7 +178,7 @@ def beam_search(model, src, src_lengths=None, *, beam_size: int = 5, max_len: in
     Returns:
         :class:`BeamResult`.
     """
-    _check_common(max_len, bos_id, eos_id, pad_id)
+    _check_common(bos_id, eos_id, pad_id)
     check_positive_int("beam_size", beam_size)
     check_positive_int("n_best", n_best)
     if n_best > beam_size:
