@@ -12,7 +12,8 @@ runs three forms with one signature:
 - :func:`sliding_window_attention_parallel`: all queries against all keys under a band mask
   (``O(T^2)`` memory);
 - :func:`sliding_window_attention_chunk`: queries in blocks of ``C``, each against the ``C + w - 1``
-  keys it can see (``O(T (C + w))``).
+  keys it can see (``O(T (C + w))``); with no history and ``w >= T``, one causal call of
+  ``torch.nn.functional.scaled_dot_product_attention`` instead.
 
 Padding (``lengths``): the returned window is the one ending at each sequence's last valid step.
 
@@ -27,6 +28,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from rnnkit.errors import InputError, check_lengths, check_positive_int, check_tensor, describe
 from rnnkit.ops._forms import run_form
@@ -167,6 +169,11 @@ def sliding_window_attention_chunk(q, k, v, window, state=None, lengths=None, ch
     N = math.ceil(T / C)
     pad = N * C - T
     k_all, v_all, valid, used, final = _keys_and_final(k, v, state, lengths, W)
+    if used == 0 and window >= T:
+        # No history in use and a band wider than the sequence: plain causal attention, which
+        # PyTorch's fused kernel computes without materialising the scores (padding queries, after
+        # every valid one, are the only ones that see padding keys, as in the blocks below).
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True), final
     # Each block looks back W slots; no further than the data goes (a short or fresh cache and a
     # short sequence need far fewer than window - 1), with empty slots in front where needed.
     W = min(W, used + T - 1)
