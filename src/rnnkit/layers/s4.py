@@ -66,7 +66,7 @@ def _apply_power(powers: list[torch.Tensor], v: torch.Tensor, exponents: torch.T
     """``M^e v`` for v (B, H, N) and exponents e (B,), from ``powers[j] = M^(2^j)`` (H, N, N)."""
     for j, P in enumerate(powers):
         bit = ((exponents >> j) & 1).bool()[:, None, None]
-        v = torch.where(bit, (P @ v[..., None])[..., 0], v)
+        v = torch.where(bit, _per_channel_matvec(P, v), v)
     return v
 
 
@@ -263,7 +263,7 @@ class S4(Recurrence):
         # Free response C dA^{t+1} x0 = C~ M(z)^{-1} (I + dt/2 A) x0 at the same z, against
         # w = (I + dt/2 A) x0.
         s0 = state.flatten(-2)  # (B, H, N)
-        w = (forward @ s0[..., None])[..., 0]
+        w = _per_channel_matvec(forward, s0)
         w = torch.complex(w[..., 0::2], w[..., 1::2])
         w_full = torch.cat([w, w.conj()], -1).transpose(0, 1)  # (H, B, N)
         # Every generating function below is a sum over the modes, sum_n r_n / d_n(z) for some row r
@@ -301,5 +301,5 @@ class S4(Recurrence):
         sum_re = (x_rev @ r.real.transpose(1, 2)).permute(1, 0, 2)  # (B, H, M)
         sum_im = (x_rev @ r.imag.transpose(1, 2)).permute(1, 0, 2)
         summed = interleave(sum_re, sum_im)  # (B, H, N)
-        s_final = _apply_power(powers, s0, L) + (I_minus_dA_T @ summed[..., None])[..., 0]
+        s_final = _apply_power(powers, s0, L) + _per_channel_matvec(I_minus_dA_T, summed)
         return y, s_final.view_as(state)
