@@ -57,7 +57,13 @@ def _hidden_biases(bias_hh: torch.Tensor | None, gates: int) -> tuple:
 
 def paragru_cell(h, x_t, weight_ih, weight_hh, bias_ih, bias_hh):
     """One ParaGRU step: ``h`` ``(N, H)``, ``x_t`` ``(N, D)`` -> next ``h``; ``weight_hh`` ``(3, H)``."""
-    xr, xz, xn = F.linear(x_t, weight_ih, bias_ih).chunk(3, -1)
+    return paragru_update(h, F.linear(x_t, weight_ih, bias_ih), weight_hh, bias_hh)
+
+
+def paragru_update(h, projected, weight_hh, bias_hh):
+    """:func:`paragru_cell` from the input's projection ``W x_t + b`` ``(N, 3H)``, which a loop over
+    the sequence computes for every step in one product."""
+    xr, xz, xn = projected.chunk(3, -1)
     br, bz, bn = _hidden_biases(bias_hh, 3)
     r = torch.sigmoid(xr + weight_hh[0] * h + br)
     z = torch.sigmoid(xz + weight_hh[1] * h + bz)
@@ -68,9 +74,14 @@ def paragru_cell(h, x_t, weight_ih, weight_hh, bias_ih, bias_hh):
 def paralstm_cell(s, x_t, weight_ih, weight_hh, bias_ih, bias_hh):
     """One ParaLSTM step on the interleaved state ``s`` ``(N, 2H)`` = ``(h_1, c_1, h_2, c_2, ...)``
     (each channel's pair adjacent: the Jacobian's ``2 x 2`` blocks); ``weight_hh`` ``(4, H)``."""
+    return paralstm_update(s, F.linear(x_t, weight_ih, bias_ih), weight_hh, bias_hh)
+
+
+def paralstm_update(s, projected, weight_hh, bias_hh):
+    """:func:`paralstm_cell` from the input's projection ``W x_t + b`` ``(N, 4H)``."""
     pairs = s.unflatten(-1, (-1, 2))  # (N, H, 2)
     h, c = pairs[..., 0], pairs[..., 1]
-    xi, xf, xg, xo = F.linear(x_t, weight_ih, bias_ih).chunk(4, -1)
+    xi, xf, xg, xo = projected.chunk(4, -1)
     bi, bf, bg, bo = _hidden_biases(bias_hh, 4)
     i = torch.sigmoid(xi + weight_hh[0] * h + bi)
     f = torch.sigmoid(xf + weight_hh[1] * h + bf)
@@ -136,9 +147,11 @@ class _ParaRNN(Recurrence):
         if mode == "newton":
             states = solve_newton(self, self._cell, x, s0, self._params(), lengths, block_size=self.BLOCK)
         else:
+            weight_ih, weight_hh, bias_ih, bias_hh = self._params()
+            projected = F.linear(x, weight_ih, bias_ih)  # (B, T, G H): every step's input at once
             s, steps = s0, []
-            for t, x_t in enumerate(x.unbind(1)):
-                s = freeze_padding(t, lengths, self._cell(s, x_t, *self._params()), s)
+            for t, p_t in enumerate(projected.unbind(1)):
+                s = freeze_padding(t, lengths, self._update(s, p_t, weight_hh, bias_hh), s)
                 steps.append(s)
             states = torch.stack(steps, 1)
         return self._output(states), self._unflat(states[:, -1])
@@ -184,6 +197,9 @@ class ParaGRU(_ParaRNN):
 
     def _cell(self, h, x_t, *params):
         return paragru_cell(h, x_t, *params)
+
+    def _update(self, h, projected, weight_hh, bias_hh):
+        return paragru_update(h, projected, weight_hh, bias_hh)
 
     def _init_state(self, batch_size, device, dtype):
         return torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
@@ -231,6 +247,9 @@ class ParaLSTM(_ParaRNN):
 
     def _cell(self, s, x_t, *params):
         return paralstm_cell(s, x_t, *params)
+
+    def _update(self, s, projected, weight_hh, bias_hh):
+        return paralstm_update(s, projected, weight_hh, bias_hh)
 
     def _flat(self, state):
         return torch.stack([state.h, state.c], -1).flatten(-2)
