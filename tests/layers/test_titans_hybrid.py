@@ -112,3 +112,14 @@ def test_mac_state_holds_the_segment_and_not_more() -> None:
 def test_bad_options_name_the_field(name: str, option: str, value: object) -> None:
     with pytest.raises(InputError, match=f"{option}: expected"):
         rnnkit.layers.build(name, d_model=8, **{option: value})
+
+
+def test_mac_default_inner_rate_keeps_a_long_sequence_finite() -> None:
+    # A segment's gradients add up; at titans' own base_lr = 1 this memory diverges to NaN here.
+    torch.manual_seed(0)
+    layer = rnnkit.layers.build("titans_mac", d_model=32, num_heads=2, segment_size=16)
+    assert layer.config.base_lr == 1 / 16
+    with torch.no_grad():
+        y, state = layer(torch.randn(2, 1024, 32))
+    assert bool(torch.isfinite(y).all())
+    assert max(w.abs().max().item() for w in state.memory.weights) < 10

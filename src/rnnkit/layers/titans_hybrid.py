@@ -26,8 +26,13 @@ Memorize at Test Time", section 4): memory as a gate, as a layer and as a contex
   positions within the segment), so ``step`` equals ``forward``. Its state holds the memory and the
   keys and values of the current segment so far: constant in ``T``, linear in ``segment_size``.
 
+MAC's ``chunk`` mode computes a segment at a time: the retrievals of all its tokens from the memory at
+the segment's start, the segment's causal attention in one product, and the memory's update by the
+``titans`` chunk form on the segment's attention outputs (one mini-batch); ``recurrent`` is the token
+loop, the definition.
+
 Left out: the persistent tokens of MAG and MAL (the learned initial memory of ``titans`` plays that
-part for the memory branch), and a chunked form of MAC (it runs its recurrence token by token).
+part for the memory branch).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import torch
 from torch import nn
 
 from rnnkit.errors import check_positive_int
-from rnnkit.layers._fast_weights import TitansState, _apply, _layers, _position, check_positive_number
+from rnnkit.layers._fast_weights import TitansState, _apply, _layers, _position, check_positive_number, tracing
 from rnnkit.layers._multihead import HeadNorm, check_head_config, merge_heads, split_heads
 from rnnkit.layers.attention import RotaryCacheState, rotate
 from rnnkit.layers.base import Recurrence
@@ -172,12 +177,14 @@ class TitansMACConfig:
     persistent: int = 4  # N_p: learned persistent tokens every query attends to (0: none)
     memory_depth: int = 2  # as titans
     expansion: int = 2  # as titans
-    base_lr: float = 1.0  # as titans
+    base_lr: float | None = None  # as titans; None: 1 / segment_size (see TitansMAC)
     norm_eps: float = 1e-5  # epsilon of the gate's RMSNorms
 
     def __post_init__(self) -> None:
         self.head_dim = check_head_config(self.d_model, self.num_heads, self.head_dim)
         check_positive_int("segment_size", self.segment_size)
+        if self.base_lr is None:
+            self.base_lr = 1.0 / self.segment_size
         check_positive_int("persistent", self.persistent, minimum=0)
         check_positive_number("norm_eps", self.norm_eps)
 
@@ -198,7 +205,10 @@ class MACState(NamedTuple):
     "titans_mac",
     description="Titans memory as a context (Behrouz et al. 2025): segment attention over memory read-outs",
     test_configs={
-        "default": {"num_heads": 2, "head_dim": 2, "segment_size": 3, "persistent": 2},
+        # base_lr 0.1: from the random-normal memory weights some suites start from, a two-layer memory
+        # at larger rates grows without bound within a few segments, where two evaluation orders
+        # (compiled and eager) part by more than fp32's rounding.
+        "default": {"num_heads": 2, "head_dim": 2, "segment_size": 3, "persistent": 2, "base_lr": 0.1},
         "linear-memory-no-persistent": {"num_heads": 1, "head_dim": 3, "segment_size": 1, "persistent": 0,
                                         "memory_depth": 1},
     },
@@ -210,7 +220,17 @@ class TitansMAC(Recurrence):
 
     Shapes: x ``(B, T, D)`` -> y ``(B, T, D)``; state :class:`MACState`: the memory's
     :class:`~rnnkit.layers._fast_weights.TitansState` (``3HP + 1`` floats, ``P`` the memory's weights
-    per head) and the segment's keys and values (``4(S - 1)HK`` floats). Mode: ``recurrent``.
+    per head) and the segment's keys and values (``4(S - 1)HK`` floats).
+
+    The memory's inner learning rate defaults to ``1 / segment_size`` rather than ``titans``' 1: the
+    memory takes a segment's gradients at the segment-start weights and adds them up, and the
+    attention outputs of one segment it learns from are alike, so at ``base_lr = 1`` those steps add
+    to ``segment_size`` times one step and the memory diverges.
+
+    Modes: ``recurrent`` (token by token) and ``chunk`` (``auto``; a segment at a time, see the module
+    docstring). ``chunk`` needs every sequence of the batch at the same place in its segment (a fresh
+    state, or one left by a call without ``lengths``); a state whose sequences are at different places
+    runs the token loop.
 
     Example:
         >>> layer = TitansMAC(d_model=64, num_heads=4, segment_size=32)
@@ -218,7 +238,7 @@ class TitansMAC(Recurrence):
         >>> y_t, state = layer.step(torch.randn(2, 64), state)
     """
 
-    MODES = ("recurrent",)
+    MODES = ("recurrent", "chunk")
     # The memory's loop takes one dtype throughout: under autocast the layer runs in the parameters'.
     autocast_safe = False
 
@@ -240,6 +260,21 @@ class TitansMAC(Recurrence):
         return MACState(self.memory.init_state(batch_size, device=device, dtype=dtype), slots, slots.clone())
 
     def _forward(self, x, state, lengths, mode):
+        S = self.config.segment_size
+        if mode == "chunk" and torch.compiler.is_exporting():
+            # An exported program would fix the segment boundaries of the state it was traced with.
+            raise NotImplementedError("titans_mac: the chunk mode places its segments by the state's step "
+                                      "count, which a traced program cannot read; export mode='recurrent'")
+        position = _position(state.memory.count[:, 0], S)  # (B,) place in the current segment
+        if mode == "chunk" and not tracing() and bool((position == position[0]).all()):
+            ys, start, place = [], 0, int(position[0])
+            while start < x.shape[1]:
+                n = min(S - place, x.shape[1] - start)
+                steps = None if lengths is None else (lengths - start).clamp(0, n)
+                y, state = self._segment(x[:, start : start + n], state, position, steps)
+                ys.append(y)
+                start, place, position = start + n, 0, torch.zeros_like(position)
+            return torch.cat(ys, 1), state
         ys = []
         for t in range(x.shape[1]):
             y_t, new = self._advance(x[:, t], state)
@@ -253,6 +288,55 @@ class TitansMAC(Recurrence):
     def _views(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The attention's ``q``, ``k``, ``v`` ``(B, H, n, K)`` of ``tokens`` ``(B, n, D)``."""
         return tuple(split_heads(t, self.config.num_heads) for t in self.qkv_proj(tokens).chunk(3, -1))
+
+    def _segment(self, x: torch.Tensor, state: MACState, position: torch.Tensor, steps: torch.Tensor | None):
+        """``n`` steps of one segment at once: ``x`` ``(B, n, D)``, every sequence at ``position`` (B,)
+        (all equal) in its segment with ``n`` at most the rest of the segment, ``steps`` (B,) the valid
+        steps of each sequence (None: all). Returns ``(B, n, D)`` and the state after each sequence's
+        valid steps; a sequence with none keeps its state."""
+        c = self.config
+        B, n, _ = x.shape
+        memory, slots, place = self.memory, 2 * (c.segment_size - 1), int(position[0])
+        # Retrieval: every token's query against the memory at the segment's start.
+        start = tuple(w + w0 for w, w0 in zip(state.memory.start, memory.inner))
+        retrieved = memory._output(_apply(None, _layers(start, memory.spec), memory._inner_inputs(x)[0]), x)
+        q, k_x, v_x = self._views(x)  # (B, H, n, K)
+        _, k_r, v_r = self._views(retrieved)
+        positions = position[:, None] + torch.arange(n, device=x.device, dtype=position.dtype)  # (B, n)
+        q, k_x, k_r = (rotate(t, positions) for t in (q, k_x, k_r))
+        _, k_p, v_p = (t.expand(B, -1, -1, -1) for t in self._views(self.persistent[None]))  # (B, H, N_p, K)
+        # Step i's retrieved and own key in slots 2i and 2i + 1, as the state stores them.
+        new_k, new_v = (torch.stack([r, own], 3).flatten(2, 3) for r, own in ((k_r, k_x), (v_r, v_x)))
+        old_used = torch.arange(slots, device=x.device) < 2 * place  # (2(S - 1),)
+        # Slots of earlier segments' steps hold whatever a state brought in: zeroed, not only masked.
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        old_v = torch.where(old_used[:, None], state.values, zero)
+        keys, values = torch.cat([k_p, state.keys, new_k], 2), torch.cat([v_p, old_v, new_v], 2)
+        step = torch.arange(n, device=x.device)
+        sees_new = torch.arange(2 * n, device=x.device)[None, :] // 2 <= step[:, None]  # (n, 2n)
+        visible = torch.cat([torch.ones(n, c.persistent, dtype=torch.bool, device=x.device),
+                             old_used.expand(n, -1), sees_new], 1)  # (n, N_p + 2(S - 1) + 2n)
+        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(c.head_dim)  # (B, H, n, N)
+        weights = torch.softmax(scores.masked_fill(~visible, -math.inf), -1)
+        y = self.o_proj(merge_heads(weights @ values))  # (B, n, D)
+        # The memory learns from the attention's outputs, the segment being one of its mini-batches.
+        full = steps is None or bool((steps == n).all())
+        m, memory_state = memory._forward(y, state.memory, None if full else steps.clamp(min=1), "chunk")
+        out = self.gate(y, m)
+        # The state's slots gain the valid steps' pairs that fit (a segment's last step stores none).
+        written = torch.full((B,), n, device=x.device) if steps is None else steps
+        slot = torch.arange(slots, device=x.device)
+        writes = (slot >= 2 * place) & (slot[None, :] < 2 * (place + written[:, None]))  # (B, 2(S - 1))
+        writes = writes[:, None, :, None]
+
+        def stored(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            aligned = torch.cat([old[:, :, : 2 * place], new, old[:, :, 2 * place + 2 * n :]], 2)[:, :, :slots]
+            return torch.where(writes, aligned, old)
+
+        new_state = MACState(memory_state, stored(state.keys, new_k), stored(state.values, new_v))
+        if not full:
+            new_state = freeze(steps > 0, new_state, state)
+        return out, new_state
 
     def _advance(self, x_t: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:
         """One step: ``x_t`` ``(B, D)`` -> ``(B, D)`` and the next state."""
