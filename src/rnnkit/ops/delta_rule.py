@@ -738,7 +738,8 @@ class _ChunkwiseDPLR(torch.autograd.Function):
         # (G, N, 2C + 1, K) the logs of [1; E; F] (E_b is [1; E] less its last row), by one batched
         # product with the summation map
         logs = mm(_dplr_log_map(C, q, True).expand(G, N, 2 * C + 1, C), g)
-        lo, hi = torch.aminmax(logs[:, :, 1:C + 1])
+        # over the whole buffer, which holds 0, gamma and -gamma: the same bound, read contiguously
+        lo, hi = torch.aminmax(logs)
         mild = max(-float(lo), float(hi)) <= SCORE_FACTOR_BOUND
         if not mild:
             logs[:, :, C + 1:] = _dplr_log_map(C, q, False)[C + 1:] @ g
@@ -778,18 +779,23 @@ class _ChunkwiseDPLR(torch.autograd.Function):
         del R
         S_start = workspace((G, N, K, V), q)
         S = S0.clone()  # the running state, updated in place (its address is fixed for the plan)
+        y = workspace((G, N, C, V), q)
         read = ChunkProducts(W, S, HV[:, :, :C], beta=1.0)  # h_n = U_n + W_n S_n
+        # y's share of the state, formed while S_n is in cache rather than read back from S_start
+        read_q = ChunkProducts(X1[:, :, C:], S, y)  # y_n = (q E)_n S_n
         write = ChunkProducts(X2.transpose(-1, -2), HV, S, beta=1.0)  # S += X2_n^T [h_n; v_n]
         for n in range(N):
             S_start[:, n] = S
             read(n)
+            read_q(n)
             if mild:
                 write(n)
                 S.mul_(end[:, n])
             else:
                 S.mul_(end[:, n])
                 write(n)
-        y = addmm_(mm(X1[:, :, C:], S_start), scores[:, :, C:], HV)  # (G, N, C, V)
+        del read, read_q, write
+        addmm_(y, scores[:, :, C:], HV)  # (G, N, C, V)
         ctx.mild, ctx.direct = mild, direct
         ctx.save_for_backward(X1, X2, fac, scores, solver, W, HV, S_start, S, x1, x2, logs if not mild else None)
         return y, S
@@ -806,13 +812,17 @@ class _ChunkwiseDPLR(torch.autograd.Function):
         dyc.copy_(dy)
         DH = mm(scores[:, :, C:, :C].transpose(-1, -2), dyc)  # (G, N, C, V) dh, from M_qa^T dy first
         DS = workspace((G, N, K, V), X1)  # dS_{n+1}, times E_C when mild
-        end_dot = X1.new_empty(G, N, K)  # sum_v dS_{n+1} ⊙ S_{n+1}: the gradient w.r.t. gamma_C via E_C
+        # sum_v dS_{n+1} ⊙ S_{n+1}: the gradient w.r.t. gamma_C via E_C, chunk-major so that each
+        # chunk's sum is written in place; a multiply and a sum over a cached scratch, where a
+        # batched matmul of 1 x V by V x 1 rows runs far below the matmul rate
+        end_dot = X1.new_empty(N, G, K)
         dS = dS_final.clone() if dS_final is not None else X1.new_zeros(G, K, V)  # updated in place
+        scratch = torch.empty_like(dS)
         carry = ChunkProducts(X2[:, :, :C], dS, DH, beta=1.0)  # dh_n += X2_a dS
         state_q = ChunkProducts(X1[:, :, C:].transpose(-1, -2), dyc, dS, beta=1.0)  # dS += (q E)^T dy
         state_w = ChunkProducts(W.transpose(-1, -2), DH, dS, beta=1.0)  # dS += W^T dh
         for n in range(N - 1, -1, -1):
-            end_dot[:, n] = rowdot(dS, S_start[:, n + 1] if n + 1 < N else S_final)
+            torch.sum(torch.mul(dS, S_start[:, n + 1] if n + 1 < N else S_final, out=scratch), -1, out=end_dot[n])
             if mild:
                 dS.mul_(end[:, n])
                 DS[:, n] = dS
@@ -823,7 +833,8 @@ class _ChunkwiseDPLR(torch.autograd.Function):
                 dS.mul_(end[:, n])
             state_q(n)
             state_w(n)
-        del carry, state_q, state_w
+        del carry, state_q, state_w, scratch
+        end_dot = end_dot.permute(1, 0, 2)  # (G, N, K)
         if ctx.direct:
             rhs = _column_major(DH)
             rhs.copy_(DH)
