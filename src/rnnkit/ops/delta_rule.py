@@ -811,29 +811,33 @@ class _ChunkwiseDPLR(torch.autograd.Function):
         dyc = Z[:, :, C:]
         dyc.copy_(dy)
         DH = mm(scores[:, :, C:, :C].transpose(-1, -2), dyc)  # (G, N, C, V) dh, from M_qa^T dy first
-        DS = workspace((G, N, K, V), X1)  # dS_{n+1}, times E_C when mild
+        DV = mm(scores[:, :, C:, C:].transpose(-1, -2), dyc)  # (G, N, C, V) dv, from M_qk^T dy first
+        # Every product with dS_{n+1} is formed in the loop, where it is in cache: no (G, N, K, V)
+        # copy of the carried gradient is written and read back by batched products after the loop.
+        dX2 = workspace((G, N, 2 * C, K), X1)
         # sum_v dS_{n+1} ⊙ S_{n+1}: the gradient w.r.t. gamma_C via E_C, chunk-major so that each
         # chunk's sum is written in place; a multiply and a sum over a cached scratch, where a
         # batched matmul of 1 x V by V x 1 rows runs far below the matmul rate
         end_dot = X1.new_empty(N, G, K)
         dS = dS_final.clone() if dS_final is not None else X1.new_zeros(G, K, V)  # updated in place
         scratch = torch.empty_like(dS)
+        # dS below is dS_{n+1}, times E_C when mild
         carry = ChunkProducts(X2[:, :, :C], dS, DH, beta=1.0)  # dh_n += X2_a dS
+        carry_v = ChunkProducts(X2[:, :, C:], dS, DV, beta=1.0)  # dv_n += X2_k dS
+        write_share = ChunkProducts(HV, dS.transpose(-1, -2), dX2)  # dX2_n = [h_n; v_n] dS^T
         state_q = ChunkProducts(X1[:, :, C:].transpose(-1, -2), dyc, dS, beta=1.0)  # dS += (q E)^T dy
         state_w = ChunkProducts(W.transpose(-1, -2), DH, dS, beta=1.0)  # dS += W^T dh
         for n in range(N - 1, -1, -1):
             torch.sum(torch.mul(dS, S_start[:, n + 1] if n + 1 < N else S_final, out=scratch), -1, out=end_dot[n])
             if mild:
                 dS.mul_(end[:, n])
-                DS[:, n] = dS
-                carry(n)
-            else:
-                DS[:, n] = dS
-                carry(n)
+            for product in (carry, carry_v, write_share):
+                product(n)
+            if not mild:
                 dS.mul_(end[:, n])
             state_q(n)
             state_w(n)
-        del carry, state_q, state_w, scratch
+        del carry, carry_v, write_share, state_q, state_w, scratch
         end_dot = end_dot.permute(1, 0, 2)  # (G, N, K)
         if ctx.direct:
             rhs = _column_major(DH)
@@ -846,12 +850,11 @@ class _ChunkwiseDPLR(torch.autograd.Function):
         keep = _dplr_score_mask(C, X1)
         dscores = mm(Z, HV.transpose(-1, -2)).mul_(keep)  # (G, N, 2C, 2C)
         dX1 = mm(Z, S_start.transpose(-1, -2))  # (G, N, 2C, K)
-        dX2 = mm(HV, DS.transpose(-1, -2))
         if mild:
             addmm_(dX1, dscores, X2)
             addmm_(dX2, dscores.transpose(-1, -2), X1)
-        dv = addmm_(mm(scores[:, :, :, C:].transpose(-1, -2), Z), X2[:, :, C:], DS)  # (G, N, C, V)
-        del Z, DS
+        dv = addmm_(DV, scores[:, :, :C, C:].transpose(-1, -2), Z[:, :, :C])  # (G, N, C, V) += L_ak^T dR_v
+        del Z
         F = fac[:, :, C + 1:]
         grads = []
         for dX, factor in ((dX1[:, :, :C], fac[:, :, :C]), (dX1[:, :, C:], fac[:, :, 1:C + 1]),
