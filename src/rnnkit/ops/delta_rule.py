@@ -571,8 +571,9 @@ def dplr_delta_rule_chunk(q, k, v, a, b, log_decay, state=None, lengths=None, ch
     e^{gamma_{i-1,d} - gamma_{j,d}}`` for ``j < i``, solved for the two right-hand sides (the part
     from ``v`` and the factor of ``S_0``) of all chunks at once; only the state carry
     ``S_{n+1} = e^{gamma_C} S_n + (a e^{gamma_C - gamma})^T h + (k e^{gamma_C - gamma})^T v``
-    loops over chunks, and ``y = (q e^{gamma}) S_n + M_qa h + M_qk v`` (``M_xy`` as ``L`` with
-    ``j <= i`` and ``gamma_i``) is batched again. The backward is written by hand
+    loops over chunks, with the products that read ``S_n`` (``h``'s and ``y``'s shares), and
+    ``y = (q e^{gamma}) S_n + M_qa h + M_qk v`` (``M_xy`` as ``L`` with ``j <= i`` and
+    ``gamma_i``) is completed batched again. The backward is written by hand
     (:class:`_ChunkwiseDPLR`) and recomputes nothing larger than a chunk's ``(C, C)`` scores.
 
     Cost per head: ``O(T C (K + V) + T K V)`` time and ``O(T (C + K + V) + (T / C) K V)`` memory
@@ -718,7 +719,12 @@ class _ChunkwiseDPLR(torch.autograd.Function):
     from the exponent of every pair (:func:`_pairwise_scores`, recomputed in the backward rather
     than stored). ``[b; q]``, ``[a; k]``, ``[h; v]`` and ``[dR_v; dy]`` are stacked along the
     rows so that the scores, their gradient and the products through them are each one
-    ``(2C, *)`` matmul. Only the state products run in a loop over chunks.
+    ``(2C, *)`` matmul. Only the products with the state or its gradient run in a loop over
+    chunks, each formed there while ``S_n`` or ``dS_{n+1}`` is in cache: forwards ``W S_n``,
+    ``(q E) S_n`` and the update; backwards ``X2 dS_{n+1}`` (``dh``'s and ``dv``'s shares),
+    ``[h; v] dS_{n+1}^T`` (``dX2``'s), ``dS_n`` and ``gamma_C``'s gradient, so that no
+    ``(G, N, K, V)`` tensor of carried gradients is stored; everything else is batched over all
+    chunks at once.
 
     Backward, per chunk: ``dh = M_qa^T dy + X2_a (E_C ⊙ dS_{n+1})`` (mild; ``X2_a dS_{n+1}``
     strong), ``dS_n = E_C ⊙ dS_{n+1} + (q E)^T dy + W^T dh``. Then ``dR_v = T^T dh`` and, through
