@@ -571,8 +571,9 @@ def dplr_delta_rule_chunk(q, k, v, a, b, log_decay, state=None, lengths=None, ch
     e^{gamma_{i-1,d} - gamma_{j,d}}`` for ``j < i``, solved for the two right-hand sides (the part
     from ``v`` and the factor of ``S_0``) of all chunks at once; only the state carry
     ``S_{n+1} = e^{gamma_C} S_n + (a e^{gamma_C - gamma})^T h + (k e^{gamma_C - gamma})^T v``
-    loops over chunks, and ``y = (q e^{gamma}) S_n + M_qa h + M_qk v`` (``M_xy`` as ``L`` with
-    ``j <= i`` and ``gamma_i``) is batched again. The backward is written by hand
+    loops over chunks, with the products that read ``S_n`` (``h``'s and ``y``'s shares), and
+    ``y = (q e^{gamma}) S_n + M_qa h + M_qk v`` (``M_xy`` as ``L`` with ``j <= i`` and
+    ``gamma_i``) is completed batched again. The backward is written by hand
     (:class:`_ChunkwiseDPLR`) and recomputes nothing larger than a chunk's ``(C, C)`` scores.
 
     Cost per head: ``O(T C (K + V) + T K V)`` time and ``O(T (C + K + V) + (T / C) K V)`` memory
@@ -718,7 +719,12 @@ class _ChunkwiseDPLR(torch.autograd.Function):
     from the exponent of every pair (:func:`_pairwise_scores`, recomputed in the backward rather
     than stored). ``[b; q]``, ``[a; k]``, ``[h; v]`` and ``[dR_v; dy]`` are stacked along the
     rows so that the scores, their gradient and the products through them are each one
-    ``(2C, *)`` matmul. Only the state products run in a loop over chunks.
+    ``(2C, *)`` matmul. Only the products with the state or its gradient run in a loop over
+    chunks, each formed there while ``S_n`` or ``dS_{n+1}`` is in cache: forwards ``W S_n``,
+    ``(q E) S_n`` and the update; backwards ``X2 dS_{n+1}`` (``dh``'s and ``dv``'s shares),
+    ``[h; v] dS_{n+1}^T`` (``dX2``'s), ``dS_n`` and ``gamma_C``'s gradient, so that no
+    ``(G, N, K, V)`` tensor of carried gradients is stored; everything else is batched over all
+    chunks at once.
 
     Backward, per chunk: ``dh = M_qa^T dy + X2_a (E_C ⊙ dS_{n+1})`` (mild; ``X2_a dS_{n+1}``
     strong), ``dS_n = E_C ⊙ dS_{n+1} + (q E)^T dy + W^T dh``. Then ``dR_v = T^T dh`` and, through
@@ -738,7 +744,8 @@ class _ChunkwiseDPLR(torch.autograd.Function):
         # (G, N, 2C + 1, K) the logs of [1; E; F] (E_b is [1; E] less its last row), by one batched
         # product with the summation map
         logs = mm(_dplr_log_map(C, q, True).expand(G, N, 2 * C + 1, C), g)
-        lo, hi = torch.aminmax(logs[:, :, 1:C + 1])
+        # over the whole buffer, which holds 0, gamma and -gamma: the same bound, read contiguously
+        lo, hi = torch.aminmax(logs)
         mild = max(-float(lo), float(hi)) <= SCORE_FACTOR_BOUND
         if not mild:
             logs[:, :, C + 1:] = _dplr_log_map(C, q, False)[C + 1:] @ g
@@ -778,18 +785,23 @@ class _ChunkwiseDPLR(torch.autograd.Function):
         del R
         S_start = workspace((G, N, K, V), q)
         S = S0.clone()  # the running state, updated in place (its address is fixed for the plan)
+        y = workspace((G, N, C, V), q)
         read = ChunkProducts(W, S, HV[:, :, :C], beta=1.0)  # h_n = U_n + W_n S_n
+        # y's share of the state, formed while S_n is in cache rather than read back from S_start
+        read_q = ChunkProducts(X1[:, :, C:], S, y)  # y_n = (q E)_n S_n
         write = ChunkProducts(X2.transpose(-1, -2), HV, S, beta=1.0)  # S += X2_n^T [h_n; v_n]
         for n in range(N):
             S_start[:, n] = S
             read(n)
+            read_q(n)
             if mild:
                 write(n)
                 S.mul_(end[:, n])
             else:
                 S.mul_(end[:, n])
                 write(n)
-        y = addmm_(mm(X1[:, :, C:], S_start), scores[:, :, C:], HV)  # (G, N, C, V)
+        del read, read_q, write
+        addmm_(y, scores[:, :, C:], HV)  # (G, N, C, V)
         ctx.mild, ctx.direct = mild, direct
         ctx.save_for_backward(X1, X2, fac, scores, solver, W, HV, S_start, S, x1, x2, logs if not mild else None)
         return y, S
@@ -805,25 +817,34 @@ class _ChunkwiseDPLR(torch.autograd.Function):
         dyc = Z[:, :, C:]
         dyc.copy_(dy)
         DH = mm(scores[:, :, C:, :C].transpose(-1, -2), dyc)  # (G, N, C, V) dh, from M_qa^T dy first
-        DS = workspace((G, N, K, V), X1)  # dS_{n+1}, times E_C when mild
-        end_dot = X1.new_empty(G, N, K)  # sum_v dS_{n+1} ⊙ S_{n+1}: the gradient w.r.t. gamma_C via E_C
+        DV = mm(scores[:, :, C:, C:].transpose(-1, -2), dyc)  # (G, N, C, V) dv, from M_qk^T dy first
+        # Every product with dS_{n+1} is formed in the loop, where it is in cache: no (G, N, K, V)
+        # copy of the carried gradient is written and read back by batched products after the loop.
+        dX2 = workspace((G, N, 2 * C, K), X1)
+        # sum_v dS_{n+1} ⊙ S_{n+1}: the gradient w.r.t. gamma_C via E_C, chunk-major so that each
+        # chunk's sum is written in place; a multiply and a sum over a cached scratch, where a
+        # batched matmul of 1 x V by V x 1 rows runs far below the matmul rate
+        end_dot = X1.new_empty(N, G, K)
         dS = dS_final.clone() if dS_final is not None else X1.new_zeros(G, K, V)  # updated in place
+        scratch = torch.empty_like(dS)
+        # dS below is dS_{n+1}, times E_C when mild
         carry = ChunkProducts(X2[:, :, :C], dS, DH, beta=1.0)  # dh_n += X2_a dS
+        carry_v = ChunkProducts(X2[:, :, C:], dS, DV, beta=1.0)  # dv_n += X2_k dS
+        write_share = ChunkProducts(HV, dS.transpose(-1, -2), dX2)  # dX2_n = [h_n; v_n] dS^T
         state_q = ChunkProducts(X1[:, :, C:].transpose(-1, -2), dyc, dS, beta=1.0)  # dS += (q E)^T dy
         state_w = ChunkProducts(W.transpose(-1, -2), DH, dS, beta=1.0)  # dS += W^T dh
         for n in range(N - 1, -1, -1):
-            end_dot[:, n] = rowdot(dS, S_start[:, n + 1] if n + 1 < N else S_final)
+            torch.sum(torch.mul(dS, S_start[:, n + 1] if n + 1 < N else S_final, out=scratch), -1, out=end_dot[n])
             if mild:
                 dS.mul_(end[:, n])
-                DS[:, n] = dS
-                carry(n)
-            else:
-                DS[:, n] = dS
-                carry(n)
+            for product in (carry, carry_v, write_share):
+                product(n)
+            if not mild:
                 dS.mul_(end[:, n])
             state_q(n)
             state_w(n)
-        del carry, state_q, state_w
+        del carry, carry_v, write_share, state_q, state_w, scratch
+        end_dot = end_dot.permute(1, 0, 2)  # (G, N, K)
         if ctx.direct:
             rhs = _column_major(DH)
             rhs.copy_(DH)
@@ -835,12 +856,11 @@ class _ChunkwiseDPLR(torch.autograd.Function):
         keep = _dplr_score_mask(C, X1)
         dscores = mm(Z, HV.transpose(-1, -2)).mul_(keep)  # (G, N, 2C, 2C)
         dX1 = mm(Z, S_start.transpose(-1, -2))  # (G, N, 2C, K)
-        dX2 = mm(HV, DS.transpose(-1, -2))
         if mild:
             addmm_(dX1, dscores, X2)
             addmm_(dX2, dscores.transpose(-1, -2), X1)
-        dv = addmm_(mm(scores[:, :, :, C:].transpose(-1, -2), Z), X2[:, :, C:], DS)  # (G, N, C, V)
-        del Z, DS
+        dv = addmm_(DV, scores[:, :, :C, C:].transpose(-1, -2), Z[:, :, :C])  # (G, N, C, V) += L_ak^T dR_v
+        del Z
         F = fac[:, :, C + 1:]
         grads = []
         for dX, factor in ((dX1[:, :, :C], fac[:, :, :C]), (dX1[:, :, C:], fac[:, :, 1:C + 1]),
