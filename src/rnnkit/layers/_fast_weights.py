@@ -390,17 +390,20 @@ def fast_weights_chunk(
             Gates(per_mb(lr), per_mb(log_eta), per_mb(log_keep)), per_mb(act))
     grad_base, captured = start, start
     ys = []
+    qs, ks, vs = (per_mb(t).unbind(2) for t in (qg, kg, vg))
+    Cs = C_all.unbind(2)
+    if momentum is not None:
+        Ds, Es, Ps, Pms = (t.unbind(2) for t in (D_all, E_all, P_all, Pm_all))
     for m in range(grid.chunks):
-        s = slice(m * b, (m + 1) * b)
-        inputs, deltas = _loss_grads(_layers(grad_base, spec), kg[:, :, s], vg[:, :, s], ln)
+        inputs, deltas = _loss_grads(_layers(grad_base, spec), ks[m], vs[m], ln)
         cur = _layers(weights, spec)
         mom = _layers(momentum, spec) if momentum is not None else None
-        C = C_all[:, :, m]
+        C = Cs[m]
         if momentum is None:
             D = E = P = Pm = None
         else:
-            D, E, P, Pm = D_all[:, :, m], E_all[:, :, m], P_all[:, :, m], Pm_all[:, :, m]
-        h = qg[:, :, s]
+            D, E, P, Pm = Ds[m], Es[m], Ps[m], Pms[m]
+        h = qs[m]
         for i, ((w, bias), x, d) in enumerate(zip(cur, inputs, deltas)):
             z = h @ w
             if bias is not None:
@@ -412,7 +415,7 @@ def fast_weights_chunk(
             mix = C * (h @ x.transpose(-1, -2)) if bias is None else C * (h @ x.transpose(-1, -2) + 1)
             z = z - mix @ d
             h = F.gelu(z) if i + 1 < len(cur) else z
-        ys.append(_head(h, qg[:, :, s], ln)[0])
+        ys.append(_head(h, qs[m], ln)[0])
         last = C[..., -1, :]  # (B, H, b): the row of the mini-batch's last token
         step = _scaled_grads(inputs, deltas, last, spec)
         if momentum is None:
