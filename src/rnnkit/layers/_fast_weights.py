@@ -349,6 +349,25 @@ def _coefficients(gates: Gates, active: torch.Tensor):
     return log_keep.exp(), E, C * lr, P, Pm * lr
 
 
+def _augment(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(..., n, in)`` with a column of ones appended, ``(..., n, in + 1)``: a layer's input
+    against its weight matrix with the bias as the last row."""
+    return F.pad(x, (0, 1), value=1.0)
+
+
+def _ln_loss_grad(z: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, centring: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """``dl/dz`` of ``l = 1/2 ||x + LN(z) w + beta - target||^2`` for ``z`` ``(BH, n, K)``, given
+    ``residual = x + beta - target`` and the LayerNorm weight ``w`` ``(BH, 1, K)``: ``rstd (u - zhat
+    mean(u zhat))`` with ``u = delta w - mean(delta w)`` for the output error ``delta``, the weight and
+    the mean taken by one product with ``centring`` ``(BH, K, K)`` = ``diag(w) (I - 1/K)``."""
+    K = z.shape[-1]
+    zhat = F.layer_norm(z, (K,), eps=eps)
+    rstd = torch.rsqrt(torch.var(z, -1, correction=0, keepdim=True) + eps)
+    u = torch.bmm(torch.addcmul(residual, zhat, weight), centring)
+    return rstd * torch.addcmul(u, zhat, torch.linalg.vecdot(u, zhat)[..., None], value=-1.0 / K)
+
+
 def fast_weights_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -360,79 +379,140 @@ def fast_weights_chunk(
     ln: LNHead | None,
 ):
     """The same recurrence as :func:`fast_weights_recurrent` (same arguments and results), one
-    mini-batch at a time in the dual form (module docstring)."""
+    mini-batch at a time in the dual form (module docstring).
+
+    The sequential loop runs on ``(B*H, ...)`` tensors, one ``bmm`` per product, with each layer's
+    bias kept as the last row of its weight matrix (inputs carry a column of ones), so a
+    mini-batch's update of a layer is a single ``baddbmm``. Everything that does not depend on the
+    carried weights is computed for all mini-batches at once before the loop: the gates'
+    coefficients, the first layer's inputs scaled by them, its ``C ⊙ q k^T`` products and the
+    head's constant terms."""
     start, weights, momentum, count = carry
     B, H, T, K = q.shape
+    BH = B * H
     b = spec.mini_batch
     device = q.device
     grid = chunk_grid(count, lengths, H, T, b)
-    qg, kg, vg = (grid.take(t) for t in (q, k, v))
-    lr = grid.take(gates.lr, 0.0)  # identity steps off the sequence
-    if momentum is not None:
-        log_eta, log_keep = grid.take(gates.log_eta, 0.0), grid.take(gates.log_keep, 0.0)
-    act = grid.active[:, None].to(q.dtype)  # (B, 1, T')
+    n_mb = grid.chunks
     last_mb = (grid.offset + grid.length - 1) // b  # the mini-batch holding each sequence's last step
     final_count = torch.remainder(grid.offset + grid.length, b)
-    n_mb = grid.chunks
     # Without lengths every sequence ends in one of two mini-batches (its offset is below b), known
     # from the shapes alone; only those need the per-sequence capture of the start weights.
     ends = range(n_mb) if lengths is not None else {(T - 1) // b, (T + b - 2) // b}
 
-    # Every mini-batch's coefficients depend on the gates alone: one batched computation up front
-    # instead of a few small ones per mini-batch in the sequential loop.
-    def per_mb(t: torch.Tensor) -> torch.Tensor:  # (B, H, T') -> (B, H, n_mb, b)
-        return t.unflatten(2, (n_mb, b))
+    def per_mb(t: torch.Tensor) -> torch.Tensor:  # (B, H, T', ...) -> (B*H, n_mb, b, ...)
+        return t.reshape(BH, n_mb, b, *t.shape[3:])
 
+    def rows(t: torch.Tensor) -> torch.Tensor:  # (B, H, n_mb, ...) -> (B*H, n_mb, ...)
+        return t.reshape(BH, *t.shape[2:])
+
+    qg, kg, vg = (per_mb(grid.take(t)) for t in (q, k, v))  # (BH, n_mb, b, K)
+    qa, ka = (_augment(t) if spec.bias else t for t in (qg, kg))
+    # Every mini-batch's coefficients depend on the gates alone (module docstring).
+    # Identity steps off the sequence: lr = 0, eta = 1, nothing decays.
     if momentum is None:
-        C_all = torch.ones(b, b, dtype=q.dtype, device=device).tril() * per_mb(lr)[..., None, :]
+        C = torch.ones(b, b, dtype=q.dtype, device=device).tril() * per_mb(grid.take(gates.lr, 0.0))[..., None, :]
     else:
-        D_all, E_all, C_all, P_all, Pm_all = _coefficients(
-            Gates(per_mb(lr), per_mb(log_eta), per_mb(log_keep)), per_mb(act))
-    grad_base, captured = start, start
-    ys = []
-    qs, ks, vs = (per_mb(t).unbind(2) for t in (qg, kg, vg))
-    Cs = C_all.unbind(2)
-    if momentum is not None:
-        Ds, Es, Ps, Pms = (t.unbind(2) for t in (D_all, E_all, P_all, Pm_all))
-    for m in range(grid.chunks):
-        inputs, deltas = _loss_grads(_layers(grad_base, spec), ks[m], vs[m], ln)
-        cur = _layers(weights, spec)
-        mom = _layers(momentum, spec) if momentum is not None else None
-        C = Cs[m]
-        if momentum is None:
-            D = E = P = Pm = None
-        else:
-            D, E, P, Pm = Ds[m], Es[m], Ps[m], Pms[m]
-        h = qs[m]
-        for i, ((w, bias), x, d) in enumerate(zip(cur, inputs, deltas)):
-            z = h @ w
+        on_grid = (grid.take(g, 0.0).unflatten(2, (n_mb, b)) for g in gates)
+        active = grid.active[:, None].to(q.dtype).unflatten(2, (n_mb, b))  # (B, 1, n_mb, b)
+        D, E, C, P, Pm = (rows(t) for t in _coefficients(Gates(*on_grid), active))
+    c_last = C[..., -1, :, None]  # (BH, n_mb, b, 1): each token's share in the mini-batch's update
+    mix0 = C * (qa @ ka.mT)  # the first layer's C ⊙ q k^T, (BH, n_mb, b, b)
+    per_step = {"ka": ka, "C": C, "c": c_last, "mix0": mix0, "kc": (ka * c_last).mT}
+    if momentum is None:
+        per_step["qa"] = qa
+    else:
+        pm_last = Pm[..., -1, :, None]
+        per_step.update(pm=pm_last, kp=(ka * pm_last).mT, Dq=D[..., None] * qa, Eq=E[..., None] * qa,
+                        D=D[..., None], E=E[..., None],
+                        keep=D[..., -1, None, None], into=E[..., -1, None, None], carry=P[..., -1, None, None])
+    if ln is None:
+        per_step["v"] = vg
+    else:
+        beta = ln.bias[None, :, None].expand(B, H, 1, K).reshape(BH, 1, 1, K)
+        per_step["qb"] = qg + beta  # the read-out head's x + beta
+        per_step["kv"] = kg + beta - vg  # the loss's x + beta - target
+        gamma = ln.weight[None, :, None].expand(B, H, 1, K).reshape(BH, 1, K)
+        centring = (torch.eye(K, dtype=q.dtype, device=device) - 1.0 / K) * ln.weight[:, :, None]  # (H, K, K)
+        centring = centring.expand(B, H, K, K).reshape(BH, K, K)
+    steps = [dict(zip(per_step, parts)) for parts in zip(*(t.unbind(1) for t in per_step.values()))]
+
+    def inner(ws: Weights | None) -> list[torch.Tensor] | None:  # (B, H, ...) tuple -> (BH, in(+1), out) per layer
+        if ws is None:
+            return None
+        mats = []
+        for w, bias in _layers(ws, spec):
             if bias is not None:
-                z = z + bias[..., None, :]
-            if D is not None:
-                z = D[..., None] * z + E[..., None] * (h @ mom[i][0])
-                if bias is not None:
-                    z = z + E[..., None] * mom[i][1][..., None, :]
-            mix = C * (h @ x.transpose(-1, -2)) if bias is None else C * (h @ x.transpose(-1, -2) + 1)
-            z = z - mix @ d
-            h = F.gelu(z) if i + 1 < len(cur) else z
-        ys.append(_head(h, qs[m], ln)[0])
-        last = C[..., -1, :]  # (B, H, b): the row of the mini-batch's last token
-        step = _scaled_grads(inputs, deltas, last, spec)
-        if momentum is None:
-            weights = tuple(w - g for w, g in zip(weights, step))
+                w = torch.cat([w, bias[..., None, :]], -2)
+            mats.append(w.reshape(BH, *w.shape[2:]))
+        return mats
+
+    def outer(mats: list[torch.Tensor] | None) -> Weights | None:  # the inverse of inner
+        if mats is None:
+            return None
+        out = []
+        for w in mats:
+            w = w.reshape(B, H, *w.shape[1:])
+            out += [w[..., :-1, :], w[..., -1, :]] if spec.bias else [w]
+        return tuple(out)
+
+    def where(cond: torch.Tensor, x: list[torch.Tensor], y: list[torch.Tensor]) -> list[torch.Tensor]:
+        cond = cond.repeat_interleave(H).view(BH, 1, 1)
+        return [torch.where(cond, a, c) for a, c in zip(x, y)]
+
+    cur, mom = inner(weights), inner(momentum)
+    base = captured = inner(start)
+    depth = len(cur)
+    ys = []
+    for m, st in enumerate(steps):
+        # The loss's layer inputs X_l (with a ones column for the bias) and output gradients at the
+        # mini-batch-start weights `base`.
+        xs, zs = [st["ka"]], []
+        z = torch.bmm(st["ka"], base[0])
+        for i in range(1, depth):
+            zs.append(z)
+            h = F.gelu(z)
+            h = _augment(h) if spec.bias else h
+            xs.append(h)
+            z = torch.bmm(h, base[i])
+        if ln is None:
+            delta = z - st["v"]
         else:
-            dS = _scaled_grads(inputs, deltas, Pm[..., -1, :], spec)
-            weights = tuple(
-                _expand(D[..., -1], w) * w + _expand(E[..., -1], sm) * sm - g
-                for w, sm, g in zip(weights, momentum, step)
-            )
-            momentum = tuple(_expand(P[..., -1], sm) * sm - g for sm, g in zip(momentum, dS))
+            delta = _ln_loss_grad(z, st["kv"], gamma, centring, ln.eps)
+        deltas = [delta]
+        for i in range(depth - 1, 0, -1):
+            w = base[i][:, :-1] if spec.bias else base[i]
+            delta = torch.ops.aten.gelu_backward(torch.bmm(delta, w.mT), zs[i - 1])
+            deltas.insert(0, delta)
+        # Read-out with each token's own weights (dual form), layer by layer.
+        for i in range(depth):
+            if i == 0:
+                mix = st["mix0"]
+                hd, he = (st["qa"], None) if mom is None else (st["Dq"], st["Eq"])
+            else:
+                hq = _augment(F.gelu(z)) if spec.bias else F.gelu(z)
+                mix = st["C"] * torch.bmm(hq, xs[i].mT)
+                hd, he = (hq, None) if mom is None else (st["D"] * hq, st["E"] * hq)
+            z = torch.bmm(hd, cur[i])
+            if he is not None:
+                z = torch.baddbmm(z, he, mom[i])
+            z = torch.baddbmm(z, mix, deltas[i], alpha=-1.0)
+        ys.append(z if ln is None else torch.addcmul(st["qb"], F.layer_norm(z, (K,), eps=ln.eps), gamma))
+        # The mini-batch's end: carry the last token's weights.
+        scaled = [st["kc"]] + [(x * st["c"]).mT for x in xs[1:]]
+        if mom is None:
+            cur = [torch.baddbmm(w, x, d, alpha=-1.0) for w, x, d in zip(cur, scaled, deltas)]
+        else:
+            into = [st["kp"]] + [(x * st["pm"]).mT for x in xs[1:]]
+            cur = [torch.baddbmm(torch.addcmul(st["keep"] * w, st["into"], s), x, d, alpha=-1.0)
+                   for w, s, x, d in zip(cur, mom, scaled, deltas)]
+            mom = [torch.baddbmm(st["carry"] * s, x, d, alpha=-1.0) for s, x, d in zip(mom, into, deltas)]
         if m in ends:
-            captured = _where(last_mb == m, grad_base, captured)
-        grad_base = weights
-    y = grid.back(torch.cat(ys, 2), T)
-    start = _where(final_count == 0, weights, captured)
-    return y, (start, weights, momentum, count_like(final_count, count, b))
+            captured = where(last_mb == m, base, captured)
+        base = cur
+    y = grid.back(torch.stack(ys, 1).view(B, H, n_mb * b, -1), T)
+    start = where(final_count == 0, cur, captured)
+    return y, (outer(start), outer(cur), outer(mom), count_like(final_count, count, b))
 
 
 # --------------------------------------------------------------------------- the layers' base class
