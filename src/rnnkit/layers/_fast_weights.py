@@ -379,6 +379,32 @@ def _ln_loss_grad(z: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return rstd * torch.addcmul(u, zhat, torch.linalg.vecdot(u, zhat)[..., None], value=-1.0 / K)
 
 
+class _Mix(torch.autograd.Function):
+    """``a x + c y`` (``c y`` optional) for weights ``x``, ``y`` ``(BH, in, out)`` and scalars ``a``,
+    ``c`` ``(BH, 1, 1)``: the momentum update's decays. Its backward takes each scalar's gradient as
+    one dot product over the weights instead of autograd's product and separate reduction, each
+    once per mini-batch and layer."""
+
+    @staticmethod
+    def forward(ctx, a, x, c=None, y=None):
+        ctx.save_for_backward(a, x, c, y)
+        return a * x if c is None else torch.addcmul(a * x, c, y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, x, c, y = ctx.saved_tensors
+        flat = grad.flatten(1)
+
+        def scalar(w: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.vecdot(flat, w.flatten(1)).view(-1, 1, 1)
+
+        needs = ctx.needs_input_grad
+        grads = [scalar(x) if needs[0] else None, grad * a if needs[1] else None, None, None]
+        if c is not None:
+            grads[2:] = [scalar(y) if needs[2] else None, grad * c if needs[3] else None]
+        return tuple(grads)
+
+
 def fast_weights_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -429,12 +455,14 @@ def fast_weights_chunk(
         D, E, C, P, Pm = (rows(t) for t in _coefficients(Gates(*on_grid), active))
     c_last = C[..., -1, :, None]  # (BH, n_mb, b, 1): each token's share in the mini-batch's update
     mix0 = C * (qa @ ka.mT)  # the first layer's C ⊙ q k^T, (BH, n_mb, b, b)
-    per_step = {"ka": ka, "C": C, "c": c_last, "mix0": mix0, "kc": (ka * c_last).mT}
-    if momentum is None:
-        per_step["qa"] = qa
-    else:
+    # The first layer's inputs of the loss (keys) and of the read-out (queries, scaled by D with
+    # momentum) stacked, for one product when both use the same weights.
+    first = torch.cat([ka, qa if momentum is None else D[..., None] * qa], -2)  # (BH, n_mb, 2b, in)
+    per_step = {"first": first, "ka": first[..., :b, :], "qd": first[..., b:, :], "C": C, "c": c_last,
+                "mix0": mix0, "kc": (ka * c_last).mT}
+    if momentum is not None:
         pm_last = Pm[..., -1, :, None]
-        per_step.update(pm=pm_last, kp=(ka * pm_last).mT, Dq=D[..., None] * qa, Eq=E[..., None] * qa,
+        per_step.update(pm=pm_last, kp=(ka * pm_last).mT, Eq=E[..., None] * qa,
                         D=D[..., None], E=E[..., None],
                         keep=D[..., -1, None, None], into=E[..., -1, None, None], carry=P[..., -1, None, None])
     if ln is None:
@@ -478,8 +506,11 @@ def fast_weights_chunk(
     for m, st in enumerate(steps):
         # The loss's layer inputs X_l (with a ones column for the bias) and output gradients at the
         # mini-batch-start weights `base`.
+        if base is cur:  # every mini-batch but the first
+            z, zq = torch.bmm(st["first"], cur[0]).unflatten(1, (2, b)).unbind(1)
+        else:
+            z, zq = torch.bmm(st["ka"], base[0]), torch.bmm(st["qd"], cur[0])
         xs, zs = [st["ka"]], []
-        z = torch.bmm(st["ka"], base[0])
         for i in range(1, depth):
             zs.append(z)
             h = F.gelu(z)
@@ -498,13 +529,12 @@ def fast_weights_chunk(
         # Read-out with each token's own weights (dual form), layer by layer.
         for i in range(depth):
             if i == 0:
-                mix = st["mix0"]
-                hd, he = (st["qa"], None) if mom is None else (st["Dq"], st["Eq"])
+                mix, z, he = st["mix0"], zq, None if mom is None else st["Eq"]
             else:
                 hq = _augment(F.gelu(z)) if spec.bias else F.gelu(z)
                 mix = st["C"] * torch.bmm(hq, xs[i].mT)
                 hd, he = (hq, None) if mom is None else (st["D"] * hq, st["E"] * hq)
-            z = torch.bmm(hd, cur[i])
+                z = torch.bmm(hd, cur[i])
             if he is not None:
                 z = torch.baddbmm(z, he, mom[i])
             z = torch.baddbmm(z, mix, deltas[i], alpha=-1.0)
@@ -515,9 +545,9 @@ def fast_weights_chunk(
             cur = [torch.baddbmm(w, x, d, alpha=-1.0) for w, x, d in zip(cur, scaled, deltas)]
         else:
             into = [st["kp"]] + [(x * st["pm"]).mT for x in xs[1:]]
-            cur = [torch.baddbmm(torch.addcmul(st["keep"] * w, st["into"], s), x, d, alpha=-1.0)
+            cur = [torch.baddbmm(_Mix.apply(st["keep"], w, st["into"], s), x, d, alpha=-1.0)
                    for w, s, x, d in zip(cur, mom, scaled, deltas)]
-            mom = [torch.baddbmm(st["carry"] * s, x, d, alpha=-1.0) for s, x, d in zip(mom, into, deltas)]
+            mom = [torch.baddbmm(_Mix.apply(st["carry"], s), x, d, alpha=-1.0) for s, x, d in zip(mom, into, deltas)]
         if m in ends:
             captured = where(last_mb == m, base, captured)
         base = cur
