@@ -364,19 +364,24 @@ def _augment(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, 1), value=1.0)
 
 
-def _ln_loss_grad(z: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, centring: torch.Tensor,
-                  eps: float) -> torch.Tensor:
-    """``dl/dz`` of ``l = 1/2 ||x + LN(z) w + beta - target||^2`` for ``z`` ``(BH, n, K)``, given
-    ``residual = x + beta - target`` and the LayerNorm weight ``w`` ``(BH, 1, K)``: ``rstd (u - zhat
-    mean(u zhat))`` with ``u = delta w - mean(delta w)`` for the output error ``delta``, the weight and
-    the mean taken by one product with ``centring`` ``(BH, K, K)`` = ``diag(w) (I - 1/K)``."""
-    K = z.shape[-1]
+def _ln_head(z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """``x + LN(z) w + beta`` for ``z`` and ``x`` ``(BH, n, K)`` and the LayerNorm's ``w`` and ``beta``
+    ``(BH, 1, K)``, and ``(zhat, 1 / sigma)``: the operations of :func:`_head` in the same order, so
+    that both forms round alike (gradients through the LayerNorm cancel to values small enough for
+    another rounding to show)."""
     centred = z - z.mean(-1, keepdim=True)
-    # The variance as a dot product: torch.var's reduction is far slower on these short rows.
-    rstd = torch.rsqrt(torch.linalg.vecdot(centred, centred)[..., None] / K + eps)
+    rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
     zhat = centred * rstd
-    u = torch.bmm(torch.addcmul(residual, zhat, weight), centring)
-    return rstd * torch.addcmul(u, zhat, torch.linalg.vecdot(u, zhat)[..., None], value=-1.0 / K)
+    return x + zhat * weight + bias, zhat, rstd
+
+
+def _ln_loss_grad(z: torch.Tensor, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``dl/dz`` of ``l = 1/2 ||x + LN(z) w + beta - target||^2`` (shapes of :func:`_ln_head`), as
+    :func:`_loss_grads` takes it."""
+    out, zhat, rstd = _ln_head(z, x, weight, bias, eps)
+    g = (out - target) * weight
+    return rstd * (g - g.mean(-1, keepdim=True) - zhat * (g * zhat).mean(-1, keepdim=True))
 
 
 class _Mix(torch.autograd.Function):
@@ -455,25 +460,18 @@ def fast_weights_chunk(
         D, E, C, P, Pm = (rows(t) for t in _coefficients(Gates(*on_grid), active))
     c_last = C[..., -1, :, None]  # (BH, n_mb, b, 1): each token's share in the mini-batch's update
     mix0 = C * (qa @ ka.mT)  # the first layer's C ⊙ q k^T, (BH, n_mb, b, b)
-    # The first layer's inputs of the loss (keys) and of the read-out (queries, scaled by D with
-    # momentum) stacked, for one product when both use the same weights.
-    first = torch.cat([ka, qa if momentum is None else D[..., None] * qa], -2)  # (BH, n_mb, 2b, in)
-    per_step = {"first": first, "ka": first[..., :b, :], "qd": first[..., b:, :], "C": C, "c": c_last,
-                "mix0": mix0, "kc": (ka * c_last).mT}
+    # The read-out's first-layer input: the queries, scaled by D with momentum.
+    qd = qa if momentum is None else D[..., None] * qa
+    per_step = {"ka": ka, "qd": qd, "C": C, "c": c_last, "mix0": mix0, "kc": (ka * c_last).mT}
     if momentum is not None:
         pm_last = Pm[..., -1, :, None]
         per_step.update(pm=pm_last, kp=(ka * pm_last).mT, Eq=E[..., None] * qa,
                         D=D[..., None], E=E[..., None],
                         keep=D[..., -1, None, None], into=E[..., -1, None, None], carry=P[..., -1, None, None])
-    if ln is None:
-        per_step["v"] = vg
-    else:
-        beta = ln.bias[None, :, None].expand(B, H, 1, K).reshape(BH, 1, 1, K)
-        per_step["qb"] = qg + beta  # the read-out head's x + beta
-        per_step["kv"] = kg + beta - vg  # the loss's x + beta - target
-        gamma = ln.weight[None, :, None].expand(B, H, 1, K).reshape(BH, 1, K)
-        centring = (torch.eye(K, dtype=q.dtype, device=device) - 1.0 / K) * ln.weight[:, :, None]  # (H, K, K)
-        centring = centring.expand(B, H, K, K).reshape(BH, K, K)
+    per_step["v"] = vg
+    if ln is not None:
+        per_step["k"], per_step["q"] = kg, qg
+        gamma, beta = (p[None, :, None].expand(B, H, 1, K).reshape(BH, 1, K) for p in (ln.weight, ln.bias))
     steps = [dict(zip(per_step, parts)) for parts in zip(*(t.unbind(1) for t in per_step.values()))]
 
     def inner(ws: Weights | None) -> list[torch.Tensor] | None:  # (B, H, ...) tuple -> (BH, in(+1), out) per layer
@@ -506,11 +504,8 @@ def fast_weights_chunk(
     for m, st in enumerate(steps):
         # The loss's layer inputs X_l (with a ones column for the bias) and output gradients at the
         # mini-batch-start weights `base`.
-        if base is cur:  # every mini-batch but the first
-            z, zq = torch.bmm(st["first"], cur[0]).unflatten(1, (2, b)).unbind(1)
-        else:
-            z, zq = torch.bmm(st["ka"], base[0]), torch.bmm(st["qd"], cur[0])
         xs, zs = [st["ka"]], []
+        z = torch.bmm(st["ka"], base[0])
         for i in range(1, depth):
             zs.append(z)
             h = F.gelu(z)
@@ -520,7 +515,7 @@ def fast_weights_chunk(
         if ln is None:
             delta = z - st["v"]
         else:
-            delta = _ln_loss_grad(z, st["kv"], gamma, centring, ln.eps)
+            delta = _ln_loss_grad(z, st["k"], st["v"], gamma, beta, ln.eps)
         deltas = [delta]
         for i in range(depth - 1, 0, -1):
             w = base[i][:, :-1] if spec.bias else base[i]
@@ -529,7 +524,8 @@ def fast_weights_chunk(
         # Read-out with each token's own weights (dual form), layer by layer.
         for i in range(depth):
             if i == 0:
-                mix, z, he = st["mix0"], zq, None if mom is None else st["Eq"]
+                mix, he = st["mix0"], None if mom is None else st["Eq"]
+                z = torch.bmm(st["qd"], cur[0])
             else:
                 hq = _augment(F.gelu(z)) if spec.bias else F.gelu(z)
                 mix = st["C"] * torch.bmm(hq, xs[i].mT)
@@ -538,7 +534,7 @@ def fast_weights_chunk(
             if he is not None:
                 z = torch.baddbmm(z, he, mom[i])
             z = torch.baddbmm(z, mix, deltas[i], alpha=-1.0)
-        ys.append(z if ln is None else torch.addcmul(st["qb"], F.layer_norm(z, (K,), eps=ln.eps), gamma))
+        ys.append(z if ln is None else _ln_head(z, st["q"], gamma, beta, ln.eps)[0])
         # The mini-batch's end: carry the last token's weights.
         scaled = [st["kc"]] + [(x * st["c"]).mT for x in xs[1:]]
         if mom is None:
