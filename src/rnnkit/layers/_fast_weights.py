@@ -277,6 +277,8 @@ class ChunkGrid(NamedTuple):
         index: ``(B, H, chunks * size)`` the step each slot reads (clamped into ``[0, T)``).
         chunks: the number of chunks.
         size: the chunk size.
+        identity: every slot holds the step of its own index (no offset, no padding, whole chunks),
+            known only when running eagerly: ``take`` and ``back`` then return their input.
     """
 
     offset: torch.Tensor
@@ -285,10 +287,13 @@ class ChunkGrid(NamedTuple):
     index: torch.Tensor
     chunks: int
     size: int
+    identity: bool = False
 
     def take(self, t: torch.Tensor, fill: float | None = None) -> torch.Tensor:
         """``t`` ``(B, H, T, ...)`` on the grid, ``(B, H, chunks * size, ...)``; with ``fill`` the
         inactive slots hold it (an identity step), else a copy of a step of the sequence."""
+        if self.identity:
+            return t
         extra = t.shape[3:]
         index = self.index.view(*self.index.shape, *([1] * len(extra))).expand(*self.index.shape, *extra)
         out = t.gather(2, index)
@@ -301,6 +306,8 @@ class ChunkGrid(NamedTuple):
         """The grid's ``y`` ``(B, H, chunks * size, K)`` at the sequence's own ``steps`` positions,
         ``(B, H, steps, K)``; a padded step past the grid reads its last slot (its output is padding)."""
         B, H, slots, K = y.shape
+        if self.identity and steps == slots:
+            return y
         where = (self.offset[:, None] + torch.arange(steps, device=y.device)).clamp(max=slots - 1)
         return y.gather(2, where[:, None, :, None].expand(B, H, steps, K))
 
@@ -315,15 +322,17 @@ def chunk_grid(count: torch.Tensor, lengths: torch.Tensor | None, heads: int, st
     B = count.shape[0]
     offset = _position(count, size).long()
     length = lengths.long() if lengths is not None else torch.full((B,), steps, dtype=torch.long, device=device)
+    identity = False
     if tracing() or B == 0:
         chunks = (steps + 2 * size - 2) // size
     else:
         chunks = int(((offset + length).max() + size - 1) // size)
+        identity = chunks * size == steps and not bool(offset.any()) and bool((length == steps).all())
     grid = torch.arange(chunks * size, device=device)
     source = grid[None, :] - offset[:, None]  # (B, chunks * size): the step in each slot
     active = (source >= 0) & (source < length[:, None])
     index = source.clamp(0, steps - 1)[:, None, :].expand(B, heads, -1)
-    return ChunkGrid(offset, length, active, index, chunks, size)
+    return ChunkGrid(offset, length, active, index, chunks, size, identity)
 
 
 def _decay_matrix(log_cum: torch.Tensor) -> torch.Tensor:
@@ -349,6 +358,58 @@ def _coefficients(gates: Gates, active: torch.Tensor):
     return log_keep.exp(), E, C * lr, P, Pm * lr
 
 
+def _augment(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(..., n, in)`` with a column of ones appended, ``(..., n, in + 1)``: a layer's input
+    against its weight matrix with the bias as the last row."""
+    return F.pad(x, (0, 1), value=1.0)
+
+
+def _ln_head(z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """``x + LN(z) w + beta`` for ``z`` and ``x`` ``(BH, n, K)`` and the LayerNorm's ``w`` and ``beta``
+    ``(BH, 1, K)``, and ``(zhat, 1 / sigma)``: the operations of :func:`_head` in the same order, so
+    that both forms round alike (gradients through the LayerNorm cancel to values small enough for
+    another rounding to show)."""
+    centred = z - z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    zhat = centred * rstd
+    return x + zhat * weight + bias, zhat, rstd
+
+
+def _ln_loss_grad(z: torch.Tensor, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``dl/dz`` of ``l = 1/2 ||x + LN(z) w + beta - target||^2`` (shapes of :func:`_ln_head`), as
+    :func:`_loss_grads` takes it."""
+    out, zhat, rstd = _ln_head(z, x, weight, bias, eps)
+    g = (out - target) * weight
+    return rstd * (g - g.mean(-1, keepdim=True) - zhat * (g * zhat).mean(-1, keepdim=True))
+
+
+class _Mix(torch.autograd.Function):
+    """``a x + c y`` (``c y`` optional) for weights ``x``, ``y`` ``(BH, in, out)`` and scalars ``a``,
+    ``c`` ``(BH, 1, 1)``: the momentum update's decays. Its backward takes each scalar's gradient as
+    one dot product over the weights instead of autograd's product and separate reduction, each
+    once per mini-batch and layer."""
+
+    @staticmethod
+    def forward(ctx, a, x, c=None, y=None):
+        ctx.save_for_backward(a, x, c, y)
+        return a * x if c is None else torch.addcmul(a * x, c, y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, x, c, y = ctx.saved_tensors
+        flat = grad.flatten(1)
+
+        def scalar(w: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.vecdot(flat, w.flatten(1)).view(-1, 1, 1)
+
+        needs = ctx.needs_input_grad
+        grads = [scalar(x) if needs[0] else None, grad * a if needs[1] else None, None, None]
+        if c is not None:
+            grads[2:] = [scalar(y) if needs[2] else None, grad * c if needs[3] else None]
+        return tuple(grads)
+
+
 def fast_weights_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -360,76 +421,135 @@ def fast_weights_chunk(
     ln: LNHead | None,
 ):
     """The same recurrence as :func:`fast_weights_recurrent` (same arguments and results), one
-    mini-batch at a time in the dual form (module docstring)."""
+    mini-batch at a time in the dual form (module docstring).
+
+    The sequential loop runs on ``(B*H, ...)`` tensors, one ``bmm`` per product, with each layer's
+    bias kept as the last row of its weight matrix (inputs carry a column of ones), so a
+    mini-batch's update of a layer is a single ``baddbmm``. Everything that does not depend on the
+    carried weights is computed for all mini-batches at once before the loop: the gates'
+    coefficients, the first layer's inputs scaled by them, its ``C ⊙ q k^T`` products and the
+    head's constant terms."""
     start, weights, momentum, count = carry
     B, H, T, K = q.shape
+    BH = B * H
     b = spec.mini_batch
     device = q.device
     grid = chunk_grid(count, lengths, H, T, b)
-    qg, kg, vg = (grid.take(t) for t in (q, k, v))
-    lr = grid.take(gates.lr, 0.0)  # identity steps off the sequence
-    if momentum is not None:
-        log_eta, log_keep = grid.take(gates.log_eta, 0.0), grid.take(gates.log_keep, 0.0)
-    act = grid.active[:, None].to(q.dtype)  # (B, 1, T')
+    n_mb = grid.chunks
     last_mb = (grid.offset + grid.length - 1) // b  # the mini-batch holding each sequence's last step
     final_count = torch.remainder(grid.offset + grid.length, b)
-    n_mb = grid.chunks
     # Without lengths every sequence ends in one of two mini-batches (its offset is below b), known
     # from the shapes alone; only those need the per-sequence capture of the start weights.
     ends = range(n_mb) if lengths is not None else {(T - 1) // b, (T + b - 2) // b}
 
-    # Every mini-batch's coefficients depend on the gates alone: one batched computation up front
-    # instead of a few small ones per mini-batch in the sequential loop.
-    def per_mb(t: torch.Tensor) -> torch.Tensor:  # (B, H, T') -> (B, H, n_mb, b)
-        return t.unflatten(2, (n_mb, b))
+    def per_mb(t: torch.Tensor) -> torch.Tensor:  # (B, H, T', ...) -> (B*H, n_mb, b, ...)
+        return t.reshape(BH, n_mb, b, *t.shape[3:])
 
+    def rows(t: torch.Tensor) -> torch.Tensor:  # (B, H, n_mb, ...) -> (B*H, n_mb, ...)
+        return t.reshape(BH, *t.shape[2:])
+
+    qg, kg, vg = (per_mb(grid.take(t)) for t in (q, k, v))  # (BH, n_mb, b, K)
+    qa, ka = (_augment(t) if spec.bias else t for t in (qg, kg))
+    # Every mini-batch's coefficients depend on the gates alone (module docstring).
+    # Identity steps off the sequence: lr = 0, eta = 1, nothing decays.
     if momentum is None:
-        C_all = torch.ones(b, b, dtype=q.dtype, device=device).tril() * per_mb(lr)[..., None, :]
+        C = torch.ones(b, b, dtype=q.dtype, device=device).tril() * per_mb(grid.take(gates.lr, 0.0))[..., None, :]
     else:
-        D_all, E_all, C_all, P_all, Pm_all = _coefficients(
-            Gates(per_mb(lr), per_mb(log_eta), per_mb(log_keep)), per_mb(act))
-    grad_base, captured = start, start
-    ys = []
-    for m in range(grid.chunks):
-        s = slice(m * b, (m + 1) * b)
-        inputs, deltas = _loss_grads(_layers(grad_base, spec), kg[:, :, s], vg[:, :, s], ln)
-        cur = _layers(weights, spec)
-        mom = _layers(momentum, spec) if momentum is not None else None
-        C = C_all[:, :, m]
-        if momentum is None:
-            D = E = P = Pm = None
-        else:
-            D, E, P, Pm = D_all[:, :, m], E_all[:, :, m], P_all[:, :, m], Pm_all[:, :, m]
-        h = qg[:, :, s]
-        for i, ((w, bias), x, d) in enumerate(zip(cur, inputs, deltas)):
-            z = h @ w
+        on_grid = (grid.take(g, 0.0).unflatten(2, (n_mb, b)) for g in gates)
+        active = grid.active[:, None].to(q.dtype).unflatten(2, (n_mb, b))  # (B, 1, n_mb, b)
+        D, E, C, P, Pm = (rows(t) for t in _coefficients(Gates(*on_grid), active))
+    c_last = C[..., -1, :, None]  # (BH, n_mb, b, 1): each token's share in the mini-batch's update
+    mix0 = C * (qa @ ka.mT)  # the first layer's C ⊙ q k^T, (BH, n_mb, b, b)
+    # The read-out's first-layer input: the queries, scaled by D with momentum.
+    qd = qa if momentum is None else D[..., None] * qa
+    per_step = {"ka": ka, "qd": qd, "C": C, "c": c_last, "mix0": mix0, "kc": (ka * c_last).mT}
+    if momentum is not None:
+        pm_last = Pm[..., -1, :, None]
+        per_step.update(pm=pm_last, kp=(ka * pm_last).mT, Eq=E[..., None] * qa,
+                        D=D[..., None], E=E[..., None],
+                        keep=D[..., -1, None, None], into=E[..., -1, None, None], carry=P[..., -1, None, None])
+    per_step["v"] = vg
+    if ln is not None:
+        per_step["k"], per_step["q"] = kg, qg
+        gamma, beta = (p[None, :, None].expand(B, H, 1, K).reshape(BH, 1, K) for p in (ln.weight, ln.bias))
+    steps = [dict(zip(per_step, parts)) for parts in zip(*(t.unbind(1) for t in per_step.values()))]
+
+    def inner(ws: Weights | None) -> list[torch.Tensor] | None:  # (B, H, ...) tuple -> (BH, in(+1), out) per layer
+        if ws is None:
+            return None
+        mats = []
+        for w, bias in _layers(ws, spec):
             if bias is not None:
-                z = z + bias[..., None, :]
-            if D is not None:
-                z = D[..., None] * z + E[..., None] * (h @ mom[i][0])
-                if bias is not None:
-                    z = z + E[..., None] * mom[i][1][..., None, :]
-            mix = C * (h @ x.transpose(-1, -2)) if bias is None else C * (h @ x.transpose(-1, -2) + 1)
-            z = z - mix @ d
-            h = F.gelu(z) if i + 1 < len(cur) else z
-        ys.append(_head(h, qg[:, :, s], ln)[0])
-        last = C[..., -1, :]  # (B, H, b): the row of the mini-batch's last token
-        step = _scaled_grads(inputs, deltas, last, spec)
-        if momentum is None:
-            weights = tuple(w - g for w, g in zip(weights, step))
+                w = torch.cat([w, bias[..., None, :]], -2)
+            mats.append(w.reshape(BH, *w.shape[2:]))
+        return mats
+
+    def outer(mats: list[torch.Tensor] | None) -> Weights | None:  # the inverse of inner
+        if mats is None:
+            return None
+        out = []
+        for w in mats:
+            w = w.reshape(B, H, *w.shape[1:])
+            out += [w[..., :-1, :], w[..., -1, :]] if spec.bias else [w]
+        return tuple(out)
+
+    def where(cond: torch.Tensor, x: list[torch.Tensor], y: list[torch.Tensor]) -> list[torch.Tensor]:
+        cond = cond.repeat_interleave(H).view(BH, 1, 1)
+        return [torch.where(cond, a, c) for a, c in zip(x, y)]
+
+    cur, mom = inner(weights), inner(momentum)
+    base = captured = inner(start)
+    depth = len(cur)
+    ys = []
+    for m, st in enumerate(steps):
+        # The loss's layer inputs X_l (with a ones column for the bias) and output gradients at the
+        # mini-batch-start weights `base`.
+        xs, zs = [st["ka"]], []
+        z = torch.bmm(st["ka"], base[0])
+        for i in range(1, depth):
+            zs.append(z)
+            h = F.gelu(z)
+            h = _augment(h) if spec.bias else h
+            xs.append(h)
+            z = torch.bmm(h, base[i])
+        if ln is None:
+            delta = z - st["v"]
         else:
-            dS = _scaled_grads(inputs, deltas, Pm[..., -1, :], spec)
-            weights = tuple(
-                _expand(D[..., -1], w) * w + _expand(E[..., -1], sm) * sm - g
-                for w, sm, g in zip(weights, momentum, step)
-            )
-            momentum = tuple(_expand(P[..., -1], sm) * sm - g for sm, g in zip(momentum, dS))
+            delta = _ln_loss_grad(z, st["k"], st["v"], gamma, beta, ln.eps)
+        deltas = [delta]
+        for i in range(depth - 1, 0, -1):
+            w = base[i][:, :-1] if spec.bias else base[i]
+            delta = torch.ops.aten.gelu_backward(torch.bmm(delta, w.mT), zs[i - 1])
+            deltas.insert(0, delta)
+        # Read-out with each token's own weights (dual form), layer by layer.
+        for i in range(depth):
+            if i == 0:
+                mix, he = st["mix0"], None if mom is None else st["Eq"]
+                z = torch.bmm(st["qd"], cur[0])
+            else:
+                hq = _augment(F.gelu(z)) if spec.bias else F.gelu(z)
+                mix = st["C"] * torch.bmm(hq, xs[i].mT)
+                hd, he = (hq, None) if mom is None else (st["D"] * hq, st["E"] * hq)
+                z = torch.bmm(hd, cur[i])
+            if he is not None:
+                z = torch.baddbmm(z, he, mom[i])
+            z = torch.baddbmm(z, mix, deltas[i], alpha=-1.0)
+        ys.append(z if ln is None else _ln_head(z, st["q"], gamma, beta, ln.eps)[0])
+        # The mini-batch's end: carry the last token's weights.
+        scaled = [st["kc"]] + [(x * st["c"]).mT for x in xs[1:]]
+        if mom is None:
+            cur = [torch.baddbmm(w, x, d, alpha=-1.0) for w, x, d in zip(cur, scaled, deltas)]
+        else:
+            into = [st["kp"]] + [(x * st["pm"]).mT for x in xs[1:]]
+            cur = [torch.baddbmm(_Mix.apply(st["keep"], w, st["into"], s), x, d, alpha=-1.0)
+                   for w, s, x, d in zip(cur, mom, scaled, deltas)]
+            mom = [torch.baddbmm(_Mix.apply(st["carry"], s), x, d, alpha=-1.0) for s, x, d in zip(mom, into, deltas)]
         if m in ends:
-            captured = _where(last_mb == m, grad_base, captured)
-        grad_base = weights
-    y = grid.back(torch.cat(ys, 2), T)
-    start = _where(final_count == 0, weights, captured)
-    return y, (start, weights, momentum, count_like(final_count, count, b))
+            captured = where(last_mb == m, base, captured)
+        base = cur
+    y = grid.back(torch.stack(ys, 1).view(B, H, n_mb * b, -1), T)
+    start = where(final_count == 0, cur, captured)
+    return y, (outer(start), outer(cur), outer(mom), count_like(final_count, count, b))
 
 
 # --------------------------------------------------------------------------- the layers' base class
