@@ -31,7 +31,7 @@ class NewtonOptions:
 
     newton_tol: float | None = None  # stopping tolerance on the scaled residual; None: by dtype
     newton_max_iters: int | None = None  # most Newton updates; None: T undamped (always enough)
-    newton_damping: float = 0.0  # ELK-style damping >= 0; 0 is plain Newton (DEER)
+    newton_damping: float | None = None  # None: adaptive trust region; a number >= 0: fixed ELK damping
     newton_quasi: bool = False  # quasi-DEER: iterate with the Jacobian's diagonal only
     newton_init: str = "zeros"  # initial guess: "zeros", "state" or "previous"
 
@@ -42,8 +42,8 @@ class NewtonOptions:
         if self.newton_max_iters is not None:
             check_positive_int("newton_max_iters", self.newton_max_iters, minimum=0)
         damping = self.newton_damping
-        if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
-            raise InputError(f"newton_damping: expected a number >= 0, got {damping!r}")
+        if damping is not None and (not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0):
+            raise InputError(f"newton_damping: expected a number >= 0 or None, got {damping!r}")
         if not isinstance(self.newton_quasi, bool):
             raise InputError(f"newton_quasi: expected a bool, got {self.newton_quasi!r}")
         check_choice("newton_init", self.newton_init, LAYER_INITS)
