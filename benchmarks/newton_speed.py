@@ -13,7 +13,8 @@ weights and for weights scaled up by ``--trained-scale`` (a stand-in for trained
 recurrences are less contractive). The first line describes the machine.
 
 ``--iterations-only`` skips the timed sequential baselines: for each ``T`` (outermost, so a run
-stopped early has every layer at the shorter lengths), layer, dtype (``--dtypes``) and weights it
+stopped early has every layer at the shorter lengths), layer, dtype (``--dtypes``) and weights
+(fresh, scaled, and with ``--trained NAME=DIR`` the layer of a model trained by ``rnnkit train``) it
 runs one forward solve and prints the Newton updates, the rejected steps of the adaptive trust region,
 the damped updates, whether the solve stopped at fp32's round-off floor, the final residual and the
 wall time. The dense cells (``elman``, ``gru``, ``lstm``) run only up to ``--dense-max-T``: each of
@@ -33,6 +34,7 @@ import torch
 from classic_speed import best_of  # this directory is on the path when a script runs from it
 
 import rnnkit
+from rnnkit.models import SequenceModel
 from rnnkit.bench.machine import describe
 
 
@@ -65,10 +67,20 @@ def print_header(setup: str, header: str) -> None:
     print("-" * len(header))
 
 
+def trained_layer(spec: str) -> tuple[str, torch.nn.Module]:
+    """``NAME=DIR``: the first layer of type ``NAME`` in the model ``rnnkit train`` saved to ``DIR``."""
+    name, _, directory = spec.partition("=")
+    kind = type(rnnkit.layers.build(name, d_model=2))
+    model = SequenceModel.from_pretrained(directory)
+    return name, next(m for m in model.modules() if type(m) is kind)
+
+
 def iterations(args) -> None:
     """The ``--iterations-only`` table (module docstring)."""
+    trained = dict(trained_layer(spec) for spec in args.trained)
     print_header(f"B={args.batch}, hidden {args.hidden}, one forward solve per row (default tolerance and damping); "
-                 f"'scaled' = recurrent weights x {args.trained_scale}; seconds are wall time on this machine",
+                 f"'scaled' = recurrent weights x {args.trained_scale}; 'trained' = the {sorted(trained)} layer of --trained, "
+                 "inputs N(0, 1); seconds are wall time on this machine",
                  f"{'T':>6} {'layer':<9} {'dtype':<8} {'weights':<7} {'iters':>5} {'rejected':>8} {'damped':>6} "
                  f"{'stalled':>7} {'residual':>9} {'seconds':>8}")
     for T in args.T:
@@ -79,11 +91,13 @@ def iterations(args) -> None:
                 continue
             for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
-                for weights, scale in (("init", 1.0), ("scaled", args.trained_scale)):
+                choices = [("init", 1.0), ("scaled", args.trained_scale)] + [("trained", 1.0)] * (name in trained)
+                for weights, scale in [c for c in choices if c[0] in args.weights]:
                     H = args.hidden[0]
                     torch.manual_seed(0)
-                    layer = scaled(rnnkit.layers.build(name, d_model=H, hidden_size=H).to(dtype), scale)
-                    x = torch.randn(args.batch, T, H, dtype=dtype)
+                    layer = trained[name] if weights == "trained" else rnnkit.layers.build(name, d_model=H, hidden_size=H)
+                    layer = scaled(layer.to(dtype), scale)
+                    x = torch.randn(args.batch, T, layer.d_input, dtype=dtype)
                     start = time.perf_counter()
                     prefix = f"{T:>6} {name:<9} {dtype_name:<8} {weights:<7}"
                     try:
@@ -113,6 +127,10 @@ def main() -> None:
                         help="with --iterations-only")
     parser.add_argument("--dense-max-T", type=int, default=1024, help="with --iterations-only: longest T for "
                         "elman, gru and lstm")
+    parser.add_argument("--trained", nargs="*", default=[], metavar="NAME=DIR",
+                        help="with --iterations-only: also the layer NAME of the model `rnnkit train` saved to DIR")
+    parser.add_argument("--weights", nargs="+", choices=["init", "scaled", "trained"],
+                        default=["init", "scaled", "trained"], help="with --iterations-only: which weights")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:

@@ -4,10 +4,12 @@ options and the call into :func:`rnnkit.ops.newton_recurrence`.
 ``mode="newton"`` solves the whole sequence by Newton iterations over parallel scans (DEER; see
 :mod:`rnnkit.ops.newton` for the method, its cost and its guarantees). It computes the function of
 ``recurrent`` to the solver's tolerance, so the contract suite holds it to the same bounds as every
-other mode: the default tolerance (``1e-12`` in fp64, ``1e-6`` in fp32) sits below them, and exact
-Newton's quadratic convergence takes the last iterate to round-off. The diagnostics of the last call
-are in the layer's ``newton_info`` (:class:`rnnkit.ops.NewtonInfo`); a solve that does not converge
-raises :class:`rnnkit.ConvergenceError`.
+other mode: the default tolerance (``1e-12`` in fp64, ``1e-6`` in fp32, or fp32's round-off floor
+where the scan's round-off keeps the residual above that) sits below them, and exact Newton's
+quadratic convergence takes the last iterate to round-off. By default a full step that overflows is
+retried damped (the adaptive trust region of :mod:`rnnkit.ops.newton`). The diagnostics of the last
+call are in the layer's ``newton_info`` (:class:`rnnkit.ops.NewtonInfo`); a solve that does not
+converge raises :class:`rnnkit.ConvergenceError`.
 """
 
 from __future__ import annotations

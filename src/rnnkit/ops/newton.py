@@ -31,19 +31,37 @@ to step ``t``: undamped, the iterate is exact at steps ``< k`` after ``k`` itera
 iterations always suffice (DEER's guarantee; the default ``max_iters``). Near the solution exact
 Newton converges quadratically, so it usually stops far earlier.
 
-The solver stops when the scaled residual ``max |h^k - f(h^k_{-1}, x)| / max(1, max |f|)`` is at most
-``tol`` (default :func:`default_tol`: ``1e-12`` in fp64, ``1e-6`` in fp32, ``1e-3`` in half
-precision); failing that within ``max_iters`` iterations, or on a non-finite residual, it raises
+The solver stops when the scaled residual ``max |h^k - f(h^k_{-1}, x)| / max(1, max |f|)`` (relative
+to the state's magnitude) is at most ``tol``. The default (``tol=None``) is dtype-aware: the target
+:func:`default_tol` (``1e-12`` in fp64, ``1e-6`` in fp32, ``1e-3`` in half precision), or, where
+round-off keeps the residual above that target, the round-off floor: the solve also stops once the
+residual is within :func:`stall_tol` (``STALL_EPS = 256`` machine epsilons, ``3.1e-5`` in fp32; in
+fp64 it equals the target, so fp64 always reaches ``1e-12``) and neither of the last two updates
+lowered it below the best before them (``info.stalled``). The floor exists because the parallel scan
+sums products of Jacobians: where those grow, its round-off is relative to them rather than to the
+state. An explicit ``tol`` is held exactly. Failing that within ``max_iters`` updates, or on an
+overflow that the trust region below cannot prevent, the solver raises
 :class:`~rnnkit.errors.ConvergenceError` with the diagnostics, never a silent wrong answer. With
 quadratic convergence, the iteration that brings the residual under ``1e-12`` leaves an error at the
 level of fp64 round-off, which is how ``newton`` meets the suite's ``1e-10`` fp64 tolerance.
 
-**Damping** (ELK-style): ``damping = lam > 0`` solves each step as a Kalman filter with the
+**Adaptive trust region** (the default, ``damping=None``): plain Newton, except that a full step whose
+residual is non-finite or more than ``1000`` times ``max(1, residual)`` before it (products of
+Jacobians with norms above 1 overflowed, or nearly so) is rejected and retried from the same
+linearisation with the damping below at ``lam = 1, 10, 100, ...`` (``ADAPTIVE_DAMPING``), back to
+``lam = 0`` on the next update. The damping applies only after each sequence's first step whose
+residual exceeds the tolerance: the converged prefix and that step are solved undamped, so each
+update still extends the exact prefix by one step and ``T`` updates still suffice. Past ``lam = 1e8``
+a finite step is accepted (the prefix still grows) and an overflow raises. ``info.rejected`` and
+``info.damped`` count the rejected tries and the damped updates. ``damping=0`` is plain DEER with no
+fallback.
+
+**Fixed damping** (ELK-style): ``damping = lam > 0`` solves each step as a Kalman filter with the
 previous iterate as an observation of precision ``lam`` at a fixed gain,
 ``h^{k+1}_t = (J_t h^{k+1}_{t-1} + c_t + lam h^k_t) / (1 + lam)``: a trust region that shrinks the
 scan's matrices by ``1 / (1 + lam)``, so products of Jacobians with norms above 1 cannot blow up the
-iterate. The fixed point is unchanged; the ``T``-iteration bound is traded for stability (the
-default ``max_iters`` is then ``max(T, DAMPED_MAX_ITERS)``).
+iterate. The fixed point is unchanged; applied at every step, it trades the ``T``-iteration bound for
+stability (the default ``max_iters`` is then ``max(T, DAMPED_MAX_ITERS)``).
 
 **Gradients** (implicit function theorem): at the solution ``h*``, the gradient of a loss with
 ``dL/dh = g`` is ``lambda^T df/d(theta, x, h0)`` with ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}``:
@@ -81,8 +99,9 @@ NEWTON_MODES = ("recurrent", "newton", "quasi")
 #: ``lam / (1 + lam)`` per iteration near the solution, so ``lam = 10`` needs ~300 to go from 1 to 1e-12.
 DAMPED_MAX_ITERS = 1000
 #: The adaptive trust region (``damping=None``): the first damping tried after a rejected step, the
-#: factor it grows by on each further rejection (and shrinks by on each accepted step), and the
-#: largest it reaches before a growing residual is accepted or an overflow is reported.
+#: factor it grows by on each further rejection, the largest it reaches before a growing residual is
+#: accepted or an overflow is reported, and the growth of the residual (relative to ``max(1, r)``)
+#: beyond which a step is rejected: far above Newton's ordinary overshoots, which it recovers from.
 ADAPTIVE_DAMPING = (1.0, 10.0, 1e8, 1e3)
 #: The round-off stop of the default tolerance, in units of the dtype's machine epsilon.
 STALL_EPS = 256
