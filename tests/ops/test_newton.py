@@ -4,6 +4,8 @@ gradient, and the matrix scan's own edges."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from rnnkit.errors import ConvergenceError, InputError
 from rnnkit.ops import NewtonInfo, matrix_scan, newton_recurrence
 from rnnkit.ops.classic_rnn import gru_cell
-from rnnkit.ops.newton import default_tol, newton_recurrence_recurrent
+from rnnkit.ops.newton import default_tol, newton_recurrence_recurrent, stall_tol
 from tests.helpers import assert_close
 
 f64 = torch.float64
@@ -79,10 +81,48 @@ def test_not_converged_raises_with_diagnostics() -> None:
 
 
 def test_overflow_raises_instead_of_returning_nan() -> None:
-    """Strong recurrent weights: the products of Jacobians in the first linear scan overflow fp32."""
+    """Strong recurrent weights: the products of Jacobians in the first linear scan overflow fp32.
+    Plain Newton without its fallback (``damping=0``) reports it; the default adaptive trust region
+    damps the step instead, and what it cannot solve in time still raises."""
     x, h0, params = _problem(T=60, scale=50.0, dtype=torch.float32)
     with pytest.raises(ConvergenceError, match="overflowed"):
-        newton_recurrence(_elman, x, h0, params, max_iters=5)
+        newton_recurrence(_elman, x, h0, params, max_iters=5, damping=0.0)
+    info = NewtonInfo()
+    with pytest.raises(ConvergenceError, match="not converged within max_iters = 5"):
+        newton_recurrence(_elman, x, h0, params, max_iters=5, info=info)
+    assert info.rejected > 0 and info.damped > 0 and all(map(math.isfinite, info.residuals))
+
+
+def test_trust_region_solves_what_overflows_plain_newton() -> None:
+    """The overflowing problem above, solved by the default within ``T`` updates: each rejected full
+    step is retried damped past the converged prefix, so the prefix still grows by a step per update."""
+    x, h0, params = _problem(T=60, scale=50.0, dtype=torch.float32)
+    ref = newton_recurrence_recurrent(_elman, x, h0, params)
+    info = NewtonInfo()
+    h = newton_recurrence(_elman, x, h0, params, info=info)
+    assert info.converged and info.rejected > 0 and info.damped > 0 and info.iterations <= x.shape[1]
+    assert_close(h, ref)
+
+
+def test_hopeless_overflow_raises() -> None:
+    """A cell whose state grows without bound overflows fp32 at every damping: a clear error."""
+    x = torch.ones(1, 200, 1)
+    with pytest.raises(ConvergenceError, match="overflowed even with damping"):
+        newton_recurrence(lambda h, x_t: 1e3 * h + x_t, x, None, state_size=1)
+
+
+def test_default_tolerance_stops_at_the_round_off_floor() -> None:
+    """A user ``tol`` below fp32's reach fails; the default accepts the round-off floor, but only
+    within ``stall_tol``, and only once the residual stops falling."""
+    x, h0, params = _problem(T=30, scale=1.2, dtype=torch.float32)
+    with pytest.raises(ConvergenceError, match="not converged"):
+        newton_recurrence(_elman, x, h0, params, tol=1e-12)
+    assert stall_tol(torch.float32) == 256 * torch.finfo(torch.float32).eps
+    assert stall_tol(f64) == default_tol(f64)  # fp64 reaches its target: no round-off stop
+    info = NewtonInfo()
+    newton_recurrence(_elman, x, h0, params, info=info)
+    assert info.converged and info.residuals[-1] <= stall_tol(torch.float32)
+    assert info.stalled == (info.residuals[-1] > info.tol)
 
 
 def test_damping_converges_to_the_same_solution() -> None:

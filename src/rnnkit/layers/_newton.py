@@ -4,10 +4,12 @@ options and the call into :func:`rnnkit.ops.newton_recurrence`.
 ``mode="newton"`` solves the whole sequence by Newton iterations over parallel scans (DEER; see
 :mod:`rnnkit.ops.newton` for the method, its cost and its guarantees). It computes the function of
 ``recurrent`` to the solver's tolerance, so the contract suite holds it to the same bounds as every
-other mode: the default tolerance (``1e-12`` in fp64, ``1e-6`` in fp32) sits below them, and exact
-Newton's quadratic convergence takes the last iterate to round-off. The diagnostics of the last call
-are in the layer's ``newton_info`` (:class:`rnnkit.ops.NewtonInfo`); a solve that does not converge
-raises :class:`rnnkit.ConvergenceError`.
+other mode: the default tolerance (``1e-12`` in fp64, ``1e-6`` in fp32, or fp32's round-off floor
+where the scan's round-off keeps the residual above that) sits below them, and exact Newton's
+quadratic convergence takes the last iterate to round-off. By default a full step that overflows is
+retried damped (the adaptive trust region of :mod:`rnnkit.ops.newton`). The diagnostics of the last
+call are in the layer's ``newton_info`` (:class:`rnnkit.ops.NewtonInfo`); a solve that does not
+converge raises :class:`rnnkit.ConvergenceError`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class NewtonOptions:
 
     newton_tol: float | None = None  # stopping tolerance on the scaled residual; None: by dtype
     newton_max_iters: int | None = None  # most Newton updates; None: T undamped (always enough)
-    newton_damping: float = 0.0  # ELK-style damping >= 0; 0 is plain Newton (DEER)
+    newton_damping: float | None = None  # None: adaptive trust region; a number >= 0: fixed ELK damping
     newton_quasi: bool = False  # quasi-DEER: iterate with the Jacobian's diagonal only
     newton_init: str = "zeros"  # initial guess: "zeros", "state" or "previous"
 
@@ -42,8 +44,8 @@ class NewtonOptions:
         if self.newton_max_iters is not None:
             check_positive_int("newton_max_iters", self.newton_max_iters, minimum=0)
         damping = self.newton_damping
-        if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
-            raise InputError(f"newton_damping: expected a number >= 0, got {damping!r}")
+        if damping is not None and (not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0):
+            raise InputError(f"newton_damping: expected a number >= 0 or None, got {damping!r}")
         if not isinstance(self.newton_quasi, bool):
             raise InputError(f"newton_quasi: expected a bool, got {self.newton_quasi!r}")
         check_choice("newton_init", self.newton_init, LAYER_INITS)

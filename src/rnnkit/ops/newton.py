@@ -31,19 +31,37 @@ to step ``t``: undamped, the iterate is exact at steps ``< k`` after ``k`` itera
 iterations always suffice (DEER's guarantee; the default ``max_iters``). Near the solution exact
 Newton converges quadratically, so it usually stops far earlier.
 
-The solver stops when the scaled residual ``max |h^k - f(h^k_{-1}, x)| / max(1, max |f|)`` is at most
-``tol`` (default :func:`default_tol`: ``1e-12`` in fp64, ``1e-6`` in fp32, ``1e-3`` in half
-precision); failing that within ``max_iters`` iterations, or on a non-finite residual, it raises
+The solver stops when the scaled residual ``max |h^k - f(h^k_{-1}, x)| / max(1, max |f|)`` (relative
+to the state's magnitude) is at most ``tol``. The default (``tol=None``) is dtype-aware: the target
+:func:`default_tol` (``1e-12`` in fp64, ``1e-6`` in fp32, ``1e-3`` in half precision), or, where
+round-off keeps the residual above that target, the round-off floor: the solve also stops once the
+residual is within :func:`stall_tol` (``STALL_EPS = 256`` machine epsilons, ``3.1e-5`` in fp32; in
+fp64 it equals the target, so fp64 always reaches ``1e-12``) and neither of the last two updates
+lowered it below the best before them (``info.stalled``). The floor exists because the parallel scan
+sums products of Jacobians: where those grow, its round-off is relative to them rather than to the
+state. An explicit ``tol`` is held exactly. Failing that within ``max_iters`` updates, or on an
+overflow that the trust region below cannot prevent, the solver raises
 :class:`~rnnkit.errors.ConvergenceError` with the diagnostics, never a silent wrong answer. With
 quadratic convergence, the iteration that brings the residual under ``1e-12`` leaves an error at the
 level of fp64 round-off, which is how ``newton`` meets the suite's ``1e-10`` fp64 tolerance.
 
-**Damping** (ELK-style): ``damping = lam > 0`` solves each step as a Kalman filter with the
+**Adaptive trust region** (the default, ``damping=None``): plain Newton, except that a full step whose
+residual is non-finite or more than ``1000`` times ``max(1, residual)`` before it (products of
+Jacobians with norms above 1 overflowed, or nearly so) is rejected and retried from the same
+linearisation with the damping below at ``lam = 1, 10, 100, ...`` (``ADAPTIVE_DAMPING``), back to
+``lam = 0`` on the next update. The damping applies only after each sequence's first step whose
+residual exceeds the tolerance: the converged prefix and that step are solved undamped, so each
+update still extends the exact prefix by one step and ``T`` updates still suffice. Past ``lam = 1e8``
+a finite step is accepted (the prefix still grows) and an overflow raises. ``info.rejected`` and
+``info.damped`` count the rejected tries and the damped updates. ``damping=0`` is plain DEER with no
+fallback.
+
+**Fixed damping** (ELK-style): ``damping = lam > 0`` solves each step as a Kalman filter with the
 previous iterate as an observation of precision ``lam`` at a fixed gain,
 ``h^{k+1}_t = (J_t h^{k+1}_{t-1} + c_t + lam h^k_t) / (1 + lam)``: a trust region that shrinks the
 scan's matrices by ``1 / (1 + lam)``, so products of Jacobians with norms above 1 cannot blow up the
-iterate. The fixed point is unchanged; the ``T``-iteration bound is traded for stability (the
-default ``max_iters`` is then ``max(T, DAMPED_MAX_ITERS)``).
+iterate. The fixed point is unchanged; applied at every step, it trades the ``T``-iteration bound for
+stability (the default ``max_iters`` is then ``max(T, DAMPED_MAX_ITERS)``).
 
 **Gradients** (implicit function theorem): at the solution ``h*``, the gradient of a loss with
 ``dL/dh = g`` is ``lambda^T df/d(theta, x, h0)`` with ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}``:
@@ -80,6 +98,13 @@ NEWTON_MODES = ("recurrent", "newton", "quasi")
 #: The default ``max_iters`` floor with damping: a damped iteration contracts the error by about
 #: ``lam / (1 + lam)`` per iteration near the solution, so ``lam = 10`` needs ~300 to go from 1 to 1e-12.
 DAMPED_MAX_ITERS = 1000
+#: The adaptive trust region (``damping=None``): the first damping tried after a rejected step, the
+#: factor it grows by on each further rejection, the largest it reaches before a growing residual is
+#: accepted or an overflow is reported, and the growth of the residual (relative to ``max(1, r)``)
+#: beyond which a step is rejected: far above Newton's ordinary overshoots, which it recovers from.
+ADAPTIVE_DAMPING = (1.0, 10.0, 1e8, 1e3)
+#: The round-off stop of the default tolerance, in units of the dtype's machine epsilon.
+STALL_EPS = 256
 #: Initial guesses by name: every step zero, or every step the initial state.
 NEWTON_INITS = ("zeros", "state")
 
@@ -95,8 +120,12 @@ class NewtonInfo:
         iterations: Newton updates performed (0 when the initial guess already solved it).
         residuals: the scaled residual of the initial guess and after each update (``iterations + 1``
             entries while the solve succeeds).
-        converged: whether the last residual is within ``tol``.
+        converged: whether the solve stopped at a solution: the last residual is within ``tol``,
+            or (``stalled``) within :func:`stall_tol` where round-off stopped its decrease.
+        stalled: converged at the round-off floor rather than within ``tol``.
         tol: the tolerance the solve used.
+        rejected: steps the adaptive trust region rejected (the residual grew or overflowed).
+        damped: accepted updates taken with a damping above 0.
         mode: ``"newton"`` or ``"quasi"``.
         iterate: the last iterate ``(B, T, S)`` (detached): the solution, or where a failed solve
             stopped.
@@ -105,19 +134,30 @@ class NewtonInfo:
     iterations: int = 0
     residuals: list[float] = field(default_factory=list)
     converged: bool = False
+    stalled: bool = False
     tol: float = 0.0
+    rejected: int = 0
+    damped: int = 0
     mode: str = ""
     iterate: torch.Tensor | None = None
 
 
 def default_tol(dtype: torch.dtype) -> float:
-    """The default stopping tolerance for ``dtype`` (module docstring): about ``1e4`` ulp of 1 in
-    fp64 and ``8`` in fp32, above the round-off floor of a residual and below the suite's bounds."""
+    """The default target tolerance for ``dtype`` (module docstring): about ``1e4`` ulp of 1 in
+    fp64 and ``8`` in fp32, below the suite's bounds; :func:`stall_tol` bounds what the default
+    accepts where round-off keeps the residual above it."""
     if dtype == torch.float64:
         return 1e-12
     if dtype == torch.float32:
         return 1e-6
     return 1e-3
+
+
+def stall_tol(dtype: torch.dtype) -> float:
+    """The largest scaled residual the default tolerance accepts once Newton stops reducing it:
+    ``STALL_EPS`` machine epsilons of ``dtype`` (``3.1e-5`` in fp32, ``5.7e-14`` in fp64, where it
+    sits below :func:`default_tol` and so never applies), at least :func:`default_tol`."""
+    return max(default_tol(dtype), STALL_EPS * torch.finfo(dtype).eps)
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -219,41 +259,101 @@ def _shift(h0: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.cat([h0[:, None], h[:, :-1]], 1)
 
 
-def _solve(step: _Step, h0, guess, mode, tol, max_iters, damping, info: NewtonInfo):
+def _evaluate(step: _Step, h0: torch.Tensor, h: torch.Tensor):
+    """The cell at every step of the iterate ``h`` ``(B, T, S)``: the states it read ``(B T, S)``,
+    ``f`` ``(B, T, S)``, the residual per step ``(B, T)`` and in all, both scaled by
+    ``max(1, max |f|)``."""
+    B, T, S = h.shape
+    prev = _shift(h0, h).reshape(B * T, S)
+    f = step(prev).reshape(B, T, S)
+    if not f.numel():
+        return prev, f, f.new_zeros(B, T), 0.0
+    scale = max(1.0, float(f.abs().max()))
+    per_step = (h - f).abs().amax(-1) / scale
+    return prev, f, per_step, float(per_step.max())
+
+
+def _stalled(residuals: list[float], floor: float | None) -> bool:
+    """Round-off reached: the residual is within ``floor`` and neither of the last two updates
+    lowered it below the best before them (a converging iteration, linear or quadratic, keeps
+    lowering it; round-off makes it fluctuate)."""
+    r = residuals
+    return floor is not None and len(r) >= 3 and r[-1] <= floor and min(r[-2:]) >= min(r[:-2])
+
+
+def _unconverged_tail(per_step: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``(B, T)``: True at the steps after each sequence's first step with a residual above
+    ``threshold`` (the steps before it and that step itself are left undamped)."""
+    bad = per_step > threshold
+    first = torch.where(bad.any(1), bad.to(torch.int8).argmax(1), bad.shape[1])
+    steps = torch.arange(bad.shape[1], device=bad.device)
+    return steps[None] > first[:, None]
+
+
+def _update(J, c, h, h0, lam, tail):
+    """The next iterate from the linearisation ``(J, c)`` at ``h``, damped by ``lam`` at the steps
+    ``tail`` marks ``(B, T)`` (None: at every step)."""
+    if lam:
+        weight = torch.full_like(c[..., 0], lam) if tail is None else tail.to(c.dtype) * lam  # (B, T)
+        d = 1 + weight
+        J = J / d.view(*d.shape, *([1] * (J.dim() - 2)))
+        c = (c + weight[..., None] * h) / d[..., None]
+    return _scan(J, c, h0)
+
+
+def _overflow(k: int, residual: float, info: NewtonInfo, how: str) -> ConvergenceError:
+    return ConvergenceError(
+        f"newton: the residual became {residual} after {k} iterations (the iterate overflowed{how}); "
+        "use a larger damping or mode='recurrent'", info)
+
+
+def _solve(step: _Step, h0, guess, mode, tol, floor, max_iters, damping, info: NewtonInfo):
     """Newton iterations from ``guess`` ``(B, T, S)``; returns the solution and the exact Jacobian
-    blocks (or diagonal, when ``K = 1``) at it. Runs without autograd."""
+    blocks (or diagonal, when ``K = 1``) at it. ``damping`` None is the adaptive trust region (module
+    docstring); ``floor`` None disables the round-off stop. Runs without autograd."""
     B, T, S = guess.shape
     quasi = mode == "quasi" and step.K > 1
+    adaptive = damping is None
+    lam = 0.0 if adaptive else damping
     h = guess
+    prev, f, per_step, residual = _evaluate(step, h0, h)
     for k in range(max_iters + 1):
-        prev = _shift(h0, h).reshape(B * T, S)
-        f = step(prev).reshape(B, T, S)
-        J = step.jacobian(prev, diagonal_only=quasi or step.K == 1)
-        scale = max(1.0, float(f.abs().max())) if f.numel() else 1.0
-        residual = float((h - f).abs().max()) / scale if f.numel() else 0.0
         info.residuals.append(residual)
         info.iterations, info.iterate = k, h
         if not math.isfinite(residual):
-            raise ConvergenceError(
-                f"newton: the residual became {residual} after {k} iterations (the iterate overflowed); "
-                "use damping > 0 or mode='recurrent'", info)
-        if residual <= tol:
-            info.converged = True
+            raise _overflow(k, residual, info, "")
+        J = step.jacobian(prev, diagonal_only=quasi or step.K == 1)
+        stalled = residual > tol and _stalled(info.residuals, floor)
+        if residual <= tol or stalled:
+            info.converged, info.stalled = True, stalled
             if quasi:  # the gradient needs the exact Jacobian at the solution
                 J = step.jacobian(prev, diagonal_only=False)
             return h, J.reshape(B, T, *J.shape[1:])
         if k == max_iters:
             break
         J = J.reshape(B, T, *J.shape[1:])
-        prev = prev.view(B, T, S)
-        c = f - _apply(J, prev)
-        if damping:
-            J, c = J / (1 + damping), (c + damping * h) / (1 + damping)
-        h = _scan(J, c, h0)
+        c = f - _apply(J, prev.view(B, T, S))
+        tail = _unconverged_tail(per_step, max(tol, floor or 0.0)) if adaptive else None
+        while True:
+            new = _update(J, c, h, h0, lam, tail)
+            evaluated = _evaluate(step, h0, new)
+            if not adaptive or evaluated[3] <= ADAPTIVE_DAMPING[3] * max(1.0, residual):
+                break
+            info.rejected += 1
+            lam = ADAPTIVE_DAMPING[0] if not lam else lam * ADAPTIVE_DAMPING[1]
+            if lam > ADAPTIVE_DAMPING[2]:
+                if math.isfinite(evaluated[3]):
+                    break  # the undamped prefix still grows by a step: T updates still suffice
+                raise _overflow(k + 1, evaluated[3], info, f" even with damping {ADAPTIVE_DAMPING[2]:g}")
+        if adaptive:
+            info.damped += bool(lam)
+            lam = 0.0
+        h = new
+        prev, f, per_step, residual = evaluated
     raise ConvergenceError(
         f"newton: not converged within max_iters = {max_iters} iterations (residual {info.residuals[-1]:.3e} > "
         f"tol = {tol:.3e}; residuals {['%.1e' % r for r in info.residuals[-5:]]}); raise max_iters (T = {T} "
-        "always suffices without damping), loosen tol, or use mode='recurrent'", info)
+        "always suffices without a fixed damping), loosen tol, or use mode='recurrent'", info)
 
 
 class _Adjoint(torch.autograd.Function):
@@ -298,7 +398,7 @@ def newton_recurrence(
     state_size: int | None = None,
     tol: float | None = None,
     max_iters: int | None = None,
-    damping: float = 0.0,
+    damping: float | None = None,
     init: str | torch.Tensor = "zeros",
     info: NewtonInfo | None = None,
 ) -> torch.Tensor:
@@ -319,10 +419,13 @@ def newton_recurrence(
             Jacobian: Newton then converges slowly or not at all (never to a wrong answer, since
             the stopping test uses the cell itself), and the gradient is wrong.
         state_size: ``S`` when ``h0`` is None.
-        tol: stopping tolerance on the scaled residual; None: :func:`default_tol` of ``x``'s dtype.
-        max_iters: most Newton updates; None: ``T``, which always suffices without damping, and
-            ``max(T, DAMPED_MAX_ITERS)`` with damping (which converges linearly, with no such bound).
-        damping: ELK-style damping ``lam >= 0`` (module docstring); 0 is plain Newton.
+        tol: stopping tolerance on the scaled residual; None: :func:`default_tol` of ``x``'s dtype,
+            or :func:`stall_tol` once round-off stops the residual's decrease (module docstring).
+        max_iters: most Newton updates; None: ``T``, which always suffices without a fixed damping,
+            and ``max(T, DAMPED_MAX_ITERS)`` with one (which converges linearly, with no such bound).
+        damping: None (default): plain Newton with the adaptive trust region, which damps a step only
+            where the full one overflows or increases the residual; a number ``lam >= 0``: a fixed
+            ELK-style damping of every step, 0 being plain Newton with no fallback (module docstring).
         init: the initial guess: ``"zeros"``, ``"state"`` (``h0`` at every step) or a ``(B, T, S)``
             tensor (e.g. the solution of the previous training step).
         info: a :class:`NewtonInfo` to fill with the diagnostics (iterations, residuals).
@@ -332,7 +435,8 @@ def newton_recurrence(
 
     Raises:
         InputError: bad arguments or an unknown ``mode``.
-        ConvergenceError: the Newton solve did not reach ``tol`` within ``max_iters``.
+        ConvergenceError: the Newton solve did not reach ``tol`` within ``max_iters``, or its
+            iterate overflowed (with the adaptive trust region: even at its largest damping).
 
     Example:
         >>> W, U = torch.randn(8, 3) / 3, torch.randn(8, 8) / 4
@@ -345,12 +449,13 @@ def newton_recurrence(
     x, h0, params, lengths = _check_inputs(cell, x, h0, params, lengths, state_size)
     B, T, S = x.shape[0], x.shape[1], h0.shape[1]
     K = _check_block_size(block_size, S)
+    floor = None
     if tol is None:
-        tol = default_tol(x.dtype)
+        tol, floor = default_tol(x.dtype), stall_tol(x.dtype)
     elif not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
         raise InputError(f"tol: expected a number > 0 or None, got {tol!r}")
-    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
-        raise InputError(f"damping: expected a number >= 0, got {damping!r}")
+    if damping is not None and (not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0):
+        raise InputError(f"damping: expected a number >= 0 or None, got {damping!r}")
     if max_iters is None:
         max_iters = T if not damping else max(T, DAMPED_MAX_ITERS)
     check_positive_int("max_iters", max_iters, minimum=0)
@@ -358,6 +463,7 @@ def newton_recurrence(
     if not isinstance(info, NewtonInfo):
         raise InputError(f"info: expected a NewtonInfo or None, got {type(info).__name__}")
     info.iterations, info.residuals, info.converged, info.tol, info.mode, info.iterate = 0, [], False, float(tol), mode, None
+    info.stalled, info.rejected, info.damped = False, 0, 0
     guess = _guess(init, B, T, h0)
     if mode == "recurrent" or is_empty_batch(x):
         return newton_recurrence_recurrent(cell, x, h0, params, lengths=lengths)
@@ -368,7 +474,7 @@ def newton_recurrence(
         x = torch.where(valid.view(B, T, *([1] * (x.dim() - 2))), x, torch.zeros((), dtype=x.dtype, device=x.device))
     step = _Step(cell, x, params, valid, K)
     with torch.no_grad():
-        h, J = _solve(step, h0.detach(), guess, mode, tol, max_iters, damping, info)
+        h, J = _solve(step, h0.detach(), guess, mode, tol, floor, max_iters, damping, info)
     # One evaluation with autograd at the solution: its gradient w.r.t. params, x and h0 (through
     # step 0) is the vector-Jacobian product, and _Adjoint hands it lambda instead of g.
     f = step(_shift(h0, h).reshape(B * T, S)).reshape(B, T, S)
@@ -376,4 +482,4 @@ def newton_recurrence(
 
 
 __all__ = ["NEWTON_INITS", "NEWTON_MODES", "NewtonInfo", "default_tol", "newton_recurrence",
-           "newton_recurrence_recurrent"]
+           "newton_recurrence_recurrent", "stall_tol"]
