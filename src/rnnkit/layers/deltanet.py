@@ -152,7 +152,8 @@ class DeltaRuleLayer(MultiHeadRecurrence):
         (mixed,), S0, history = short_conv_qkv(self.conv, [self.qkv_proj(x1)], state, None)
         if history is None:
             mixed = F.silu(mixed)
-        q, k, v = (t.reshape(B, H, -1).contiguous() for t in mixed[:, 0].split([H * K, H * K, H * V], -1))
+        q, k, v = (t.reshape(B, H, n).contiguous() for t, n in zip(mixed[:, 0].split([H * K, H * K, H * V], -1),
+                                                                    (K, K, V)))
         q = F.normalize(q, dim=-1) * K**-0.5  # (B, H, K)
         k = F.normalize(k, dim=-1)
         log_decay = self._log_decay(x1)
