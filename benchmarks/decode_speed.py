@@ -4,6 +4,7 @@ floor and attention's KV cache, on the CPU.
     python benchmarks/decode_speed.py --plot decode.png      # batch 1, 16; contexts 512, 2048, 8192
     python benchmarks/decode_speed.py --quick --layers lstm mamba
     python benchmarks/decode_speed.py --widths 512 --out decode.json
+    python benchmarks/decode_speed.py --profile --quick --layers lstm mamba   # where a step's time goes
 
 The model is ``benchmarks/model_speed.py``'s: 4 residual blocks, a byte vocabulary, every mixer the
 layer under test at its default options (``attention``'s cache sized to hold the context and the new
@@ -17,12 +18,17 @@ the layer's ``auto`` mode (its parallel, chunk, fused or conv form), then every 
   one warm-up step;
 - ``floor tok/s``: the weight-read floor, ``B / (weight bytes / bandwidth)``: every step reads every
   weight once (the embedding table excepted: a step reads one row of it), so no step at this batch
-  can be faster; ``bandwidth`` is a large tensor copy's (bytes read + bytes written per second)
-  measured at the start of the same run; ``of floor`` is the decode rate as a share of it;
+  can be faster while the weights stream from memory; ``bandwidth`` is a large tensor copy's (bytes
+  read + bytes written per second) measured at the start of the same run; ``of floor`` is the decode
+  rate as a share of it (above 1 where the weights stay in the last-level cache between steps);
 - ``state MiB``: the state a step reads and writes at this context over the batch (a recurrence's is
   the same at every context; a KV cache grows with it);
 - ``prefill tok/s``: the prompt's forward;
 - ``vs KV cache``: the decode rate against the SDPA transformer's at the same batch and context.
+
+``--profile`` prints, instead of the timings, where a step's time goes at batch 1 and the first
+context: operator calls and Python function calls per token and the matrix products' share of the
+operators' CPU time (the rest is per-operator overhead and elementwise work).
 
 Each configuration runs in a fresh subprocess; one that fails or runs past ``--time-cap`` seconds is
 reported as such. ``--plot FILE`` draws decode tokens/s against the context, one panel per batch
@@ -81,27 +87,86 @@ def state_bytes(name: str, model: torch.nn.Module, width: int, context: int, bat
     return 4 * floats * batch
 
 
-def decode_case(name: str, width: int, context: int, batch: int, new_tokens: int, threads: int) -> dict:
-    """Prefill ``context`` tokens, then time ``new_tokens`` greedy steps, in this process."""
-    torch.set_num_threads(threads)
+def prefilled(name: str, width: int, context: int, batch: int, new_tokens: int):
+    """The model, its prefill's seconds, and a function running ``n`` greedy steps on from the prompt
+    (the state carried between calls); after one warm-up step."""
     torch.manual_seed(0)
     capacity = context + new_tokens + 1  # the prompt, the warm-up step and the timed ones
     model = build_model(name, width, capacity).eval()
     prompt = torch.randint(0, VOCAB, (batch, context), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        start = time.perf_counter()
-        logits, state = model.prefill(prompt, capacity) if name in BASELINES else model(prompt)
-        prefill = time.perf_counter() - start
-        token = logits[:, -1].argmax(-1)
-        logits, state = model.step(token, state)  # warm-up
-        token = logits.argmax(-1)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
+    start = time.perf_counter()
+    logits, state = model.prefill(prompt, capacity) if name in BASELINES else model(prompt)
+    prefill = time.perf_counter() - start
+    carried = {"token": logits[:, -1].argmax(-1), "state": state}
+
+    def steps(n: int) -> None:
+        token, state = carried["token"], carried["state"]
+        for _ in range(n):
             logits, state = model.step(token, state)
             token = logits.argmax(-1)
+        carried.update(token=token, state=state)
+
+    steps(1)  # warm-up
+    return model, prefill, steps
+
+
+def decode_case(name: str, width: int, context: int, batch: int, new_tokens: int, threads: int) -> dict:
+    """Prefill ``context`` tokens, then time ``new_tokens`` greedy steps, in this process."""
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        model, prefill, steps = prefilled(name, width, context, batch, new_tokens)
+        start = time.perf_counter()
+        steps(new_tokens)
         seconds = time.perf_counter() - start
     return {"decode_tokens_per_s": batch * new_tokens / seconds, "prefill_tokens_per_s": batch * context / prefill,
             "weight_bytes": weight_bytes(model), "state_bytes": state_bytes(name, model, width, context, batch)}
+
+
+#: Operators of the matrix products that read the weights (``F.linear`` dispatches to one of them).
+MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::mv")
+
+
+def profile_case(name: str, width: int, context: int, batch: int, new_tokens: int, threads: int) -> dict:
+    """Where a decoding step's time goes, in this process: operator calls per token (torch.profiler;
+    nested ones included, e.g. ``linear`` and the ``addmm`` it calls), Python function calls per token
+    (cProfile), and the matrix products' share of the operators' own CPU time."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        _, _, steps = prefilled(name, width, context, batch, 2 * new_tokens)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            steps(new_tokens)
+        profiler = cProfile.Profile()
+        profiler.runcall(steps, new_tokens)
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    own = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
+    return {"ops_per_token": sum(e.count for e in events) / new_tokens,
+            "python_calls_per_token": pstats.Stats(profiler).total_calls / new_tokens,
+            "matmul_share": matmul / own if own else 0.0}
+
+
+def print_profiles(names: list[str], width: int, context: int, new_tokens: int, args) -> None:
+    """``--profile``: one line per model at batch 1."""
+    print(f"where a step's time goes: width {width}, B=1, context {context}, {new_tokens} profiled steps, "
+          f"{args.threads} threads")
+    header = f"{'model (mixer)':<22} {'ops/token':>9} {'Python calls/token':>18} {'matmul share':>12}"
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        label = name if name in BASELINES else f"rnnkit {name}"
+        case = {"name": name, "width": width, "context": context, "batch": 1, "new_tokens": new_tokens,
+                "threads": args.threads, "profile": True}
+        result = run_isolated(__file__, case, args.time_cap, args.threads)
+        if "error" in result:
+            print(f"{label:<22} {result['error']}", flush=True)
+            continue
+        print(f"{label:<22} {result['ops_per_token']:>9.0f} {result['python_calls_per_token']:>18.0f} "
+              f"{result['matmul_share']:>11.0%}", flush=True)
 
 
 def plot(path: str, rows: list[dict], widths: list[int], batches: list[int]) -> None:
@@ -143,9 +208,12 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=None, help="prompt lengths (default 512 2048 8192)")
     parser.add_argument("--new-tokens", type=int, default=None, help="timed decoding steps (default 64, quick 8)")
     parser.add_argument("--plot", help="write a plot of tokens/s against the context to this file (PNG, PDF, SVG)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print operator and Python calls per token at batch 1 instead of the timings")
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(decode_case(**json.loads(args.case))))
+        case = json.loads(args.case)
+        print(json.dumps(profile_case(**case) if case.pop("profile", False) else decode_case(**case)))
         return
 
     widths = args.widths or [256]
@@ -154,6 +222,10 @@ def main() -> None:
     names = ([] if args.no_baselines else list(BASELINES)) + check_layers(args.layers)
     torch.set_num_threads(args.threads)
     print(describe())
+    if args.profile:
+        for width in widths:
+            print_profiles(names, width, contexts[0], new_tokens, args)
+        return
     bandwidth = copy_bandwidth(64 if args.quick else 512)
     print(f"model: {NUM_BLOCKS} residual blocks (mixer + MLP x4), vocabulary {VOCAB}, fp32, {args.threads} threads; "
           f"prefill by one forward (auto mode), then {new_tokens} greedy steps timed after one warm-up step")

@@ -124,3 +124,15 @@ def test_bad_inputs_are_clear_errors():
         model(torch.tensor([[0, 11]]))
     with pytest.raises(InputError, match="lengths"):
         model(torch.zeros(2, 3, dtype=torch.long), lengths=[3, 4])
+
+
+def test_residual_step_checks_the_blocks_states_once_and_for_every_batch_size() -> None:
+    # Blocks step their mixers without re-checking (the stack's check covers them): a bad mixer
+    # state must still be reported, and the cached expected state must follow the batch size.
+    model = SequenceModel(vocab_size=11, d_model=8, block="residual", layer="lstm", num_layers=2).eval()
+    for batch in (2, 3, 2):
+        _, state = model.step(torch.zeros(batch, dtype=torch.long))
+        _, state = model.step(torch.ones(batch, dtype=torch.long), state)
+    bad = (state[0], state[1]._replace(c=state[1].c[:, :-1]))
+    with pytest.raises(InputError, match=r"state\[1\]\.c: expected shape \(2, 8\)"):
+        model.step(torch.ones(2, dtype=torch.long), bad)

@@ -207,6 +207,15 @@ class Recurrence(nn.Module):
         with self._autocast_guard(x_t, None) as cast:
             return self._step(cast(x_t), cast(state), **step_inputs)
 
+    def _inner_step(self, x_t: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """:meth:`step` for a wrapper (a stack) whose own checks of its input and state already cover
+        this layer's: the checks are skipped, so that a decoding step through a stack validates once
+        rather than once per layer. Under autocast the full :meth:`step` runs, because there it casts
+        the state to the dtype of this layer's own input."""
+        if x_t.device.type == "meta" or torch.is_autocast_enabled(x_t.device.type):
+            return self.step(x_t, state)
+        return self._step(x_t, state)
+
     def init_state(
         self,
         batch_size: int,
@@ -329,9 +338,23 @@ class Recurrence(nn.Module):
             # back continues the stream in the dtype a fresh state of this call would have.
             lower = torch.get_autocast_dtype(x.device.type)
             state = _cast_state(state, x.dtype, (lower, torch.float16, torch.bfloat16, torch.float32))
-        expected = self.init_state(batch_size, device="meta", dtype=x.dtype)
-        self._check_state_like(state, expected, "state", x)
+        self._check_state_like(state, self._state_template(batch_size, x.dtype), "state", x)
         return state
+
+    def _state_template(self, batch_size: int, dtype: torch.dtype) -> State:
+        """The initial state on the meta device (shapes and dtypes only), which a passed-in state must
+        match. Cached per batch size and dtype: the shapes follow from the layer's configuration,
+        fixed at construction, and a decoding step would otherwise rebuild them at every token.
+        Tracing (``torch.compile``, ``torch.export``) builds it afresh, leaving the module untouched."""
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self.init_state(batch_size, device="meta", dtype=dtype)
+        templates = self.__dict__.setdefault("_state_templates", {})
+        key = (batch_size, dtype)
+        if key not in templates:
+            if len(templates) >= 8:  # a few batch sizes are reused (a last, smaller batch); bound the rest
+                templates.clear()
+            templates[key] = self.init_state(batch_size, device="meta", dtype=dtype)
+        return templates[key]
 
     def _check_state_like(self, state: State, expected: State, path: str, x: torch.Tensor) -> None:
         if isinstance(expected, torch.Tensor):

@@ -40,7 +40,7 @@ from rnnkit.layers._multihead import (
     split_heads,
 )
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.delta_rule import CHUNK_SIZE, delta_rule
+from rnnkit.ops.delta_rule import CHUNK_SIZE, delta_rule, delta_rule_step
 
 
 #: DeltaNet's state with the short convolution: ``S`` (B, H, K, V) the matrix memory of every head,
@@ -142,6 +142,24 @@ class DeltaRuleLayer(MultiHeadRecurrence):
         o, S = delta_rule(q, k, v, beta, log_decay, S0, lengths, mode=mode, chunk_size=self.config.chunk_size)
         gate = self.gate_proj(x) if self.gate_proj is not None else None
         return self.out_proj(self.norm(merge_heads(o), gate)), S if history is None else ConvState(S, history)
+
+    def _step(self, x_t, state):
+        # The recurrent form at one step without its time axis (head splits, the op's checks, a stack
+        # of one output): the decoding path (benchmarks/decode_speed.py --profile). The convolution
+        # and the per-head gates read x_t as a one-step sequence, as the forward does.
+        B, H, K, V = x_t.shape[0], self.num_heads, self.head_dim, self.value_dim
+        x1 = x_t[:, None]  # (B, 1, D)
+        (mixed,), S0, history = short_conv_qkv(self.conv, [self.qkv_proj(x1)], state, None)
+        if history is None:
+            mixed = F.silu(mixed)
+        q, k, v = (t.reshape(B, H, n).contiguous() for t, n in zip(mixed[:, 0].split([H * K, H * K, H * V], -1),
+                                                                    (K, K, V)))
+        q = F.normalize(q, dim=-1) * K**-0.5  # (B, H, K)
+        k = F.normalize(k, dim=-1)
+        log_decay = self._log_decay(x1)
+        o, S = delta_rule_step(q, k, v, self.beta(x1)[..., 0], None if log_decay is None else log_decay[..., 0], S0)
+        gate = self.gate_proj(x_t) if self.gate_proj is not None else None
+        return self.out_proj(self.norm(o.reshape(B, H * V), gate)), S if history is None else ConvState(S, history)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self.config).items())

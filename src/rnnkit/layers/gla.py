@@ -152,3 +152,19 @@ class GLA(MultiHeadRecurrence):
                                       decay_sign=sign)
         y = self.norm(merge_heads(o), self.r_proj(x))  # swish(W_r x) ⊙ RMSNorm(o)
         return self.o_proj(y), S if history is None else ConvState(S, history)
+
+    def _step(self, x_t, state):
+        # The recurrent form's update at one step, without its time axis (head splits, the op's
+        # checks, a stack of one output): the decoding path (benchmarks/decode_speed.py --profile).
+        # The short convolution's history and signed decays take the general one-step forward.
+        c = self.config
+        if self.conv is not None or c.allow_neg_eigval:
+            return super()._step(x_t, state)
+        B, H, K, V = x_t.shape[0], c.num_heads, c.key_dim, c.value_dim
+        q = self.q_proj(x_t).view(B, H, K) * K**-0.5
+        k = self.k_proj(x_t).view(B, H, K)
+        v = self.v_proj(x_t).view(B, H, V)
+        log_decay = (F.logsigmoid(self.gate_up(self.gate_down(x_t))) / c.gate_temperature).view(B, H, K)
+        S = torch.exp(log_decay)[..., None] * state + k[..., :, None] * v[..., None, :]  # (B, H, K, V)
+        o = (q[..., None, :] @ S)[..., 0, :]  # S^T q (B, H, V)
+        return self.o_proj(self.norm(o.reshape(B, H * V), self.r_proj(x_t))), S

@@ -43,7 +43,7 @@ from rnnkit.layers._multihead import (
 )
 from rnnkit.layers._shift import ShiftState, TokenShiftRecurrence, at_last_step, previous_inputs
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.delta_rule import DPLR_CHUNK_SIZE, dplr_delta_rule
+from rnnkit.ops.delta_rule import DPLR_CHUNK_SIZE, dplr_delta_rule, dplr_delta_rule_step
 
 #: The token-shift interpolations and how fast each one's initial mix falls across channels.
 MIXES = {"r": 0.2, "w": 0.9, "k": 0.7, "v": 0.7, "a": 0.9, "g": 0.2}
@@ -141,19 +141,38 @@ class RWKV7(TokenShiftRecurrence):
             self.bonus.uniform_(-0.1, 0.1)
         self._reset_outputs(self.r_proj, self.k_proj, self.v_proj, self.o_proj)
 
-    def _forward(self, x, state, lengths, mode):
-        H = self.config.num_heads
-        xx = previous_inputs(x, state.shift) - x  # (B, T, D)
+    def _inputs(self, x, previous):
+        """From inputs ``x`` and the inputs before them (``(..., D)`` each): ``r``, ``k`` (the
+        replacement key), ``v``, the rate ``a``, ``log w``, the output gate and the removal key
+        before its normalisation, each ``(..., H K)``."""
+        xx = previous - x
         xr, xw, xk, xv, xa, xg = (x + xx * m for m in self.mix)
-        r, k, v = self.r_proj(xr), self.k_proj(xk), self.v_proj(xv)  # (B, T, H K)
+        r, k, v = self.r_proj(xr), self.k_proj(xk), self.v_proj(xv)
         # log w = -e^{-1/2} sigmoid(.): the decay stays in (exp(-e^{-1/2}), 1)
         log_w = -math.exp(-0.5) * torch.sigmoid(self.decay + torch.tanh(xw @ self.decay_down) @ self.decay_up)
-        rate = torch.sigmoid(self.rate + (xa @ self.rate_down) @ self.rate_up)  # a_t (B, T, H K)
+        rate = torch.sigmoid(self.rate + (xa @ self.rate_down) @ self.rate_up)  # a_t
         gate = torch.sigmoid(xg @ self.gate_down) @ self.gate_up
-        kappa = F.normalize(split_heads(k * self.removal_scale, H), dim=-1)  # (B, H, T, K)
+        removal = k * self.removal_scale
         k = k * (1 + (rate - 1) * self.replacement_mix)  # the replacement key
+        return r, k, v, rate, log_w, gate, removal
+
+    def _forward(self, x, state, lengths, mode):
+        H = self.config.num_heads
+        r, k, v, rate, log_w, gate, removal = self._inputs(x, previous_inputs(x, state.shift))  # (B, T, H K)
+        kappa = F.normalize(split_heads(removal, H), dim=-1)  # (B, H, T, K)
         r, k, v, rate, log_w = (split_heads(t, H) for t in (r, k, v, rate, log_w))
         o, S = dplr_delta_rule(r, k, v, -rate * kappa, kappa, log_w, state.S, lengths, mode=mode,
                                chunk_size=self.config.chunk_size)  # (B, H, T, K)
         o = self.norm(merge_heads(o)) + merge_heads((r * k * self.bonus[:, None, :]).sum(-1, keepdim=True) * v)
         return self.o_proj(o * gate), ShiftState(at_last_step(x, lengths, 1), S)
+
+    def _step(self, x_t, state):
+        # The recurrent form at one step without its time axis (head splits, the op's checks, a stack
+        # of one output): the decoding path (benchmarks/decode_speed.py --profile).
+        B, H, K = x_t.shape[0], self.config.num_heads, self.head_dim
+        r, k, v, rate, log_w, gate, removal = self._inputs(x_t, state.shift)  # (B, H K)
+        kappa = F.normalize(removal.view(B, H, K), dim=-1)
+        r, k, v, rate, log_w = (t.view(B, H, K) for t in (r, k, v, rate, log_w))
+        o, S = dplr_delta_rule_step(r, k, v, -rate * kappa, kappa, log_w, state.S)  # (B, H, K)
+        o = self.norm(o.reshape(B, H * K)) + ((r * k * self.bonus).sum(-1, keepdim=True) * v).reshape(B, H * K)
+        return self.o_proj(o * gate), ShiftState(x_t, S)

@@ -137,6 +137,6 @@ class Stacked(Recurrence):
         for index, (layer, layer_state) in enumerate(zip(self.layers, state)):
             if index > 0:
                 x_t = self.dropout(x_t)
-            x_t, final = layer.step(x_t, layer_state)
+            x_t, final = layer._inner_step(x_t, layer_state)
             finals.append(final)
         return x_t, tuple(finals)

@@ -165,24 +165,45 @@ class ResidualBlock(nn.Module):
         """The mixer's state and the MLP's (None for a stateless MLP)."""
         return state if self.carries_mlp else (state, None)
 
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's dropout; no call at all where it is the identity (inference, p = 0)."""
+        return self.dropout(x) if self.training and self.dropout.p > 0 else x
+
     def _add_mlp(self, x, mixer_state, shift, channel_mix):
         """``x + MLP(norm(x))`` and the block's state; ``channel_mix(h, shift)`` runs a stateful MLP."""
         if not self.carries_mlp:
-            return x + self.dropout(self.mlp(self.mlp_norm(x))), mixer_state
+            return x + self._drop(self.mlp(self.mlp_norm(x))), mixer_state
         out, shift = channel_mix(self.mlp_norm(x), shift)
-        return x + self.dropout(out), BlockState(mixer_state, shift)
+        return x + self._drop(out), BlockState(mixer_state, shift)
 
     def forward(self, x, state, lengths, mode):
         mixer_state, shift = self._split(state)
         y, mixer_state = self.mixer(self.mixer_norm(x), mixer_state, lengths, mode)
-        x = x + self.dropout(self.mixer_out(y))
+        x = x + self._drop(self.mixer_out(y))
         return self._add_mlp(x, mixer_state, shift, lambda h, s: self.mlp(h, s, lengths))
 
     def step(self, x_t, state):
+        """One step on ``x_t`` ``(B, D)`` and a state the stack has checked. The same operations as
+        :meth:`forward` at one step, called as functions rather than through the modules: at batch 1
+        a decoding step is short enough for each module call's own overhead to count
+        (``benchmarks/decode_speed.py``)."""
         mixer_state, shift = self._split(state)
-        y_t, mixer_state = self.mixer.step(self.mixer_norm(x_t), mixer_state)
-        x_t = x_t + self.dropout(self.mixer_out(y_t))
-        return self._add_mlp(x_t, mixer_state, shift, lambda h, s: self.mlp.step(h, s))
+        y_t, mixer_state = self.mixer._inner_step(_layer_norm(self.mixer_norm, x_t), mixer_state)
+        if self.mixer.d_output != self.d_model:
+            y_t = self.mixer_out(y_t)
+        x_t = x_t + self._drop(y_t)
+        h = _layer_norm(self.mlp_norm, x_t)
+        if self.carries_mlp:
+            out, shift = self.mlp.step(h, shift)
+            return x_t + self._drop(out), BlockState(mixer_state, shift)
+        up, act, down = self.mlp
+        hidden = F.gelu(F.linear(h, up.weight, up.bias), approximate=act.approximate)
+        return x_t + self._drop(F.linear(hidden, down.weight, down.bias)), mixer_state
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` as a function call."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class ResidualStack(Recurrence):
@@ -230,7 +251,7 @@ class ResidualStack(Recurrence):
         for block, block_state in zip(self.blocks, state):
             x_t, final = block.step(x_t, block_state)
             finals.append(final)
-        return self.final_norm(x_t), tuple(finals)
+        return _layer_norm(self.final_norm, x_t), tuple(finals)
 
 
 def build_body(config: Any) -> Recurrence:
@@ -349,12 +370,12 @@ class SequenceModel(nn.Module):
                 want = "(B,)" if per_step else "(B, T)"
                 raise InputError(f"{name}: expected integer token ids of shape {want}, got {describe(inputs)}")
             # torch.export traces without values (rnnkit.models.export), so the range is not read there.
-            checked = not torch.compiler.is_exporting() and inputs.numel()
-            if checked and (int(inputs.min()) < 0 or int(inputs.max()) >= self.config.vocab_size):
-                raise InputError(
-                    f"{name}: expected token ids in [0, {self.config.vocab_size}), "
-                    f"got min {int(inputs.min())}, max {int(inputs.max())}"
-                )
+            if not torch.compiler.is_exporting() and inputs.numel():
+                low, high = (int(v) for v in torch.aminmax(inputs))
+                if low < 0 or high >= self.config.vocab_size:
+                    raise InputError(
+                        f"{name}: expected token ids in [0, {self.config.vocab_size}), got min {low}, max {high}"
+                    )
             return self.embedding(inputs)
         if inputs.dim() != (2 if per_step else 3) or inputs.shape[-1] != self.config.d_input:
             want = "(B, D_in)" if per_step else "(B, T, D_in)"
@@ -402,6 +423,13 @@ class SequenceModel(nn.Module):
             raise InputError(f"step: expected a model with a per-step head {PER_STEP_HEADS}, got head={self.config.head!r}")
         h = self._embed(x_t, per_step=True)  # (B, D)
         y, state = self.body.step(h, state)
+        return self.head(y), state
+
+    def _generation_step(self, tokens: torch.Tensor, state):
+        """:meth:`step` on the ``(B,)`` token ids the sampler drew and the state this model returned:
+        both valid by construction, so nothing is checked (a check of the ids' range reads them, a
+        device synchronisation per token)."""
+        y, state = self.body._inner_step(self.embedding(tokens), state)
         return self.head(y), state
 
     @torch.no_grad()
@@ -494,11 +522,12 @@ class SequenceModel(nn.Module):
             out = out[:, -1]
         else:
             out = out[torch.arange(inputs.shape[0], device=device), lengths - 1]  # (B, n_outputs)
+        step = self._generation_step if feedback == "token" else self.step
         for index in range(max_new_tokens):
             emitted = draw(out)
             yield emitted
             if index + 1 < max_new_tokens:  # no step is owed after the last one
-                out, state = self.step(emitted, state)
+                out, state = step(emitted, state)
 
     def _check_generation(self, temperature: object, top_k: object, top_p: object) -> str:
         """Raise InputError unless this model can generate with these settings; returns its feedback kind."""
