@@ -105,3 +105,26 @@ def test_s4_recurrent_mode_saves_one_state_per_step_for_backward() -> None:
     x = torch.randn(B, T, H)
     _, saved = saved_numel(lambda: layer(x, mode="recurrent"))
     assert saved < T * B * H * N * 8, f"{saved} floats saved; a per-step (B, H, N, N) copy is {T * B * H * N * N}"
+
+
+def test_s4_decoding_step_forms_the_transition_once_and_follows_parameter_updates(monkeypatch) -> None:
+    torch.manual_seed(0)
+    layer = rnnkit.layers.build("s4", d_model=4, d_state=8).double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    calls = []
+    original = type(layer).bilinear
+    monkeypatch.setattr(type(layer), "bilinear", lambda self: calls.append(1) or original(self))
+    y_ref, _ = layer(x, mode="recurrent")
+    calls.clear()
+    with torch.no_grad():
+        state, ys = layer.init_state(2, dtype=torch.float64), []
+        for t in range(5):
+            y_t, state = layer.step(x[:, t], state)
+            ys.append(y_t)
+        assert len(calls) == 1  # formed at the first step, reused by the next four
+        assert torch.equal(torch.stack(ys, 1), y_ref.detach())
+        layer.log_dt.add_(0.1)  # an optimiser-like in-place update
+        y_new, _ = layer.step(x[:, 0], layer.init_state(2, dtype=torch.float64))
+    assert len(calls) == 2
+    y_fresh, _ = layer.step(x[:, 0], layer.init_state(2, dtype=torch.float64))  # gradients on: no cache
+    assert torch.equal(y_new, y_fresh.detach())

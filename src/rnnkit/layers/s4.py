@@ -215,10 +215,28 @@ class S4(Recurrence):
         return 2 * interleave(self.C_re, -self.C_im)
 
     # ----------------------------------------------------------------- recurrent
+    def _step_matrices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``dA`` (H, N, N), ``dB`` (H, N) and the read-out row (H, N) for :meth:`_step`.
+
+        Forming ``dA`` costs ``H`` products of ``N x N`` matrices, far more than the step's own
+        matrix-vector product, so where no gradient is recorded (decoding) they are kept between
+        steps, keyed by the parameters' identities and in-place versions: an optimiser step,
+        ``load_state_dict`` or a dtype or device move makes the next step form them afresh.
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            dA, dB, _ = self.bilinear()
+            return dA, dB, self._readout()
+        key = tuple((id(p), p._version) for p in self.parameters())
+        cached = self.__dict__.get("_step_cache")
+        if cached is None or cached[0] != key:
+            dA, dB, _ = self.bilinear()
+            cached = self.__dict__["_step_cache"] = (key, (dA, dB, self._readout()))
+        return cached[1]
+
     def _step(self, x_t, state):
-        dA, dB, _ = self.bilinear()
+        dA, dB, readout = self._step_matrices()
         s = _per_channel_matvec(dA, state.flatten(-2)) + dB * x_t[..., None]  # (B, H, N)
-        y_t = (self._readout() * s).sum(-1) + self.D * x_t
+        y_t = (readout * s).sum(-1) + self.D * x_t
         return y_t, s.view_as(state)
 
     def _forward(self, x, state, lengths, mode):
