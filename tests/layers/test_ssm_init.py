@@ -128,3 +128,17 @@ def test_s4_decoding_step_forms_the_transition_once_and_follows_parameter_update
     assert len(calls) == 2
     y_fresh, _ = layer.step(x[:, 0], layer.init_state(2, dtype=torch.float64))  # gradients on: no cache
     assert torch.equal(y_new, y_fresh.detach())
+
+
+def test_s4_decoding_step_under_inference_mode_follows_reloaded_weights() -> None:
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        layer = rnnkit.layers.build("s4", d_model=4, d_state=8)
+        other = rnnkit.layers.build("s4", d_model=4, d_state=8)
+        x = torch.randn(2, 4)
+        y_first, _ = layer.step(x, layer.init_state(2))
+        layer.load_state_dict(other.state_dict())
+        y_reloaded, _ = layer.step(x, layer.init_state(2))
+        y_other, _ = other.step(x, other.init_state(2))
+    assert torch.equal(y_reloaded, y_other)
+    assert not torch.equal(y_first, y_reloaded)

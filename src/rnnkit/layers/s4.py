@@ -220,17 +220,21 @@ class S4(Recurrence):
 
         Forming ``dA`` costs ``H`` products of ``N x N`` matrices, far more than the step's own
         matrix-vector product, so where no gradient is recorded (decoding) they are kept between
-        steps, keyed by the parameters' identities and in-place versions: an optimiser step,
-        ``load_state_dict`` or a dtype or device move makes the next step form them afresh.
+        steps together with a copy of the parameters they came from (``H (7 N/2 + 2)`` floats, cheap
+        to compare): an optimiser step, ``load_state_dict`` or a move to another dtype or device
+        makes the next step form them afresh, inference-mode parameters included.
         """
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
             dA, dB, _ = self.bilinear()
             return dA, dB, self._readout()
-        key = tuple((id(p), p._version) for p in self.parameters())
+        params = tuple(self.parameters())
         cached = self.__dict__.get("_step_cache")
-        if cached is None or cached[0] != key:
+        if cached is None or not all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+            for a, b in zip(cached[0], params)
+        ):
             dA, dB, _ = self.bilinear()
-            cached = self.__dict__["_step_cache"] = (key, (dA, dB, self._readout()))
+            cached = self.__dict__["_step_cache"] = (tuple(p.detach().clone() for p in params), (dA, dB, self._readout()))
         return cached[1]
 
     def _step(self, x_t, state):
