@@ -214,7 +214,7 @@ class MACState(NamedTuple):
     },
 )
 class TitansMAC(Recurrence):
-    """Titans' memory as a context (module docstring), token by token.
+    """Titans' memory as a context (module docstring).
 
     Args: the fields of :class:`TitansMACConfig`.
 
