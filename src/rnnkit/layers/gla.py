@@ -46,7 +46,7 @@ from rnnkit.layers._multihead import (
     split_heads,
 )
 from rnnkit.layers.registry import make_config, register
-from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK, gated_linear_attention
+from rnnkit.ops.gated_linear_attention import DEFAULT_CHUNK, gated_linear_attention, gated_linear_attention_step
 
 
 @dataclass
@@ -165,6 +165,5 @@ class GLA(MultiHeadRecurrence):
         k = self.k_proj(x_t).view(B, H, K)
         v = self.v_proj(x_t).view(B, H, V)
         log_decay = (F.logsigmoid(self.gate_up(self.gate_down(x_t))) / c.gate_temperature).view(B, H, K)
-        S = torch.exp(log_decay)[..., None] * state + k[..., :, None] * v[..., None, :]  # (B, H, K, V)
-        o = (q[..., None, :] @ S)[..., 0, :]  # S^T q (B, H, V)
+        o, S = gated_linear_attention_step(q, k, v, log_decay, state)  # (B, H, V)
         return self.o_proj(self.norm(o.reshape(B, H * V), self.r_proj(x_t))), S

@@ -156,12 +156,20 @@ def gated_linear_attention_recurrent(q, k, v, log_decay, state=None, lengths=Non
     # unbind once: indexing x[:, :, t] in the loop would make backward write a full-size zero
     # gradient per step (O(T^2) memory traffic).
     for q_t, k_t, v_t, g_t, sign_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), g.unbind(2), signs):
-        decay = torch.exp(g_t)  # (B, H, K) or (B, H)
-        decay = decay if sign_t is None else decay * sign_t
-        decay = decay[..., None] if per_dim else decay[..., None, None]
-        S = decay * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, K, V)
-        ys.append((q_t[..., None, :] @ S)[..., 0, :])  # S^T q_t (B, H, V)
+        y_t, S = gated_linear_attention_step(q_t, k_t, v_t, g_t, S, sign_t, per_dim)
+        ys.append(y_t)
     return torch.stack(ys, 2), S
+
+
+def gated_linear_attention_step(q_t, k_t, v_t, log_decay_t, S, sign_t=None, per_dim: bool = True):
+    """One step of the recurrence, unchecked: ``q_t, k_t`` (B, H, K), ``v_t`` (B, H, V),
+    ``log_decay_t`` (B, H, K) (``per_dim``) or (B, H), ``sign_t`` its shape or None, ``S``
+    (B, H, K, V) -> ``y_t = S^T q_t`` (B, H, V) and the next ``S``."""
+    decay = torch.exp(log_decay_t)
+    decay = decay if sign_t is None else decay * sign_t
+    decay = decay[..., None] if per_dim else decay[..., None, None]
+    S = decay * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, K, V)
+    return (q_t[..., None, :] @ S)[..., 0, :], S
 
 
 def gated_linear_attention_parallel(q, k, v, log_decay, state=None, lengths=None, decay_sign=None):
